@@ -1,0 +1,388 @@
+"""Hugging Face Mixtral checkpoints in and out.
+
+Reading: a directory with `config.json` and safetensors (one file, or sharded with
+`model.safetensors.index.json`), tensors named as the hub spells them or as transformers 5 fuses
+them in memory. The model is built on the meta device, each tensor is read memory-mapped and
+assigned, so peak RAM is about one copy of the model. Under expert parallelism each rank reads only
+the experts its plan gives it. Everything is checked before anything is assigned, so a bad
+checkpoint loads nothing half-way.
+
+Writing: hub names, sharded by size, an index over all files. Under expert parallelism every rank
+writes the experts it owns into its own files, rank 0 writes the shared tensors, config and plan.
+The directory is written under a temporary name and renamed when whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelArgs
+from .model import Mixtral
+
+INDEX_FILE = "model.safetensors.index.json"
+PLAN_FILE = "epkit_plan.json"
+
+# epkit parameter -> checkpoint tensor names that may hold it (first found wins).
+DENSE_NAMES: list[tuple[str, list[str]]] = [
+    ("embed.weight", ["model.embed_tokens.weight"]),
+    ("norm.weight", ["model.norm.weight"]),
+    ("lm_head.weight", ["lm_head.weight"]),
+    ("layers.{l}.attn_norm.weight", ["model.layers.{l}.input_layernorm.weight"]),
+    ("layers.{l}.moe_norm.weight", ["model.layers.{l}.post_attention_layernorm.weight"]),
+    ("layers.{l}.attn.{p}_proj.weight", ["model.layers.{l}.self_attn.{p}_proj.weight"]),
+    ("layers.{l}.moe.gate.weight", ["model.layers.{l}.block_sparse_moe.gate.weight",
+                                    "model.layers.{l}.mlp.gate.weight"]),
+]
+
+# Stacked expert parameters, one row per piece:
+# (epkit parameter, half of its rows or None, hub per-expert name, fused name, half of the fused rows)
+EXPERT_PIECES: list[tuple[str, int | None, str, str, int | None]] = [
+    ("layers.{l}.moe.experts.w13", 0, "model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight",
+     "model.layers.{l}.mlp.experts.gate_up_proj", 0),
+    ("layers.{l}.moe.experts.w13", 1, "model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight",
+     "model.layers.{l}.mlp.experts.gate_up_proj", 1),
+    ("layers.{l}.moe.experts.w2", None, "model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight",
+     "model.layers.{l}.mlp.experts.down_proj", None),
+]
+
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{l\}", r"(?P<l>\d+)").replace(r"\{p\}", r"(?P<p>[qkvo])")
+                      .replace(r"\{e\}", r"(?P<e>\d+)") + "$")
+
+
+_DENSE = [(_pattern(ours), theirs) for ours, theirs in DENSE_NAMES]
+_EXPERT_PARAMS = {_pattern(p[0]) for p in EXPERT_PIECES}
+_HUB_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w[123]\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+@dataclass
+class LoadReport:
+    bytes_read: int = 0
+    tensors_read: int = 0
+    files: set = field(default_factory=set)
+
+
+class _Reader:
+    """Memory-mapped access to every tensor of a checkpoint directory, by name."""
+
+    def __init__(self, path: str):
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path}: not a directory")
+        self.path = path
+        index = os.path.join(path, INDEX_FILE)
+        if os.path.isfile(index):
+            with open(index) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            self.where = {name: os.path.join(path, file) for name, file in weight_map.items()}
+            for file in set(self.where.values()):
+                if not os.path.isfile(file):
+                    raise CheckpointError(f"{index}: lists {os.path.basename(file)}, which is missing")
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(f"{path}: no *.safetensors files, so this is not a checkpoint directory")
+            self.where = {}
+            for file in files:
+                with safe_open(os.path.join(path, file), "pt") as f:
+                    for name in f.keys():
+                        self.where[name] = os.path.join(path, file)
+        self._open: dict[str, object] = {}
+        self.report = LoadReport()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def _file(self, name: str):
+        file = self.where[name]
+        if file not in self._open:
+            self._open[file] = safe_open(file, "pt")
+        return self._open[file]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._file(name).get_slice(name).get_shape())
+
+    def read(self, name: str, index=None) -> torch.Tensor:
+        """The tensor, or `index` of it (read from the mapped file, not the whole tensor)."""
+        sl = self._file(name).get_slice(name)
+        t = sl[index] if index is not None else sl[:]
+        self.report.bytes_read += t.numel() * t.element_size()
+        self.report.tensors_read += 1
+        self.report.files.add(os.path.basename(self.where[name]))
+        return t
+
+
+def _fill(template: str, groups: dict) -> str:
+    return template.format(**groups)
+
+
+def read_state_dict(path: str, model: Mixtral, device=None, dtype=None) -> tuple[dict, LoadReport]:
+    """Read the tensors `model` (possibly a meta, expert-sharded model) needs. Raises CheckpointError."""
+    reader = _Reader(path)
+    args = model.args
+    used: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    def check(name: str, src: str, got, want) -> None:
+        if list(got) != list(want):
+            raise CheckpointError(f"{reader.where[src]}: tensor {src} has shape {list(got)}, but config.json "
+                                  f"implies {list(want)} for {name}")
+
+    params = dict(model.named_parameters(remove_duplicate=True))
+    for name, p in params.items():
+        if args.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        dense = next(((m, theirs) for pat, theirs in _DENSE if (m := pat.match(name))), None)
+        if dense is not None:
+            m, theirs = dense
+            src = next((s for s in (_fill(t, m.groupdict()) for t in theirs) if s in reader), None)
+            if src is None:
+                raise CheckpointError(f"{path}: tensor {_fill(theirs[0], m.groupdict())} is missing")
+            check(name, src, reader.shape(src), p.shape)
+            used.add(src)
+            out[name] = convert(reader.read(src))
+            continue
+        if not any(pat.match(name) for pat in _EXPERT_PARAMS):
+            raise CheckpointError(f"internal: no checkpoint name is known for parameter {name}")
+        out[name] = _read_experts(reader, name, p, args, used, check, convert)
+
+    leftovers = [n for n in reader.where if n not in used and not IGNORED.match(n)]
+    if args.tie_word_embeddings:
+        leftovers = [n for n in leftovers if n != "lm_head.weight"]
+    experts_elsewhere = []
+    for n in leftovers:
+        m = _HUB_EXPERT.match(n)
+        if m and int(m.group(1)) < args.num_layers and int(m.group(2)) < args.num_experts:
+            experts_elsewhere.append(n)  # another rank's expert
+        elif re.match(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$", n):
+            experts_elsewhere.append(n)
+    unknown = sorted(set(leftovers) - set(experts_elsewhere))
+    if unknown:
+        raise CheckpointError(f"{reader.where[unknown[0]]}: tensor {unknown[0]} is not described by config.json "
+                              f"({len(unknown)} such tensor(s); does config.json match the weights?)")
+    return out, reader.report
+
+
+def _read_experts(reader, name, p, args, used, check, convert) -> torch.Tensor:
+    """Assemble a stacked expert parameter [L, ...] for the experts this module holds."""
+    layer = int(name.split(".")[1])
+    module_ids = p._epkit_expert_ids  # set by _tag_expert_params
+    pieces = [piece for piece in EXPERT_PIECES if _pattern(piece[0]).match(name)]
+    slots = []
+    for e in module_ids:
+        parts = []
+        for _, half, hub, fused, fused_half in pieces:
+            g = {"l": layer, "e": e}
+            hub_name, fused_name = _fill(hub, g), _fill(fused, g)
+            rows = p.shape[1] // (2 if half is not None else 1)
+            want = [rows, p.shape[2]]
+            if hub_name in reader:
+                check(name, hub_name, reader.shape(hub_name), want)
+                used.add(hub_name)
+                parts.append(convert(reader.read(hub_name)))
+            elif fused_name in reader:
+                shape = reader.shape(fused_name)
+                n_rows = rows * (2 if fused_half is not None else 1)
+                check(name, fused_name, shape, [args.num_experts, n_rows, p.shape[2]])
+                used.add(fused_name)
+                lo = 0 if fused_half in (None, 0) else rows
+                parts.append(convert(reader.read(fused_name, (slice(e, e + 1), slice(lo, lo + rows)))[0]))
+            else:
+                raise CheckpointError(f"{reader.path}: tensor {hub_name} is missing (nor is {fused_name} there)")
+        slots.append(torch.cat(parts, 0) if len(parts) > 1 else parts[0])
+    return torch.stack(slots)
+
+
+def _tag_expert_params(model: Mixtral) -> None:
+    for layer in model.layers:
+        for p in (layer.moe.experts.w13, layer.moe.experts.w2):
+            p._epkit_expert_ids = layer.moe.experts.expert_ids
+
+
+def load_state_into(model: Mixtral, path: str, device=None, dtype=None) -> LoadReport:
+    """Fill a (meta or real) model from a checkpoint directory with assign=True."""
+    _tag_expert_params(model)
+    sd, report = read_state_dict(path, model, device, dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [m for m in missing if not (model.args.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: internal name mismatch, missing {missing[:3]} unexpected {unexpected[:3]}")
+    if model.args.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    # Buffers (routing counters) were on meta: make real ones.
+    for layer in model.layers:
+        moe = layer.moe
+        moe.routed_tokens = torch.zeros(moe.num_experts, dtype=torch.int64, device=moe.gate.weight.device)
+    return report
+
+
+def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, ep_size: int = 1,
+                    plan=None, strategy: str = "contiguous", dispatch: str = "replicated",
+                    return_report: bool = False):
+    """Load a Hugging Face Mixtral directory into epkit.
+
+    With ep_size > 1 (inside a distributed run) the model is expert-parallel: each rank builds and
+    reads only the experts that `plan` (default: a `strategy` plan over ep_size ranks) gives it.
+    """
+    args = ModelArgs.load(path)
+    with torch.device("meta"):
+        model = Mixtral(args)
+    if ep_size > 1 or plan is not None:
+        from .parallel import apply_expert_parallel, setup_expert_parallel
+        from .plan import ShardingPlan
+        if plan is None:
+            plan = ShardingPlan(args.num_experts, ep_size, strategy=strategy, num_layers=args.num_layers)
+        check_manifest(path, args)
+        groups = setup_expert_parallel(plan.ep_size)
+        apply_expert_parallel(model, plan, groups, dispatch=dispatch)
+    report = load_state_into(model, path, device, dtype)
+    return (model, report) if return_report else model
+
+
+def check_manifest(path: str, args: ModelArgs) -> None:
+    """A saved plan that disagrees with config.json means the directory was tampered with or mixed up."""
+    file = os.path.join(path, PLAN_FILE)
+    if not os.path.isfile(file):
+        return
+    from .plan import ShardingPlan
+    with open(file) as f:
+        manifest = json.load(f)
+    ShardingPlan.from_dict(manifest["plan"]).check_matches(args.num_experts, args.num_layers, source=file)
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+def hub_tensors(model: Mixtral, shared: bool = True, experts: bool = True):
+    """Yield (hub name, tensor getter) for what this rank holds, in hub naming."""
+    args = model.args
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if args.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        dense = next(((m, theirs) for pat, theirs in _DENSE if (m := pat.match(name))), None)
+        if dense is not None:
+            if shared:
+                m, theirs = dense
+                yield _fill(theirs[0], m.groupdict()), (lambda p=p: p.detach())
+            continue
+        if not experts:
+            continue
+        layer = int(name.split(".")[1])
+        ids = model.layers[layer].moe.experts.expert_ids
+        for ours, half, hub, _, _ in EXPERT_PIECES:
+            if not _pattern(ours).match(name):
+                continue
+            for slot, e in enumerate(ids):
+                def get(p=p, slot=slot, half=half):
+                    t = p.detach()[slot]
+                    return t if half is None else t.chunk(2, 0)[half]
+                yield _fill(hub, {"l": layer, "e": e}), get
+
+
+def _write_shards(items, directory: str, prefix: str, max_shard_bytes: int) -> dict[str, str]:
+    """Write (name, getter) pairs into size-bounded safetensors files; return name -> file."""
+    weight_map: dict[str, str] = {}
+    shard, size, k = {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, k
+        if shard:
+            file = f"{prefix}-{k:05d}.safetensors"
+            save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+            weight_map.update({n: file for n in shard})
+            shard, size, k = {}, 0, k + 1
+
+    for name, get in items:
+        t = get().to("cpu").contiguous().clone()  # clone: safetensors refuses shared storage
+        if shard and size + t.numel() * t.element_size() > max_shard_bytes:
+            flush()
+        shard[name] = t
+        size += t.numel() * t.element_size()
+    flush()
+    return weight_map
+
+
+def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, extra_manifest: dict | None = None,
+                    tokenizer_dir: str | None = None) -> None:
+    """Write a Hugging Face Mixtral directory. Under expert parallelism call it on every rank."""
+    from . import parallel  # collectives only when a distributed run is going
+    info = getattr(model, "expert_parallel", None)
+    rank, world = parallel.world_rank(), parallel.world_size()
+    path = os.path.abspath(path)
+    tmp = parallel.broadcast_object(f"{path}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+    if rank == 0:
+        os.makedirs(tmp)
+    parallel.barrier()
+    writes_experts = info is None or info.writes_experts
+    if info is None:
+        writes_shared, prefix = rank == 0, "model"
+    else:
+        writes_shared, prefix = rank == 0, f"model-ep{info.ep_rank:03d}-of-{info.plan.ep_size:03d}"
+    parts: dict[str, str] = {}
+    if writes_shared:
+        parts.update(_write_shards(hub_tensors(model, shared=True, experts=False), tmp,
+                                   "model-shared" if info else "model", max_shard_bytes=max_shard_size))
+    if writes_experts and (info is not None or rank == 0):
+        parts.update(_write_shards(hub_tensors(model, shared=False, experts=True), tmp,
+                                   prefix + "-experts" if info else "model-experts", max_shard_bytes=max_shard_size))
+    with open(os.path.join(tmp, f".part-{rank}.json"), "w") as f:
+        json.dump(parts, f)
+    stats = parallel.gather_routing_counts(model) if info is not None else _routing_counts(model)
+    parallel.barrier()
+    if rank == 0:
+        weight_map = {}
+        for r in range(world):
+            part = os.path.join(tmp, f".part-{r}.json")
+            with open(part) as f:
+                weight_map.update(json.load(f))
+            os.remove(part)
+        total = sum(os.path.getsize(os.path.join(tmp, f)) for f in set(weight_map.values()))
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                      indent=2)
+        model.args.save(tmp)
+        from .plan import ShardingPlan
+        plan = info.plan if info else ShardingPlan(model.args.num_experts, 1, num_layers=model.args.num_layers)
+        manifest = {"plan": plan.to_dict(), "routed_tokens": stats, **(extra_manifest or {})}
+        with open(os.path.join(tmp, PLAN_FILE), "w") as f:
+            json.dump(manifest, f, indent=2)
+        if tokenizer_dir:
+            for name in os.listdir(tokenizer_dir):
+                if name.startswith("tokenizer") or name in ("special_tokens_map.json",):
+                    shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+        _atomic_replace(tmp, path)
+    parallel.barrier()
+
+
+def _atomic_replace(tmp: str, path: str) -> None:
+    """Move a finished directory into place; an existing one is kept until the new one is there."""
+    old = None
+    if os.path.exists(path):
+        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old:
+        shutil.rmtree(old)
+
+
+def _routing_counts(model: Mixtral) -> list[list[int]]:
+    return [layer.moe.routed_tokens.tolist() for layer in model.layers]

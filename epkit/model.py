@@ -1,0 +1,160 @@
+"""A single-device Mixtral: embeddings, RMSNorm, RoPE, grouped-query attention with an optional
+sliding window, sparse-MoE decoder blocks and the LM head.
+
+This file never imports torch.distributed or deepspeed: expert parallelism is applied afterwards by
+`epkit.parallel.apply_expert_parallel`, which only swaps the MoE layers' dispatcher and experts.
+
+Positions drive everything: a token at position p attends to keys at positions q <= p (and
+p - q < sliding_window). A position of -1 marks padding, which no token attends to.
+
+Legend: B batch, T tokens, S keys, D hidden, H query heads, G KV heads, Dh head dim, V vocab, E experts.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelArgs
+from .moe import MoE
+
+
+class KVCache(Protocol):
+    """What attention needs from a cache. The inference engine's paged cache implements it."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v [B, G, T, Dh] at `positions` [B, T]; return all keys/values [B, G, S, Dh] of each row
+        and their positions [B, S] (-1 for empty slots)."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """positions [B, T] -> cos, sin [B, 1, T, Dh] (the half-split layout transformers uses)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                                / head_dim))
+    freqs = positions.clamp(min=0)[..., None].float() * inv_freq  # [B, T, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, Dh]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """q_pos [B, T], k_pos [B, S] -> bool [B, 1, T, S], True where the query may see the key."""
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= (q - k) < window
+    # A padding query sees nothing; let it see everything so softmax stays finite (its output is unused).
+    mask |= ~mask.any(-1, keepdim=True)
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, device=None, dtype=None):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.window, self.theta = args.sliding_window, args.rope_theta
+        D, Dh = args.hidden_size, args.head_dim
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(D, self.n_heads * Dh, **kw)
+        self.k_proj = nn.Linear(D, self.n_kv * Dh, **kw)
+        self.v_proj = nn.Linear(D, self.n_kv * Dh, **kw)
+        self.o_proj = nn.Linear(self.n_heads * Dh, D, **kw)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_pos = positions
+        if cache is not None:
+            k, v, k_pos = cache.update(self.layer, k, v, positions)
+        mask = attention_mask(positions, k_pos, self.window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, device=None, dtype=None):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        self.attn = Attention(args, layer, device, dtype)
+        self.moe_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        self.moe = MoE(args.hidden_size, args.intermediate_size, args.num_experts, args.experts_per_token,
+                       args.router_jitter_noise, device, dtype)
+
+    def forward(self, x, positions, rope, cache=None):
+        x = x + self.attn(self.attn_norm(x), positions, rope, cache)
+        y, router_logits = self.moe(self.moe_norm(x))
+        return x + y, router_logits
+
+
+class Mixtral(nn.Module):
+    """forward(tokens [B, T], positions [B, T] | None, cache | None) -> (logits [B, T, V], router logits per layer)."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, device, dtype) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device=device, dtype=dtype)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = False
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.moe for layer in self.layers]
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "Mixtral":
+        """Normal(0, std) for every matrix, ones for the norms (transformers' initialisation)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        return self
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_rows: torch.Tensor | None = None):
+        """`logits_rows` (flattened B*T indices) limits the LM head to those rows: logits [R, V] then."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        h = self.embed(tokens)  # [B, T, D]
+        rope = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
+        router_logits = []
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h, r = checkpoint(layer, h, positions, rope, cache, use_reentrant=False)
+            else:
+                h, r = layer(h, positions, rope, cache)
+            router_logits.append(r)
+        h = self.norm(h)
+        if logits_rows is not None:
+            h = h.reshape(B * T, -1)[logits_rows]
+        return self.lm_head(h), router_logits

@@ -1,0 +1,290 @@
+"""Expert parallelism applied to a built model: process groups, dispatch/combine, parameter markers.
+
+World = data-parallel x expert-parallel. Expert-parallel (EP) groups are contiguous ranks and
+expert-data-parallel groups strided, built by `deepspeed.utils.groups`, so DeepSpeed's engine and
+ZeRO reduce expert gradients over the right group.
+
+Two dispatch modes (DESIGN.md):
+  all_to_all  ranks hold different tokens; tokens travel to the rank that owns their expert and back.
+  replicated  every EP rank holds the same tokens; each computes its own experts, one all-reduce sums.
+
+Legend: N tokens, D hidden, K experts per token, E experts, L local experts, R ep ranks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+from .moe import Experts, MoE
+from .plan import ShardingPlan
+
+DISPATCH_MODES = ("all_to_all", "replicated")
+
+
+# ---- world helpers that also work without a distributed run ------------------------------------
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def init_distributed(backend: str | None = None, timeout_s: int = 600) -> None:
+    """Join the run started by `deepspeed`, `torchrun` or `accelerate` (no-op without one)."""
+    if is_distributed() or "WORLD_SIZE" not in os.environ:
+        return
+    import datetime
+
+    import deepspeed
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+@dataclass
+class ExpertGroups:
+    """This rank's place in the data-parallel x expert-parallel grid."""
+
+    ep_size: int
+    ep_rank: int
+    ep_group: object  # ranks that split the experts between them
+    edp_rank: int
+    edp_group: object  # ranks holding the same experts (gradients of experts reduce here)
+    name: str  # DeepSpeed's group name, "ep_size_{ep_size}"
+
+
+def setup_expert_parallel(ep_size: int) -> ExpertGroups:
+    """Create (or reuse) DeepSpeed's expert and expert-data-parallel groups for `ep_size`."""
+    world = world_size()
+    if not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size={ep_size!r} must be an integer of at least 1")
+    if ep_size > world:
+        raise ValueError(f"ep_size={ep_size} is larger than the world size {world}; launch at least {ep_size} "
+                         f"ranks (e.g. deepspeed --num_gpus {ep_size})")
+    if world % ep_size:
+        raise ValueError(f"the world size {world} is not divisible by ep_size={ep_size}")
+    name = f"ep_size_{ep_size}"
+    if not is_distributed():  # one process, EP=1
+        return ExpertGroups(1, 0, None, 0, None, name)
+    from deepspeed import comm as ds_comm
+    from deepspeed.utils import groups
+    if not ds_comm.is_initialized():
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    ep_group = groups._get_expert_parallel_group(name)
+    edp_group = groups._get_expert_data_parallel_group(name)
+    return ExpertGroups(ep_size, dist.get_rank(ep_group), ep_group, dist.get_rank(edp_group), edp_group, name)
+
+
+# ---- dispatchers ----------------------------------------------------------------------------------
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce of partial expert outputs. Every rank computes the same loss from the sum, so the
+    gradient of each partial is the gradient of the sum: backward is the identity."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)  # NOTE: collective, once per MoE layer
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class ReplicatedDispatch:
+    """Every EP rank holds the same tokens: compute local experts, then sum over the EP group."""
+
+    mode = "replicated"
+
+    def __init__(self, slots: list[int], owners: list[int], ep_rank: int, group):
+        # slot of expert e on this rank, -1 where another rank owns it
+        self.table = torch.tensor([s if o == ep_rank else -1 for s, o in zip(slots, owners)])
+        self.group = group
+
+    def __call__(self, experts: Experts, x, weights, ids):
+        if self.table.device != ids.device:
+            self.table = self.table.to(ids.device)
+        y = experts(x, weights, self.table[ids])  # [N, D], zeros where no local expert was chosen
+        return _SumOverRanks.apply(y, self.group) if self.group is not None else y
+
+
+class AllToAllDispatch:
+    """Ranks hold different tokens: send each (token, expert) pair to the expert's owner and back."""
+
+    mode = "all_to_all"
+
+    def __init__(self, slots: list[int], owners: list[int], ep_size: int, group):
+        self.slot = torch.tensor(slots)
+        self.owner = torch.tensor(owners)
+        self.ep_size, self.group = ep_size, group
+
+    def __call__(self, experts: Experts, x, weights, ids):
+        if self.slot.device != ids.device:
+            self.slot, self.owner = self.slot.to(ids.device), self.owner.to(ids.device)
+        N, K = ids.shape
+        dest = self.owner[ids].reshape(-1)  # [N*K] destination EP rank of each choice
+        order = torch.argsort(dest, stable=True)  # group the choices by destination
+        token = order // K
+        send_counts = torch.bincount(dest, minlength=self.ep_size)  # [R]
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # NOTE: collective
+        # NOTE: split sizes are Python ints: one device-to-host sync per layer.
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        slot_recv = torch.empty(sum(recv), dtype=ids.dtype, device=ids.device)
+        dist.all_to_all_single(slot_recv, self.slot[ids].reshape(-1)[order].contiguous(), recv, send,
+                               group=self.group)
+        x_recv = dist_nn.all_to_all_single(x.new_empty(sum(recv), x.shape[1]), x[token], recv, send,
+                                           group=self.group)  # [M, D], differentiable
+        by_slot = torch.argsort(slot_recv, stable=True)
+        counts = torch.bincount(slot_recv, minlength=experts.num_local)
+        out = experts.forward_sorted(x_recv[by_slot], counts)
+        out = torch.zeros_like(out).index_copy(0, by_slot, out)  # back to arrival order
+        back = dist_nn.all_to_all_single(out.new_empty(N * K, out.shape[1]), out, send, recv, group=self.group)
+        back = back * weights.reshape(-1)[order, None]
+        y = torch.zeros(N, x.shape[1], dtype=back.dtype, device=x.device).index_add_(0, token, back)
+        return y.to(x.dtype)
+
+
+# ---- applying EP to a model ----------------------------------------------------------------------
+
+@dataclass
+class ExpertParallelInfo:
+    plan: ShardingPlan
+    groups: ExpertGroups
+    dispatch: str
+
+    @property
+    def ep_rank(self) -> int:
+        return self.groups.ep_rank
+
+    @property
+    def writes_experts(self) -> bool:
+        """One copy of each expert is written: by the first expert-data-parallel replica."""
+        return self.groups.edp_rank == 0
+
+
+def _deepspeed_moe_class(cls):
+    """A subclass of both epkit's MoE and DeepSpeed's MoE, so DeepSpeed's engine sees MoE layers
+    (`has_moe_layers`) and builds ZeRO with expert groups. Only the type is borrowed: forward,
+    parameters and names stay epkit's, and DeepSpeed's own layer is never constructed."""
+    try:
+        from deepspeed.moe.layer import MoE as DeepSpeedMoE
+    except ImportError:  # inference without deepspeed installed
+        return cls
+
+    def set_deepspeed_parallelism(self, *args, **kwargs):  # groups already exist (setup_expert_parallel)
+        pass
+
+    return type("ExpertParallelMoE", (cls, DeepSpeedMoE), {"set_deepspeed_parallelism": set_deepspeed_parallelism})
+
+
+def apply_expert_parallel(model, plan: ShardingPlan, groups: ExpertGroups | None = None,
+                          dispatch: str = "all_to_all"):
+    """Keep only this rank's experts in every MoE layer and route tokens through `dispatch`.
+
+    Works on a real or a meta model (build on meta, shard, then load only the local experts).
+    The router is untouched: it scores all experts and picks exactly what the single-device model picks.
+    """
+    if dispatch not in DISPATCH_MODES:
+        raise ValueError(f"unknown dispatch mode {dispatch!r}; choose one of {', '.join(DISPATCH_MODES)}")
+    groups = groups or setup_expert_parallel(plan.ep_size)
+    if groups.ep_size != plan.ep_size:
+        raise ValueError(f"the plan is for ep_size={plan.ep_size} but the process groups have {groups.ep_size}")
+    plan.check_matches(model.args.num_experts, model.args.num_layers)
+    moe_cls = None
+    for layer, moe in enumerate(model.moe_layers()):
+        local = plan.local_experts(groups.ep_rank, layer)
+        old = moe.experts
+        new = Experts(plan.num_experts, old.w13.shape[2], old.intermediate_size, expert_ids=local,
+                      device=old.w13.device, dtype=old.w13.dtype)
+        new.impl = old.impl
+        with torch.no_grad():
+            for name in ("w13", "w2"):
+                src = getattr(old, name)
+                if src.device.type != "meta":
+                    getattr(new, name).copy_(src[local])
+                getattr(new, name).requires_grad_(src.requires_grad)
+        for p in new.parameters():  # DeepSpeed's expert markers (see deepspeed.moe.utils.is_moe_param)
+            p.allreduce = False
+            p.group_name = groups.name
+        moe.experts = new
+        owners, slots = plan.owners(layer), plan.slots(layer)
+        if groups.ep_group is None or dispatch == "replicated":
+            moe.dispatcher = ReplicatedDispatch(slots, owners, groups.ep_rank, groups.ep_group)
+        else:
+            moe.dispatcher = AllToAllDispatch(slots, owners, plan.ep_size, groups.ep_group)
+        moe_cls = moe_cls or _deepspeed_moe_class(type(moe))
+        moe.__class__ = moe_cls
+        moe.ep_size, moe.expert_group_name, moe.num_local_experts = plan.ep_size, groups.name, len(local)
+    model.expert_parallel = ExpertParallelInfo(plan, groups, dispatch)
+    return model
+
+
+def set_dispatch(model, dispatch: str) -> None:
+    """Switch an expert-parallel model between the two dispatch modes."""
+    info = model.expert_parallel
+    apply = ReplicatedDispatch if dispatch == "replicated" else AllToAllDispatch
+    if dispatch not in DISPATCH_MODES:
+        raise ValueError(f"unknown dispatch mode {dispatch!r}; choose one of {', '.join(DISPATCH_MODES)}")
+    for layer, moe in enumerate(model.moe_layers()):
+        owners, slots = info.plan.owners(layer), info.plan.slots(layer)
+        if apply is ReplicatedDispatch:
+            moe.dispatcher = ReplicatedDispatch(slots, owners, info.ep_rank, info.groups.ep_group)
+        else:
+            moe.dispatcher = AllToAllDispatch(slots, owners, info.plan.ep_size, info.groups.ep_group)
+    info.dispatch = dispatch
+
+
+# ---- routing telemetry ----------------------------------------------------------------------------
+
+def gather_routing_counts(model) -> list[list[int]]:
+    """Tokens routed to each expert of each layer, summed over every rank that saw distinct tokens."""
+    counts = torch.stack([moe.routed_tokens for moe in model.moe_layers()]).clone()  # [layers, E]
+    info = getattr(model, "expert_parallel", None)
+    if is_distributed():
+        dist.all_reduce(counts)  # NOTE: collective
+        if info is not None and info.dispatch == "replicated":
+            counts //= info.plan.ep_size  # every EP rank saw the same tokens
+    return counts.tolist()
+
+
+def reset_routing_counts(model) -> None:
+    for moe in model.moe_layers():
+        moe.routed_tokens.zero_()
+
+
+def rank_loads(model, counts: list[list[int]] | None = None) -> list[list[float]]:
+    """Per layer, the routed tokens each EP rank processed under the model's plan."""
+    info = getattr(model, "expert_parallel", None)
+    counts = counts if counts is not None else gather_routing_counts(model)
+    if info is None:
+        return [[float(sum(row))] for row in counts]
+    return [info.plan.rank_loads(row, layer) for layer, row in enumerate(counts)]
