@@ -119,6 +119,22 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
+class _CopyToRanks(torch.autograd.Function):
+    """Identity forward; backward sums the input's gradient over ranks, because each rank's experts
+    contribute only their share of it (the pair of _SumOverRanks, as in tensor parallelism)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)  # NOTE: collective, backward only
+        return grad, None
+
+
 class ReplicatedDispatch:
     """Every EP rank holds the same tokens: compute local experts, then sum over the EP group."""
 
@@ -132,8 +148,12 @@ class ReplicatedDispatch:
     def __call__(self, experts: Experts, x, weights, ids):
         if self.table.device != ids.device:
             self.table = self.table.to(ids.device)
+        if self.group is None:
+            return experts(x, weights, self.table[ids])
+        if torch.is_grad_enabled():
+            x, weights = _CopyToRanks.apply(x, self.group), _CopyToRanks.apply(weights, self.group)
         y = experts(x, weights, self.table[ids])  # [N, D], zeros where no local expert was chosen
-        return _SumOverRanks.apply(y, self.group) if self.group is not None else y
+        return _SumOverRanks.apply(y, self.group)
 
 
 class AllToAllDispatch:

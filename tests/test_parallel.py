@@ -1,0 +1,141 @@
+"""Expert parallelism on real gloo processes: logits, gradients, both dispatch modes, checkpoints
+saved at one EP size and loaded at others, bytes read per rank."""
+import os
+
+import pytest
+import torch
+
+import epkit
+from conftest import hf_logits, hf_model, tiny_args
+from distributed import run
+
+ARGS = dict(num_layers=2, num_experts=8)
+B, T = 4, 6
+
+
+def _inputs(args):
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, args.vocab_size, (B, T), generator=g)
+    probe = torch.randn(B, T, args.vocab_size, generator=g)  # loss = (logits * probe).sum()
+    return tokens, probe
+
+
+def _reference(ckpt):
+    model = epkit.load_pretrained(ckpt)
+    tokens, probe = _inputs(model.args)
+    logits, router = model(tokens)
+    (logits * probe).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return logits.detach(), grads
+
+
+def _check_rank(rank, world, ckpt, save_to, ref_logits, ref_grads):
+    """On every rank: replicated logits + grads, then all_to_all with a different chunk per rank."""
+    import torch.distributed as dist
+
+    from epkit.parallel import set_dispatch
+    model, report = epkit.load_pretrained(ckpt, ep_size=world, dispatch="replicated", return_report=True)
+    args = model.args
+    tokens, probe = _inputs(args)
+    info = model.expert_parallel
+    out = {"bytes_read": report.bytes_read, "local": [m.experts.expert_ids for m in model.moe_layers()]}
+
+    def check_grads(reduce_shared):
+        for name, p in model.named_parameters():
+            g = p.grad.clone()
+            if "experts" in name:
+                layer = int(name.split(".")[1])
+                ids = model.layers[layer].moe.experts.expert_ids
+                torch.testing.assert_close(g, ref_grads[name][ids], atol=1e-5, rtol=1e-5, msg=name)
+            else:
+                if reduce_shared:
+                    dist.all_reduce(g)
+                torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+    # replicated: same tokens everywhere
+    logits, _ = model(tokens)
+    torch.testing.assert_close(logits.detach(), ref_logits, atol=1e-5, rtol=0)
+    (logits * probe).sum().backward()
+    check_grads(reduce_shared=False)
+
+    # all_to_all: each rank its own rows (rank 0 may get several, the last rank possibly none)
+    set_dispatch(model, "all_to_all")
+    model.zero_grad()
+    rows = torch.tensor_split(torch.arange(B), world)[rank]
+    logits, _ = model(tokens[rows])
+    torch.testing.assert_close(logits.detach(), ref_logits[rows], atol=1e-5, rtol=0)
+    (logits * probe[rows]).sum().backward()
+    check_grads(reduce_shared=True)
+    assert info.dispatch == "all_to_all"
+
+    if save_to:
+        epkit.save_pretrained(model, save_to)
+        if rank == 0:
+            out["files"] = sorted(os.listdir(save_to))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ep")
+    args = tiny_args(**ARGS)
+    hf = hf_model(args, seed=11)
+    src = str(root / "hf")
+    hf.save_pretrained(src)  # transformers writes the hub names
+    ref_logits, ref_grads = _reference(src)
+    tokens, _ = _inputs(args)
+    torch.testing.assert_close(ref_logits, hf_logits(hf, tokens)[0], atol=1e-5, rtol=0)
+    return root, src, hf, ref_logits, ref_grads
+
+
+def test_ep2_logits_grads_and_save(checkpoints):
+    root, src, hf, ref_logits, ref_grads = checkpoints
+    saved = str(root / "ep2")
+    outs = run(_check_rank, 2, src, saved, ref_logits, ref_grads)
+    assert outs[0]["local"][0] == [0, 1, 2, 3] and outs[1]["local"][0] == [4, 5, 6, 7]
+    files = outs[0]["files"]
+    assert "model.safetensors.index.json" in files and "epkit_plan.json" in files and "config.json" in files
+    assert any(f.startswith("model-ep000") for f in files) and any(f.startswith("model-ep001") for f in files)
+    # the EP=2 directory is a Hugging Face checkpoint: transformers and single-device epkit agree
+    from transformers import AutoModelForCausalLM
+    theirs = AutoModelForCausalLM.from_pretrained(saved).eval()
+    tokens, _ = _inputs(hf.config)
+    torch.testing.assert_close(hf_logits(theirs, tokens)[0], ref_logits, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        ours, _ = epkit.load_pretrained(saved)(tokens)
+    torch.testing.assert_close(ours, ref_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_ep2_checkpoint_loads_at_other_sizes(checkpoints, world):
+    """EP=3 is uneven (3/3/2 experts); each rank reads about shared + its own experts."""
+    root, src, hf, ref_logits, ref_grads = checkpoints
+    saved = str(root / "ep2")
+    if not os.path.isdir(saved):
+        run(_check_rank, 2, src, saved, ref_logits, ref_grads)
+    outs = run(_check_rank, world, saved, None, ref_logits, ref_grads)
+    sizes = [len(o["local"][0]) for o in outs]
+    assert sizes == ([3, 3, 2] if world == 3 else [2, 2, 2, 2])
+    args = tiny_args(**ARGS)
+    per_expert = 3 * args.hidden_size * args.intermediate_size * 4 * args.num_layers
+    total = args.num_parameters() * 4
+    shared = total - per_expert * args.num_experts
+    for o, n in zip(outs, sizes):
+        assert o["bytes_read"] == shared + n * per_expert, (o["bytes_read"], shared, n)
+        assert o["bytes_read"] < total
+
+
+def _bad_ep(rank, world, ckpt, ep):
+    try:
+        epkit.load_pretrained(ckpt, ep_size=ep)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_bad_ep_sizes_fail_clearly_on_every_rank(checkpoints):
+    root, src, *_ = checkpoints
+    assert run(_bad_ep, 2, src, 4) == ["ep_size=4 is larger than the world size 2; launch at least 4 ranks "
+                                       "(e.g. deepspeed --num_gpus 4)"] * 2
+    msgs = run(_bad_ep, 3, src, 2)
+    assert msgs == ["the world size 3 is not divisible by ep_size=2"] * 3
