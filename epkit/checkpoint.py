@@ -332,20 +332,11 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
     if rank == 0:
         os.makedirs(tmp)
     parallel.barrier()
-    writes_experts = info is None or info.writes_experts
-    if info is None:
-        writes_shared, prefix = rank == 0, "model"
-    else:
-        writes_shared, prefix = rank == 0, f"model-ep{info.ep_rank:03d}-of-{info.plan.ep_size:03d}"
-    parts: dict[str, str] = {}
-    if writes_shared:
-        parts.update(_write_shards(hub_tensors(model, shared=True, experts=False), tmp,
-                                   "model-shared" if info else "model", max_shard_bytes=max_shard_size))
-    if writes_experts and (info is not None or rank == 0):
-        parts.update(_write_shards(hub_tensors(model, shared=False, experts=True), tmp,
-                                   prefix + "-experts" if info else "model-experts", max_shard_bytes=max_shard_size))
-    with open(os.path.join(tmp, f".part-{rank}.json"), "w") as f:
-        json.dump(parts, f)
+    try:
+        _write_rank_files(model, tmp, info, rank, max_shard_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
+        raise
     stats = parallel.gather_routing_counts(model) if info is not None else _routing_counts(model)
     parallel.barrier()
     if rank == 0:
@@ -371,6 +362,24 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
                     shutil.copy(os.path.join(tokenizer_dir, name), tmp)
         _atomic_replace(tmp, path)
     parallel.barrier()
+
+
+def _write_rank_files(model, tmp: str, info, rank: int, max_shard_size: int) -> None:
+    """This rank's safetensors files, and a small JSON of the tensors it wrote (merged by rank 0)."""
+    writes_experts = info is None or info.writes_experts
+    if info is None:
+        writes_shared, prefix = rank == 0, "model"
+    else:
+        writes_shared, prefix = rank == 0, f"model-ep{info.ep_rank:03d}-of-{info.plan.ep_size:03d}"
+    parts: dict[str, str] = {}
+    if writes_shared:
+        parts.update(_write_shards(hub_tensors(model, shared=True, experts=False), tmp,
+                                   "model-shared" if info else "model", max_shard_bytes=max_shard_size))
+    if writes_experts and (info is not None or rank == 0):
+        parts.update(_write_shards(hub_tensors(model, shared=False, experts=True), tmp,
+                                   prefix + "-experts" if info else "model-experts", max_shard_bytes=max_shard_size))
+    with open(os.path.join(tmp, f".part-{rank}.json"), "w") as f:
+        json.dump(parts, f)
 
 
 def _atomic_replace(tmp: str, path: str) -> None:
