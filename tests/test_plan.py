@@ -32,9 +32,10 @@ def test_balanced_minimises_the_most_loaded_rank():
 
 
 def test_per_layer_placement_and_json_round_trip():
-    loads = [[1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]]
+    loads = [[1, 2, 3, 4, 5, 6, 7, 8], [50, 40, 1, 1, 1, 1, 1, 1]]
     plan = ShardingPlan(8, 2, strategy="balanced", loads=loads, num_layers=2)
     assert plan.per_layer and plan.owners(0) != plan.owners(1)
+    assert plan.owner(0, layer=1) != plan.owner(1, layer=1)  # the two hot experts of layer 1 are split
     again = ShardingPlan.from_json(plan.to_json())
     assert again == plan and again.local_experts(1, layer=1) == plan.local_experts(1, layer=1)
     explicit = ShardingPlan(4, 2, owners=[1, 0, 1, 0])
