@@ -53,7 +53,12 @@ def _check_rank(rank, world, ckpt, save_to, ref_logits, ref_grads):
                 torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
     # replicated: same tokens everywhere
+    from epkit.parallel import gather_routing_counts, rank_loads, reset_routing_counts
+    reset_routing_counts(model)
     logits, _ = model(tokens)
+    counts = gather_routing_counts(model)  # every EP rank saw the same tokens: counted once
+    assert [sum(row) for row in counts] == [B * T * args.experts_per_token] * args.num_layers
+    out["rank_loads"] = rank_loads(model, counts)
     torch.testing.assert_close(logits.detach(), ref_logits, atol=1e-5, rtol=0)
     (logits * probe).sum().backward()
     check_grads(reduce_shared=False)
@@ -115,6 +120,7 @@ def test_ep2_checkpoint_loads_at_other_sizes(checkpoints, world):
         run(_check_rank, 2, src, saved, ref_logits, ref_grads)
     outs = run(_check_rank, world, saved, None, ref_logits, ref_grads)
     sizes = [len(o["local"][0]) for o in outs]
+    assert all(sum(load) == B * T * 2 and len(load) == world for load in outs[0]["rank_loads"])
     assert sizes == ([3, 3, 2] if world == 3 else [2, 2, 2, 2])
     args = tiny_args(**ARGS)
     per_expert = 3 * args.hidden_size * args.intermediate_size * 4 * args.num_layers
@@ -127,7 +133,7 @@ def test_ep2_checkpoint_loads_at_other_sizes(checkpoints, world):
 
 def _bad_ep(rank, world, ckpt, ep):
     try:
-        epkit.load_pretrained(ckpt, ep_size=ep)
+        epkit.load_pretrained(ckpt, ep_size=ep, dispatch="replicated")
     except ValueError as e:
         return str(e)
     return None
@@ -139,3 +145,14 @@ def test_bad_ep_sizes_fail_clearly_on_every_rank(checkpoints):
                                        "(e.g. deepspeed --num_gpus 4)"] * 2
     msgs = run(_bad_ep, 3, src, 2)
     assert msgs == ["the world size 3 is not divisible by ep_size=2"] * 3
+
+
+def test_manifest_with_too_many_experts_fails_on_every_rank(checkpoints, tmp_path):
+    import json
+    import shutil
+    root, src, *_ = checkpoints
+    bad = str(tmp_path / "bad")
+    shutil.copytree(src, bad)
+    with open(os.path.join(bad, "epkit_plan.json"), "w") as f:
+        json.dump({"plan": epkit.ShardingPlan(12, 2).to_dict()}, f)
+    assert run(_bad_ep, 2, bad, 2) == [f"{bad}/epkit_plan.json: the plan names 12 experts but config.json has 8"] * 2
