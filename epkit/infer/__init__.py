@@ -1,0 +1,8 @@
+"""Batched inference: `LLM` (engine), continuous-batching scheduler, paged KV cache, sampling, and the
+lock-step runner that keeps expert-parallel ranks together. Imports no training-only package."""
+from .engine import LLM, RequestOutput, load_tokenizer
+from .kv_cache import BlockAllocator, PagedKVCache
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "PagedKVCache", "BlockAllocator", "Scheduler", "load_tokenizer"]

@@ -1,0 +1,107 @@
+"""Paged KV cache: fixed-size blocks handed out by an allocator, sized from a memory budget.
+
+Every layer's keys and values live in one pool of `num_blocks * block_size` slots. A sequence owns a
+list of blocks (its block table); token at position p sits in slot
+`table[p // block_size] * block_size + p % block_size`. Block 0 is reserved as scratch: padding
+tokens write there and unused table entries point there (their keys are masked out).
+
+The cache implements the model's `KVCache` protocol. `prepare()` runs once per forward and computes
+the write slots and the gather index for all layers, so each layer does one `index_copy_` and one
+gather, with no host sync.
+
+Legend: B batch rows, T new tokens per row, NB blocks per row, S = NB * block_size keys per row,
+G KV heads, Dh head dim, L layers, P slots in the pool.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelArgs
+
+SCRATCH_BLOCK = 0
+
+
+class BlockAllocator:
+    """A free list of block ids; block 0 is never handed out."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks={num_blocks}: the KV cache needs at least 2 blocks (one is scratch)")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() hands out low ids first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_usable(self) -> int:
+        return self.num_blocks - 1
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} KV blocks, only {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
+    """Keys and values of every layer for one block of tokens."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elt
+
+
+def blocks_for_budget(args: ModelArgs, budget_bytes: int, block_size: int, dtype: torch.dtype) -> int:
+    if budget_bytes <= 0:
+        raise ValueError(f"KV cache budget {budget_bytes} bytes must be positive")
+    n = int(budget_bytes // bytes_per_block(args, block_size, dtype))
+    if n < 2:
+        raise ValueError(f"a KV cache budget of {budget_bytes} bytes holds {n} block(s) of {block_size} tokens; "
+                         f"at least 2 are needed ({2 * bytes_per_block(args, block_size, dtype)} bytes)")
+    return n
+
+
+class PagedKVCache:
+    """k, v pools [L, P, G, Dh]; implements `update(layer, k, v, positions)` for `epkit.model`."""
+
+    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, device, dtype: torch.dtype):
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size} must be positive")
+        self.block_size, self.num_blocks = block_size, num_blocks
+        shape = (args.num_layers, num_blocks * block_size, args.num_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._write = self._read = self._key_pos = None
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.num_blocks - 1) * self.block_size
+
+    def prepare(self, block_table: torch.Tensor, positions: torch.Tensor) -> None:
+        """block_table [B, NB] int64, positions [B, T] (-1 padding), both on the cache's device.
+
+        Rows hold contiguous positions 0..n-1 overall, so after this step a row's keys are the slots
+        0..max(positions) of its table, in order.
+        """
+        bs = self.block_size
+        B, NB = block_table.shape
+        pos = positions.clamp(min=0)
+        slot = block_table.gather(1, pos // bs) * bs + pos % bs  # [B, T]
+        self._write = torch.where(positions >= 0, slot, SCRATCH_BLOCK * bs).reshape(-1)  # [B*T]
+        s = torch.arange(NB * bs, device=positions.device)  # [S]
+        self._read = block_table[:, s // bs] * bs + s % bs  # [B, S]
+        length = positions.amax(dim=1, keepdim=True) + 1  # [B, 1] keys held after this step
+        self._key_pos = torch.where(s[None, :] < length, s[None, :], -1)  # [B, S]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """k, v [B, G, T, Dh] -> all keys/values of each row [B, G, S, Dh] and key positions [B, S]."""
+        if self._write is None:
+            raise RuntimeError("PagedKVCache.update called before prepare() for this step")
+        B, G, T, Dh = k.shape
+        self.k[layer].index_copy_(0, self._write, k.transpose(1, 2).reshape(B * T, G, Dh))
+        self.v[layer].index_copy_(0, self._write, v.transpose(1, 2).reshape(B * T, G, Dh))
+        k_all = self.k[layer][self._read].transpose(1, 2)  # [B, G, S, Dh]
+        v_all = self.v[layer][self._read].transpose(1, 2)
+        return k_all, v_all, self._key_pos

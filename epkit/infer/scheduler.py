@@ -1,0 +1,163 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Every step has a token budget (`max_num_batched_tokens`) and a row limit (`max_num_seqs`).
+Sequences join and leave between steps. Order of service each step:
+
+1. running sequences that are decoding (one token each), oldest first: a long prompt never holds
+   them back;
+2. running sequences still prefilling, a chunk each (chunked prefill), oldest first;
+3. waiting sequences, oldest first (a preempted one goes back to the front), while budget, rows and
+   KV blocks last.
+
+When a running sequence needs a KV block and none is free, the newest running sequence not yet
+scheduled this step is preempted by recompute: its blocks are freed and it waits again, keeping
+the tokens it generated; when it is readmitted its prompt and outputs are prefilled again.
+
+Nothing here touches tensors: the engine turns a `StepPlan` into model inputs.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache import BlockAllocator
+from .sampling import SamplingParams
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+@dataclass
+class Sequence:
+    """One request's state. `token_ids` = prompt + generated; `num_computed` of them are in the KV cache."""
+
+    request_id: str
+    prompt_len: int
+    token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_len: int  # generation stops (finish_reason "length") when the sequence reaches this many tokens
+    arrival: float = 0.0
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: str = WAITING
+    admitted: int = -1  # admission order, for preemption (the newest goes first)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished_at: float | None = None
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def remaining(self) -> int:
+        """Tokens not yet in the cache (1 while decoding)."""
+        return self.num_tokens - self.num_computed
+
+
+@dataclass
+class StepPlan:
+    """rows: (sequence, first position, number of tokens) for each sequence run this step."""
+
+    rows: list[tuple[Sequence, int, int]]
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, _, n in self.rows)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={max_num_seqs} must be at least 1")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be at least 1")
+        self.allocator, self.block_size = allocator, block_size
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self._admissions = itertools.count()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- blocks ---------------------------------------------------------------------------
+    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, math.ceil(num_tokens / self.block_size) - len(seq.blocks))
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give `seq` enough blocks to hold `num_tokens` tokens; False if the pool is short."""
+        need = self._blocks_needed(seq, num_tokens)
+        if need > self.allocator.num_free:
+            return False
+        seq.blocks += self.allocator.allocate(need)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free(seq.blocks)
+        seq.blocks, seq.num_computed, seq.status = [], 0, WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Release a sequence's blocks and take it out of the queues."""
+        self.allocator.free(seq.blocks)
+        seq.blocks, seq.status, seq.finish_reason = [], FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    # ---- one step -------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        budget = self.max_num_batched_tokens
+        rows: list[tuple[Sequence, int, int]] = []
+        scheduled: set[int] = set()
+        preempted: list[Sequence] = []
+        decoding = [s for s in self.running if s.remaining == 1]
+        prefilling = [s for s in self.running if s.remaining > 1]
+        for seq in decoding + prefilling:
+            if budget == 0:
+                break
+            if seq.status != RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.remaining, budget)
+            while not self._reserve(seq, seq.num_computed + n):
+                victim = next(s for s in reversed(self.running) if id(s) not in scheduled)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != RUNNING:
+                continue
+            rows.append((seq, seq.num_computed, n))
+            scheduled.add(id(seq))
+            budget -= n
+        # Admit waiting sequences only if nobody had to be preempted (the pool is tight otherwise).
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            n = min(seq.remaining, budget)
+            if not self._reserve(seq, n):
+                break
+            self.waiting.popleft()
+            seq.status, seq.admitted = RUNNING, next(self._admissions)
+            self.running.append(seq)
+            rows.append((seq, 0, n))
+            budget -= n
+        return StepPlan(rows, preempted)
