@@ -109,15 +109,16 @@ def load_records(path: str):
     return ds
 
 
-def record_kind(columns: list[str], source: str) -> str:
-    if "messages" in columns:
+def record_kind(record: dict, index: int, source: str) -> str:
+    """'text', 'instruction' or 'chat' from the fields a record fills (files may mix kinds)."""
+    if record.get("messages") is not None:
         return "chat"
-    if ("prompt" in columns or "instruction" in columns) and any(c in columns for c in
-                                                                  ("response", "output", "completion")):
+    if record.get("prompt") is not None or record.get("instruction") is not None:
         return "instruction"
-    if "text" in columns:
+    if record.get("text") is not None:
         return "text"
-    raise DataError(f"{source}: records have fields {sorted(columns)}; expected 'text', 'prompt'+'response' "
+    fields = sorted(k for k, v in record.items() if v is not None)
+    raise DataError(f"{source}: record {index} has fields {fields}; expected 'text', 'prompt'+'response' "
                     f"(or 'instruction'+'output') or 'messages'")
 
 
@@ -133,11 +134,12 @@ def _field(record: dict, names: tuple[str, ...], index: int, source: str, option
     raise DataError(f"{source}: record {index} has no {' / '.join(repr(n) for n in names)} field")
 
 
-def segments(record: dict, kind: str, index: int, source: str) -> list[tuple[str, bool]]:
+def segments(record: dict, index: int, source: str) -> list[tuple[str | None, bool]]:
     """A record as (text, trained) pieces, in order; text None stands for the </s> token."""
     from .assets.build import ROLE_HEADERS, TURN_END
+    kind = record_kind(record, index, source)
     if kind == "text":
-        return [(_field(record, ("text",), index, source), True)]
+        return [(_field(record, ("text",), index, source), True), (None, True)]
     if kind == "instruction":
         prompt = _field(record, ("prompt", "instruction"), index, source)
         extra = _field(record, ("input",), index, source, optional=True)
@@ -164,13 +166,12 @@ def segments(record: dict, kind: str, index: int, source: str) -> list[tuple[str
 
 def tokenize(ds, tokenizer: Tokenizer, bos_id: int, eos_id: int, source: str) -> tuple[list[int], list[int]]:
     """Concatenate every record as <s> tokens (</s>): (ids, labels) streams, labels -100 where masked."""
-    kind = record_kind(ds.column_names, source)
     ids, labels = [], []
     chunk = 1000
     for start in range(0, len(ds), chunk):
         rows = ds[start:start + chunk]
         records = [{k: rows[k][i] for k in rows} for i in range(len(next(iter(rows.values()))))]
-        pieces = [segments(r, kind, start + i, source) for i, r in enumerate(records)]
+        pieces = [segments(r, start + i, source) for i, r in enumerate(records)]
         texts = [t for p in pieces for t, _ in p if t is not None]
         encoded = iter(tokenizer.encode(texts))
         for p in pieces:
@@ -180,9 +181,6 @@ def tokenize(ds, tokenizer: Tokenizer, bos_id: int, eos_id: int, source: str) ->
                 tok = [eos_id] if text is None else next(encoded)
                 ids += tok
                 labels += tok if trained else [IGNORE] * len(tok)
-            if kind == "text":
-                ids.append(eos_id)
-                labels.append(eos_id)
     return ids, labels
 
 

@@ -1,0 +1,12 @@
+"""Fine-tuning: DeepSpeed engine (ZeRO 0/1/2, MoE optimizer groups), loop, metrics, save/resume.
+
+    config   TrainConfig, YAML recipe + command line
+    engine   model build, freezing, optimizer groups, schedule, deepspeed.initialize / Accelerate
+    state    checkpoints (HF directory + per-rank engine state), resume, keep-last-K
+    metrics  tqdm, metrics.jsonl, TensorBoard
+    loop     main(cfg)
+"""
+from .config import TrainConfig, parse_config
+from .loop import main
+
+__all__ = ["TrainConfig", "parse_config", "main"]

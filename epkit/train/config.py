@@ -1,0 +1,126 @@
+"""Training settings: one dataclass; YAML recipe values are defaults, command-line flags override them.
+
+`parse_config(argv)` builds the command line from the dataclass fields, so `launch/train.py --help`
+lists every setting with the recipe's default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+FREEZE_CHOICES = ("none", "attention", "router", "experts")
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = _opt("tiny", "preset name (tiny, mixtral-8x7b, ...) or a Hugging Face Mixtral checkpoint directory")
+    tokenizer: str | None = _opt(None, "tokenizer dir/file (default: the checkpoint's, else the embedded one)")
+    data: str | None = _opt(None, "training data: jsonl/json/txt/parquet file or a datasets save_to_disk dir "
+                                  "(default: the embedded corpus)")
+    eval_data: str | None = _opt(None, "held-out data, same formats; evaluated every --eval-every steps and at the end")
+    output_dir: str = _opt("outputs/default", "run directory: metrics, checkpoints, final/ (the served checkpoint)")
+    # parallelism and precision
+    ep: int = _opt(1, "expert-parallel size; must divide the number of ranks")
+    plan_strategy: str = _opt("contiguous", "expert placement: contiguous or round_robin")
+    zero_stage: int = _opt(0, "DeepSpeed ZeRO stage 0, 1 or 2")
+    dtype: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
+    deepspeed_config: str | None = _opt(None, "DeepSpeed JSON whose keys override the generated engine config")
+    # schedule
+    max_steps: int = _opt(200, "optimizer steps")
+    seq_len: int = _opt(128, "tokens per packed row")
+    micro_batch: int = _opt(4, "rows per rank per micro-step")
+    grad_accum: int = _opt(1, "micro-steps per optimizer step")
+    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _opt(0.1, "cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = _opt(20, "linear warm-up steps")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to norms)")
+    betas: tuple = _opt((0.9, 0.95), "AdamW betas", nargs=2, type=float)
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
+    seed: int = _opt(0, "seeds model init, data order and every RNG")
+    # loss
+    aux_loss_coef: float | None = _opt(None, "load-balancing loss coefficient (default: the model's "
+                                              "router_aux_loss_coef, as transformers uses)")
+    z_loss_coef: float = _opt(0.0, "router z-loss coefficient (0: off)")
+    # what trains
+    train_only: str = _opt("none", "train only this part and freeze the rest: none, attention, router or experts",
+                           choices=FREEZE_CHOICES)
+    activation_checkpointing: bool = _opt(False, "recompute decoder layers in backward to save memory")
+    # checkpoints and metrics
+    save_every: int = _opt(0, "save a checkpoint every N steps (0: only at the end)")
+    keep_last: int = _opt(2, "keep the last K step checkpoints (final/ is always kept)")
+    resume: bool = _opt(False, "continue from the newest complete checkpoint in --output-dir")
+    eval_every: int = _opt(0, "evaluate every N steps (0: only at the end)")
+    log_every: int = _opt(1, "write metrics every N steps")
+    tensorboard: bool = _opt(False, "also write TensorBoard scalars to OUTPUT_DIR/tensorboard")
+    progress: bool = _opt(True, "tqdm progress bar on rank 0")
+
+    def check(self) -> None:
+        """Settings that are wrong whatever the model and data: one sentence naming the value."""
+        positive = ("max_steps", "seq_len", "micro_batch", "grad_accum", "ep", "log_every")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be a positive integer")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"--zero-stage={self.zero_stage} is not supported; use 0, 1 or 2")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--dtype={self.dtype!r} is not one of auto, fp32, bf16")
+        if self.train_only not in FREEZE_CHOICES:
+            raise ValueError(f"--train-only={self.train_only!r} is not one of {', '.join(FREEZE_CHOICES)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.save_every < 0 or self.eval_every < 0 or self.keep_last < 1:
+            raise ValueError("--lr must be > 0, --warmup-steps/--save-every/--eval-every >= 0 and --keep-last >= 1")
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r}: no such file")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path!r}: expected a mapping of setting: value")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path!r}: unknown setting(s) {', '.join(unknown)}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fine-tune a Mixtral with expert parallelism (DeepSpeed or Accelerate).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML recipe (configs/train/NAME.yaml); its values are the defaults")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_ = meta.pop("help")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            continue
+        kind = meta.pop("type", None) or {"int": int, "float": float}.get(f.type.split(" |")[0], str)
+        if "float | None" in str(f.type):
+            kind = float
+        p.add_argument(flag, type=kind, default=f.default, help=help_, **meta)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    p = build_parser()
+    first, _ = p.parse_known_args(argv)
+    if first.config:
+        p.set_defaults(**load_yaml(first.config))
+    args = vars(p.parse_args(argv))
+    args.pop("config"), args.pop("local_rank")
+    if isinstance(args.get("betas"), list):
+        args["betas"] = tuple(args["betas"])
+    cfg = TrainConfig(**args)
+    cfg.check()
+    return cfg

@@ -1,0 +1,194 @@
+"""The model and the DeepSpeed engine a fine-tune runs on.
+
+Order (one place, one order):
+  1. build the model: a checkpoint loads with `load_pretrained(ep_size=E, dispatch="all_to_all")`
+     (each rank reads its own experts); a preset is built on every rank from the same seed, initialised,
+     then sharded with `apply_expert_parallel` (so every EP size starts from the same weights);
+  2. freeze what `--train-only` leaves out;
+  3. AdamW over parameter groups where expert parameters form DeepSpeed's MoE groups
+     (`split_params_into_different_moe_groups_for_optimizer`), warm-up + cosine LambdaLR;
+  4. `deepspeed.initialize`, or Accelerate's `prepare` (its DeepSpeed plugin calls the same thing).
+
+Gradients under EP x DP: the engine averages dense gradients over the world and expert gradients over
+the expert-data-parallel group, dividing both by the world size (engine `_reduce_expert_gradients`,
+ZeRO `average_tensor`). Each expert's gradient already sums its EP group's tokens (all-to-all), so
+both are the gradient of the world-mean loss; tests/test_train_ep.py checks EP=1/2/4 agree.
+
+Clipping: ZeRO 1/2 compute the exact global norm. ZeRO 0's `clip_grad_norm_` averages per-rank norms,
+which differ under EP (each rank sees other experts), so with ZeRO 0 epkit clips itself with the exact
+norm (`clip_exact`) and DeepSpeed's clipping is off.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..config import ModelArgs
+from ..model import Mixtral
+from ..parallel import apply_expert_parallel, is_distributed, setup_expert_parallel, world_size
+from ..plan import ShardingPlan
+from .config import TrainConfig
+
+
+def resolve_dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and torch.cuda.is_available()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def model_args_for(cfg: TrainConfig) -> ModelArgs:
+    if os.path.isdir(cfg.model):
+        return ModelArgs.load(cfg.model)
+    if os.path.sep in cfg.model or cfg.model.startswith("."):
+        raise ValueError(f"--model {cfg.model!r}: no such checkpoint directory")
+    return ModelArgs.from_name(cfg.model)
+
+
+def build_model(cfg: TrainConfig, args: ModelArgs, device, checkpoint: str | None = None) -> Mixtral:
+    """The expert-parallel model on `device` in fp32 (DeepSpeed casts to bf16 when asked)."""
+    source = checkpoint or (cfg.model if os.path.isdir(cfg.model) else None)
+    # EP=1 keeps the plain model: its experts are ordinary data-parallel parameters.
+    plan = ShardingPlan(args.num_experts, cfg.ep, strategy=cfg.plan_strategy, num_layers=args.num_layers) \
+        if cfg.ep > 1 else None
+    if source is not None:
+        from ..checkpoint import load_pretrained
+        model = load_pretrained(source, device=device, dtype=torch.float32, ep_size=cfg.ep, plan=plan,
+                                dispatch="all_to_all")
+    else:
+        model = Mixtral(args, device=device, dtype=torch.float32)
+        model.init_weights(std=0.02, generator=torch.Generator(device=device).manual_seed(cfg.seed))
+        if plan is not None:
+            apply_expert_parallel(model, plan, setup_expert_parallel(cfg.ep), dispatch="all_to_all")
+    model.activation_checkpointing = cfg.activation_checkpointing
+    return model
+
+
+def freeze(model: Mixtral, train_only: str) -> dict[str, int]:
+    """Leave only `train_only` trainable ('none' trains everything); returns trainable counts by part."""
+    def part(name: str) -> str:
+        if ".attn." in name:
+            return "attention"
+        if ".moe.gate." in name:
+            return "router"
+        if ".moe.experts." in name:
+            return "experts"
+        return "other"
+
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        train = train_only == "none" or part(name) == train_only
+        p.requires_grad_(train)
+        if train:
+            counts[part(name)] = counts.get(part(name), 0) + p.numel()
+    if not counts:
+        raise ValueError(f"--train-only={train_only!r} leaves no parameter trainable")
+    if train_only not in ("none", "experts"):
+        # No expert trains: DeepSpeed must see a dense model, or ZeRO asks for MoE optimizer groups.
+        for moe in model.moe_layers():
+            moe.__class__ = moe.__class__.__mro__[1] if moe.__class__.__name__ == "ExpertParallelMoE" else moe.__class__
+    return counts
+
+
+def param_groups(model: Mixtral, weight_decay: float) -> list[dict]:
+    """AdamW groups (decay / no decay for norms), with expert parameters split into DeepSpeed MoE groups."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith("norm.weight") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [g for g in groups if g["params"]]
+    if any(hasattr(p, "allreduce") and not p.allreduce for g in groups for p in g["params"]):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        groups = [g for g in groups if g["params"]]
+    return groups
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up to 1, then cosine down to min_lr_ratio at max_steps."""
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size(),
+        # ZeRO 0 clips in epkit (exact norm under EP); ZeRO 1/2 clip in DeepSpeed (exact there).
+        "gradient_clipping": cfg.grad_clip if cfg.zero_stage > 0 else 0.0,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed_config:
+        import json
+        with open(cfg.deepspeed_config) as f:
+            user = json.load(f)
+        ds.update({k: v for k, v in user.items() if v != "auto"})
+    return ds
+
+
+def uses_exact_clip(engine) -> bool:
+    """True when the engine's optimizer is the plain one (ZeRO 0 in fp32), where epkit clips itself."""
+    return engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+
+
+@torch.no_grad()
+def clip_exact(model: Mixtral, max_norm: float) -> float:
+    """Global gradient norm (dense params counted once, each expert once), then clip. Call after the engine
+    has reduced the gradients (every rank then holds the averaged dense and its experts' gradients).
+
+    NOTE: one all-reduce over the world of a single scalar."""
+    dense, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    info = getattr(model, "expert_parallel", None)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "allreduce", True) is False:
+            expert += sq
+        else:
+            dense += sq
+    if is_distributed() and info is not None:
+        import torch.distributed as dist
+        # Each expert is replicated on world/ep ranks (its expert-data-parallel group): count it once.
+        replicas = world_size() // info.plan.ep_size
+        total = (expert / replicas).reshape(1)
+        dist.all_reduce(total)  # NOTE: collective
+        expert = total[0]
+    norm = float((dense + expert).sqrt())
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+def initialize(cfg: TrainConfig, model: Mixtral, dtype: torch.dtype, accelerator=None):
+    """(engine, optimizer, scheduler) through DeepSpeed, or Accelerate's DeepSpeed plugin when given."""
+    groups = param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ds = deepspeed_config(cfg, dtype)
+    if accelerator is not None:
+        plugin = accelerator.state.deepspeed_plugin
+        plugin.deepspeed_config.update(ds)
+        plugin.deepspeed_config["zero_optimization"].update(ds["zero_optimization"])
+        engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        return engine, optimizer, scheduler
+    import deepspeed
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds, dist_init_required=False)
+    return engine, optimizer, scheduler
