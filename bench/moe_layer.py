@@ -213,6 +213,30 @@ def copy_bandwidth(device, dtype, nbytes: int, iters: int = 10) -> float:
     return 2 * nbytes / (t["ms_median"] * 1e-3) / 1e9
 
 
+def matmul_tflops(device, dtype, n: int, iters: int = 10) -> float:
+    """Dense matmul throughput in TFLOP/s from an n x n x n product: the compute roof for the floor."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = bench(lambda: a @ b, device, warmup=3, iters=iters)
+    del a, b
+    return 2 * n ** 3 / (t["ms_median"] * 1e-3) / 1e12
+
+
+def floors(work, expert_bytes: int, pair_flops: int, bandwidth_gbps: float, tflops: float) -> dict:
+    """Lower bounds for one layer call from `work` = per rank (experts read, (token, expert) pairs computed):
+    reading those experts' weights once at the copy bandwidth, and their FLOPs at the matmul throughput.
+    The slowest rank sets the pace."""
+    if work is None:
+        return {"expert_bytes_max_rank": None, "flops_max_rank": None, "floor_memory_ms": None,
+                "floor_compute_ms": None, "floor_ms": None}
+    mem = [len(experts) * expert_bytes / (bandwidth_gbps * 1e9) * 1e3 for experts, _ in work]
+    comp = [pairs * pair_flops / (tflops * 1e12) * 1e3 for _, pairs in work]
+    return {"expert_bytes_max_rank": max(len(experts) for experts, _ in work) * expert_bytes,
+            "flops_max_rank": max(pairs for _, pairs in work) * pair_flops,
+            "floor_memory_ms": max(mem), "floor_compute_ms": max(comp),
+            "floor_ms": max(max(m, c) for m, c in zip(mem, comp))}
+
+
 # ---- correctness ----------------------------------------------------------------------------------
 
 def compare(out: torch.Tensor, ref: torch.Tensor, tol: float) -> dict:
@@ -300,6 +324,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         weights = make_weights(shape, device, dtype, a.seed)
         bw = gather(copy_bandwidth(device, dtype, (1 << 30) if use_cuda else (8 << 20)))
+        tflops = gather(matmul_tflops(device, dtype, 8192 if use_cuda else 256))
         groups = setup_expert_parallel(ep)
 
         built = {}
@@ -346,14 +371,14 @@ def main(argv=None) -> int:
         for n in a.tokens:
             x_rep = make_tokens(n, shape, a.seed + 1000, device, dtype)  # same on every rank
             x_own = make_tokens(n, shape, a.seed + 2000 + rank, device, dtype)  # this rank's own
-            # the expert weights each rank must read at least once (the bandwidth floor)
-            chosen = {}
+            # tokens per expert, for the floors: which weights each rank must read, how many FLOPs it computes
+            counts = {}
             router = built["transformers"].gate.weight if built["transformers"] else None
             if router is not None:
                 for key, x in (("rep", x_rep), ("own", x_own)):
                     ids = route(F.linear(x.reshape(n, -1), router), shape.top_k)[1]
-                    chosen[key] = sorted(set(ids.reshape(-1).tolist()))
-            chosen_all = gather(chosen)
+                    counts[key] = torch.bincount(ids.reshape(-1), minlength=shape.experts).tolist()
+            counts_all = gather(counts)
 
             # correctness first: every implementation against transformers on the same tokens
             refs = {}
@@ -385,21 +410,18 @@ def main(argv=None) -> int:
                 if t is None and impl in errors:
                     continue
                 per_rank = [r for r in gather(t) if r is not None]
-                ranks = ep if collective else 1
-                sets = _touched(chosen_all, local_sets, "own" if impl in feeds_own else "rep",
-                                collective=collective, ep=ep)
+                work = _work(counts_all, local_sets, "own" if impl in feeds_own else "rep", collective, ep)
                 elem = torch.tensor([], dtype=dtype).element_size()
-                touched = None if sets is None else max(len(s) for s in sets) * shape.expert_bytes_per_elem * elem
-                bw_used = max(bw) if collective else bw[0]
+                floor = floors(work, shape.expert_bytes_per_elem * elem, 2 * shape.expert_bytes_per_elem,
+                               max(bw) if collective else bw[0], max(tflops) if collective else tflops[0])
                 results.append({
-                    "tokens_per_rank": n, "impl": impl, "devices": ranks,
+                    "tokens_per_rank": n, "impl": impl, "devices": ep if collective else 1,
                     "tokens_in_layer": n * (ep if impl in feeds_own else 1),
                     "ms_median": max(r["ms_median"] for r in per_rank),  # the slowest rank sets the pace
                     "ms_median_per_rank": [r["ms_median"] for r in per_rank],
                     "ms_min": max(r["ms_min"] for r in per_rank),
                     "wall_ms_mean": max(r["wall_ms_mean"] for r in per_rank),
-                    "expert_bytes_touched_max_rank": touched,
-                    "floor_ms": None if touched is None else touched / (bw_used * 1e9) * 1e3,
+                    **floor,
                 })
 
     epkit_checks = [c for per_n in checks.values() for impl, c in per_n.items() if impl.startswith("epkit")]
@@ -421,8 +443,11 @@ def main(argv=None) -> int:
                        "tokens_per_rank": a.tokens, "warmup": a.warmup, "iters": a.iters, "seed": a.seed,
                        "correctness_tol_of_ref_max": tol},
             "copy_bandwidth_GBps_per_rank": bw,
-            "bandwidth_note": "device-to-device copy, bytes read + bytes written; floor_ms = expert weight bytes "
-                              "the busiest rank must read for these tokens / that bandwidth",
+            "matmul_TFLOPs_per_rank": tflops,
+            "floor_note": "bandwidth from a device-to-device copy (bytes read + written), TFLOP/s from a dense "
+                          "matmul, both measured in this run; floor_memory_ms = bytes of the expert weights a rank "
+                          "must read for these tokens / bandwidth, floor_compute_ms = its expert FLOPs "
+                          "(6 D I per routed pair) / TFLOP/s, floor_ms = the larger, on the busiest rank",
             "correctness_vs_transformers": checks,
             "epkit_matches_transformers": epkit_ok if epkit_asked else None,
             "results": results,
@@ -441,21 +466,19 @@ def main(argv=None) -> int:
     return 1 if epkit_asked and not epkit_ok else 0
 
 
-def _touched(chosen_all, local_sets, key, collective: bool, ep: int):
-    """Per rank, the experts whose weights it must read: for one GPU, every expert its tokens chose;
-    under EP, the local experts chosen by the tokens it computes (its own for replicated, every
-    rank's for all-to-all)."""
-    if any(key not in c for c in chosen_all):
+def _work(counts_all, local_sets, key: str, collective: bool, ep: int):
+    """Per rank (experts whose weights it reads, (token, expert) pairs it computes). One GPU computes
+    every choice of its tokens; under EP a rank computes its local experts' share of the tokens it
+    serves: rank 0's tokens for replicated ("rep", the same everywhere), every rank's own for all-to-all."""
+    if any(key not in c for c in counts_all):
         return None
     if not collective:
-        return [set(chosen_all[0][key])]
+        counts = counts_all[0][key]
+        return [({e for e, c in enumerate(counts) if c}, sum(counts))]
     if any(s is None for s in local_sets):
         return None
-    if key == "rep":
-        hit = set(chosen_all[0][key])
-    else:
-        hit = set().union(*(c[key] for c in chosen_all))
-    return [hit & set(local_sets[r]) for r in range(ep)]
+    counts = counts_all[0][key] if key == "rep" else [sum(c) for c in zip(*(x[key] for x in counts_all))]
+    return [({e for e in local_sets[r] if counts[e]}, sum(counts[e] for e in local_sets[r])) for r in range(ep)]
 
 
 def _versions() -> dict:
@@ -474,25 +497,29 @@ def _versions() -> dict:
     return v
 
 
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def _print_table(r: dict) -> None:
     c = r["config"]
     print(f"\nMoE layer D={c['hidden']} I={c['intermediate']} E={c['experts']} K={c['top_k']} {c['dtype']} "
-          f"EP={c['ep_size']} on {r['gpu']} ({r['backend']}); copy bandwidth "
-          f"{', '.join(f'{b:.0f}' for b in r['copy_bandwidth_GBps_per_rank'])} GB/s per rank")
+          f"EP={c['ep_size']} on {r['gpu']} ({r['backend']}); per rank: copy bandwidth "
+          f"{', '.join(f'{b:.0f}' for b in r['copy_bandwidth_GBps_per_rank'])} GB/s, matmul "
+          f"{', '.join(f'{t:.1f}' for t in r['matmul_TFLOPs_per_rank'])} TFLOP/s")
     unit = "gpus" if r["device"] == "cuda" else "ranks"
-    head = f"{'tokens/rank':>11}  {'implementation':<24} {unit:>5} {'layer tok':>9} {'median ms':>10} " \
-           f"{'wall ms':>9} {'floor ms':>9} {'x floor':>8} {'max|diff|':>10}"
+    head = (f"{'tokens/rank':>11}  {'implementation':<24} {unit:>5} {'layer tok':>9} {'median ms':>10} "
+            f"{'wall ms':>9} {'mem floor':>9} {'flop floor':>10} {'x floor':>8} {'max|diff|':>10}")
     print(head)
     print("-" * len(head))
     for row in r["results"]:
         check = r["correctness_vs_transformers"].get(str(row["tokens_per_rank"]), {}).get(row["impl"])
         diff = "ref" if row["impl"] == "transformers_eager" else (
             "-" if check is None else f"{check['max_abs_diff']:.2e}" + ("" if check["ok"] else " !"))
-        floor = row["floor_ms"]
-        floor_s = "-" if floor is None else f"{floor:.3f}"
-        ratio = "-" if not floor else f"{row['ms_median'] / floor:.1f}"
+        ratio = "-" if not row["floor_ms"] else f"{row['ms_median'] / row['floor_ms']:.1f}"
         print(f"{row['tokens_per_rank']:>11}  {row['impl']:<24} {row['devices']:>5} {row['tokens_in_layer']:>9} "
-              f"{row['ms_median']:>10.3f} {row['wall_ms_mean']:>9.3f} {floor_s:>9} {ratio:>8} {diff:>10}")
+              f"{row['ms_median']:>10.3f} {row['wall_ms_mean']:>9.3f} {_ms(row['floor_memory_ms']):>9} "
+              f"{_ms(row['floor_compute_ms']):>10} {ratio:>8} {diff:>10}")
     for impl, errs in r["errors"].items():
         print(f"error [{impl}]: {errs[0]}")
     print(f"epkit matches transformers: {r['epkit_matches_transformers']}  "

@@ -50,19 +50,28 @@ def test_small_run_writes_every_figure(tmp_path):
     assert r["errors"] == {}
     assert r["epkit_matches_transformers"] is True
     assert len(r["copy_bandwidth_GBps_per_rank"]) == 2 and all(b > 0 for b in r["copy_bandwidth_GBps_per_rank"])
+    assert len(r["matmul_TFLOPs_per_rank"]) == 2 and all(t > 0 for t in r["matmul_TFLOPs_per_rank"])
 
     rows = {(x["tokens_per_rank"], x["impl"]): x for x in r["results"]}
     assert set(rows) == {(n, i) for n in (1, 16) for i in IMPLS}
     for (n, impl), row in rows.items():
-        assert row["ms_median"] > 0 and row["wall_ms_mean"] > 0 and row["floor_ms"] > 0
+        assert row["ms_median"] > 0 and row["wall_ms_mean"] > 0
+        assert row["floor_memory_ms"] > 0 and row["floor_compute_ms"] > 0
+        assert row["floor_ms"] == max(row["floor_memory_ms"], row["floor_compute_ms"])
         assert row["devices"] == (1 if impl.startswith("transformers") else 2)
         assert len(row["ms_median_per_rank"]) == row["devices"]
-        assert row["tokens_in_layer"] == n * (2 if impl in ("epkit_all_to_all", "deepspeed") else 1)
-        # one token chooses 2 experts: at most 2 experts' weights (3 x D x I fp32 each) on a rank
+        layer_tokens = n * (2 if impl in ("epkit_all_to_all", "deepspeed") else 1)
+        assert row["tokens_in_layer"] == layer_tokens
+        # weights of 1..8 experts (3 x D x I fp32 each) on the busiest rank; at most 2 per token of one rank
         expert_bytes = 3 * 32 * 64 * 4
-        assert expert_bytes <= row["expert_bytes_touched_max_rank"] <= 8 * expert_bytes
-    for n in (1, 16):  # a single token touches at most its two experts
-        assert rows[(1, "transformers_eager")]["expert_bytes_touched_max_rank"] <= 2 * expert_bytes
+        assert expert_bytes <= row["expert_bytes_max_rank"] <= min(8, 2 * layer_tokens) * expert_bytes
+        # FLOPs: 6 D I per (token, expert) pair; the busiest rank holds between half and all of the pairs
+        pair_flops = 6 * 32 * 64
+        pairs = 2 * layer_tokens
+        low = pairs if row["devices"] == 1 else -(-pairs // 2)
+        assert low * pair_flops <= row["flops_max_rank"] <= pairs * pair_flops
+    one = rows[(1, "transformers_eager")]  # one token, one GPU: exactly its 2 experts and 2 pairs
+    assert one["expert_bytes_max_rank"] == 2 * 3 * 32 * 64 * 4 and one["flops_max_rank"] == 2 * 6 * 32 * 64
 
     for n in ("1", "16"):
         checks = r["correctness_vs_transformers"][n]
