@@ -32,7 +32,6 @@ import epkit
 from epkit.moe import route
 from epkit.parallel import apply_expert_parallel, init_distributed, set_dispatch, setup_expert_parallel, world_rank
 
-EPKIT_MODES = ("replicated", "all_to_all")
 IMPLS = ("epkit_replicated", "epkit_all_to_all", "transformers_eager", "transformers_grouped_mm", "deepspeed")
 
 
@@ -44,7 +43,8 @@ class Shape:
     top_k: int
 
     @property
-    def expert_bytes_per_elem(self) -> int:  # weights of one expert, in elements
+    def expert_elems(self) -> int:
+        """Weights of one expert (w1, w3, w2), in elements."""
         return 3 * self.hidden * self.intermediate
 
 
@@ -412,7 +412,7 @@ def main(argv=None) -> int:
                 per_rank = [r for r in gather(t) if r is not None]
                 work = _work(counts_all, local_sets, "own" if impl in feeds_own else "rep", collective, ep)
                 elem = torch.tensor([], dtype=dtype).element_size()
-                floor = floors(work, shape.expert_bytes_per_elem * elem, 2 * shape.expert_bytes_per_elem,
+                floor = floors(work, shape.expert_elems * elem, 2 * shape.expert_elems,
                                max(bw) if collective else bw[0], max(tflops) if collective else tflops[0])
                 results.append({
                     "tokens_per_rank": n, "impl": impl, "devices": ep if collective else 1,
