@@ -29,7 +29,8 @@ class TrainConfig:
     # parallelism and precision
     ep: int = _opt(1, "expert-parallel size; must divide the number of ranks")
     plan_strategy: str = _opt("contiguous", "expert placement: contiguous or round_robin")
-    zero_stage: int = _opt(0, "DeepSpeed ZeRO stage 0, 1 or 2")
+    zero_stage: int | None = _opt(None, "DeepSpeed ZeRO stage 0, 1 or 2 (default: the DeepSpeed/Accelerate config "
+                                         "file's, else 0)")
     dtype: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
     deepspeed_config: str | None = _opt(None, "DeepSpeed JSON whose keys override the generated engine config")
     # schedule
@@ -67,7 +68,7 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be a positive integer")
-        if self.zero_stage not in (0, 1, 2):
+        if self.zero_stage not in (None, 0, 1, 2):
             raise ValueError(f"--zero-stage={self.zero_stage} is not supported; use 0, 1 or 2")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--dtype={self.dtype!r} is not one of auto, fp32, bf16")
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = meta.pop("type", None) or {"int": int, "float": float}.get(f.type.split(" |")[0], str)
         if "float | None" in str(f.type):
             kind = float
+        if "int | None" in str(f.type):
+            kind = int
         p.add_argument(flag, type=kind, default=f.default, help=help_, **meta)
     return p
 

@@ -118,24 +118,46 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
+def _merge(base: dict, user: dict) -> dict:
+    """`user` values override `base`, recursively; "auto" leaves epkit's value."""
+    out = dict(base)
+    for k, v in user.items():
+        if v == "auto":
+            continue
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, base: dict | None = None) -> dict:
+    """The engine config from epkit's settings; a `--deepspeed-config` file (or Accelerate's, `base`) may add
+    or override keys, except that clipping is always epkit's (see the module doc)."""
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size(),
-        # ZeRO 0 clips in epkit (exact norm under EP); ZeRO 1/2 clip in DeepSpeed (exact there).
-        "gradient_clipping": cfg.grad_clip if cfg.zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": 0},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    user = dict(base or {})
     if cfg.deepspeed_config:
         import json
+        if not os.path.isfile(cfg.deepspeed_config):
+            raise ValueError(f"--deepspeed-config {cfg.deepspeed_config!r}: no such file")
         with open(cfg.deepspeed_config) as f:
-            user = json.load(f)
-        ds.update({k: v for k, v in user.items() if v != "auto"})
+            user = _merge(user, json.load(f))
+    # epkit's own flags win over the files for what they name
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        user.pop(key, None)
+    ds = _merge(ds, user)
+    if cfg.zero_stage is not None:
+        ds["zero_optimization"]["stage"] = cfg.zero_stage
+    if ds["zero_optimization"]["stage"] not in (0, 1, 2):
+        raise ValueError(f"ZeRO stage {ds['zero_optimization']['stage']} is not supported; use 0, 1 or 2")
+    # ZeRO 0 clips in epkit (exact norm under EP); ZeRO 1/2 clip in DeepSpeed (exact there).
+    ds["gradient_clipping"] = cfg.grad_clip if ds["zero_optimization"]["stage"] > 0 else 0.0
     return ds
 
 
@@ -181,13 +203,14 @@ def initialize(cfg: TrainConfig, model: Mixtral, dtype: torch.dtype, accelerator
     groups = param_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    ds = deepspeed_config(cfg, dtype)
     if accelerator is not None:
         plugin = accelerator.state.deepspeed_plugin
+        ds = deepspeed_config(cfg, dtype, base=plugin.deepspeed_config)
+        plugin.deepspeed_config.clear()
         plugin.deepspeed_config.update(ds)
-        plugin.deepspeed_config["zero_optimization"].update(ds["zero_optimization"])
         engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         return engine, optimizer, scheduler
+    ds = deepspeed_config(cfg, dtype)
     import deepspeed
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds, dist_init_required=False)

@@ -137,7 +137,9 @@ def main(cfg: TrainConfig) -> str:
         where = f"resuming from {resume_from} at step {start_step}" if resume_from else "starting from step 0"
         if cfg.resume and resume_from is None:
             where = f"--resume: no complete checkpoint in {cfg.output_dir}, starting from step 0"
-        metrics.write(f"epkit train: {world} rank(s), ep={cfg.ep}, zero={cfg.zero_stage}, {dtype}, "
+        via = "accelerate" if accelerator is not None else "deepspeed"
+        metrics.write(f"epkit train ({via}): {world} rank(s), ep={cfg.ep}, zero={engine.zero_optimization_stage()}, "
+                      f"{dtype}, "
                       f"{len(train)} rows x {cfg.seq_len} tokens, trainable {trainable}; {where}")
     aux_coef = args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
     for step in range(start_step, cfg.max_steps):
