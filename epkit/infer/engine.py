@@ -182,7 +182,7 @@ class LLM:
             if not prompt:
                 raise ValueError("empty prompt")
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer and the checkpoint has none; send prompt_token_ids")
+                raise ValueError("a text prompt needs a tokenizer and the checkpoint has no tokenizer; send prompt_token_ids")
             return prompt, list(self.tokenizer(prompt)["input_ids"])
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
