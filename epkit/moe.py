@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import moe_kernels
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
 
 
@@ -25,6 +27,13 @@ def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     weights, experts = torch.topk(probs, k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, experts
+
+
+def count_per_bucket(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How many entries of `ids` fall in each of n buckets, [n] int64. Unlike torch.bincount on CUDA,
+    which reads the maximum back to size its output, this never syncs with the host."""
+    ids = ids.reshape(-1)
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -49,6 +58,9 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(L, 2 * I, D, device=device, dtype=dtype))
         self.w2 = nn.Parameter(torch.empty(L, D, I, device=device, dtype=dtype))
         self.impl = "grouped"  # or "loop", the readable reference
+        # Up to this many routed pairs, CUDA inference uses the 16-row Triton kernels (moe_kernels.py)
+        # instead of torch's grouped GEMM, whose 64-128-row tiles waste most of their work when decoding.
+        self.small_m_max = 256
 
     @property
     def num_local(self) -> int:
@@ -63,6 +75,14 @@ class Experts(nn.Module):
                     and x.shape[-1] % 8 == 0 and self.intermediate_size % 8 == 0)
         # NOTE: the CPU kernel's backward fails on empty groups (torch 2.13), so only forward uses it.
         return x.device.type == "cpu" and not (torch.is_grad_enabled() and self.w13.requires_grad)
+
+    def compute(self, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert outputs for x[rows] [M, D], where `rows` lists x's rows grouped by local slot and
+        counts [L] (or [L+1], see forward_sorted) says how many belong to each slot."""
+        if (rows.shape[0] <= self.small_m_max and not (torch.is_grad_enabled() and self.w13.requires_grad)
+                and x.is_cuda and moe_kernels.available(x)):
+            return moe_kernels.experts_small_m(x, rows, counts, self.w13, self.w2)
+        return self.forward_sorted(x[rows], counts)
 
     def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Grouped path. x [M, D] sorted by local slot; counts [L] (or [L+1]: a last group of rows that
@@ -94,9 +114,9 @@ class Experts(nn.Module):
         flat = slots.reshape(-1)  # [N*K]
         key = torch.where(flat < 0, self.num_local, flat)
         order = torch.argsort(key, stable=True)  # [N*K]
-        counts = torch.bincount(key, minlength=self.num_local + 1)  # [L+1]
+        counts = count_per_bucket(key, self.num_local + 1)  # [L+1]
         token = order // K
-        out = self.forward_sorted(x[token], counts)  # [N*K, D]
+        out = self.compute(x, token, counts)  # [N*K, D]
         local = (key[order] < self.num_local)[:, None]
         out = torch.where(local, out * weights.reshape(-1)[order, None], 0.0)
         y = torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out)
@@ -138,7 +158,7 @@ class MoE(nn.Module):
         weights, experts = route(router_logits, self.top_k)  # [N, K], [N, K]
         if self.track_routing:
             with torch.no_grad():
-                self.routed_tokens += torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+                self.routed_tokens += count_per_bucket(experts, self.num_experts)
         if self.dispatcher is None:
             y = self.experts(x, weights, experts)
         else:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 
-from .moe import Experts, MoE
+from .moe import Experts, MoE, count_per_bucket
 from .plan import ShardingPlan
 
 DISPATCH_MODES = ("all_to_all", "replicated")
@@ -173,7 +173,7 @@ class AllToAllDispatch:
         dest = self.owner[ids].reshape(-1)  # [N*K] destination EP rank of each choice
         order = torch.argsort(dest, stable=True)  # group the choices by destination
         token = order // K
-        send_counts = torch.bincount(dest, minlength=self.ep_size)  # [R]
+        send_counts = count_per_bucket(dest, self.ep_size)  # [R]
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # NOTE: collective
         # NOTE: split sizes are Python ints: one device-to-host sync per layer.
@@ -184,8 +184,8 @@ class AllToAllDispatch:
         x_recv = dist_nn.all_to_all_single(x.new_empty(sum(recv), x.shape[1]), x[token], recv, send,
                                            group=self.group)  # [M, D], differentiable
         by_slot = torch.argsort(slot_recv, stable=True)
-        counts = torch.bincount(slot_recv, minlength=experts.num_local)
-        out = experts.forward_sorted(x_recv[by_slot], counts)
+        counts = count_per_bucket(slot_recv, experts.num_local)
+        out = experts.compute(x_recv, by_slot, counts)
         out = torch.zeros_like(out).index_copy(0, by_slot, out)  # back to arrival order
         back = dist_nn.all_to_all_single(out.new_empty(N * K, out.shape[1]), out, send, recv, group=self.group)
         back = back * weights.reshape(-1)[order, None]
