@@ -275,6 +275,7 @@ def parse_args(argv=None):
                    help=f"implementations to time, comma separated (default all: {','.join(IMPLS)}); "
                         "transformers_eager always serves as the reference")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
     p.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="folder for the JSON result (default bench/results)")
     a = p.parse_args(argv)
