@@ -139,7 +139,8 @@ def segments(record: dict, index: int, source: str) -> list[tuple[str | None, bo
     from .assets.build import ROLE_HEADERS, TURN_END
     kind = record_kind(record, index, source)
     if kind == "text":
-        return [(_field(record, ("text",), index, source), True), (None, True)]
+        # newlines at the ends are paragraph separators (.txt files); </s> marks the document's end
+        return [(_field(record, ("text",), index, source).strip("\n"), True), (None, True)]
     if kind == "instruction":
         prompt = _field(record, ("prompt", "instruction"), index, source)
         extra = _field(record, ("input",), index, source, optional=True)
