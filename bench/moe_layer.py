@@ -274,6 +274,8 @@ def parse_args(argv=None):
     p.add_argument("--impls", type=str, default=",".join(IMPLS),
                    help=f"implementations to time, comma separated (default all: {','.join(IMPLS)}); "
                         "transformers_eager always serves as the reference")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="weights and activations (default bf16 on GPU, fp32 with --small)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
     p.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -300,7 +302,7 @@ def main(argv=None) -> int:
         raise SystemExit("launch with 2 ranks: torchrun --nproc_per_node 2 bench/moe_layer.py")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if use_cuda else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if use_cuda else "fp32")]
     shape = SMALL if a.small else FULL
     ep = world
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # of max|ref|; bf16 carries 8 significant bits
@@ -373,13 +375,17 @@ def main(argv=None) -> int:
             x_rep = make_tokens(n, shape, a.seed + 1000, device, dtype)  # same on every rank
             x_own = make_tokens(n, shape, a.seed + 2000 + rank, device, dtype)  # this rank's own
             # tokens per expert, for the floors: which weights each rank must read, how many FLOPs it computes
-            counts = {}
+            # and how many tokens an fp32 router (DeepSpeed's) sends to other experts than a bf16 one
+            counts, fp32_moves = {}, {}
             router = built["transformers"].gate.weight if built["transformers"] else None
             if router is not None:
                 for key, x in (("rep", x_rep), ("own", x_own)):
                     ids = route(F.linear(x.reshape(n, -1), router), shape.top_k)[1]
                     counts[key] = torch.bincount(ids.reshape(-1), minlength=shape.experts).tolist()
+                    ids32 = route(F.linear(x.reshape(n, -1).float(), router.float()), shape.top_k)[1]
+                    fp32_moves[key] = int((ids.sort(-1).values != ids32.sort(-1).values).any(-1).sum())
             counts_all = gather(counts)
+            fp32_moves_all = gather(fp32_moves)
 
             # correctness first: every implementation against transformers on the same tokens
             refs = {}
@@ -396,6 +402,8 @@ def main(argv=None) -> int:
                         continue
                     check = compare(out, refs["own" if impl in feeds_own else "rep"], tol)
                 checks[str(n)][impl] = merge_checks(gather(check))
+                if impl == "deepspeed" and checks[str(n)][impl] is not None:
+                    checks[str(n)][impl]["tokens_routed_differently_in_fp32"] = sum(m["own"] for m in fp32_moves_all)
 
             # timing
             for impl, (fn, needs, collective) in runners.items():
@@ -516,7 +524,7 @@ def _print_table(r: dict) -> None:
     for row in r["results"]:
         check = r["correctness_vs_transformers"].get(str(row["tokens_per_rank"]), {}).get(row["impl"])
         diff = "ref" if row["impl"] == "transformers_eager" else (
-            "-" if check is None else f"{check['max_abs_diff']:.2e}" + ("" if check["ok"] else " !"))
+            "-" if check is None else f"{check['max_abs_diff']:.2e}" + ("" if check["ok"] else f" !{check['rows_over_tol']}"))
         ratio = "-" if not row["floor_ms"] else f"{row['ms_median'] / row['floor_ms']:.1f}"
         print(f"{row['tokens_per_rank']:>11}  {row['impl']:<24} {row['devices']:>5} {row['tokens_in_layer']:>9} "
               f"{row['ms_median']:>10.3f} {row['wall_ms_mean']:>9.3f} {_ms(row['floor_memory_ms']):>9} "
@@ -524,7 +532,7 @@ def _print_table(r: dict) -> None:
     for impl, errs in r["errors"].items():
         print(f"error [{impl}]: {errs[0]}")
     print(f"epkit matches transformers: {r['epkit_matches_transformers']}  "
-          f"('!' marks rows over {c['correctness_tol_of_ref_max']} x max|ref|; DeepSpeed routes in fp32, "
+          f"('!n': n token rows over {c['correctness_tol_of_ref_max']} x max|ref|; DeepSpeed routes in fp32, "
           f"so near-tied tokens may pick another expert)")
 
 
