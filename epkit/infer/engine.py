@@ -215,6 +215,9 @@ class LLM:
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
             params.validate(self.args.vocab_size)
+            if params.stop_strings and self.tokenizer is None:
+                raise ValueError(f"stop={params.stop!r}: stop strings need a tokenizer and the checkpoint has no "
+                                 f"tokenizer; use stop_token_ids")
             if len(ids) >= self.max_model_len:
                 raise ValueError(f"prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
                                  f"(max_model_len), which leaves no room to generate")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..moe import route
+from ..moe import count_per_bucket, route
+from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
 
 MAX_BATCHES = 2  # a step runs at most a decode batch and a prefill batch
@@ -40,8 +41,10 @@ class Batch:
 
 
 class StepRunner:
-    def __init__(self, model, cache: PagedKVCache, device: torch.device):
+    def __init__(self, model, cache: PagedKVCache, device: torch.device, cuda_graphs: bool = True):
         self.model, self.cache, self.device = model, cache, torch.device(device)
+        # Decode steps replay CUDA graphs (graphs.py); prefill chunks and CPU runs stay eager.
+        self.graphs = DecodeGraphs(self._forward, self.device) if cuda_graphs and self.device.type == "cuda" else None
         info = getattr(model, "expert_parallel", None)
         self.group = info.groups.ep_group if info is not None and info.plan.ep_size > 1 else None
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
@@ -107,12 +110,18 @@ class StepRunner:
             table = payload[o + 2 * B * T: o + 2 * B * T + B * NB].view(B, NB)
             rows = payload[o + 2 * B * T + B * NB: o + 2 * B * T + B * NB + R]
             o += 2 * B * T + B * NB + R
-            self.cache.prepare(table, positions)
-            logits, router_logits = self.model(tokens, positions, self.cache,
-                                               logits_rows=rows if with_logits else rows[:0])
-            self._count(router_logits, positions)
-            out.append(logits)
+            if self.graphs is not None and self.graphs.eligible(B, T, R):
+                out.append(self.graphs.run(tokens, positions, table, with_logits))
+            else:
+                out.append(self._forward(tokens, positions, table, rows if with_logits else rows[:0]))
         return out
+
+    def _forward(self, tokens, positions, table, rows) -> torch.Tensor:
+        """One forward with the cache prepared for it; free of host syncs (CUDA graphs capture it)."""
+        self.cache.prepare(table, positions)
+        logits, router_logits = self.model(tokens, positions, self.cache, logits_rows=rows)
+        self._count(router_logits, positions)
+        return logits
 
     def _count(self, router_logits: list[torch.Tensor], positions: torch.Tensor) -> None:
         """Add this forward's real tokens to the per-layer expert counts (no host sync)."""
@@ -120,7 +129,7 @@ class StepRunner:
         _, ids = route(torch.stack(router_logits), self.top_k)  # [L, N, K]
         real = (positions.reshape(-1) >= 0)[None, :, None]  # [1, N, 1]
         key = torch.where(real, ids + torch.arange(L, device=ids.device)[:, None, None] * E, L * E)
-        self.routed += torch.bincount(key.reshape(-1), minlength=L * E + 1)[: L * E].view(L, E)
+        self.routed += count_per_bucket(key, L * E + 1)[: L * E].view(L, E)
 
     def sync_routing_counts(self) -> None:
         """Copy the real-token counts into the MoE layers' counters (for `epkit.parallel` telemetry)."""

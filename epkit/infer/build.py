@@ -1,0 +1,48 @@
+"""Random-weight models built straight on their devices, for demos and benchmarks.
+
+`random_model(args, ep_size, device, dtype, seed)` builds on meta, shards the experts with the
+replicated dispatch, materialises only this rank's tensors and fills them from generators seeded by
+the parameter name (and, for experts, the global expert id). So every rank holds the same shared
+weights, and expert e holds the same numbers at any EP size: outputs agree across EP sizes.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from ..config import ModelArgs
+from ..model import Mixtral
+
+
+def _generator(device: torch.device, seed: int, key: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 63))
+
+
+@torch.no_grad()
+def random_model(args: ModelArgs, ep_size: int = 1, device="cpu", dtype=torch.float32, seed: int = 0,
+                 std: float = 0.02, router_std: float | None = None) -> Mixtral:
+    """A Mixtral with Normal(0, std) weights (norms 1), experts split over `ep_size` ranks (needs a
+    distributed run of that size when > 1). `router_std` widens the router (None: `std`)."""
+    from ..parallel import apply_expert_parallel, setup_expert_parallel
+    from ..plan import ShardingPlan
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Mixtral(args, dtype=dtype)
+    if ep_size > 1:
+        plan = ShardingPlan(args.num_experts, ep_size, num_layers=args.num_layers)
+        apply_expert_parallel(model, plan, setup_expert_parallel(ep_size), dispatch="replicated")
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(("experts.w13", "experts.w2")):
+            layer = int(name.split(".")[1])
+            for slot, e in enumerate(model.layers[layer].moe.experts.expert_ids):
+                p[slot].normal_(0.0, std, generator=_generator(device, seed, f"{name}.{e}"))
+        else:
+            s = router_std if (router_std is not None and name.endswith("moe.gate.weight")) else std
+            p.normal_(0.0, s, generator=_generator(device, seed, name))
+    for moe in model.moe_layers():
+        moe.routed_tokens = torch.zeros(args.num_experts, dtype=torch.int64, device=device)
+    return model.eval()

@@ -1,0 +1,82 @@
+"""CUDA graphs for decode steps: one captured forward per (rows, block-table width) bucket.
+
+A decode step of a 32-layer Mixtral issues over a thousand small kernels; launched one by one from
+Python that costs far more than the kernels themselves (the peers' per-step overhead). Capturing
+the whole step - the KV-cache bookkeeping, the model forward with its expert all-reduces, the
+routing counts - and replaying it removes that cost. Shapes are padded up to a bucket: padding rows
+have position -1, write their keys to the scratch block and are never sampled.
+
+Every EP rank captures and replays the same graphs in the same order (they run the same steps), so
+the NCCL collectives inside line up. CPU devices and eager mode bypass all of this.
+
+Legend: B rows, Bb rows bucket, NB block-table width, NBb its bucket, V vocab.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def bucket(n: int) -> int:
+    """Smallest power of two >= n."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # [Bb, 1]
+    positions: torch.Tensor  # [Bb, 1]
+    table: torch.Tensor  # [Bb, NBb]
+    logits: torch.Tensor | None  # [Bb, V] on the leader
+
+
+class DecodeGraphs:
+    """forward(tokens [B,1], positions [B,1], table [B,NB], rows [B] or [0]) -> logits, graph-replayed.
+
+    `forward` must be free of host syncs; it is called with static buffers at capture time.
+    """
+
+    def __init__(self, forward: Callable, device: torch.device, max_rows: int = 256):
+        self.forward, self.device, self.max_rows = forward, device, max_rows
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int, bool], _Graph] = {}
+
+    def eligible(self, B: int, T: int, rows: int) -> bool:
+        """Decode batches whose sampled rows are exactly their B rows (or none, on followers)."""
+        return T == 1 and B <= self.max_rows and rows in (0, B)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, with_logits: bool):
+        B, NB = table.shape
+        key = (bucket(B), bucket(NB), with_logits)
+        g = self.graphs.get(key) or self._capture(*key)
+        # NOTE: small device copies into the graph's static inputs; no host sync.
+        g.tokens.zero_()
+        g.tokens[:B].copy_(tokens)
+        g.positions.fill_(-1)
+        g.positions[:B].copy_(positions)
+        g.table.zero_()
+        g.table[:B, :NB].copy_(table)
+        g.graph.replay()
+        return g.logits[:B].clone() if with_logits else None
+
+    def _capture(self, Bb: int, NBb: int, with_logits: bool) -> _Graph:
+        dev = self.device
+        tokens = torch.zeros(Bb, 1, dtype=torch.int64, device=dev)
+        positions = torch.full((Bb, 1), -1, dtype=torch.int64, device=dev)  # all padding while capturing
+        table = torch.zeros(Bb, NBb, dtype=torch.int64, device=dev)
+        rows = torch.arange(Bb if with_logits else 0, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up: lazy inits, Triton compiles, cuBLAS workspaces
+            for _ in range(2):
+                self.forward(tokens, positions, table, rows)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.forward(tokens, positions, table, rows)
+        g = _Graph(graph, tokens, positions, table, logits if with_logits else None)
+        self.graphs[(Bb, NBb, with_logits)] = g
+        return g

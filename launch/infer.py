@@ -1,0 +1,30 @@
+"""Serve a Mixtral checkpoint: JSONL prompts in, JSONL results out, experts split over ranks.
+
+    deepspeed --num_gpus 2 launch/infer.py --ep 2 --checkpoint DIR --prompts FILE.jsonl
+    python launch/infer.py --checkpoint DIR < prompts.jsonl > results.jsonl     # EP=1
+    python launch/infer.py          # outputs/default (the default fine-tune) if there, else the tiny preset
+
+Settings: `--help` and configs/infer/default.yaml. Tokens/s and per-rank expert load go to stderr.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from epkit.checkpoint import CheckpointError  # noqa: E402
+from epkit.infer.cli import main  # noqa: E402
+
+
+def run(argv=None) -> int:
+    try:
+        return main(argv)
+    except (ValueError, CheckpointError, FileNotFoundError, ImportError) as e:
+        if os.environ.get("EPKIT_DEBUG"):
+            raise
+        rank = os.environ.get("RANK", "0")
+        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run())
