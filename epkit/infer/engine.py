@@ -77,7 +77,8 @@ class LLM:
     on GPU, what `gpu_memory_utilization` of the card leaves after the weights and a profiled forward;
     on CPU 256 MiB); `max_num_seqs` rows and `max_num_batched_tokens` tokens per step (the prefill
     chunk); `max_model_len` caps prompt + output (default: the model's max positions, and no more
-    than the KV cache holds); `seed` seeds the per-request seeds of unseeded requests.
+    than the KV cache holds); `seed` seeds the per-request seeds of unseeded requests; `cuda_graphs`
+    replays decode steps as CUDA graphs on GPUs (default on; False or EPKIT_CUDA_GRAPHS=0: eager).
     """
 
     def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
@@ -110,7 +111,7 @@ class LLM:
 
     def _setup(self, model, tokenizer, device, block_size: int = 16, kv_cache_memory: int | None = None,
                gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-               max_model_len: int | None = None, seed: int = 0) -> None:
+               max_model_len: int | None = None, seed: int = 0, cuda_graphs: bool | None = None) -> None:
         info = getattr(model, "expert_parallel", None)
         if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated":
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
@@ -125,7 +126,9 @@ class LLM:
         self.cache = PagedKVCache(self.args, num_blocks, block_size, self.device, self.dtype)
         self.max_model_len = min(max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
         self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max_num_batched_tokens)
-        self.runner = StepRunner(model, self.cache, self.device)
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
+        self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs)
         self.is_leader = self.runner.is_leader
         self._rng = random.Random(seed)
         self._ids = 0
