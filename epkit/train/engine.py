@@ -56,6 +56,13 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device, checkpoint: str | Non
         from ..checkpoint import load_pretrained
         model = load_pretrained(source, device=device, dtype=torch.float32, ep_size=cfg.ep, plan=plan,
                                 dispatch="all_to_all")
+        if plan is not None:
+            # NOTE: load_pretrained assigns new Parameters (load_state_dict(assign=True)), which drops the
+            # DeepSpeed expert markers apply_expert_parallel set on the meta ones: set them again.
+            name = model.expert_parallel.groups.name
+            for moe in model.moe_layers():
+                for p in moe.experts.parameters():
+                    p.allreduce, p.group_name = False, name
     else:
         model = Mixtral(args, device=device, dtype=torch.float32)
         model.init_weights(std=0.02, generator=torch.Generator(device=device).manual_seed(cfg.seed))

@@ -1,0 +1,177 @@
+"""The training entry point as a user runs it: real `deepspeed` / `accelerate` / `python` launches.
+
+  - SIGKILL mid-run (EP=2, ZeRO 1, 2 ranks), then --resume: later losses equal the uninterrupted run's;
+    the final checkpoint loads in transformers and at EP=1 in epkit with the same logits;
+  - the Accelerate path runs 2 steps;
+  - a short fine-tune on the embedded corpus lowers the loss and reports eval loss / perplexity;
+  - bad input: one error line per rank, non-zero exit, nothing written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+SMALL = ["--seq-len", "64", "--micro-batch", "4", "--no-progress"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _deepspeed(args, port, **kw):
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), TRAIN, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _free_port():
+    from tests.distributed import free_port
+    return free_port()
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    args = ["--ep", "2", "--zero-stage", "1", "--max-steps", "14", "--save-every", "3", "--keep-last", "2",
+            "--warmup-steps", "2", *SMALL]
+    full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
+    ref = _deepspeed([*args, "--output-dir", full], _free_port())
+    victim = _deepspeed([*args, "--output-dir", broken], _free_port())
+    # kill the second run (launcher and both ranks) once it is past its second checkpoint
+    deadline = time.time() + 240
+    while time.time() < deadline and victim.poll() is None:
+        try:
+            if len(_metrics(broken)) >= 7:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed:\n" + victim.communicate()[0][-3000:]
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out[-3000:]
+    assert not os.path.exists(os.path.join(broken, "final"))
+    resumed = _deepspeed([*args, "--output-dir", broken, "--resume"], _free_port())
+    out2, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out2[-3000:]
+    assert "resuming from" in out2
+    a, b = _metrics(full), _metrics(broken)
+    assert [r["step"] for r in b] == list(range(1, 15))
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-6, f"step {x['step']}: {y['loss']} after resume vs {x['loss']}"
+        assert x["lr"] == pytest.approx(y["lr"], rel=1e-12)
+        assert x["expert_tokens"] == y["expert_tokens"]
+    # keep-last: two step checkpoints plus final
+    kept = sorted(d for d in os.listdir(broken) if d.startswith("checkpoint-"))
+    assert kept == ["checkpoint-000009", "checkpoint-000012"], kept
+    _check_loads_in_transformers_and_epkit(os.path.join(broken, "final"))
+
+
+def _check_loads_in_transformers_and_epkit(path):
+    """A checkpoint saved at EP=2 loads in transformers and in epkit at EP=1, with the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from epkit import load_pretrained
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor([tok("The red fox lives in the forest and eats")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    with open(os.path.join(path, "epkit_plan.json")) as f:
+        assert json.load(f)["plan"]["ep_size"] == 2
+
+
+def test_accelerate_path_runs_two_steps(tmp_path):
+    out = str(tmp_path / "acc")
+    cmd = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "configs/accelerate/ep2.yaml"),
+           "--main_process_port", str(_free_port()), TRAIN, "--ep", "2", "--max-steps", "2", "--output-dir", out, *SMALL]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "epkit train (accelerate): 2 rank(s), ep=2, zero=2" in p.stdout + p.stderr
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    assert os.path.isfile(os.path.join(out, "final", "trainer_state.json"))
+
+
+def test_short_finetune_lowers_the_loss(tmp_path):
+    out = str(tmp_path / "ft")
+    evals = os.path.join(ROOT, "epkit", "assets", "instructions.jsonl")
+    p = subprocess.run([sys.executable, TRAIN, "--max-steps", "30", "--warmup-steps", "3", "--eval-data", evals,
+                        "--eval-every", "15", "--output-dir", out, *SMALL], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert f"checkpoint: {os.path.join(out, 'final')}" in p.stdout
+    rows = _metrics(out)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 1.0, losses
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [15, 30] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[1]["eval_ppl"] == pytest.approx(2.718281828 ** evals[1]["eval_loss"], rel=1e-6)
+    first = rows[0]
+    assert {"aux_loss", "lr", "grad_norm", "tokens_per_s"} <= first.keys()
+    assert len(first["expert_tokens"]) == 2 and sum(first["expert_tokens"][0]) == 2 * first["tokens"]
+    heat = str(tmp_path / "heat.png")
+    h = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "heatmap.py"), out, "-o", heat],
+                       capture_output=True, text=True)
+    assert h.returncode == 0 and os.path.getsize(heat) > 1000, h.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/nonexistent/x.jsonl"], "data set '/nonexistent/x.jsonl' does not exist"),
+    (["--seq-len", "100000"], "--seq-len 100000 is beyond the model's context (max_position_embeddings=512)"),
+    (["--zero-stage", "3"], "--zero-stage=3 is not supported"),
+    (["--model", "no-such-preset"], "unknown model preset 'no-such-preset'"),
+    (["--model", "./missing_dir"], "--model './missing_dir': no such checkpoint directory"),
+])
+def test_bad_input_in_process(tmp_path, capsys, argv, message):
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import train as launcher
+    out = str(tmp_path / "out")
+    assert launcher.run([*argv, "--output-dir", out, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not os.path.exists(out)
+
+
+def test_bad_record_and_ep_not_dividing_world_on_two_ranks(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n" + json.dumps({"prompt": "q"}) + "\n")
+    for argv, message in [(["--data", str(bad)], "record 1 has no 'response'"),
+                          (["--ep", "3"], "--ep 3 does not divide the number of ranks (2)")]:
+        out = str(tmp_path / "out")
+        p = _deepspeed([*argv, "--output-dir", out, *SMALL], _free_port())
+        text, _ = p.communicate(timeout=120)
+        assert p.returncode != 0
+        for rank in (0, 1):
+            lines = [line for line in text.splitlines() if line.startswith(f"error (rank {rank}):")]
+            assert len(lines) == 1 and message in lines[0], text[-2000:]
+        assert not os.path.exists(out)
+
+
+def test_default_recipe_matches_the_defaults_and_tensorboard_message(tmp_path):
+    from epkit.train.config import TrainConfig, parse_config
+    from epkit.train.metrics import Metrics
+    assert parse_config(["--config", os.path.join(ROOT, "configs/train/default.yaml")]) == TrainConfig()
+    assert parse_config(["--config", os.path.join(ROOT, "configs/train/ep2_zero2.yaml"), "--lr", "1e-4"]).lr == 1e-4
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install tensorboard"):
+            Metrics(str(tmp_path), 1, 0, enabled=True, progress=False, tensorboard=True)
+    assert dataclasses.fields(TrainConfig)
