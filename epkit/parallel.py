@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 
 from .moe import Experts, MoE, count_per_bucket
 from .plan import ShardingPlan
@@ -135,6 +134,21 @@ class _CopyToRanks(torch.autograd.Function):
         return grad, None
 
 
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; its gradient travels the same way back."""
+
+    @staticmethod
+    def forward(ctx, x, recv: list[int], send: list[int], group):
+        ctx.recv, ctx.send, ctx.group = recv, send, group
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)  # NOTE: collective
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllToAll.apply(grad.contiguous(), ctx.send, ctx.recv, ctx.group), None, None, None
+
+
 class ReplicatedDispatch:
     """Every EP rank holds the same tokens: compute local experts, then sum over the EP group."""
 
@@ -181,13 +195,12 @@ class AllToAllDispatch:
         slot_recv = torch.empty(sum(recv), dtype=ids.dtype, device=ids.device)
         dist.all_to_all_single(slot_recv, self.slot[ids].reshape(-1)[order].contiguous(), recv, send,
                                group=self.group)
-        x_recv = dist_nn.all_to_all_single(x.new_empty(sum(recv), x.shape[1]), x[token], recv, send,
-                                           group=self.group)  # [M, D], differentiable
+        x_recv = _AllToAll.apply(x[token], recv, send, self.group)  # [M, D], differentiable
         by_slot = torch.argsort(slot_recv, stable=True)
         counts = count_per_bucket(slot_recv, experts.num_local)
         out = experts.compute(x_recv, by_slot, counts)
         out = torch.zeros_like(out).index_copy(0, by_slot, out)  # back to arrival order
-        back = dist_nn.all_to_all_single(out.new_empty(N * K, out.shape[1]), out, send, recv, group=self.group)
+        back = _AllToAll.apply(out, send, recv, self.group)  # [N*K, D] in `order` order
         back = back * weights.reshape(-1)[order, None]
         y = torch.zeros(N, x.shape[1], dtype=back.dtype, device=x.device).index_add_(0, token, back)
         return y.to(x.dtype)
