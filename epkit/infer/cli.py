@@ -116,13 +116,16 @@ def build_llm(cfg):
     from .build import random_model
     from .engine import LLM, _default_device
     ep = cfg.ep or 1
+    import torch
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # NOTE: ranks sharing a CPU would otherwise each start one thread per core and contend.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     engine = {f: getattr(cfg, f) for f in ENGINE_FLAGS if getattr(cfg, f, None) is not None}
     if cfg.kv_cache_mib is not None:
         engine["kv_cache_memory"] = int(cfg.kv_cache_mib * (1 << 20))
     ckpt = None if cfg.preset else resolve_checkpoint(cfg.checkpoint)
     if ckpt is not None:
         return LLM(ckpt, ep=ep, device=cfg.device, dtype=_dtype(cfg.dtype), **engine), ckpt
-    import torch
     init_distributed()
     if ep > 1 and world_size() != ep:
         raise ValueError(f"--ep {ep} needs exactly {ep} ranks, this run has {world_size()}")

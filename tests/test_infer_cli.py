@@ -1,0 +1,88 @@
+"""launch/infer.py (JSONL in, JSONL out, bad lines fail alone, default checkpoint resolution) and a tiny
+in-process run of bench/generate.py, so the GPU benchmark cannot rot unnoticed."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from epkit.infer import LLM, SamplingParams
+from epkit.infer.cli import main, resolve_checkpoint
+from test_infer import make_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_jsonl_in_order_with_bad_lines(tmp_path, capsys):
+    ck = make_checkpoint(str(tmp_path / "ck"), seed=3, tokenizer=True)
+    lines = [{"prompt": "the quick brown fox", "max_tokens": 5},
+             {"prompt_token_ids": [5, 6, 7], "max_tokens": 4, "temperature": 0.7, "seed": 1},
+             {"prompt": ""},
+             "this is not json",
+             {"prompt_token_ids": [5, 999]},
+             {"prompt": "to be or", "top_p": 0},
+             {"prompt": "to be or", "max_tokens": -3},
+             {"prompt": "to be or", "temprature": 0.5},
+             {"prompt": "a stitch in time", "max_tokens": 6, "stop": ["zzz"]}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["--checkpoint", ck, "--prompts", str(src), "--output", str(out), "--no-progress"]) == 0
+    res = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["index"] for r in res] == list(range(len(lines)))
+    errors = {2: "empty prompt", 3: "line 4", 4: "token id 999", 5: "top_p=0", 6: "max_tokens=-3", 7: "temprature"}
+    for i, r in enumerate(res):
+        if i in errors:
+            assert r["finish_reason"] == "error" and errors[i] in r["error"] and r["token_ids"] == [], r
+        else:
+            assert r["finish_reason"] in ("stop", "length") and "error" not in r, r
+            assert set(r) >= {"text", "token_ids", "finish_reason", "timings"}
+    # Defaults from configs/infer/default.yaml are greedy: line 0 equals the library's greedy output.
+    llm = LLM(ck)
+    ref = llm.generate(["the quick brown fox", [5, 6, 7]],
+                       [SamplingParams(temperature=0, max_tokens=5), SamplingParams(temperature=0.7, seed=1,
+                                                                                   max_tokens=4)])
+    assert [res[0]["token_ids"], res[1]["token_ids"]] == [o.token_ids for o in ref]
+    assert res[0]["text"] == ref[0].text and res[1]["text"] == ref[1].text
+    err = capsys.readouterr().err
+    assert "tokens/s" in err and "expert load" in err and "6 failed" in err
+
+
+def test_default_checkpoint_resolution(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint(None) is None  # no outputs/default: the tiny preset
+    run_dir = tmp_path / "outputs" / "default"
+    make_checkpoint(str(run_dir / "final"), seed=4)
+    assert resolve_checkpoint(None) == os.path.join("outputs/default", "final")
+    assert resolve_checkpoint(str(run_dir)) == os.path.join(str(run_dir), "final")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        resolve_checkpoint(str(tmp_path))
+
+
+def test_no_arguments_serves_default_and_imports_no_datasets(tmp_path):
+    """`python launch/infer.py` with no arguments (no outputs/default here): the tiny preset, built-in prompts."""
+    code = ("import sys, runpy; sys.argv = ['infer.py']; "
+            f"r = runpy.run_path({os.path.join(ROOT, 'launch', 'infer.py')!r}, run_name='not_main')['run']([]); "
+            "assert r == 0, r; assert 'datasets' not in sys.modules, 'inference imported datasets'")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = [json.loads(l) for l in p.stdout.splitlines()]
+    assert len(res) == 4 and all(r["finish_reason"] == "length" and len(r["token_ids"]) == 64 for r in res)
+    assert "preset tiny" in p.stderr and "tokens/s" in p.stderr
+
+
+def test_bench_runs_on_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_generate", os.path.join(ROOT, "bench", "generate.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert bench.main(["--preset", "tiny", "--batch-sizes", "1,3", "--prompt-len", "8", "--new-tokens", "4",
+                       "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["config"]["ep"] == 1 and [row["batch"] for row in r["epkit"]["rows"]] == [1, 3]
+    assert [row["batch"] for row in r["transformers"]["rows"]] == [1, 3]
+    assert all(row["decode_tokens_per_s"] > 0 for side in ("epkit", "transformers") for row in r[side]["rows"])
