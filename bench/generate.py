@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--skip-hf", action="store_true", help="do not measure transformers")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/generate-<gpu>-<time>.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -136,8 +137,13 @@ def build_hf(margs: ModelArgs, devices: list, dtype):
     from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
     cfg = MixtralConfig(**{k: v for k, v in margs.to_hf_config().items() if k not in ("architectures", "model_type")})
     cfg.dtype = dtype
-    with torch.device("meta"):
-        hf = MixtralForCausalLM(cfg)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are made in `dtype` (set_module_tensor_to_device casts to it)
+    try:
+        with torch.device("meta"):
+            hf = MixtralForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     L = margs.num_layers
     dmap = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0], "model.norm": devices[-1],
             "lm_head": devices[-1]}
@@ -154,8 +160,11 @@ def build_hf(margs: ModelArgs, devices: list, dtype):
             g[dev] = torch.Generator(device=dev).manual_seed(1)
         value = torch.empty(p.shape, dtype=dtype, device=dev)
         value.fill_(1.0) if name.endswith("norm.weight") else value.normal_(0.0, 0.02, generator=g[dev])
-        set_module_tensor_to_device(hf, name, dev, value=value)
+        set_module_tensor_to_device(hf, name, dev, value=value, dtype=dtype)
     hf.model.rotary_emb = MixtralRotaryEmbedding(cfg)  # its buffers were made on meta
+    wrong = [n for n, p in hf.named_parameters() if p.dtype != dtype or p.device.type == "meta"]
+    if wrong:
+        raise RuntimeError(f"transformers model: {len(wrong)} parameter(s) not materialised in {dtype}: {wrong[:3]}")
     hf = dispatch_model(hf.eval(), device_map=dmap, main_device=devices[0])
     return hf, dmap
 
@@ -215,7 +224,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--ep {a.ep} needs exactly {a.ep} ranks, this run has {world_size()}")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(a.dtype) or (torch.bfloat16 if cuda else torch.float32)
     margs = ModelArgs.from_name(a.preset)
     # The transformers phase runs on rank 0 only, for minutes: the others wait on a gloo group with a long
     # timeout instead of an NCCL barrier that its watchdog would kill.

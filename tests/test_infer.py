@@ -253,3 +253,13 @@ def test_kv_budget_and_allocator_errors():
     with pytest.raises(ValueError, match="unknown sampling field"):
         SamplingParams.from_dict({"temprature": 1})
     assert math.isclose(SamplingParams.from_dict({"top_p": 0.5}).top_p, 0.5)
+
+
+def test_sliding_window_matches_transformers(tmp_path):
+    """Keys outside the window stay in the paged cache but are masked by position, as in transformers."""
+    path = make_checkpoint(str(tmp_path / "ck"), seed=5, sliding_window=4)
+    prompts = make_prompts(96, lengths=[2, 9, 6], seed=5)
+    refs = hf_reference(path, prompts)
+    outs = LLM(path, block_size=4, max_num_batched_tokens=5).generate(prompts, GREEDY)
+    for i, (out, ref) in enumerate(zip(outs, refs)):
+        assert_greedy_matches(out.token_ids, ref, f"prompt {i}")

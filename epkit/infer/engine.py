@@ -135,6 +135,7 @@ class LLM:
         self._outputs: dict[str, RequestOutput] = {}  # every request not yet handed back finished
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # updates not yet returned by step()
+        self._incremental_text = True  # step()/stream() callers read text as it grows; generate() does not
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "busy_s": 0.0}
 
     # ---- sizing -----------------------------------------------------------------------------
@@ -294,17 +295,19 @@ class LLM:
         reason = None
         if (not p.ignore_eos and tok == self.args.eos_token_id) or tok in p.stop_token_ids:
             reason = "stop"
-        if self.tokenizer is not None:
+        if reason is None and seq.num_tokens >= seq.max_len:
+            reason = "length"
+        # Text: every step only when someone reads it (streaming) or stop strings need it, else at the end.
+        # NOTE: a full decode of the output each time; O(n^2) over a long streamed output.
+        if self.tokenizer is not None and (self._incremental_text or p.stop_strings or reason is not None):
             old = out.text or ""
             text = self.tokenizer.decode(out.token_ids, skip_special_tokens=p.skip_special_tokens)
-            if reason is None and p.stop_strings:
+            if reason in (None, "length") and p.stop_strings:
                 hits = [i for i in (text.find(s, max(0, len(old) - len(s))) for s in p.stop_strings) if i >= 0]
                 if hits:
                     text, reason = text[: min(hits)], "stop"
             out.text = text
             out.new_text = text[len(old):] if text.startswith(old) else text
-        if reason is None and seq.num_tokens >= seq.max_len:
-            reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
             seq.finished_at = now
@@ -362,6 +365,7 @@ class LLM:
             self.follow()
             return []
         bar, ids = None, []
+        self._incremental_text = False
         try:
             ids = self._add_all(prompts, params)
             if use_tqdm:
@@ -372,6 +376,7 @@ class LLM:
                 if bar is not None:
                     bar.update(done)
         finally:
+            self._incremental_text = True
             self.release_followers()
             if bar is not None:
                 bar.close()

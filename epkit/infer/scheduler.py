@@ -28,7 +28,7 @@ from .sampling import SamplingParams
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues look sequences up by object, never by value
 class Sequence:
     """One request's state. `token_ids` = prompt + generated; `num_computed` of them are in the KV cache."""
 
