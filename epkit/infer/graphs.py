@@ -30,13 +30,15 @@ class _Graph:
     tokens: torch.Tensor  # [Bb, 1]
     positions: torch.Tensor  # [Bb, 1]
     table: torch.Tensor  # [Bb, NBb]
+    rows: torch.Tensor  # [Bb] or [0]; kept alive: the graph reads its memory at every replay
     logits: torch.Tensor | None  # [Bb, V] on the leader
 
 
 class DecodeGraphs:
     """forward(tokens [B,1], positions [B,1], table [B,NB], rows [B] or [0]) -> logits, graph-replayed.
 
-    `forward` must be free of host syncs; it is called with static buffers at capture time.
+    `forward` must be free of host syncs; it is called with static buffers at capture time. Every
+    tensor the captured forward reads must outlive the graph, so the inputs live in `_Graph`.
     """
 
     def __init__(self, forward: Callable, device: torch.device, max_rows: int = 256):
@@ -77,6 +79,6 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self.forward(tokens, positions, table, rows)
-        g = _Graph(graph, tokens, positions, table, logits if with_logits else None)
+        g = _Graph(graph, tokens, positions, table, rows, logits if with_logits else None)
         self.graphs[(Bb, NBb, with_logits)] = g
         return g
