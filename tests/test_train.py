@@ -47,7 +47,7 @@ def _free_port():
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    args = ["--ep", "2", "--zero-stage", "1", "--max-steps", "14", "--save-every", "3", "--keep-last", "2",
+    args = ["--ep", "2", "--zero-stage", "1", "--max-steps", "8", "--save-every", "2", "--keep-last", "2",
             "--warmup-steps", "2", *SMALL]
     full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
     ref = _deepspeed([*args, "--output-dir", full], _free_port())
@@ -56,7 +56,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and victim.poll() is None:
         try:
-            if len(_metrics(broken)) >= 7:
+            if len(_metrics(broken)) >= 5:
                 break
         except (FileNotFoundError, json.JSONDecodeError):
             pass
@@ -72,14 +72,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert resumed.returncode == 0, out2[-3000:]
     assert "resuming from" in out2
     a, b = _metrics(full), _metrics(broken)
-    assert [r["step"] for r in b] == list(range(1, 15))
+    assert [r["step"] for r in b] == list(range(1, 9))
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) < 1e-6, f"step {x['step']}: {y['loss']} after resume vs {x['loss']}"
         assert x["lr"] == pytest.approx(y["lr"], rel=1e-12)
         assert x["expert_tokens"] == y["expert_tokens"]
     # keep-last: two step checkpoints plus final
     kept = sorted(d for d in os.listdir(broken) if d.startswith("checkpoint-"))
-    assert kept == ["checkpoint-000009", "checkpoint-000012"], kept
+    assert kept == ["checkpoint-000004", "checkpoint-000006"], kept
     _check_loads_in_transformers_and_epkit(os.path.join(broken, "final"))
 
 
@@ -134,6 +134,8 @@ def test_short_finetune_lowers_the_loss(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/nonexistent/x.jsonl"], "data set '/nonexistent/x.jsonl' does not exist"),
+    (["--data", "BAD_RECORDS"], "record 1 has no 'response'"),
+    (["--data", "EMPTY"], "is empty"),
     (["--seq-len", "100000"], "--seq-len 100000 is beyond the model's context (max_position_embeddings=512)"),
     (["--zero-stage", "3"], "--zero-stage=3 is not supported"),
     (["--model", "no-such-preset"], "unknown model preset 'no-such-preset'"),
@@ -142,6 +144,10 @@ def test_short_finetune_lowers_the_loss(tmp_path):
 def test_bad_input_in_process(tmp_path, capsys, argv, message):
     sys.path.insert(0, os.path.join(ROOT, "launch"))
     import train as launcher
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n" +
+                                        json.dumps({"prompt": "q"}) + "\n")
+    (tmp_path / "empty.txt").write_text("")
+    argv = [{"BAD_RECORDS": str(tmp_path / "bad.jsonl"), "EMPTY": str(tmp_path / "empty.txt")}.get(a, a) for a in argv]
     out = str(tmp_path / "out")
     assert launcher.run([*argv, "--output-dir", out, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -149,11 +155,8 @@ def test_bad_input_in_process(tmp_path, capsys, argv, message):
     assert not os.path.exists(out)
 
 
-def test_bad_record_and_ep_not_dividing_world_on_two_ranks(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n" + json.dumps({"prompt": "q"}) + "\n")
-    for argv, message in [(["--data", str(bad)], "record 1 has no 'response'"),
-                          (["--ep", "3"], "--ep 3 does not divide the number of ranks (2)")]:
+def test_ep_not_dividing_world_fails_on_every_rank(tmp_path):
+    for argv, message in [(["--ep", "3"], "--ep 3 does not divide the number of ranks (2)")]:
         out = str(tmp_path / "out")
         p = _deepspeed([*argv, "--output-dir", out, *SMALL], _free_port())
         text, _ = p.communicate(timeout=120)

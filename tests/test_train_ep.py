@@ -19,21 +19,26 @@ from safetensors.torch import load_file
 
 from tests.distributed import run
 
-RUNS = [("ep1_z0", 1, 0), ("ep2_z0", 2, 0), ("ep4_z0", 4, 0), ("ep2_z2", 2, 2), ("ep4_z1", 4, 1)]
+# (name, ep, zero stage, extra settings); ep4_z1 also recomputes layers (activation checkpointing)
+RUNS = [("ep1_z0", 1, 0, {}), ("ep2_z0", 2, 0, {}), ("ep4_z0", 4, 0, {}), ("ep2_z2", 2, 2, {}),
+        ("ep4_z1", 4, 1, {"activation_checkpointing": True})]
+FROZEN = [("ep2_z2_experts", 2, 2, {"train_only": "experts"}), ("ep4_z1_router", 4, 1, {"train_only": "router"}),
+          ("ep2_z0_attention", 2, 0, {"train_only": "attention"})]
+SEED = 3
 
 
 def _train_all(rank, world, root):
     from epkit import load_pretrained
     from epkit.parallel import set_dispatch
     from epkit.train import TrainConfig, main
-    for name, ep, zero in RUNS:
-        cfg = TrainConfig(model="tiny", ep=ep, zero_stage=zero, max_steps=3, seq_len=32, micro_batch=2,
-                          grad_accum=2, lr=1e-2, warmup_steps=0, grad_clip=0.5, progress=False,
-                          output_dir=os.path.join(root, name), seed=3)
+    for name, ep, zero, extra in RUNS + FROZEN:
+        cfg = TrainConfig(model="tiny", ep=ep, zero_stage=zero, max_steps=3 if not extra.get("train_only") else 2,
+                          seq_len=32, micro_batch=2, grad_accum=2, lr=1e-2, warmup_steps=0, grad_clip=0.5,
+                          progress=False, output_dir=os.path.join(root, name), seed=SEED, **extra)
         main(cfg)
     # A checkpoint written at EP=4 loads at EP=2 (replicated dispatch: same tokens on every rank) and gives
     # the logits the EP=1 checkpoint gives on one device.
-    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(rank))
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))  # same on all ranks
     ep2 = load_pretrained(os.path.join(root, "ep4_z0", "final"), ep_size=2, dispatch="replicated").eval()
     set_dispatch(ep2, "replicated")
     ref = load_pretrained(os.path.join(root, "ep1_z0", "final")).eval()
@@ -69,7 +74,7 @@ def test_ep_sizes_give_the_same_losses_and_weights(trained):
     assert len(base_losses) == 3
     assert base_losses[0][1] > 0.5, "clipping should be active for this test to cover it"
     start = _weights(root, "ep1_z0")  # sanity: training moved the weights away from each other's init
-    for name, _, _ in RUNS[1:]:
+    for name, _, _, _ in RUNS[1:]:
         losses = _losses(root, name)
         for step, ((l0, g0), (l1, g1)) in enumerate(zip(base_losses, losses), 1):
             assert abs(l0 - l1) < 1e-5, f"{name} step {step}: loss {l1} vs EP=1 {l0}"
@@ -79,6 +84,23 @@ def test_ep_sizes_give_the_same_losses_and_weights(trained):
         for k, v in base_weights.items():
             torch.testing.assert_close(weights[k], v, atol=5e-5, rtol=0, msg=lambda m: f"{name} {k}: {m}")
     assert len(start) == len(base_weights)
+
+
+def _initial_weights():
+    from epkit import Mixtral, ModelArgs
+    from epkit.checkpoint import hub_tensors
+    model = Mixtral(ModelArgs.from_name("tiny")).init_weights(0.02, torch.Generator().manual_seed(SEED))
+    return {name: get().clone() for name, get in hub_tensors(model)}
+
+
+@pytest.mark.parametrize("name, part", [("ep2_z2_experts", ".experts."), ("ep4_z1_router", ".gate."),
+                                        ("ep2_z0_attention", ".self_attn.")])
+def test_train_only_changes_only_that_part(trained, name, part):
+    root, _ = trained
+    init, final = _initial_weights(), _weights(root, name)
+    assert init.keys() == final.keys()
+    changed = {k for k in init if not torch.equal(init[k], final[k])}
+    assert changed == {k for k in init if part in k}, sorted(changed)[:5]
 
 
 def test_losses_fall_and_checkpoint_loads_at_another_ep_size(trained):
