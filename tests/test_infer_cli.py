@@ -48,6 +48,14 @@ def test_jsonl_in_order_with_bad_lines(tmp_path, capsys):
     assert res[0]["text"] == ref[0].text and res[1]["text"] == ref[1].text
     err = capsys.readouterr().err
     assert "tokens/s" in err and "expert load" in err and "6 failed" in err
+    # --compare: the same requests again agree with the first result; a changed result file does not.
+    args = ["--checkpoint", ck, "--prompts", str(src), "--output", str(tmp_path / "again.jsonl"), "--no-progress"]
+    assert main(args + ["--compare", str(out)]) == 0
+    assert "9/9 requests token-identical" in capsys.readouterr().err
+    res[1]["token_ids"][0] += 1
+    (tmp_path / "changed.jsonl").write_text("\n".join(json.dumps(r) for r in res) + "\n")
+    assert main(args + ["--compare", str(tmp_path / "changed.jsonl")]) == 1
+    assert "8/9 requests token-identical" in capsys.readouterr().err
 
 
 def test_default_checkpoint_resolution(tmp_path, monkeypatch):

@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="default for requests that do not set it")
     p.add_argument("--ignore-eos", action="store_true", default=None, help="do not stop at the EOS token")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compare", default=None, help="a previous JSONL result (e.g. from another EP size): report "
+                   "whether every request's token_ids agree, exit 1 if not")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     args = p.parse_args(argv)
     del args.local_rank
@@ -182,4 +184,21 @@ def main(argv=None) -> int:
           f"{llm.scheduler.num_preemptions} preemptions", file=sys.stderr)
     shares = ", ".join(f"rank {r}: {s:.1%}" for r, s in enumerate(load["per_rank_share"]))
     print(f"expert load (routed tokens per EP rank): {shares}", file=sys.stderr, flush=True)
+    if cfg.compare:
+        ok = {i: o.token_ids for i, o in by_index.items() if o.error is None}
+        return compare(cfg.compare, [ok.get(i) for i in range(len(reqs))])
     return 0
+
+
+def compare(path: str, ours: list) -> int:
+    """Print whether `ours` (token ids per input line, None for a failed line) equals a previous result file."""
+    with open(path) as f:
+        theirs = [json.loads(line) for line in f if line.strip()]
+    if len(theirs) != len(ours):
+        print(f"compare: {path} has {len(theirs)} results, this run {len(ours)}", file=sys.stderr, flush=True)
+        return 1
+    same = sum(1 for t, o in zip(theirs, ours) if (None if t.get("finish_reason") == "error" else t.get("token_ids")) == o)
+    verdict = "agree" if same == len(ours) else "DIFFER"
+    print(f"compare: {same}/{len(ours)} requests token-identical to {path}: outputs {verdict}", file=sys.stderr,
+          flush=True)
+    return 0 if same == len(ours) else 1
