@@ -11,9 +11,9 @@ SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=10, igno
 BAD = [([], "empty prompt"), ([1, 4000], "outside the vocabulary")]
 
 
-def _serve(rank, world, path, prompts, save_to=None):
+def _serve(rank, world, path, prompts, save_to=None, strategy="contiguous"):
     """Every rank builds the engine and calls generate; rank 0 returns the outputs."""
-    llm = LLM(path, ep=world, max_num_batched_tokens=24, block_size=4)
+    llm = LLM(path, ep=world, max_num_batched_tokens=24, block_size=4, strategy=strategy)
     assert llm.load_report.bytes_read < _checkpoint_bytes(path), "a rank read experts it does not own"
     # Bad requests sit between good ones; every rank keeps stepping in lock-step.
     reqs = prompts[:2] + [b[0] for b in BAD] + prompts[2:]
@@ -27,11 +27,14 @@ def _serve(rank, world, path, prompts, save_to=None):
         with torch.no_grad():  # a "fine-tuned" change, so the saved checkpoint differs from the input
             for moe in model.moe_layers():
                 moe.experts.w2.mul_(1.5)
+            # Different tokens per rank (all_to_all), so the checkpoint carries routing counts.
+            model(torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(rank)))
         epkit.save_pretrained(model, save_to)
     if rank != 0:
         assert outs == [] and sampled == []
         return None
-    return {"outs": [(o.token_ids, o.finish_reason, o.error) for o in outs],
+    return {"owners": [llm.model.expert_parallel.plan.owners(layer) for layer in range(llm.model.args.num_layers)],
+            "outs": [(o.token_ids, o.finish_reason, o.error) for o in outs],
             "sampled": [o.token_ids for o in sampled], "streamed": sum(streamed, []), "load": load}
 
 
@@ -68,10 +71,12 @@ def test_ep_parity_and_cross_ep_checkpoint(tmp_path):
     _check(r3, prompts, refs, "EP=3")
     assert r3["sampled"] == r2["sampled"]
 
-    # The EP=2 checkpoint (transformers-readable) served at EP=1 and EP=4.
+    # The EP=2 checkpoint (transformers-readable) served at EP=1 and at EP=4, experts placed by the
+    # routing counts saved with it.
     refs_saved = hf_reference(saved, prompts)
-    r4 = run(_serve, 4, saved, prompts)[0]
+    r4 = run(_serve, 4, saved, prompts, None, "balanced")[0]
     _check(r4, prompts, refs_saved, "EP=4")
+    assert r4["owners"][0] != [0, 0, 1, 1, 2, 2, 3, 3], "balanced placement should differ from contiguous"
     ep1 = LLM(saved, max_num_batched_tokens=24, block_size=4)
     outs1 = ep1.generate(prompts[:2] + [b[0] for b in BAD] + prompts[2:], GREEDY)
     assert [(o.token_ids, o.finish_reason, o.error) for o in outs1] == r4["outs"]

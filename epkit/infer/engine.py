@@ -64,6 +64,24 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def balanced_plan(checkpoint: str, ep: int):
+    """A `balanced` plan for `ep` ranks from the routing counts the trainer stored in epkit_plan.json."""
+    import json
+
+    from ..checkpoint import PLAN_FILE
+    from ..config import ModelArgs
+    from ..plan import ShardingPlan
+    file = os.path.join(checkpoint, PLAN_FILE)
+    loads = None
+    if os.path.isfile(file):
+        with open(file) as f:
+            loads = json.load(f).get("routed_tokens")
+    if not loads:
+        raise ValueError(f"strategy='balanced' needs routing counts and {file} has none; use 'contiguous'")
+    args = ModelArgs.load(checkpoint)
+    return ShardingPlan(args.num_experts, ep, strategy="balanced", loads=loads, num_layers=args.num_layers)
+
+
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -76,7 +94,8 @@ class LLM:
     Engine settings: `block_size` tokens per KV block; `kv_cache_memory` bytes of KV cache (default:
     on GPU, what `gpu_memory_utilization` of the card leaves after the weights and a profiled forward;
     on CPU 256 MiB); `max_num_seqs` rows and `max_num_batched_tokens` tokens per step (the prefill
-    chunk); `max_model_len` caps prompt + output (default: the model's max positions, and no more
+    chunk); `strategy` places experts on EP ranks (`contiguous`, `round_robin`, or `balanced` from the
+    routing counts stored with the checkpoint); `max_model_len` caps prompt + output (default: the model's max positions, and no more
     than the KV cache holds); `seed` seeds the per-request seeds of unseeded requests; `cuda_graphs`
     replays decode steps as CUDA graphs on GPUs (default on; False or EPKIT_CUDA_GRAPHS=0: eager).
     """
@@ -94,8 +113,9 @@ class LLM:
                                  f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, strategy=strategy,
-                                        dispatch="replicated", return_report=True)
+        plan = balanced_plan(checkpoint, ep) if strategy == "balanced" and ep > 1 else None
+        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, plan=plan,
+                                        strategy=strategy, dispatch="replicated", return_report=True)
         self.load_report = report
         if tokenizer is None and world_rank() == 0:
             tokenizer = load_tokenizer(checkpoint)
