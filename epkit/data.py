@@ -236,7 +236,8 @@ class PackedData:
             idx = torch.arange(s * per_step + rank * micro_batch, s * per_step + (rank + 1) * micro_batch)
             real = idx < len(self)
             idx = idx.clamp(max=len(self) - 1)
-            b = {"tokens": self.tokens[idx], "labels": self.labels[idx].clone(), "positions": self.positions[idx].clone()}
+            b = {"tokens": self.tokens[idx], "labels": self.labels[idx].clone(),
+                 "positions": self.positions[idx].clone()}
             b["labels"][~real] = IGNORE
             b["positions"][~real] = -1
             yield b

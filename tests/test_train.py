@@ -101,7 +101,8 @@ def _check_loads_in_transformers_and_epkit(path):
 def test_accelerate_path_runs_two_steps(tmp_path):
     out = str(tmp_path / "acc")
     cmd = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "configs/accelerate/ep2.yaml"),
-           "--main_process_port", str(_free_port()), TRAIN, "--ep", "2", "--max-steps", "2", "--output-dir", out, *SMALL]
+           "--main_process_port", str(_free_port()), TRAIN, "--ep", "2", "--max-steps", "2", "--output-dir", out,
+           *SMALL]
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert "epkit train (accelerate): 2 rank(s), ep=2, zero=2" in p.stdout + p.stderr

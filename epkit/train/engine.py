@@ -92,9 +92,13 @@ def freeze(model: Mixtral, train_only: str) -> dict[str, int]:
     if not counts:
         raise ValueError(f"--train-only={train_only!r} leaves no parameter trainable")
     if train_only not in ("none", "experts"):
-        # No expert trains: DeepSpeed must see a dense model, or ZeRO asks for MoE optimizer groups.
+        # No expert trains, so no expert gradient needs reducing: DeepSpeed must see a dense model, or ZeRO
+        # asserts that MoE layers come with MoE optimizer groups. Drop the borrowed DeepSpeed MoE type
+        # (epkit.parallel._deepspeed_moe_class: epkit's MoE first in the MRO); forward is unchanged.
+        from ..moe import MoE
         for moe in model.moe_layers():
-            moe.__class__ = moe.__class__.__mro__[1] if moe.__class__.__name__ == "ExpertParallelMoE" else moe.__class__
+            if type(moe) is not MoE and issubclass(type(moe), MoE):
+                moe.__class__ = MoE
     return counts
 
 

@@ -129,7 +129,7 @@ def main(cfg: TrainConfig) -> str:
 
     start_step, tokens_seen = 0, 0
     if resume_from is not None:
-        saved = ckpt.load_engine_state(engine, resume_from)
+        saved = ckpt.load_engine_state(engine, model, resume_from)
         start_step, tokens_seen = saved["step"], saved["tokens_seen"]
     metrics = Metrics(cfg.output_dir, cfg.max_steps, start_step, enabled=rank == 0, progress=cfg.progress,
                       tensorboard=cfg.tensorboard)

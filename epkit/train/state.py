@@ -49,11 +49,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _optimizer_state(engine) -> dict:
-    opt = engine.optimizer
-    return opt.state_dict()
-
-
 def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str | None) -> None:
     """Write a complete checkpoint into `directory` (call on every rank)."""
     rank = world_rank()
@@ -63,11 +58,13 @@ def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str 
     if rank == 0:
         os.makedirs(tmp)
     barrier()
-    torch.save({"optimizer": _optimizer_state(engine),
+    info = getattr(model, "expert_parallel", None)
+    torch.save({"optimizer": engine.optimizer.state_dict(),  # ZeRO: this rank's partition
                 "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
                 "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                            "micro_steps": engine.micro_steps},
-                "rng": rng_state(), "world_size": world_size()},
+                "rng": rng_state(), "world_size": world_size(), "ep": info.plan.ep_size if info else 1,
+                "zero_stage": engine.zero_optimization_stage()},
                os.path.join(tmp, f"rank{rank:05d}.pt"))
     barrier()
     if rank == 0:
@@ -86,17 +83,21 @@ def _write_json_atomic(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_engine_state(engine, directory: str) -> dict:
+def load_engine_state(engine, model, directory: str) -> dict:
     """Restore optimizer, scheduler, engine counters and RNG from `directory`; return trainer_state."""
     rank, world = world_rank(), world_size()
     file = os.path.join(directory, ENGINE_DIR, f"rank{rank:05d}.pt")
     if not os.path.isfile(file):
         raise ValueError(f"--resume: {file} is missing (was the checkpoint written by {world} ranks?)")
     state = torch.load(file, map_location="cpu", weights_only=False)
-    if state["world_size"] != world:
-        raise ValueError(f"--resume: {directory} was written by {state['world_size']} ranks, this run has {world}")
+    info = getattr(model, "expert_parallel", None)
+    now = {"world_size": world, "ep": info.plan.ep_size if info else 1, "zero_stage": engine.zero_optimization_stage()}
+    for key, value in now.items():
+        if state[key] != value:
+            raise ValueError(f"--resume: {directory} was written with {key}={state[key]}, this run has {value}; resume "
+                             f"with the same layout, or start a new run from it with --model {directory}")
     opt = engine.optimizer
-    if hasattr(opt, "_load_legacy_checkpoint"):  # ZeRO 1/2: index the list by this rank's dp rank
+    if hasattr(opt, "_load_legacy_checkpoint"):  # ZeRO 1/2 and BF16_Optimizer take a list indexed by dp rank
         import torch.distributed as dist
         dp_rank = dist.get_rank(group=opt.dp_process_group) if dist.is_initialized() else 0
         states = [None] * (dp_rank + 1)
