@@ -263,3 +263,29 @@ def test_sliding_window_matches_transformers(tmp_path):
     outs = LLM(path, block_size=4, max_num_batched_tokens=5).generate(prompts, GREEDY)
     for i, (out, ref) in enumerate(zip(outs, refs)):
         assert_greedy_matches(out.token_ids, ref, f"prompt {i}")
+
+
+def test_long_prompt_does_not_hold_back_short_ones(ckpt):
+    """A 120-token prompt prefills in chunks while a short request, arriving after it, runs to the end."""
+    path, prompts, _ = ckpt
+    llm = LLM(path, max_num_batched_tokens=16, block_size=4)
+    long_id = llm.add_request([7] * 120, SamplingParams(temperature=0, max_tokens=3))
+    llm.step()
+    short_id = llm.add_request(prompts[2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    finished = []
+    while llm.has_unfinished():
+        finished += [o.request_id for o in llm.step() if o.finished]
+    assert finished.index(short_id) < finished.index(long_id)
+    assert llm.stats["steps"] > 120 // 16, "the long prompt should have been prefilled in chunks"
+
+
+def test_group_rows_bounds_padding():
+    from epkit.infer.scheduler import group_rows
+    rows = [(object(), 0, n) for n in (1, 30, 2, 28, 1, 3, 16)]
+    groups = group_rows(rows, max_groups=4)
+    assert [r[2] for r in groups[0]] == [1, 1]  # decode rows together
+    assert sorted(r[2] for g in groups for r in g) == sorted(r[2] for r in rows)
+    for g in groups[1:]:
+        T, real = max(r[2] for r in g), sum(r[2] for r in g)
+        assert len(g) * T <= 2 * real, [r[2] for r in g]
+    assert len(group_rows(rows, max_groups=2)) == 2  # a cap on forwards per step wins over padding

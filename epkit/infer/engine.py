@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget, bytes_per_block
-from .runner import Batch, StepRunner
+from .runner import MAX_BATCHES, Batch, StepRunner
 from .sampling import SamplingBatch, SamplingParams, sample
-from .scheduler import FINISHED, Scheduler, Sequence
+from .scheduler import Scheduler, Sequence, group_rows
 
 CPU_KV_BUDGET = 256 << 20  # bytes of KV cache on CPU when no budget is given
 
@@ -131,7 +131,8 @@ class LLM:
 
     def _setup(self, model, tokenizer, device, block_size: int = 16, kv_cache_memory: int | None = None,
                gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-               max_model_len: int | None = None, seed: int = 0, cuda_graphs: bool | None = None) -> None:
+               max_model_len: int | None = None, seed: int = 0, cuda_graphs: bool | None = None,
+               long_prefill_tokens: int | None = None) -> None:
         info = getattr(model, "expert_parallel", None)
         if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated":
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
@@ -145,7 +146,8 @@ class LLM:
         num_blocks = self._agree_min(num_blocks)
         self.cache = PagedKVCache(self.args, num_blocks, block_size, self.device, self.dtype)
         self.max_model_len = min(max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
-        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max_num_batched_tokens,
+                                   long_prefill_tokens)
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
         self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs)
@@ -273,9 +275,7 @@ class LLM:
             raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
         batches, sampled = [], []
         bs = self.cache.block_size
-        for rows in ([r for r in plan.rows if r[2] == 1], [r for r in plan.rows if r[2] > 1]):
-            if not rows:
-                continue
+        for rows in group_rows(plan.rows, MAX_BATCHES):
             B, T = len(rows), max(n for _, _, n in rows)
             NB = max(-(-(start + n) // bs) for _, start, n in rows)
             tokens, positions, table, logits_rows = [], [], [], []

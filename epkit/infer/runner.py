@@ -22,7 +22,7 @@ from ..moe import count_per_bucket, route
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
 
-MAX_BATCHES = 2  # a step runs at most a decode batch and a prefill batch
+MAX_BATCHES = 4  # forwards per step: the decode rows, and prefill chunks grouped by length
 _STEP, _END = 1, 2
 _HEADER = 2 + 4 * MAX_BATCHES  # command, number of batches, then (B, T, NB, R) per batch
 

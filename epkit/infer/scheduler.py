@@ -9,6 +9,10 @@ Sequences join and leave between steps. Order of service each step:
 3. waiting sequences, oldest first (a preempted one goes back to the front), while budget, rows and
    KV blocks last.
 
+While other requests wait or prefill, one sequence's prefill chunk is capped at
+`long_prefill_tokens` (default a quarter of the budget), so a long prompt cannot take a whole step
+and hold short requests out; alone, it takes the whole budget.
+
 When a running sequence needs a KV block and none is free, the newest running sequence not yet
 scheduled this step is preempted by recompute: its blocks are freed and it waits again, keeping
 the tokens it generated; when it is readmitted its prompt and outputs are prefilled again.
@@ -76,13 +80,17 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill_tokens: int | None = None):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={max_num_seqs} must be at least 1")
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be at least 1")
         self.allocator, self.block_size = allocator, block_size
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.long_prefill_tokens = long_prefill_tokens or max(1, max_num_batched_tokens // 4)
+        if self.long_prefill_tokens < 1:
+            raise ValueError(f"long_prefill_tokens={long_prefill_tokens} must be at least 1")
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._admissions = itertools.count()
@@ -132,12 +140,14 @@ class Scheduler:
         preempted: list[Sequence] = []
         decoding = [s for s in self.running if s.remaining == 1]
         prefilling = [s for s in self.running if s.remaining > 1]
+        contended = bool(self.waiting) or len(prefilling) > 1
+        cap = self.long_prefill_tokens if contended else budget
         for seq in decoding + prefilling:
             if budget == 0:
                 break
             if seq.status != RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.remaining, budget)
+            n = min(seq.remaining, budget, cap)
             while not self._reserve(seq, seq.num_computed + n):
                 victim = next(s for s in reversed(self.running) if id(s) not in scheduled)
                 self._preempt(victim)
@@ -152,7 +162,7 @@ class Scheduler:
         # Admit waiting sequences only if nobody had to be preempted (the pool is tight otherwise).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            n = min(seq.remaining, budget)
+            n = min(seq.remaining, budget, self.long_prefill_tokens if len(self.waiting) > 1 else budget)
             if not self._reserve(seq, n):
                 break
             self.waiting.popleft()
@@ -161,3 +171,22 @@ class Scheduler:
             rows.append((seq, 0, n))
             budget -= n
         return StepPlan(rows, preempted)
+
+
+def group_rows(rows: list[tuple[Sequence, int, int]], max_groups: int) -> list[list[tuple[Sequence, int, int]]]:
+    """Split a step's rows into forwards of [B, T] with bounded padding.
+
+    Decode rows (one token) form one group. Prefill chunks, longest first, share a group while its
+    padded size B * T stays within twice its real tokens; at most `max_groups` groups in all (the
+    rest join the last one).
+    """
+    decode = [r for r in rows if r[2] == 1]
+    groups: list[list] = [decode] if decode else []
+    for r in sorted((r for r in rows if r[2] > 1), key=lambda r: -r[2]):
+        g = groups[-1] if groups and groups[-1] is not decode else None
+        if g is not None and ((len(g) + 1) * g[0][2] <= 2 * (sum(x[2] for x in g) + r[2])
+                              or len(groups) == max_groups):
+            g.append(r)
+        else:
+            groups.append([r])
+    return groups
