@@ -127,7 +127,10 @@ def build_llm(cfg):
         engine["kv_cache_memory"] = int(cfg.kv_cache_mib * (1 << 20))
     ckpt = None if cfg.preset else resolve_checkpoint(cfg.checkpoint)
     if ckpt is not None:
-        return LLM(ckpt, ep=ep, device=cfg.device, dtype=_dtype(cfg.dtype), **engine), ckpt
+        llm = LLM(ckpt, ep=ep, device=cfg.device, dtype=_dtype(cfg.dtype), **engine)
+        total = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
+        return llm, (f"{ckpt} (rank 0 read {llm.load_report.bytes_read / 2 ** 20:.1f} of "
+                     f"{total / 2 ** 20:.1f} MiB of weights)")
     init_distributed()
     if ep > 1 and world_size() != ep:
         raise ValueError(f"--ep {ep} needs exactly {ep} ranks, this run has {world_size()}")
