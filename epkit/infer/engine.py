@@ -94,9 +94,10 @@ class LLM:
     Engine settings: `block_size` tokens per KV block; `kv_cache_memory` bytes of KV cache (default:
     on GPU, what `gpu_memory_utilization` of the card leaves after the weights and a profiled forward;
     on CPU 256 MiB); `max_num_seqs` rows and `max_num_batched_tokens` tokens per step (the prefill
-    chunk); `strategy` places experts on EP ranks (`contiguous`, `round_robin`, or `balanced` from the
-    routing counts stored with the checkpoint); `max_model_len` caps prompt + output (default: the model's max positions, and no more
-    than the KV cache holds); `seed` seeds the per-request seeds of unseeded requests; `cuda_graphs`
+    chunk); `long_prefill_tokens` caps one prompt's chunk while others wait (default a quarter of the
+    budget); `strategy` places experts on EP ranks (`contiguous`, `round_robin`, or `balanced` from the
+    routing counts stored with the checkpoint); `max_model_len` caps prompt + output (default: the
+    model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of unseeded requests; `cuda_graphs`
     replays decode steps as CUDA graphs on GPUs (default on; False or EPKIT_CUDA_GRAPHS=0: eager).
     """
 
