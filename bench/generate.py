@@ -281,7 +281,8 @@ def print_table(r: dict) -> None:
         t = theirs.get(row["batch"])
         tr = f"{t['decode_tokens_per_s']:>18.1f} | {t['ms_per_decode_step']:>8.1f}" if t else f"{'-':>18} | {'-':>8}"
         sp = f"{row['decode_tokens_per_s'] / t['decode_tokens_per_s']:>7.2f}x" if t else f"{'-':>8}"
-        print(f"{row['batch']:>5} | {row['decode_tokens_per_s']:>18.1f} | {row['ms_per_decode_step']:>8.1f} | {tr} | {sp}")
+        print(f"{row['batch']:>5} | {row['decode_tokens_per_s']:>18.1f} | {row['ms_per_decode_step']:>8.1f} | "
+              f"{tr} | {sp}")
     print(f"peak GiB per GPU: epkit {r['epkit']['peak_memory_gib']}"
           + (f", transformers {r['transformers']['peak_memory_gib']}" if r["transformers"] else ""))
 

@@ -200,7 +200,8 @@ def compare(path: str, ours: list) -> int:
     if len(theirs) != len(ours):
         print(f"compare: {path} has {len(theirs)} results, this run {len(ours)}", file=sys.stderr, flush=True)
         return 1
-    same = sum(1 for t, o in zip(theirs, ours) if (None if t.get("finish_reason") == "error" else t.get("token_ids")) == o)
+    same = sum(1 for t, o in zip(theirs, ours)
+               if (None if t.get("finish_reason") == "error" else t.get("token_ids")) == o)
     verdict = "agree" if same == len(ours) else "DIFFER"
     print(f"compare: {same}/{len(ours)} requests token-identical to {path}: outputs {verdict}", file=sys.stderr,
           flush=True)

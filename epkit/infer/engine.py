@@ -97,8 +97,8 @@ class LLM:
     chunk); `long_prefill_tokens` caps one prompt's chunk while others wait (default a quarter of the
     budget); `strategy` places experts on EP ranks (`contiguous`, `round_robin`, or `balanced` from the
     routing counts stored with the checkpoint); `max_model_len` caps prompt + output (default: the
-    model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of unseeded requests; `cuda_graphs`
-    replays decode steps as CUDA graphs on GPUs (default on; False or EPKIT_CUDA_GRAPHS=0: eager).
+    model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of
+    unseeded requests; `cuda_graphs` replays decode steps as CUDA graphs on GPUs (default on; False or EPKIT_CUDA_GRAPHS=0: eager).
     """
 
     def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
@@ -209,7 +209,8 @@ class LLM:
             if not prompt:
                 raise ValueError("empty prompt")
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer and the checkpoint has no tokenizer; send prompt_token_ids")
+                raise ValueError("a text prompt needs a tokenizer and the checkpoint has no tokenizer; "
+                                 "send prompt_token_ids")
             return prompt, list(self.tokenizer(prompt)["input_ids"])
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
