@@ -98,7 +98,8 @@ class LLM:
     budget); `strategy` places experts on EP ranks (`contiguous`, `round_robin`, or `balanced` from the
     routing counts stored with the checkpoint); `max_model_len` caps prompt + output (default: the
     model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of
-    unseeded requests; `cuda_graphs` replays decode steps as CUDA graphs on GPUs (default on; False or EPKIT_CUDA_GRAPHS=0: eager).
+    unseeded requests; `cuda_graphs` replays decode steps as CUDA graphs on GPUs (default on; False
+    or EPKIT_CUDA_GRAPHS=0: eager).
     """
 
     def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
