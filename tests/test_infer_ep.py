@@ -4,7 +4,9 @@ served at EP=1 and EP=4 with identical outputs."""
 import torch
 
 from distributed import run
+from conftest import tiny_args
 from epkit.infer import LLM, SamplingParams
+from epkit.infer.build import random_model
 from test_infer import GREEDY, assert_greedy_matches, hf_reference, make_checkpoint, make_prompts
 
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True)
@@ -21,6 +23,9 @@ def _serve(rank, world, path, prompts, save_to=None, strategy="contiguous"):
     sampled = llm.generate([prompts[3], prompts[5]], SAMPLED)
     streamed = [u.new_token_ids for u in llm.stream([prompts[6]], GREEDY)]
     load = llm.expert_load()  # collective: every rank
+    # A model built straight on its devices (as bench/generate.py does) serves through from_model.
+    built = LLM.from_model(random_model(tiny_args(), world, "cpu", torch.float32, seed=3, router_std=0.5))
+    random_outs = built.generate(prompts[:4], GREEDY)
     if save_to is not None:  # the trainer's way: an EP model, all_to_all dispatch, saved on every rank
         import epkit
         model = epkit.load_pretrained(path, ep_size=world, dispatch="all_to_all")
@@ -35,7 +40,7 @@ def _serve(rank, world, path, prompts, save_to=None, strategy="contiguous"):
         return None
     return {"owners": [llm.model.expert_parallel.plan.owners(layer) for layer in range(llm.model.args.num_layers)],
             "outs": [(o.token_ids, o.finish_reason, o.error) for o in outs],
-            "sampled": [o.token_ids for o in sampled], "streamed": sum(streamed, []), "load": load}
+            "sampled": [o.token_ids for o in sampled], "random": [o.token_ids for o in random_outs], "streamed": sum(streamed, []), "load": load}
 
 
 def _checkpoint_bytes(path):
@@ -70,6 +75,9 @@ def test_ep_parity_and_cross_ep_checkpoint(tmp_path):
     r3 = run(_serve, 3, path, prompts)[0]
     _check(r3, prompts, refs, "EP=3")
     assert r3["sampled"] == r2["sampled"]
+    # Random weights depend on the expert, not on the EP size: EP=1, 2 and 3 agree.
+    built = LLM.from_model(random_model(tiny_args(), 1, "cpu", torch.float32, seed=3, router_std=0.5))
+    assert r2["random"] == r3["random"] == [o.token_ids for o in built.generate(prompts[:4], GREEDY)]
 
     # The EP=2 checkpoint (transformers-readable) served at EP=1 and at EP=4, experts placed by the
     # routing counts saved with it.
