@@ -102,14 +102,15 @@ class Experts(nn.Module):
         gate, up = F.linear(x, self.w13[slot]).split(self.intermediate_size, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2[slot])
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, out_dtype=None) -> torch.Tensor:
         """x [N, D]; weights [N, K]; slots [N, K] local slot of each choice, -1 where another rank owns it.
 
-        Returns this rank's share of the weighted expert sum, [N, D] in x's dtype. The grouped path has
+        Returns this rank's share of the weighted expert sum, [N, D] in `out_dtype` (default x's dtype;
+        expert-parallel callers keep fp32 so partial sums add up as on one device). The grouped path has
         no device-to-host sync: choices owned elsewhere sort last, are computed by no expert and masked.
         """
         if self.impl == "loop":
-            return self.forward_loop(x, weights, slots)
+            return self.forward_loop(x, weights, slots, out_dtype)
         K = slots.shape[1]
         flat = slots.reshape(-1)  # [N*K]
         key = torch.where(flat < 0, self.num_local, flat)
@@ -120,16 +121,17 @@ class Experts(nn.Module):
         local = (key[order] < self.num_local)[:, None]
         out = torch.where(local, out * weights.reshape(-1)[order, None], 0.0)
         y = torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out)
-        return y.to(x.dtype)
+        return y.to(out_dtype or x.dtype)
 
-    def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, out_dtype=None
+                     ) -> torch.Tensor:
         """Reference path: one readable loop over local experts (kept for tests and comparison)."""
         y = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, weights.dtype))
         for slot in range(self.num_local):
             token, which = torch.where(slots == slot)
             if token.numel():
                 y.index_add_(0, token, self._expert(slot, x[token]) * weights[token, which, None])
-        return y.to(x.dtype)
+        return y.to(out_dtype or x.dtype)
 
 
 class MoE(nn.Module):

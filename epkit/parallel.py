@@ -109,8 +109,8 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, group=group)  # NOTE: collective, once per MoE layer
+        ctx.mark_dirty(x)
+        dist.all_reduce(x, group=group)  # NOTE: collective, once per MoE layer (in place: x is fresh)
         return x
 
     @staticmethod
@@ -166,8 +166,9 @@ class ReplicatedDispatch:
             return experts(x, weights, self.table[ids])
         if torch.is_grad_enabled():
             x, weights = _CopyToRanks.apply(x, self.group), _CopyToRanks.apply(weights, self.group)
-        y = experts(x, weights, self.table[ids])  # [N, D], zeros where no local expert was chosen
-        return _SumOverRanks.apply(y, self.group)
+        # [N, D] fp32, zeros where no local expert was chosen; summed in fp32 as one device would
+        y = experts(x, weights, self.table[ids], out_dtype=torch.promote_types(x.dtype, torch.float32))
+        return _SumOverRanks.apply(y, self.group).to(x.dtype)
 
 
 class AllToAllDispatch:
