@@ -47,7 +47,10 @@ def model_args_for(cfg: TrainConfig) -> ModelArgs:
 
 
 def build_model(cfg: TrainConfig, args: ModelArgs, device, checkpoint: str | None = None) -> Mixtral:
-    """The expert-parallel model on `device` in fp32 (DeepSpeed casts to bf16 when asked)."""
+    """The expert-parallel model on `device` in fp32 (DeepSpeed casts to bf16 when asked).
+
+    Both paths build on the meta device and materialise only this rank's experts, so no rank ever
+    holds the whole model (Mixtral-8x7B at EP=2 fits where the full model would not)."""
     source = checkpoint or (cfg.model if os.path.isdir(cfg.model) else None)
     # EP=1 keeps the plain model: its experts are ordinary data-parallel parameters.
     plan = ShardingPlan(args.num_experts, cfg.ep, strategy=cfg.plan_strategy, num_layers=args.num_layers) \
@@ -56,19 +59,47 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device, checkpoint: str | Non
         from ..checkpoint import load_pretrained
         model = load_pretrained(source, device=device, dtype=torch.float32, ep_size=cfg.ep, plan=plan,
                                 dispatch="all_to_all")
-        if plan is not None:
-            # NOTE: load_pretrained assigns new Parameters (load_state_dict(assign=True)), which drops the
-            # DeepSpeed expert markers apply_expert_parallel set on the meta ones: set them again.
-            name = model.expert_parallel.groups.name
-            for moe in model.moe_layers():
-                for p in moe.experts.parameters():
-                    p.allreduce, p.group_name = False, name
     else:
-        model = Mixtral(args, device=device, dtype=torch.float32)
-        model.init_weights(std=0.02, generator=torch.Generator(device=device).manual_seed(cfg.seed))
+        with torch.device("meta"):
+            model = Mixtral(args, dtype=torch.float32)
         if plan is not None:
             apply_expert_parallel(model, plan, setup_expert_parallel(cfg.ep), dispatch="all_to_all")
+        model.to_empty(device=device)
+        if args.tie_word_embeddings:  # to_empty made two tensors of the tied one
+            model.lm_head.weight = model.embed.weight
+        init_weights_by_name(model, cfg.seed)
+    if plan is not None:
+        # NOTE: materialising (load_state_dict(assign=True), to_empty) makes new Parameters, which drops the
+        # DeepSpeed expert markers apply_expert_parallel set on the meta ones: set them again.
+        name = model.expert_parallel.groups.name
+        for moe in model.moe_layers():
+            for p in moe.experts.parameters():
+                p.allreduce, p.group_name = False, name
     model.activation_checkpointing = cfg.activation_checkpointing
+    return model
+
+
+@torch.no_grad()
+def init_weights_by_name(model: Mixtral, seed: int, std: float = 0.02) -> Mixtral:
+    """Normal(0, std) matrices, ones for norms (transformers' initialisation), each tensor and each expert
+    drawn from its own generator seeded by (seed, name, expert id): the weights do not depend on the EP
+    size or on which rank holds an expert. Routing counters start at zero."""
+    import zlib
+
+    def gen(*key) -> torch.Generator:
+        return torch.Generator().manual_seed(zlib.crc32(repr((seed, *key)).encode()))
+
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif ".moe.experts." in name:
+            layer = int(name.split(".")[1])
+            for slot, e in enumerate(model.layers[layer].moe.experts.expert_ids):
+                p[slot].copy_(torch.empty(p.shape[1:]).normal_(0.0, std, generator=gen(name, e)))
+        else:
+            p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen(name)))
+    for moe in model.moe_layers():
+        moe.routed_tokens.zero_()
     return model
 
 
