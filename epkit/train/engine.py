@@ -14,9 +14,9 @@ the expert-data-parallel group, dividing both by the world size (engine `_reduce
 ZeRO `average_tensor`). Each expert's gradient already sums its EP group's tokens (all-to-all), so
 both are the gradient of the world-mean loss; tests/test_train_ep.py checks EP=1/2/4 agree.
 
-Clipping: ZeRO 1/2 compute the exact global norm. ZeRO 0's `clip_grad_norm_` averages per-rank norms,
-which differ under EP (each rank sees other experts), so with ZeRO 0 epkit clips itself with the exact
-norm (`clip_exact`) and DeepSpeed's clipping is off.
+Clipping: ZeRO 1/2 compute the exact global norm (checked on CPU in fp32 by the EP equality test).
+ZeRO 0's `clip_grad_norm_` averages per-rank norms, which differ under EP (each rank sees other experts),
+so with ZeRO 0 epkit clips itself with the exact norm (`clip_exact`) and DeepSpeed's clipping is off.
 """
 from __future__ import annotations
 
@@ -204,8 +204,9 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, base: dict | None = N
 
 
 def uses_exact_clip(engine) -> bool:
-    """True when the engine's optimizer is the plain one (ZeRO 0 in fp32), where epkit clips itself."""
-    return engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    """True with ZeRO 0: the engine has reduced the gradients into p.grad (fp32, or bf16 under DeepSpeed's
+    bf16 wrapper) before `engine.step()`, so epkit measures and clips them there."""
+    return engine.zero_optimization_stage() == 0
 
 
 @torch.no_grad()
