@@ -111,11 +111,13 @@ def test_accelerate_path_runs_two_steps(tmp_path):
 
 
 def test_short_finetune_lowers_the_loss(tmp_path):
+    import importlib.util
     out = str(tmp_path / "ft")
     evals = os.path.join(ROOT, "epkit", "assets", "instructions.jsonl")
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # optional dependency
     p = subprocess.run([sys.executable, TRAIN, "--max-steps", "30", "--warmup-steps", "3", "--eval-data", evals,
-                        "--eval-every", "15", "--output-dir", out, *SMALL], cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=300)
+                        "--eval-every", "15", "--output-dir", out, *SMALL, *(["--tensorboard"] if tensorboard else [])],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert f"checkpoint: {os.path.join(out, 'final')}" in p.stdout
     rows = _metrics(out)
@@ -127,6 +129,8 @@ def test_short_finetune_lowers_the_loss(tmp_path):
     first = rows[0]
     assert {"aux_loss", "lr", "grad_norm", "tokens_per_s"} <= first.keys()
     assert len(first["expert_tokens"]) == 2 and sum(first["expert_tokens"][0]) == 2 * first["tokens"]
+    if tensorboard:
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard")))
     heat = str(tmp_path / "heat.png")
     h = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "heatmap.py"), out, "-o", heat],
                        capture_output=True, text=True)

@@ -44,11 +44,10 @@ class Metrics:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(("eval/" if k.startswith("eval") else "train/") + k, v, record["step"])
-            if "expert_tokens" in record:
+            if "expert_tokens" in record:  # load imbalance per layer: busiest expert / mean (1 = balanced)
                 for layer, row in enumerate(record["expert_tokens"]):
-                    total = max(1, sum(row))
-                    self.tb.add_scalars(f"expert_share/layer{layer}", {f"e{e}": c / total for e, c in enumerate(row)},
-                                        record["step"])
+                    mean = max(1e-9, sum(row) / len(row))
+                    self.tb.add_scalar(f"experts/layer{layer}_max_over_mean", max(row) / mean, record["step"])
 
     def advance(self, record: dict) -> None:
         if self.bar is not None:
