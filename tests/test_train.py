@@ -77,6 +77,10 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         assert abs(x["loss"] - y["loss"]) < 1e-6, f"step {x['step']}: {y['loss']} after resume vs {x['loss']}"
         assert x["lr"] == pytest.approx(y["lr"], rel=1e-12)
         assert x["expert_tokens"] == y["expert_tokens"]
+    # the checkpoint records the whole run's routing (what the inference engine's balanced placement reads)
+    with open(os.path.join(broken, "final", "epkit_plan.json")) as f:
+        saved = json.load(f)["routed_tokens"]
+    assert saved == [[sum(r["expert_tokens"][layer][e] for r in b) for e in range(8)] for layer in range(2)]
     # keep-last: two step checkpoints plus final
     kept = sorted(d for d in os.listdir(broken) if d.startswith("checkpoint-"))
     assert kept == ["checkpoint-000004", "checkpoint-000006"], kept

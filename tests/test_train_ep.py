@@ -52,6 +52,11 @@ def _losses(root, name):
     return [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
 
 
+def _routed(root, name):
+    with open(os.path.join(root, name, "final", "epkit_plan.json")) as f:
+        return json.load(f)["routed_tokens"]
+
+
 def _weights(root, name):
     d = os.path.join(root, name, "final")
     out = {}
@@ -72,6 +77,7 @@ def test_ep_sizes_give_the_same_losses_and_weights(trained):
     root, _ = trained
     base_losses, base_weights = _losses(root, "ep1_z0"), _weights(root, "ep1_z0")
     assert len(base_losses) == 3
+    assert sum(_routed(root, "ep1_z0")[0]) == 3 * 4 * 2 * 2 * 32 * 2  # steps x ranks x accum x rows x T x top-2
     assert base_losses[0][1] > 0.5, "clipping should be active for this test to cover it"
     start = _weights(root, "ep1_z0")  # sanity: training moved the weights away from each other's init
     for name, _, _, _ in RUNS[1:]:
@@ -79,6 +85,7 @@ def test_ep_sizes_give_the_same_losses_and_weights(trained):
         for step, ((l0, g0), (l1, g1)) in enumerate(zip(base_losses, losses), 1):
             assert abs(l0 - l1) < 1e-5, f"{name} step {step}: loss {l1} vs EP=1 {l0}"
             assert abs(g0 - g1) < 1e-4 * max(1.0, g0), f"{name} step {step}: grad norm {g1} vs EP=1 {g0}"
+        assert _routed(root, name) == _routed(root, "ep1_z0")
         weights = _weights(root, name)
         assert weights.keys() == base_weights.keys()
         for k, v in base_weights.items():

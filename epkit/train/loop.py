@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from .. import data as data_lib
 from ..moe import load_balancing_loss, router_z_loss
-from ..parallel import (gather_routing_counts, init_distributed, is_distributed, reset_routing_counts, world_rank,
-                        world_size)
+from ..parallel import init_distributed, is_distributed, world_rank, world_size
 from . import state as ckpt
 from .config import TrainConfig
 from .engine import (build_model, clip_exact, freeze, initialize, model_args_for, resolve_dtype, uses_exact_clip)
@@ -72,8 +71,23 @@ def check_inputs(cfg: TrainConfig):
     return args, tok_dir, train, evals
 
 
+@torch.no_grad()
+def count_routed(router_logits: list[torch.Tensor], real: torch.Tensor, k: int) -> torch.Tensor:
+    """Tokens per expert per layer, [L, E] int64, over the real tokens (mask real [B, T])."""
+    real = real.reshape(-1)  # [B*T]
+    out = []
+    for logits in router_logits:  # [B*T, E]
+        chosen = logits[real].topk(k, dim=-1).indices.reshape(-1)  # Mixtral's top-k (softmax keeps the order)
+        out.append(torch.zeros(logits.shape[-1], dtype=torch.int64, device=logits.device)
+                   .scatter_add_(0, chosen, torch.ones_like(chosen)))
+    return torch.stack(out)
+
+
 def lm_and_router_losses(model, batch: dict, aux_coef: float, z_coef: float):
-    """(total loss, [lm sum, trained tokens, aux, z]) for one micro-batch of this rank."""
+    """(total loss, [lm sum, trained tokens, aux, z], tokens per expert [L, E]) for one micro-batch of this rank.
+
+    Routing is counted here from the router logits, over real tokens only: the MoE layers' own counters
+    would count padding, and count twice under activation checkpointing (the forward runs again)."""
     tokens, labels, positions = batch["tokens"], batch["labels"], batch["positions"]
     logits, router_logits = model(tokens, positions)  # [B, T, V], per layer [B*T, E]
     targets = labels[:, 1:]  # [B, T-1]: token t+1 is the target of position t
@@ -85,7 +99,8 @@ def lm_and_router_losses(model, batch: dict, aux_coef: float, z_coef: float):
     aux = load_balancing_loss(router_logits, args.num_experts, args.experts_per_token, mask=positions >= 0)
     z = router_z_loss(router_logits) if z_coef > 0 else lm.new_zeros(())
     loss = lm + aux_coef * aux + z_coef * z
-    return loss, torch.stack([lm_sum.detach(), count.float(), aux.detach(), z.detach()])
+    routed = count_routed(router_logits, positions >= 0, args.experts_per_token)
+    return loss, torch.stack([lm_sum.detach(), count.float(), aux.detach(), z.detach()]), routed
 
 
 @torch.no_grad()
@@ -96,7 +111,7 @@ def evaluate(engine, model, evals: data_lib.PackedData, micro_batch: int, device
     sums = torch.zeros(2, dtype=torch.float64)
     for b in evals.eval_batches(micro_batch, world_rank(), world_size()):
         b = {k: v.to(device) for k, v in b.items()}
-        _, parts = lm_and_router_losses(engine, b, 0.0, 0.0)
+        _, parts, _ = lm_and_router_losses(engine, b, 0.0, 0.0)
         sums += parts[:2].double().cpu()
     if is_distributed():
         import torch.distributed as dist
@@ -104,6 +119,17 @@ def evaluate(engine, model, evals: data_lib.PackedData, micro_batch: int, device
     engine.train(was_training)
     loss = float(sums[0] / sums[1].clamp(min=1))
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(sums[1])}
+
+
+def _load_counters(model, routed: torch.Tensor) -> None:
+    """Put the run totals into the MoE counters for save_pretrained: under EP it sums every rank's counters;
+    a plain model's are read on rank 0 only, so that rank gets the world's sum. NOTE: collective (EP=1)."""
+    if getattr(model, "expert_parallel", None) is None and is_distributed():
+        import torch.distributed as dist
+        routed = routed.clone()
+        dist.all_reduce(routed)
+    for moe, row in zip(model.moe_layers(), routed):
+        moe.routed_tokens.copy_(row.to(moe.routed_tokens.device))
 
 
 def _seed_everything(seed: int) -> None:
@@ -123,14 +149,21 @@ def main(cfg: TrainConfig) -> str:
     _seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg)
     model = build_model(cfg, args, device, checkpoint=resume_from)
+    for moe in model.moe_layers():
+        moe.track_routing = False  # counted in lm_and_router_losses
     trainable = freeze(model, cfg.train_only)
     engine, optimizer, scheduler = initialize(cfg, model, dtype, accelerator)
     exact_clip = uses_exact_clip(engine)
 
     start_step, tokens_seen = 0, 0
+    # This rank's tokens per expert over the whole run; checkpoints record the world's sum (epkit_plan.json
+    # "routed_tokens"), which the inference engine's balanced placement reads.
+    routed = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64)
     if resume_from is not None:
         saved = ckpt.load_engine_state(engine, model, resume_from)
         start_step, tokens_seen = saved["step"], saved["tokens_seen"]
+        if rank == 0:
+            routed += torch.tensor(ckpt.saved_routing_counts(resume_from), dtype=torch.int64)
     metrics = Metrics(cfg.output_dir, cfg.max_steps, start_step, enabled=rank == 0, progress=cfg.progress,
                       tensorboard=cfg.tensorboard)
     if rank == 0:
@@ -144,16 +177,17 @@ def main(cfg: TrainConfig) -> str:
     aux_coef = args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
-        reset_routing_counts(model)
         engine.train()
         sums = torch.zeros(4, dtype=torch.float64)
         tokens = 0
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = None
+        step_routed = torch.zeros_like(routed)
         for micro in range(cfg.grad_accum):
             batch = train.batch(step * cfg.grad_accum + micro, cfg.micro_batch, rank, world)
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss, parts = lm_and_router_losses(engine, batch, aux_coef, cfg.z_loss_coef)
+            loss, parts, micro_routed = lm_and_router_losses(engine, batch, aux_coef, cfg.z_loss_coef)
+            step_routed += micro_routed.cpu()
             engine.backward(loss)
             if exact_clip and engine.is_gradient_accumulation_boundary():
                 grad_norm = clip_exact(model, cfg.grad_clip)
@@ -163,19 +197,20 @@ def main(cfg: TrainConfig) -> str:
             tokens += int((batch["positions"] >= 0).sum())
         if grad_norm is None:
             grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        # NOTE: collectives: loss/token sums over the world, routing counts over the world
+        routed += step_routed
+        # NOTE: collectives: loss/token sums and routing counts over the world
         sums = torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64)])
         if is_distributed():
             import torch.distributed as dist
             dist.all_reduce(sums)
+            dist.all_reduce(step_routed)
         lm, aux, z = (sums[i].item() / (world * cfg.grad_accum) for i in (0, 2, 3))
         step_tokens = int(sums[4])
         tokens_seen += step_tokens
-        counts = gather_routing_counts(model)
         elapsed = time.perf_counter() - t0
         record = {"step": step + 1, "loss": lm + aux_coef * aux + cfg.z_loss_coef * z, "lm_loss": lm,
                   "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
-                  "tokens_per_s": step_tokens / max(elapsed, 1e-9), "expert_tokens": counts}
+                  "tokens_per_s": step_tokens / max(elapsed, 1e-9), "expert_tokens": step_routed.tolist()}
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             metrics.log(record)
         metrics.advance(record)
@@ -186,12 +221,14 @@ def main(cfg: TrainConfig) -> str:
             metrics.write(f"step {step + 1}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
         trainer_state = {"step": step + 1, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)}
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not done:
+            _load_counters(model, routed)
             ckpt.save(engine, model, ckpt.step_dir(cfg.output_dir, step + 1), trainer_state, tok_dir)
             if rank == 0:
                 ckpt.prune(cfg.output_dir, cfg.keep_last)
     final = os.path.abspath(os.path.join(cfg.output_dir, "final"))
     if start_step < cfg.max_steps or resume_from is None or os.path.basename(resume_from) != "final":
         trainer_state = {"step": cfg.max_steps, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)}
+        _load_counters(model, routed)
         ckpt.save(engine, model, final, trainer_state, tok_dir)
     metrics.close()
     if rank == 0:

@@ -115,6 +115,13 @@ def load_engine_state(engine, model, directory: str) -> dict:
         return json.load(f)
 
 
+def saved_routing_counts(directory: str) -> list[list[int]]:
+    """Run totals of tokens per expert per layer, as the checkpoint's epkit_plan.json records them."""
+    from ..checkpoint import PLAN_FILE
+    with open(os.path.join(directory, PLAN_FILE)) as f:
+        return json.load(f)["routed_tokens"]
+
+
 def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every complete checkpoint (step checkpoints and final/), oldest first."""
     out = []
