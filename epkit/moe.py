@@ -93,9 +93,12 @@ class Experts(nn.Module):
             gate, up = h.split(self.intermediate_size, dim=-1)
             return _grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs)  # [M, D]
         # NOTE: .tolist() is a device-to-host sync; this fallback serves CPUs and old GPUs.
+        # Empty groups still run their (empty) matmuls: the output then always depends on x and on
+        # every local weight, so backward reaches every collective behind x even on a rank that
+        # received no tokens, and every expert gets a (zero) gradient for the optimizer's reduction.
         outs = []
         for slot, xs in enumerate(x.split(counts.tolist())):
-            outs.append(self._expert(slot, xs) if slot < self.num_local and xs.shape[0] else xs.new_zeros(xs.shape))
+            outs.append(self._expert(slot, xs) if slot < self.num_local else torch.zeros_like(xs))
         return torch.cat(outs)
 
     def _expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
