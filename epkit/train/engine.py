@@ -46,8 +46,9 @@ def model_args_for(cfg: TrainConfig) -> ModelArgs:
     return ModelArgs.from_name(cfg.model)
 
 
-def build_model(cfg: TrainConfig, args: ModelArgs, device, checkpoint: str | None = None) -> Mixtral:
-    """The expert-parallel model on `device` in fp32 (DeepSpeed casts to bf16 when asked).
+def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = torch.float32,
+                checkpoint: str | None = None) -> Mixtral:
+    """The expert-parallel model on `device` in the training dtype (DeepSpeed's optimizer keeps fp32 masters).
 
     Both paths build on the meta device and materialise only this rank's experts, so no rank ever
     holds the whole model (Mixtral-8x7B at EP=2 fits where the full model would not)."""
@@ -57,11 +58,11 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device, checkpoint: str | Non
         if cfg.ep > 1 else None
     if source is not None:
         from ..checkpoint import load_pretrained
-        model = load_pretrained(source, device=device, dtype=torch.float32, ep_size=cfg.ep, plan=plan,
+        model = load_pretrained(source, device=device, dtype=dtype, ep_size=cfg.ep, plan=plan,
                                 dispatch="all_to_all")
     else:
         with torch.device("meta"):
-            model = Mixtral(args, dtype=torch.float32)
+            model = Mixtral(args, dtype=dtype)
         if plan is not None:
             apply_expert_parallel(model, plan, setup_expert_parallel(cfg.ep), dispatch="all_to_all")
         model.to_empty(device=device)

@@ -148,7 +148,7 @@ def main(cfg: TrainConfig) -> str:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     _seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg)
-    model = build_model(cfg, args, device, checkpoint=resume_from)
+    model = build_model(cfg, args, device, dtype, checkpoint=resume_from)
     for moe in model.moe_layers():
         moe.track_routing = False  # counted in lm_and_router_losses
     trainable = freeze(model, cfg.train_only)
