@@ -20,6 +20,10 @@ except ImportError:  # CPU-only installs
     triton = None
 
 BLOCK_M = 16
+# (gate/up N tile, its K tile, down N tile, its K tile), launch options. Checked on an H200 inside a
+# CUDA graph: 0.134 ms for one token on one of 4 local experts (floor 0.082), 0.273 ms for 4 tokens
+# (floor 0.246), 0.352 ms for 32 (floor 0.328); narrower tiles and other stage counts were no faster.
+TILES = ((64, 128, 64, 128), {})
 
 
 def available(x: torch.Tensor) -> bool:
@@ -127,9 +131,9 @@ def experts_small_m(x: torch.Tensor, token: torch.Tensor, counts: torch.Tensor, 
     token = token.to(torch.int32).contiguous()
     h = torch.empty(P, I, dtype=x.dtype, device=x.device)
     out = torch.empty(P, D, dtype=x.dtype, device=x.device)
-    bn, bk = (64, 128) if x.is_cuda else (16, 16)
-    _gate_up_kernel[(max_blocks, triton.cdiv(I, bn))](x.contiguous(), token, w13, h, block_end, row_end, counts,
-                                                       D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn, BK=bk)
-    _down_kernel[(max_blocks, triton.cdiv(D, bn))](h, w2, out, block_end, row_end, counts, D, I,
-                                                    L=L, LP=LP, BM=BLOCK_M, BN=bn, BK=bk)
+    (bn1, bk1, bn2, bk2), kw = TILES if x.is_cuda else ((16, 16, 16, 16), {})
+    _gate_up_kernel[(max_blocks, triton.cdiv(I, bn1))](x.contiguous(), token, w13, h, block_end, row_end, counts,
+                                                        D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn1, BK=bk1, **kw)
+    _down_kernel[(max_blocks, triton.cdiv(D, bn2))](h, w2, out, block_end, row_end, counts, D, I,
+                                                     L=L, LP=LP, BM=BLOCK_M, BN=bn2, BK=bk2, **kw)
     return out
