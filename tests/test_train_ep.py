@@ -36,6 +36,9 @@ def _train_all(rank, world, root):
                           seq_len=32, micro_batch=2, grad_accum=2, lr=3e-3, warmup_steps=0, grad_clip=0.5,
                           progress=False, output_dir=os.path.join(root, name), seed=SEED, **extra)
         main(cfg)
+    # fine-tune further from a checkpoint written at EP=2, now at EP=4 (each rank reads its own experts)
+    main(TrainConfig(model=os.path.join(root, "ep2_z0", "final"), ep=4, zero_stage=2, max_steps=1, seq_len=32,
+                     micro_batch=2, lr=1e-3, progress=False, output_dir=os.path.join(root, "from_ep2"), seed=SEED))
     # A checkpoint written at EP=4 loads at EP=2 (replicated dispatch: same tokens on every rank) and gives
     # the logits the EP=1 checkpoint gives on one device.
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))  # same on all ranks
@@ -115,6 +118,10 @@ def test_losses_fall_and_checkpoint_loads_at_another_ep_size(trained):
     root, diffs = trained
     losses = [l for l, _ in _losses(root, "ep1_z0")]
     assert losses[-1] < losses[0]
+    (continued, _), = _losses(root, "from_ep2")
+    assert continued < losses[0] - 0.05, "training from the EP=2 checkpoint should start below a fresh model"
+    with open(os.path.join(root, "from_ep2", "final", "epkit_plan.json")) as f:
+        assert json.load(f)["plan"]["ep_size"] == 4
     assert max(diffs) < 1e-4, f"EP=4 checkpoint at EP=2 differs from EP=1 by {max(diffs)}"
 
 
