@@ -270,11 +270,7 @@ def apply_expert_parallel(model, plan: ShardingPlan, groups: ExpertGroups | None
             p.allreduce = False
             p.group_name = groups.name
         moe.experts = new
-        owners, slots = plan.owners(layer), plan.slots(layer)
-        if groups.ep_group is None or dispatch == "replicated":
-            moe.dispatcher = ReplicatedDispatch(slots, owners, groups.ep_rank, groups.ep_group)
-        else:
-            moe.dispatcher = AllToAllDispatch(slots, owners, plan.ep_size, groups.ep_group)
+        moe.dispatcher = _dispatcher(dispatch, plan, groups, layer)
         moe_cls = moe_cls or _deepspeed_moe_class(type(moe))
         moe.__class__ = moe_cls
         moe.ep_size, moe.expert_group_name, moe.num_local_experts = plan.ep_size, groups.name, len(local)
@@ -284,17 +280,19 @@ def apply_expert_parallel(model, plan: ShardingPlan, groups: ExpertGroups | None
 
 def set_dispatch(model, dispatch: str) -> None:
     """Switch an expert-parallel model between the two dispatch modes."""
-    info = model.expert_parallel
-    apply = ReplicatedDispatch if dispatch == "replicated" else AllToAllDispatch
     if dispatch not in DISPATCH_MODES:
         raise ValueError(f"unknown dispatch mode {dispatch!r}; choose one of {', '.join(DISPATCH_MODES)}")
+    info = model.expert_parallel
     for layer, moe in enumerate(model.moe_layers()):
-        owners, slots = info.plan.owners(layer), info.plan.slots(layer)
-        if apply is ReplicatedDispatch:
-            moe.dispatcher = ReplicatedDispatch(slots, owners, info.ep_rank, info.groups.ep_group)
-        else:
-            moe.dispatcher = AllToAllDispatch(slots, owners, info.plan.ep_size, info.groups.ep_group)
+        moe.dispatcher = _dispatcher(dispatch, info.plan, info.groups, layer)
     info.dispatch = dispatch
+
+
+def _dispatcher(dispatch: str, plan: ShardingPlan, groups: ExpertGroups, layer: int):
+    owners, slots = plan.owners(layer), plan.slots(layer)
+    if groups.ep_group is None or dispatch == "replicated":
+        return ReplicatedDispatch(slots, owners, groups.ep_rank, groups.ep_group)
+    return AllToAllDispatch(slots, owners, plan.ep_size, groups.ep_group)
 
 
 # ---- routing telemetry ----------------------------------------------------------------------------
