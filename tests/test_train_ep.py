@@ -1,6 +1,7 @@
 """EP x DP equivalence of the DeepSpeed training path, on 4 real gloo ranks (one spawn, several runs).
 
-Same seed, same global batch (4 ranks x micro 2 x accumulation 2), active gradient clipping:
+Same seed, same global batch (4 ranks x micro 2 x accumulation 2), active gradient clipping, and a learning
+rate high enough that by step 3 some EP ranks receive no token in some micro-batches (idle experts):
 EP=1 x DP=4, EP=2 x DP=2 and EP=4 x DP=1 must give the same losses and the same saved weights, and
 ZeRO 1/2 must agree with ZeRO 0. EP=1 is plain data parallelism (every gradient averaged over the
 world by DeepSpeed); EP>1 reduces expert gradients over the expert-data-parallel group, so a wrong
@@ -33,7 +34,7 @@ def _train_all(rank, world, root):
     from epkit.train import TrainConfig, main
     for name, ep, zero, extra in RUNS + FROZEN:
         cfg = TrainConfig(model="tiny", ep=ep, zero_stage=zero, max_steps=3 if not extra.get("train_only") else 2,
-                          seq_len=32, micro_batch=2, grad_accum=2, lr=3e-3, warmup_steps=0, grad_clip=0.5,
+                          seq_len=32, micro_batch=2, grad_accum=2, lr=1e-2, warmup_steps=0, grad_clip=0.5,
                           progress=False, output_dir=os.path.join(root, name), seed=SEED, **extra)
         main(cfg)
     # fine-tune further from a checkpoint written at EP=2, now at EP=4 (each rank reads its own experts)
