@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -196,6 +196,7 @@ class PackedData:
     positions: torch.Tensor
     seed: int
     source: str
+    _perm: tuple = field(default=(None, None), repr=False)  # (epoch, permutation) last used
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -209,9 +210,9 @@ class PackedData:
         out = []
         for g in range(first, first + count):
             epoch, i = divmod(g, len(self))
-            if not out or epoch != getattr(self, "_epoch", None):
-                self._epoch, self._perm = epoch, self.order(epoch)
-            out.append(int(self._perm[i]))
+            if self._perm[0] != epoch:
+                self._perm = (epoch, self.order(epoch))
+            out.append(int(self._perm[1][i]))
         return torch.tensor(out, dtype=torch.long)
 
     def batch(self, micro_step: int, micro_batch: int, rank: int, world: int) -> dict[str, torch.Tensor]:

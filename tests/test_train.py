@@ -190,3 +190,28 @@ def test_default_recipe_matches_the_defaults_and_tensorboard_message(tmp_path, m
     with pytest.raises(ImportError, match="pip install tensorboard"):
         Metrics(str(tmp_path), 1, 0, enabled=True, progress=False, tensorboard=True)
     assert {f.name for f in dataclasses.fields(TrainConfig)} >= {"ep", "zero_stage", "save_every", "resume"}
+
+
+def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
+    from epkit.train import state
+    for step, complete in [(2, True), (4, True), (6, False), (8, True), (10, True)]:
+        d = tmp_path / f"checkpoint-{step:06d}"
+        d.mkdir()
+        if complete:
+            (d / state.STATE_FILE).write_text(json.dumps({"step": step}))
+    (tmp_path / "checkpoint-000012.tmp-0123abcd").mkdir()  # a save that crashed
+    (tmp_path / "final.old-0123abcd").mkdir()  # may be the only copy after a crash: kept
+    state.prune(str(tmp_path), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000008", "checkpoint-000010", "final.old-0123abcd"]
+    assert state.latest_checkpoint(str(tmp_path)).endswith("checkpoint-000010")
+
+
+def test_checkpoint_without_tokenizer_needs_one(tmp_path, capsys):
+    from epkit import Mixtral, save_pretrained
+    from tests.conftest import tiny_args
+    ckpt = str(tmp_path / "bare")
+    save_pretrained(Mixtral(tiny_args()).init_weights(), ckpt)
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import train as launcher
+    assert launcher.run(["--model", ckpt, "--output-dir", str(tmp_path / "out")]) == 2
+    assert "has no tokenizer files; pass --tokenizer" in capsys.readouterr().err

@@ -59,7 +59,10 @@ def check_inputs(cfg: TrainConfig):
     if cfg.seq_len > args.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} is beyond the model's context (max_position_embeddings="
                          f"{args.max_position_embeddings})")
-    tok_dir = cfg.tokenizer or data_lib.tokenizer_dir_for(cfg.model) or data_lib.DEFAULT_TOKENIZER
+    tok_dir = cfg.tokenizer or data_lib.tokenizer_dir_for(cfg.model)
+    if tok_dir is None and os.path.isdir(cfg.model):
+        raise ValueError(f"--model {cfg.model!r} has no tokenizer files; pass --tokenizer DIR (its tokenizer)")
+    tok_dir = tok_dir or data_lib.DEFAULT_TOKENIZER  # presets: the embedded tokenizer
     tokenizer = data_lib.Tokenizer(tok_dir)
     pad = args.pad_token_id if args.pad_token_id is not None else (args.eos_token_id or 0)
     kw = dict(bos_id=args.bos_token_id if args.bos_token_id is not None else 1,

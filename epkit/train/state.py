@@ -144,9 +144,13 @@ def step_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f"checkpoint-{step:06d}")
 
 
+# save_pretrained's temporary directory; never its ".old-" one, which may hold the only copy after a crash
+_LEFTOVER = re.compile(r"^(checkpoint-\d+|final)\.tmp-[0-9a-f]{8}$")
+
+
 def prune(output_dir: str, keep_last: int) -> None:
     """Delete step checkpoints beyond the newest `keep_last` complete ones, and leftovers of crashed saves
-    older than them (rank 0 only)."""
+    (rank 0 only, between saves: no save is in flight)."""
     steps = [(s, p) for s, p in complete_checkpoints(output_dir) if _STEP_DIR.match(os.path.basename(p))]
     for _, path in steps[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
@@ -157,3 +161,5 @@ def prune(output_dir: str, keep_last: int) -> None:
         path = os.path.join(output_dir, name)
         if m and path not in kept and oldest_kept is not None and int(m.group(1)) < oldest_kept:
             shutil.rmtree(path, ignore_errors=True)  # incomplete (crashed) save
+        elif _LEFTOVER.match(name):
+            shutil.rmtree(path, ignore_errors=True)  # temporary directory of a crashed save
