@@ -1,9 +1,10 @@
 """The model and the DeepSpeed engine a fine-tune runs on.
 
 Order (one place, one order):
-  1. build the model: a checkpoint loads with `load_pretrained(ep_size=E, dispatch="all_to_all")`
-     (each rank reads its own experts); a preset is built on every rank from the same seed, initialised,
-     then sharded with `apply_expert_parallel` (so every EP size starts from the same weights);
+  1. build the model on the meta device and shard it, then materialise: a checkpoint loads with
+     `load_pretrained(ep_size=E, dispatch="all_to_all")` (each rank reads its own experts); a preset gets
+     `apply_expert_parallel` then `init_weights_by_name` (every tensor and expert drawn from its own seeded
+     generator, so every EP size starts from the same weights);
   2. freeze what `--train-only` leaves out;
   3. AdamW over parameter groups where expert parameters form DeepSpeed's MoE groups
      (`split_params_into_different_moe_groups_for_optimizer`), warm-up + cosine LambdaLR;
@@ -16,7 +17,8 @@ both are the gradient of the world-mean loss; tests/test_train_ep.py checks EP=1
 
 Clipping: ZeRO 1/2 compute the exact global norm (checked on CPU in fp32 by the EP equality test).
 ZeRO 0's `clip_grad_norm_` averages per-rank norms, which differ under EP (each rank sees other experts),
-so with ZeRO 0 epkit clips itself with the exact norm (`clip_exact`) and DeepSpeed's clipping is off.
+so with ZeRO 0 (fp32 or bf16) epkit clips itself with the exact norm (`clip_exact`) and DeepSpeed's
+clipping is off.
 """
 from __future__ import annotations
 
