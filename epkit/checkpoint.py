@@ -229,6 +229,9 @@ def load_state_into(model: Mixtral, path: str, device=None, dtype=None) -> LoadR
         raise CheckpointError(f"{path}: internal name mismatch, missing {missing[:3]} unexpected {unexpected[:3]}")
     if model.args.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
+    if getattr(model, "expert_parallel", None) is not None:
+        from .parallel import mark_expert_params
+        mark_expert_params(model)  # assign=True replaced the marked Parameters
     # Buffers (routing counters) were on meta: make real ones.
     for layer in model.layers:
         moe = layer.moe
@@ -350,7 +353,7 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
         with open(os.path.join(tmp, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
                       indent=2)
-        model.args.save(tmp)
+        model.args.save(tmp, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
         from .plan import ShardingPlan
         plan = info.plan if info else ShardingPlan(model.args.num_experts, 1, num_layers=model.args.num_layers)
         manifest = {"plan": plan.to_dict(), "routed_tokens": stats, **(extra_manifest or {})}

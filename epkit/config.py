@@ -72,7 +72,7 @@ class ModelArgs:
         return L * per_layer + V * D + D + head
 
     # ---- Hugging Face config.json --------------------------------------------------------
-    def to_hf_config(self) -> dict:
+    def to_hf_config(self, dtype: str = "float32") -> dict:
         return {
             "architectures": ["MixtralForCausalLM"],
             "model_type": "mixtral",
@@ -98,7 +98,8 @@ class ModelArgs:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
-            "torch_dtype": "float32",
+            "torch_dtype": dtype,  # transformers 4.x reads this key, 5.x reads "dtype"
+            "dtype": dtype,
         }
 
     @classmethod
@@ -151,10 +152,11 @@ class ModelArgs:
                 raise ValueError(f"{file}: not valid JSON ({e})") from None
         return cls.from_hf_config(cfg, source=file)
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, dtype: str = "float32") -> None:
+        """Write `config.json`; `dtype` names the saved tensors' dtype ("bfloat16", ...)."""
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.to_hf_config(), f, indent=2)
+            json.dump(self.to_hf_config(dtype), f, indent=2)
 
 
 PRESETS: dict[str, ModelArgs] = {

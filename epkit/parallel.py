@@ -266,16 +266,27 @@ def apply_expert_parallel(model, plan: ShardingPlan, groups: ExpertGroups | None
                 if src.device.type != "meta":
                     getattr(new, name).copy_(src[local])
                 getattr(new, name).requires_grad_(src.requires_grad)
-        for p in new.parameters():  # DeepSpeed's expert markers (see deepspeed.moe.utils.is_moe_param)
-            p.allreduce = False
-            p.group_name = groups.name
         moe.experts = new
         moe.dispatcher = _dispatcher(dispatch, plan, groups, layer)
         moe_cls = moe_cls or _deepspeed_moe_class(type(moe))
         moe.__class__ = moe_cls
         moe.ep_size, moe.expert_group_name, moe.num_local_experts = plan.ep_size, groups.name, len(local)
     model.expert_parallel = ExpertParallelInfo(plan, groups, dispatch)
+    mark_expert_params(model)
     return model
+
+
+def mark_expert_params(model) -> None:
+    """Put DeepSpeed's expert markers (see deepspeed.moe.utils.is_moe_param) on the expert weights, so
+    the engine reduces their gradients over the expert-data-parallel group only.
+
+    NOTE: materialising a meta model (`to_empty`, `load_state_dict(assign=True)`) makes new
+    Parameters without these attributes; loaders call this again afterwards.
+    """
+    name = model.expert_parallel.groups.name
+    for moe in model.moe_layers():
+        for p in moe.experts.parameters():
+            p.allreduce, p.group_name = False, name
 
 
 def set_dispatch(model, dispatch: str) -> None:

@@ -65,9 +65,12 @@ def test_sharded_transformers_checkpoint_loads(tmp_path):
 
 
 def test_fused_names_load_in_bf16(tmp_path):
+    from transformers import AutoConfig
     hf = hf_model(tiny_args(), seed=7)
     model = epkit.load_pretrained(save_fused(hf, str(tmp_path / "f")), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    epkit.save_pretrained(model, str(tmp_path / "bf16"))
+    assert AutoConfig.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
 
 
 def _single_file(path):

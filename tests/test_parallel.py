@@ -38,6 +38,8 @@ def _check_rank(rank, world, ckpt, save_to, ref_logits, ref_grads):
     args = model.args
     tokens, probe = _inputs(args)
     info = model.expert_parallel
+    from deepspeed.moe.utils import is_moe_param
+    assert all(is_moe_param(p) == ("experts" in n) for n, p in model.named_parameters())  # survive loading
     out = {"bytes_read": report.bytes_read, "local": [m.experts.expert_ids for m in model.moe_layers()]}
 
     def check_grads(reduce_shared):

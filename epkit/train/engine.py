@@ -29,7 +29,7 @@ import torch
 
 from ..config import ModelArgs
 from ..model import Mixtral
-from ..parallel import apply_expert_parallel, is_distributed, setup_expert_parallel, world_size
+from ..parallel import apply_expert_parallel, is_distributed, mark_expert_params, setup_expert_parallel, world_size
 from ..plan import ShardingPlan
 from .config import TrainConfig
 
@@ -72,12 +72,7 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = 
             model.lm_head.weight = model.embed.weight
         init_weights_by_name(model, cfg.seed)
     if plan is not None:
-        # NOTE: materialising (load_state_dict(assign=True), to_empty) makes new Parameters, which drops the
-        # DeepSpeed expert markers apply_expert_parallel set on the meta ones: set them again.
-        name = model.expert_parallel.groups.name
-        for moe in model.moe_layers():
-            for p in moe.experts.parameters():
-                p.allreduce, p.group_name = False, name
+        mark_expert_params(model)  # to_empty made new Parameters without DeepSpeed's expert markers
     model.activation_checkpointing = cfg.activation_checkpointing
     return model
 
