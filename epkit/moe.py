@@ -9,6 +9,8 @@ token, M routed (token, expert) pairs.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,11 @@ from torch import nn
 from . import moe_kernels
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
+
+
+@functools.cache
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,16 +78,24 @@ class Experts(nn.Module):
             return False
         if x.is_cuda:
             # Hopper-class kernels: bf16, rows 16-byte aligned.
-            return (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+            return (x.dtype == torch.bfloat16 and _capability(x.device) >= 9
                     and x.shape[-1] % 8 == 0 and self.intermediate_size % 8 == 0)
         # NOTE: the CPU kernel's backward fails on empty groups (torch 2.13), so only forward uses it.
         return x.device.type == "cpu" and not (torch.is_grad_enabled() and self.w13.requires_grad)
 
+    def _use_small_m(self, x: torch.Tensor, rows: int) -> bool:
+        return (rows <= self.small_m_max and not (torch.is_grad_enabled() and self.w13.requires_grad)
+                and x.is_cuda and moe_kernels.available(x))
+
+    def sync_free(self, x: torch.Tensor, rows: int) -> bool:
+        """Whether computing `rows` routed pairs of tensors like x needs no host sync (so a CUDA graph
+        can capture it): true for the Triton and grouped-GEMM paths, false for the per-expert fallback."""
+        return self._use_small_m(x, rows) or self._use_grouped_mm(x)
+
     def compute(self, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Expert outputs for x[rows] [M, D], where `rows` lists x's rows grouped by local slot and
         counts [L] (or [L+1], see forward_sorted) says how many belong to each slot."""
-        if (rows.shape[0] <= self.small_m_max and not (torch.is_grad_enabled() and self.w13.requires_grad)
-                and x.is_cuda and moe_kernels.available(x)):
+        if self._use_small_m(x, rows.shape[0]):
             return moe_kernels.experts_small_m(x, rows, counts, self.w13, self.w2)
         return self.forward_sorted(x[rows], counts)
 

@@ -43,12 +43,14 @@ class DecodeGraphs:
 
     def __init__(self, forward: Callable, device: torch.device, max_rows: int = 256):
         self.forward, self.device, self.max_rows = forward, device, max_rows
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.graph_pool_handle() if torch.device(device).type == "cuda" else None
         self.graphs: dict[tuple[int, int, bool], _Graph] = {}
 
     def eligible(self, B: int, T: int, rows: int) -> bool:
-        """Decode batches whose sampled rows are exactly their B rows (or none, on followers)."""
-        return T == 1 and B <= self.max_rows and rows in (0, B)
+        """Decode batches that sample every one of their B rows (`rows` is the leader's count on every
+        rank, so all ranks decide alike). A 1-token batch that samples nothing (mid-prompt chunks) runs
+        eagerly: the graph would return B logits rows where the caller expects none."""
+        return T == 1 and rows == B and B <= self.max_rows
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, with_logits: bool):
         B, NB = table.shape
@@ -70,15 +72,22 @@ class DecodeGraphs:
         positions = torch.full((Bb, 1), -1, dtype=torch.int64, device=dev)  # all padding while capturing
         table = torch.zeros(Bb, NBb, dtype=torch.int64, device=dev)
         rows = torch.arange(Bb if with_logits else 0, device=dev)
+        graph, logits = self._record(lambda: self.forward(tokens, positions, table, rows))
+        g = _Graph(graph, tokens, positions, table, rows, logits if with_logits else None)
+        self.graphs[(Bb, NBb, with_logits)] = g
+        return g
+
+    def _record(self, step: Callable):
+        """Capture `step` into a CUDA graph; returns the graph and the step's (static) output."""
+        dev = self.device
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up: lazy inits, Triton compiles, cuBLAS workspaces
             for _ in range(2):
-                self.forward(tokens, positions, table, rows)
+                step()
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.forward(tokens, positions, table, rows)
-        g = _Graph(graph, tokens, positions, table, rows, logits if with_logits else None)
-        self.graphs[(Bb, NBb, with_logits)] = g
-        return g
+        # thread_local: the NCCL watchdog thread keeps polling its events while this thread captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = step()
+        return graph, out

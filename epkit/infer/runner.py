@@ -110,11 +110,16 @@ class StepRunner:
             table = payload[o + 2 * B * T: o + 2 * B * T + B * NB].view(B, NB)
             rows = payload[o + 2 * B * T + B * NB: o + 2 * B * T + B * NB + R]
             o += 2 * B * T + B * NB + R
-            if self.graphs is not None and self.graphs.eligible(B, T, R):
+            if self.graphs is not None and self.graphs.eligible(B, T, R) and self._sync_free(B):
                 out.append(self.graphs.run(tokens, positions, table, with_logits))
             else:
                 out.append(self._forward(tokens, positions, table, rows if with_logits else rows[:0]))
         return out
+
+    def _sync_free(self, rows: int) -> bool:
+        """Whether a decode forward of `rows` tokens has no host sync (else it cannot be graph-captured)."""
+        probe = self.model.embed.weight[:1]
+        return all(moe.experts.sync_free(probe, rows * self.top_k) for moe in self.model.moe_layers())
 
     def _forward(self, tokens, positions, table, rows) -> torch.Tensor:
         """One forward with the cache prepared for it; free of host syncs (CUDA graphs capture it)."""
