@@ -94,3 +94,23 @@ def test_bench_runs_on_cpu(tmp_path):
     assert r["config"]["ep"] == 1 and [row["batch"] for row in r["epkit"]["rows"]] == [1, 3]
     assert [row["batch"] for row in r["transformers"]["rows"]] == [1, 3]
     assert all(row["decode_tokens_per_s"] > 0 for side in ("epkit", "transformers") for row in r[side]["rows"])
+
+
+def test_readme_stdin_example_on_a_fresh_checkout(tmp_path):
+    """No checkpoint anywhere: the tiny preset is served with the shipped tokenizer, so text prompts work."""
+    line = json.dumps({"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0.8, "seed": 0})
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("WORLD_SIZE", None)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "infer.py"), "--no-progress"], input=line,
+                         capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["finish_reason"] == "length" and len(out["token_ids"]) == 6 and isinstance(out["text"], str)
+
+
+def test_ep_must_match_the_launched_ranks(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--ep 1 but 2 rank\\(s\\) were launched"):
+        main(["--ep", "1", "--preset", "tiny", "--no-progress"])
+    with pytest.raises(FileNotFoundError, match="--prompts nope.jsonl: no such file"):
+        main(["--prompts", "nope.jsonl"])

@@ -114,10 +114,14 @@ def _dtype(name):
 
 def build_llm(cfg):
     from ..config import ModelArgs
-    from ..parallel import init_distributed, world_size
+    from ..parallel import init_distributed
     from .build import random_model
     from .engine import LLM, _default_device
-    ep = cfg.ep or 1
+    launched = int(os.environ.get("WORLD_SIZE", 1))
+    ep = cfg.ep or launched
+    if ep != launched:
+        raise ValueError(f"--ep {ep} but {launched} rank(s) were launched; launch exactly --ep ranks "
+                         f"(e.g. deepspeed --num_gpus {ep}), or leave --ep out to use them all")
     import torch
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # NOTE: ranks sharing a CPU would otherwise each start one thread per core and contend.
@@ -132,17 +136,28 @@ def build_llm(cfg):
         return llm, (f"{ckpt} (rank 0 read {llm.load_report.bytes_read / 2 ** 20:.1f} of "
                      f"{total / 2 ** 20:.1f} MiB of weights)")
     init_distributed()
-    if ep > 1 and world_size() != ep:
-        raise ValueError(f"--ep {ep} needs exactly {ep} ranks, this run has {world_size()}")
     device = torch.device(cfg.device) if cfg.device else _default_device()
     dtype = _dtype(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     preset = cfg.preset or "tiny"
-    model = random_model(ModelArgs.from_name(preset), ep, device, dtype, seed=cfg.random_seed or 0, router_std=0.5)
-    return LLM.from_model(model, **engine), f"preset {preset} (random weights, seed {cfg.random_seed or 0})"
+    args = ModelArgs.from_name(preset)
+    model = random_model(args, ep, device, dtype, seed=cfg.random_seed or 0, router_std=0.5)
+    tokenizer = _embedded_tokenizer(args.vocab_size)
+    return (LLM.from_model(model, tokenizer=tokenizer, **engine),
+            f"preset {preset} (random weights, seed {cfg.random_seed or 0})")
+
+
+def _embedded_tokenizer(vocab_size: int):
+    """The tokenizer shipped in epkit/assets (the one the default fine-tune uses), if its ids fit the model."""
+    from .engine import load_tokenizer
+    assets = os.path.join(os.path.dirname(__file__), "..", "assets")
+    tok = load_tokenizer(os.path.abspath(assets)) if os.path.isdir(assets) else None
+    return tok if tok is not None and len(tok) <= vocab_size else None
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    if cfg.prompts not in (None, "-") and not os.path.isfile(cfg.prompts):  # before any rank joins a collective
+        raise FileNotFoundError(f"--prompts {cfg.prompts}: no such file")
     llm, source = build_llm(cfg)
     from ..parallel import world_rank
     leader = world_rank() == 0
@@ -158,7 +173,8 @@ def main(argv=None) -> int:
             builtin = BUILTIN_TEXT if llm.tokenizer is not None else BUILTIN_IDS
             reqs = [({"prompt_token_ids" if isinstance(b, list) else "prompt": b}, SamplingParams(**defaults), None)
                     for b in builtin]
-        print(f"serving {source} at EP={cfg.ep or 1}: {len(reqs)} request(s)", file=sys.stderr, flush=True)
+        print(f"serving {source} at EP={cfg.ep or int(os.environ.get('WORLD_SIZE', 1))}: {len(reqs)} request(s)",
+              file=sys.stderr, flush=True)
     good = [i for i, r in enumerate(reqs) if r[2] is None]
     t0 = time.perf_counter()
     outs = llm.generate([reqs[i][0] for i in good], [reqs[i][1] for i in good],
