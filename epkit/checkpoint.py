@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -74,7 +74,6 @@ class CheckpointError(ValueError):
 class LoadReport:
     bytes_read: int = 0
     tensors_read: int = 0
-    files: set = field(default_factory=set)
 
 
 class _Reader:
@@ -125,7 +124,6 @@ class _Reader:
         t = sl[index] if index is not None else sl[:]
         self.report.bytes_read += t.numel() * t.element_size()
         self.report.tensors_read += 1
-        self.report.files.add(os.path.basename(self.where[name]))
         return t
 
 
@@ -331,15 +329,25 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
     info = getattr(model, "expert_parallel", None)
     rank, world = parallel.world_rank(), parallel.world_size()
     path = os.path.abspath(path)
-    tmp = parallel.broadcast_object(f"{path}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+    err = tmp = None
     if rank == 0:
-        os.makedirs(tmp)
-    parallel.barrier()
+        if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path) or _is_checkpoint(path))):
+            err = f"{path} exists and is not a checkpoint directory; refusing to replace it (pick another path)"
+        else:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            os.makedirs(tmp)
+    err, tmp = parallel.broadcast_object((err, tmp))
+    if err:
+        raise ValueError(err)
+    failure = None
     try:
         _write_rank_files(model, tmp, info, rank, max_shard_size)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
-        raise
+    except Exception as e:  # every rank learns of it below, so none waits forever in a collective
+        failure = e
+    if not parallel.all_ranks_ok(failure is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
+        raise failure or RuntimeError(f"saving {path} failed on another rank; nothing was replaced")
     stats = parallel.gather_routing_counts(model) if info is not None else _routing_counts(model)
     parallel.barrier()
     if rank == 0:
@@ -383,6 +391,11 @@ def _write_rank_files(model, tmp: str, info, rank: int, max_shard_size: int) -> 
                                    prefix + "-experts" if info else "model-experts", max_shard_bytes=max_shard_size))
     with open(os.path.join(tmp, f".part-{rank}.json"), "w") as f:
         json.dump(parts, f)
+
+
+def _is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and (
+        os.path.isfile(os.path.join(path, INDEX_FILE)) or any(f.endswith(".safetensors") for f in os.listdir(path)))
 
 
 def _atomic_replace(tmp: str, path: str) -> None:

@@ -51,6 +51,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_ranks_ok(ok: bool) -> bool:
+    """True when `ok` holds on every rank (a collective: every rank must call it)."""
+    if not is_distributed():
+        return ok
+    flags = [None] * world_size()
+    dist.all_gather_object(flags, bool(ok))  # NOTE: collective, host-side objects
+    return all(flags)
+
+
 def init_distributed(backend: str | None = None, timeout_s: int = 600) -> None:
     """Join the run started by `deepspeed`, `torchrun` or `accelerate` (no-op without one)."""
     if is_distributed() or "WORLD_SIZE" not in os.environ:

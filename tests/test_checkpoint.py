@@ -160,3 +160,14 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     assert {f: os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)} == before
     assert os.listdir(tmp_path) == ["ck"]  # no half-written temporary directory left behind
     epkit.load_pretrained(path)  # still whole
+
+
+def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
+    model = epkit.Mixtral(tiny_args()).init_weights()
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="exists and is not a checkpoint directory; refusing to replace it"):
+        epkit.save_pretrained(model, str(tmp_path))
+    assert (tmp_path / "notes.txt").read_text() == "precious" and os.listdir(tmp_path) == ["notes.txt"]
+    epkit.save_pretrained(model, str(tmp_path / "ck"))
+    epkit.save_pretrained(model, str(tmp_path / "ck"))  # replacing a checkpoint is fine
+    epkit.save_pretrained(model, str(tmp_path / "empty_dir_is_fine"))

@@ -158,3 +158,30 @@ def test_manifest_with_too_many_experts_fails_on_every_rank(checkpoints, tmp_pat
     with open(os.path.join(bad, "epkit_plan.json"), "w") as f:
         json.dump({"plan": epkit.ShardingPlan(12, 2).to_dict()}, f)
     assert run(_bad_ep, 2, bad, 2) == [f"{bad}/epkit_plan.json: the plan names 12 experts but config.json has 8"] * 2
+
+
+def _save_fails_on_one_rank(rank, world, src, dst):
+    import epkit.checkpoint as ck
+    model = epkit.load_pretrained(src, ep_size=world, dispatch="replicated")
+    epkit.save_pretrained(model, dst)
+    before = sorted(os.listdir(dst))
+    if rank == 1:
+        def broken(*a, **k):
+            raise OSError("disk full (simulated on rank 1)")
+        ck.save_file = broken
+    try:
+        epkit.save_pretrained(model, dst)
+    except Exception as e:  # every rank must get here instead of waiting forever
+        msg = str(e)
+    else:
+        msg = None
+    return msg, before == sorted(os.listdir(dst)), sorted(os.listdir(os.path.dirname(dst)))
+
+
+def test_a_save_failing_on_one_rank_fails_everywhere_and_keeps_the_old_checkpoint(checkpoints, tmp_path):
+    root, src, *_ = checkpoints
+    dst = str(tmp_path / "ck")
+    outs = run(_save_fails_on_one_rank, 2, src, dst, timeout=120)
+    assert outs[0][0] == f"saving {dst} failed on another rank; nothing was replaced"
+    assert outs[1][0] == "disk full (simulated on rank 1)"
+    assert all(o[1] for o in outs) and outs[0][2] == ["ck"]  # old checkpoint whole, no temp dir left
