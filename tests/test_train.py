@@ -149,6 +149,12 @@ def test_short_finetune_lowers_the_loss(tmp_path):
     (["--zero-stage", "3"], "--zero-stage=3 is not supported"),
     (["--model", "no-such-preset"], "unknown model preset 'no-such-preset'"),
     (["--model", "./missing_dir"], "--model './missing_dir': no such checkpoint directory"),
+    (["--plan-strategy", "by_hand"], "--plan-strategy='by_hand' is not one of contiguous, round_robin, balanced"),
+    (["--ep", "2", "--plan-strategy", "balanced"], "--plan-strategy balanced places experts by their load"),
+    (["--lr", "0"], "--lr=0.0 must be > 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps=-1 must be >= 0"),
+    (["--eval-every", "-2"], "--eval-every=-2 must be >= 0"),
+    (["--keep-last", "0"], "--keep-last=0 must be at least 1"),
 ])
 def test_bad_input_in_process(tmp_path, capsys, argv, message):
     sys.path.insert(0, os.path.join(ROOT, "launch"))
@@ -215,3 +221,164 @@ def test_checkpoint_without_tokenizer_needs_one(tmp_path, capsys):
     import train as launcher
     assert launcher.run(["--model", ckpt, "--output-dir", str(tmp_path / "out")]) == 2
     assert "has no tokenizer files; pass --tokenizer" in capsys.readouterr().err
+
+
+def test_tensorboard_missing_fails_before_any_collective(tmp_path, capsys, monkeypatch):
+    """Checked in check_inputs, on every rank, not only on rank 0 after deepspeed.initialize (other ranks hung)."""
+    from epkit.train import loop
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    monkeypatch.setattr(loop, "_join_world", lambda: pytest.fail("joined the world before checking --tensorboard"))
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import train as launcher
+    out = str(tmp_path / "out")
+    assert launcher.run(["--tensorboard", "--output-dir", out, "--no-progress"]) == 2
+    assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_balanced_placement_takes_the_checkpoints_routing(tmp_path):
+    from epkit import Mixtral, save_pretrained
+    from epkit.train.config import TrainConfig
+    from epkit.train.engine import check_plan_strategy, plan_loads
+    from tests.conftest import tiny_args
+    model = Mixtral(tiny_args()).init_weights()
+    for layer, moe in enumerate(model.moe_layers()):
+        moe.routed_tokens.copy_(torch.arange(8) * (layer + 1))
+    ckpt = str(tmp_path / "ck")
+    save_pretrained(model, ckpt)
+    cfg = TrainConfig(model=ckpt, ep=2, plan_strategy="balanced")
+    check_plan_strategy(cfg)
+    assert plan_loads(cfg) == [list(range(8)), [2 * e for e in range(8)]]
+    assert plan_loads(TrainConfig(model=ckpt, ep=2)) is None  # other strategies need no loads
+
+
+def test_saved_routing_counts_missing_or_malformed(tmp_path):
+    from epkit.train import state
+    (tmp_path / "epkit_plan.json").write_text(json.dumps({"plan": {}}))
+    with pytest.warns(UserWarning, match="records no routed_tokens"):
+        assert state.saved_routing_counts(str(tmp_path), 2, 3) == [[0, 0, 0], [0, 0, 0]]
+    (tmp_path / "epkit_plan.json").write_text(json.dumps({"routed_tokens": [[1, 2, 3]]}))
+    with pytest.raises(ValueError, match="routed_tokens is not 2 layers x 3 experts"):
+        state.saved_routing_counts(str(tmp_path), 2, 3)
+    (tmp_path / "epkit_plan.json").write_text(json.dumps({"routed_tokens": [[1, 2, 3], [4, 5, 6]]}))
+    assert state.saved_routing_counts(str(tmp_path), 2, 3) == [[1, 2, 3], [4, 5, 6]]
+
+
+def test_metrics_skip_a_torn_last_line(tmp_path):
+    """A run killed mid-write leaves a torn last line; --resume (and read_metrics) must get past it."""
+    from epkit.train.metrics import METRICS_FILE, Metrics, read_metrics
+    file = tmp_path / METRICS_FILE
+    good = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)]
+    file.write_text("".join(good) + '{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
+    Metrics(str(tmp_path), 10, 2, enabled=True, progress=False, tensorboard=False).close()  # resume at step 2
+    assert file.read_text() == "".join(good[:2])
+    file.write_text(good[0] + "{torn\n" + good[1])  # not the last line: an error naming the line
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_metrics(str(tmp_path))
+
+
+# ---- collectives on the model's device; exact clipping ----------------------------------------------------
+
+def test_reduce_on_device_moves_to_the_target_device(monkeypatch):
+    """NCCL takes only CUDA tensors: the helper must hand the collective a tensor on the run's device."""
+    import torch.distributed as dist
+
+    from epkit.train import engine
+    seen = []
+    monkeypatch.setattr(engine, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: seen.append((t.device, group)))
+    out = engine.reduce_on_device(torch.ones(3), torch.device("meta"), group="G")
+    assert out.device.type == "meta" and seen == [(torch.device("meta"), "G")]
+
+
+def test_every_collective_in_train_goes_through_reduce_on_device():
+    """A CPU run (gloo) cannot see a CPU tensor handed to NCCL, so forbid direct collectives in epkit/train:
+    each must go through engine.reduce_on_device (which moves the tensor to the device)."""
+    import ast
+    names = {"all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+             "reduce_scatter_tensor", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter"}
+    folder = os.path.join(ROOT, "epkit", "train")
+    bad = []
+    for file in sorted(os.listdir(folder)):
+        if not file.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(folder, file)).read())
+        allowed = set()
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef) and fn.name == "reduce_on_device":
+                allowed |= {id(n) for n in ast.walk(fn)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in names
+                    and id(node) not in allowed):
+                bad.append(f"{file}:{node.lineno} {node.func.attr}")
+    assert not bad, bad
+
+
+def _grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def test_clip_exact_matches_torch_and_syncs_once(monkeypatch):
+    from epkit import Mixtral
+    from epkit.train.engine import clip_exact
+    from tests.conftest import tiny_args
+    model = Mixtral(tiny_args()).init_weights()
+    ref = Mixtral(tiny_args()).init_weights()
+    _grads(model, 0)
+    _grads(ref, 0)
+    expected = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0))
+    reads = []
+    real_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(1) or real_float(t))
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: pytest.fail("per-tensor .cpu() in clip_exact"))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail(".item() in clip_exact"))
+    norm = clip_exact(model, 1.0)
+    monkeypatch.undo()
+    assert len(reads) == 1, "one device-to-host read per step"
+    assert norm == pytest.approx(expected, rel=1e-5) and norm > 1.0
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+    _grads(model, 1)
+    before = [p.grad.clone() for p in model.parameters()]
+    assert clip_exact(model, 0.0) > 0  # 0: measure only
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+
+
+def _bf16_zero0_clip_reaches_adamw(rank, world):
+    import deepspeed
+
+    from epkit.train.config import TrainConfig
+    from epkit.train.engine import build_model, clip_exact, deepspeed_config, model_args_for, uses_exact_clip
+    cfg = TrainConfig(model="tiny", dtype="bf16", zero_stage=0, micro_batch=1, lr=1e-3, grad_clip=1e-3)
+    model = build_model(cfg, model_args_for(cfg), torch.device("cpu"), torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, torch.bfloat16),
+                                             dist_init_required=False)
+    assert uses_exact_clip(engine)
+    seen = []
+    inner_step = opt.optimizer.step  # the fp32 AdamW under DeepSpeed's bf16 wrapper
+
+    def step(*a, **k):
+        grads = [p.grad.float() for g in opt.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))))
+        return inner_step(*a, **k)
+
+    opt.optimizer.step = step
+    tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    logits, _ = engine(tokens)
+    engine.backward(logits.float().logsumexp(-1).mean())
+    norm = clip_exact(model, cfg.grad_clip)
+    engine.step()
+    return norm, seen
+
+
+def test_bf16_zero0_exact_clip_reaches_the_fp32_optimizer():
+    """bf16 + ZeRO 0: DeepSpeed copies p.grad into the fp32 masters in step(), after clip_exact scaled it,
+    so the gradients AdamW sees have the clipped norm (not the raw one)."""
+    from tests.distributed import run
+    (norm, seen), = run(_bf16_zero0_clip_reaches_adamw, 1, timeout=240)
+    assert norm > 1e-2, "the raw norm must be well above the clip for this test to mean anything"
+    assert len(seen) == 1 and seen[0] == pytest.approx(1e-3, rel=2e-2), (norm, seen)

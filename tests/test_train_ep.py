@@ -83,7 +83,10 @@ def test_ep_sizes_give_the_same_losses_and_weights(trained):
     assert len(base_losses) == 3
     assert sum(_routed(root, "ep1_z0")[0]) == 3 * 4 * 2 * 2 * 32 * 2  # steps x ranks x accum x rows x T x top-2
     assert base_losses[0][1] > 0.5, "clipping should be active for this test to cover it"
-    start = _weights(root, "ep1_z0")  # sanity: training moved the weights away from each other's init
+    start = _initial_weights()  # sanity: training moved the weights (else equal weights would prove nothing)
+    assert start.keys() == base_weights.keys()
+    unchanged = sorted(k for k in start if torch.equal(start[k], base_weights[k]))
+    assert not unchanged, f"training left these weights at their initial values: {unchanged[:5]}"
     for name, _, _, _ in RUNS[1:]:
         losses = _losses(root, name)
         for step, ((l0, g0), (l1, g1)) in enumerate(zip(base_losses, losses), 1):
@@ -94,7 +97,6 @@ def test_ep_sizes_give_the_same_losses_and_weights(trained):
         assert weights.keys() == base_weights.keys()
         for k, v in base_weights.items():
             torch.testing.assert_close(weights[k], v, atol=5e-5, rtol=0, msg=lambda m: f"{name} {k}: {m}")
-    assert len(start) == len(base_weights)
 
 
 def _initial_weights():

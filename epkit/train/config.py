@@ -10,6 +10,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from ..plan import STRATEGIES
+
 FREEZE_CHOICES = ("none", "attention", "router", "experts")
 
 
@@ -28,7 +30,8 @@ class TrainConfig:
     output_dir: str = _opt("outputs/default", "run directory: metrics, checkpoints, final/ (the served checkpoint)")
     # parallelism and precision
     ep: int = _opt(1, "expert-parallel size; must divide the number of ranks")
-    plan_strategy: str = _opt("contiguous", "expert placement: contiguous or round_robin")
+    plan_strategy: str = _opt("contiguous", "expert placement: contiguous, round_robin or balanced (by the "
+                                            "tokens per expert --model's epkit_plan.json records)")
     zero_stage: int | None = _opt(None, "DeepSpeed ZeRO stage 0, 1 or 2 (default: the DeepSpeed/Accelerate config "
                                          "file's, else 0)")
     dtype: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
@@ -74,8 +77,15 @@ class TrainConfig:
             raise ValueError(f"--dtype={self.dtype!r} is not one of auto, fp32, bf16")
         if self.train_only not in FREEZE_CHOICES:
             raise ValueError(f"--train-only={self.train_only!r} is not one of {', '.join(FREEZE_CHOICES)}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.save_every < 0 or self.eval_every < 0 or self.keep_last < 1:
-            raise ValueError("--lr must be > 0, --warmup-steps/--save-every/--eval-every >= 0 and --keep-last >= 1")
+        if self.plan_strategy not in STRATEGIES:
+            raise ValueError(f"--plan-strategy={self.plan_strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr={self.lr!r} must be > 0")
+        for name in ("warmup_steps", "save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 0")
+        if self.keep_last < 1:
+            raise ValueError(f"--keep-last={self.keep_last!r} must be at least 1")
 
 
 def load_yaml(path: str) -> dict:

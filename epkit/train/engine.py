@@ -18,7 +18,12 @@ both are the gradient of the world-mean loss; tests/test_train_ep.py checks EP=1
 Clipping: ZeRO 1/2 compute the exact global norm (checked on CPU in fp32 by the EP equality test).
 ZeRO 0's `clip_grad_norm_` averages per-rank norms, which differ under EP (each rank sees other experts),
 so with ZeRO 0 (fp32 or bf16) epkit clips itself with the exact norm (`clip_exact`) and DeepSpeed's
-clipping is off.
+clipping is off. bf16 at ZeRO 0 (DeepSpeed 0.19.8): the engine wraps AdamW in FP16_UnfusedOptimizer
+(`DDP_BFLOAT16`, loss scale 1), which copies the bf16 `p.grad` into the fp32 masters' gradients inside
+`optimizer.step()`, i.e. after `clip_exact` scaled them, so AdamW sees the clipped gradients
+(tests/test_train.py checks it on CPU). BF16_Optimizer, which accumulates `p.grad` into fp32 buffers
+during backward (before `clip_exact` could act), comes only with ZeRO 1 and fp32 gradient accumulation,
+where DeepSpeed clips; `uses_exact_clip` refuses it at ZeRO 0.
 """
 from __future__ import annotations
 
@@ -48,6 +53,31 @@ def model_args_for(cfg: TrainConfig) -> ModelArgs:
     return ModelArgs.from_name(cfg.model)
 
 
+def plan_loads(cfg: TrainConfig) -> list[list[int]] | None:
+    """Tokens per expert per layer for `--plan-strategy balanced`: the `routed_tokens` that --model's
+    epkit_plan.json records (a training run's checkpoint). Always --model's, never a --resume checkpoint's,
+    so a resumed run places the experts as the run it continues did. None for other strategies."""
+    if cfg.plan_strategy != "balanced":
+        return None
+    import json
+
+    from ..checkpoint import PLAN_FILE
+    file = os.path.join(cfg.model, PLAN_FILE)
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        loads = json.load(f).get("routed_tokens")
+    return loads or None
+
+
+def check_plan_strategy(cfg: TrainConfig) -> None:
+    """`balanced` places experts by their measured load, which only a checkpoint that recorded routing has."""
+    if cfg.plan_strategy == "balanced" and cfg.ep > 1 and plan_loads(cfg) is None:
+        raise ValueError(f"--plan-strategy balanced places experts by their load (routed_tokens in the checkpoint's "
+                         f"epkit_plan.json), and --model {cfg.model!r} records none; use a checkpoint written by "
+                         f"epkit (e.g. a run's final/) or --plan-strategy contiguous/round_robin")
+
+
 def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = torch.float32,
                 checkpoint: str | None = None) -> Mixtral:
     """The expert-parallel model on `device` in the training dtype (DeepSpeed's optimizer keeps fp32 masters).
@@ -56,8 +86,8 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = 
     holds the whole model (Mixtral-8x7B at EP=2 fits where the full model would not)."""
     source = checkpoint or (cfg.model if os.path.isdir(cfg.model) else None)
     # EP=1 keeps the plain model: its experts are ordinary data-parallel parameters.
-    plan = ShardingPlan(args.num_experts, cfg.ep, strategy=cfg.plan_strategy, num_layers=args.num_layers) \
-        if cfg.ep > 1 else None
+    plan = ShardingPlan(args.num_experts, cfg.ep, strategy=cfg.plan_strategy, loads=plan_loads(cfg),
+                        num_layers=args.num_layers) if cfg.ep > 1 else None
     if source is not None:
         from ..checkpoint import load_pretrained
         model = load_pretrained(source, device=device, dtype=dtype, ep_size=cfg.ep, plan=plan,
@@ -204,7 +234,25 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, base: dict | None = N
 def uses_exact_clip(engine) -> bool:
     """True with ZeRO 0: the engine has reduced the gradients into p.grad (fp32, or bf16 under DeepSpeed's
     bf16 wrapper) before `engine.step()`, so epkit measures and clips them there."""
-    return engine.zero_optimization_stage() == 0
+    if engine.zero_optimization_stage() != 0:
+        return False
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    if isinstance(engine.optimizer, BF16_Optimizer):
+        # its fp32 gradient buffers are filled in backward: scaling p.grad afterwards would not clip them
+        raise ValueError("ZeRO 0 with DeepSpeed's BF16_Optimizer (fp32 gradient accumulation) is not supported: "
+                         "epkit's exact clipping would not reach its fp32 gradients; use --zero-stage 1 or 2")
+    return True
+
+
+def reduce_on_device(t: torch.Tensor, device, group=None) -> torch.Tensor:
+    """Sum `t` over `group` (default: the world) on `device`; returns the reduced tensor (`t` itself when it is
+    already there). Every collective of epkit/train goes through here: NCCL takes only CUDA tensors, gloo
+    CPU ones, so the tensor must sit on the device the run computes on. A world of one returns `t` moved."""
+    t = t.to(device)
+    if is_distributed():
+        import torch.distributed as dist
+        dist.all_reduce(t, group=group)  # NOTE: collective
+    return t
 
 
 @torch.no_grad()
@@ -212,30 +260,28 @@ def clip_exact(model: Mixtral, max_norm: float) -> float:
     """Global gradient norm (dense params counted once, each expert once), then clip. Call after the engine
     has reduced the gradients (every rank then holds the averaged dense and its experts' gradients).
 
-    NOTE: one all-reduce over the world of a single scalar."""
-    dense, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    info = getattr(model, "expert_parallel", None)
+    Squared norms accumulate on the gradients' device; one all-reduce of the experts' share over the
+    expert-parallel group (each expert once: the group splits the experts between its ranks; dense gradients
+    are equal on every rank and counted once), then one read of the norm. NOTE: collective (EP > 1)."""
+    dense, expert = [], []
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if getattr(p, "allreduce", True) is False:
-            expert += sq
-        else:
-            dense += sq
-    if is_distributed() and info is not None:
-        import torch.distributed as dist
-        # Each expert is replicated on world/ep ranks (its expert-data-parallel group): count it once.
-        replicas = world_size() // info.plan.ep_size
-        total = (expert / replicas).reshape(1)
-        dist.all_reduce(total)  # NOTE: collective
-        expert = total[0]
-    norm = float((dense + expert).sqrt())
+        if p.grad is not None:
+            (expert if getattr(p, "allreduce", True) is False else dense).append(p.grad)
+    device = next(model.parameters()).device
+
+    def squared(grads):  # sum of squared norms, fp64, on device
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=device)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        return torch.stack(norms).double().pow(2).sum().to(device)
+
+    dense_sq, expert_sq = squared(dense), squared(expert)
+    info = getattr(model, "expert_parallel", None)
+    if info is not None and info.plan.ep_size > 1:
+        expert_sq = reduce_on_device(expert_sq.reshape(1), device, group=info.groups.ep_group)[0]
+    norm = float((dense_sq + expert_sq).sqrt())  # the one device-to-host sync
     if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        torch._foreach_mul_(dense + expert, max_norm / (norm + 1e-6))
     return norm
 
 

@@ -25,7 +25,8 @@ from ..moe import load_balancing_loss, router_z_loss
 from ..parallel import init_distributed, is_distributed, world_rank, world_size
 from . import state as ckpt
 from .config import TrainConfig
-from .engine import (build_model, clip_exact, freeze, initialize, model_args_for, resolve_dtype, uses_exact_clip)
+from .engine import (build_model, check_plan_strategy, clip_exact, freeze, initialize, model_args_for,
+                     reduce_on_device, resolve_dtype, uses_exact_clip)
 from .metrics import Metrics
 
 
@@ -50,7 +51,13 @@ def _join_world():
 def check_inputs(cfg: TrainConfig):
     """Everything that can be checked without a collective; the same verdict on every rank."""
     cfg.check()
+    if cfg.tensorboard:  # here, on every rank, not in Metrics (rank 0 only, after the first collectives)
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     args = model_args_for(cfg)
+    check_plan_strategy(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % cfg.ep:
         raise ValueError(f"--ep {cfg.ep} does not divide the number of ranks ({world})")
@@ -111,14 +118,12 @@ def evaluate(engine, model, evals: data_lib.PackedData, micro_batch: int, device
     """Loss and perplexity over every eval row (sharded over ranks). NOTE: one all-reduce at the end."""
     was_training = model.training
     engine.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for b in evals.eval_batches(micro_batch, world_rank(), world_size()):
         b = {k: v.to(device) for k, v in b.items()}
         _, parts, _ = lm_and_router_losses(engine, b, 0.0, 0.0)
-        sums += parts[:2].double().cpu()
-    if is_distributed():
-        import torch.distributed as dist
-        dist.all_reduce(sums)
+        sums += parts[:2].double()
+    sums = reduce_on_device(sums, device).cpu()
     engine.train(was_training)
     loss = float(sums[0] / sums[1].clamp(min=1))
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(sums[1])}
@@ -128,9 +133,7 @@ def _load_counters(model, routed: torch.Tensor) -> None:
     """Put the run totals into the MoE counters for save_pretrained: under EP it sums every rank's counters;
     a plain model's are read on rank 0 only, so that rank gets the world's sum. NOTE: collective (EP=1)."""
     if getattr(model, "expert_parallel", None) is None and is_distributed():
-        import torch.distributed as dist
-        routed = routed.clone()
-        dist.all_reduce(routed)
+        routed = reduce_on_device(routed.clone(), next(model.parameters()).device)
     for moe, row in zip(model.moe_layers(), routed):
         moe.routed_tokens.copy_(row.to(moe.routed_tokens.device))
 
@@ -161,12 +164,15 @@ def main(cfg: TrainConfig) -> str:
     start_step, tokens_seen = 0, 0
     # This rank's tokens per expert over the whole run; checkpoints record the world's sum (epkit_plan.json
     # "routed_tokens"), which the inference engine's balanced placement reads.
-    routed = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64)
+    # Kept on `device`: the collectives below must get tensors there (NCCL takes only CUDA tensors).
+    routed = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64, device=device)
     if resume_from is not None:
         saved = ckpt.load_engine_state(engine, model, resume_from)
         start_step, tokens_seen = saved["step"], saved["tokens_seen"]
+        # read (and checked) on every rank, so a bad file fails every rank alike; rank 0 carries the world's sum
+        counts = ckpt.saved_routing_counts(resume_from, args.num_layers, args.num_experts)
         if rank == 0:
-            routed += torch.tensor(ckpt.saved_routing_counts(resume_from), dtype=torch.int64)
+            routed += torch.tensor(counts, dtype=torch.int64, device=device)
     metrics = Metrics(cfg.output_dir, cfg.max_steps, start_step, enabled=rank == 0, progress=cfg.progress,
                       tensorboard=cfg.tensorboard)
     if rank == 0:
@@ -181,8 +187,7 @@ def main(cfg: TrainConfig) -> str:
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         engine.train()
-        sums = torch.zeros(4, dtype=torch.float64)
-        tokens = 0
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # lm mean, trained tokens, aux, z, tokens
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = None
         step_routed = torch.zeros_like(routed)
@@ -190,23 +195,20 @@ def main(cfg: TrainConfig) -> str:
             batch = train.batch(step * cfg.grad_accum + micro, cfg.micro_batch, rank, world)
             batch = {k: v.to(device) for k, v in batch.items()}
             loss, parts, micro_routed = lm_and_router_losses(engine, batch, aux_coef, cfg.z_loss_coef)
-            step_routed += micro_routed.cpu()
+            step_routed += micro_routed
             engine.backward(loss)
             if exact_clip and engine.is_gradient_accumulation_boundary():
                 grad_norm = clip_exact(model, cfg.grad_clip)
             engine.step()
             # per micro-batch: lm mean, aux, z as the loss saw them; token count for throughput
-            sums += torch.stack([parts[0] / parts[1].clamp(min=1), parts[1], parts[2], parts[3]]).double().cpu()
-            tokens += int((batch["positions"] >= 0).sum())
+            sums += torch.stack([parts[0] / parts[1].clamp(min=1), parts[1], parts[2], parts[3],
+                                 (batch["positions"] >= 0).sum().to(parts.dtype)]).double()
         if grad_norm is None:
             grad_norm = float(engine.get_global_grad_norm() or 0.0)
         routed += step_routed
-        # NOTE: collectives: loss/token sums and routing counts over the world
-        sums = torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64)])
-        if is_distributed():
-            import torch.distributed as dist
-            dist.all_reduce(sums)
-            dist.all_reduce(step_routed)
+        # NOTE: collectives: loss/token sums and routing counts over the world, on `device`
+        sums = reduce_on_device(sums, device).cpu()
+        step_routed = reduce_on_device(step_routed, device).cpu()
         lm, aux, z = (sums[i].item() / (world * cfg.grad_accum) for i in (0, 2, 3))
         step_tokens = int(sums[4])
         tokens_seen += step_tokens

@@ -70,11 +70,26 @@ class Metrics:
             self.tb.close()
 
 
+def _records(file: str) -> list[tuple[str, dict]]:
+    """(line, object) for each JSON line of `file`. A torn last line (a run killed mid-write) is skipped;
+    a bad line before the last is an error naming it."""
+    with open(file) as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    out = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            out.append((line if line.endswith("\n") else line + "\n", json.loads(line)))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break  # torn trailing line
+            raise ValueError(f"{file}: line {n} is not JSON ({e.msg}): {line[:80]!r}") from None
+    return out
+
+
 def _truncate_after(file: str, step: int) -> None:
     if not os.path.isfile(file):
         return
-    with open(file) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [line for line, r in _records(file) if r.get("step", 0) <= step]
     with open(file, "w") as f:
         f.writelines(keep)
 
@@ -83,5 +98,4 @@ def read_metrics(output_dir: str) -> list[dict]:
     file = os.path.join(output_dir, METRICS_FILE) if os.path.isdir(output_dir) else output_dir
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{output_dir}: no {METRICS_FILE} (is this a training run directory?)")
-    with open(file) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [r for _, r in _records(file)]

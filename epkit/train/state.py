@@ -115,11 +115,28 @@ def load_engine_state(engine, model, directory: str) -> dict:
         return json.load(f)
 
 
-def saved_routing_counts(directory: str) -> list[list[int]]:
-    """Run totals of tokens per expert per layer, as the checkpoint's epkit_plan.json records them."""
+def saved_routing_counts(directory: str, num_layers: int, num_experts: int) -> list[list[int]]:
+    """Run totals of tokens per expert per layer, as the checkpoint's epkit_plan.json records them.
+
+    Called on every rank, so every rank reaches the same verdict: a checkpoint without the record (written
+    before epkit kept it, or by hand) resumes with zeros and a warning; a record of the wrong shape is an
+    error naming it."""
+    import warnings
+
     from ..checkpoint import PLAN_FILE
-    with open(os.path.join(directory, PLAN_FILE)) as f:
-        return json.load(f)["routed_tokens"]
+    file = os.path.join(directory, PLAN_FILE)
+    counts = None
+    if os.path.isfile(file):
+        with open(file) as f:
+            counts = json.load(f).get("routed_tokens")
+    if counts is None:
+        warnings.warn(f"--resume: {file} records no routed_tokens; the run's routing totals restart from zero",
+                      stacklevel=2)
+        return [[0] * num_experts for _ in range(num_layers)]
+    if len(counts) != num_layers or any(len(row) != num_experts for row in counts):
+        raise ValueError(f"--resume: {file} routed_tokens is not {num_layers} layers x {num_experts} experts "
+                         f"(got {len(counts)} rows of {sorted({len(r) for r in counts})})")
+    return counts
 
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
