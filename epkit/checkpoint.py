@@ -256,7 +256,16 @@ def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, e
         check_manifest(path, args)
         groups = setup_expert_parallel(plan.ep_size)
         apply_expert_parallel(model, plan, groups, dispatch=dispatch)
-    report = load_state_into(model, path, device, dtype)
+        from .parallel import all_ranks_ok
+        failure = None
+        try:  # a rank may miss only its own experts' tensors: every rank must hear of it
+            report = load_state_into(model, path, device, dtype)
+        except (CheckpointError, OSError, ValueError) as e:
+            failure = e
+        if not all_ranks_ok(failure is None):
+            raise failure or CheckpointError(f"{path}: another rank could not load its experts (see its error)")
+    else:
+        report = load_state_into(model, path, device, dtype)
     return (model, report) if return_report else model
 
 
@@ -267,8 +276,17 @@ def check_manifest(path: str, args: ModelArgs) -> None:
         return
     from .plan import ShardingPlan
     with open(file) as f:
-        manifest = json.load(f)
-    ShardingPlan.from_dict(manifest["plan"]).check_matches(args.num_experts, args.num_layers, source=file)
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or "plan" not in manifest:
+        raise CheckpointError(f"{file}: has no 'plan' entry")
+    try:
+        plan = ShardingPlan.from_dict(manifest["plan"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    plan.check_matches(args.num_experts, args.num_layers, source=file)
 
 
 # ---- writing ----------------------------------------------------------------------------------

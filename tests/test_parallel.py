@@ -136,7 +136,7 @@ def test_ep2_checkpoint_loads_at_other_sizes(checkpoints, world):
 def _bad_ep(rank, world, ckpt, ep):
     try:
         epkit.load_pretrained(ckpt, ep_size=ep, dispatch="replicated")
-    except ValueError as e:
+    except (ValueError, epkit.CheckpointError) as e:
         return str(e)
     return None
 
@@ -185,3 +185,19 @@ def test_a_save_failing_on_one_rank_fails_everywhere_and_keeps_the_old_checkpoin
     assert outs[0][0] == f"saving {dst} failed on another rank; nothing was replaced"
     assert outs[1][0] == "disk full (simulated on rank 1)"
     assert all(o[1] for o in outs) and outs[0][2] == ["ck"]  # old checkpoint whole, no temp dir left
+
+
+def test_an_expert_missing_on_one_rank_fails_on_every_rank(checkpoints, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    root, src, *_ = checkpoints
+    bad = str(tmp_path / "bad")
+    shutil.copytree(src, bad)
+    file = [os.path.join(bad, f) for f in os.listdir(bad) if f.endswith(".safetensors")][0]
+    sd = load_file(file)
+    del sd["model.layers.1.block_sparse_moe.experts.6.w1.weight"]  # owned by EP rank 1
+    save_file(sd, file)
+    msgs = run(_bad_ep, 2, bad, 2)
+    assert msgs[1].startswith(f"{bad}: tensor model.layers.1.block_sparse_moe.experts.6.w1.weight is missing")
+    assert msgs[0] == f"{bad}: another rank could not load its experts (see its error)"

@@ -105,7 +105,7 @@ class LLM:
     def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
                  tokenizer=None, **engine):
         from ..checkpoint import load_pretrained
-        from ..parallel import init_distributed, world_rank, world_size
+        from ..parallel import init_distributed, world_size
         if not isinstance(ep, int) or ep < 1:
             raise ValueError(f"ep={ep!r} must be a positive integer")
         if ep > 1:
@@ -119,7 +119,7 @@ class LLM:
         model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, plan=plan,
                                         strategy=strategy, dispatch="replicated", return_report=True)
         self.load_report = report
-        if tokenizer is None and world_rank() == 0:
+        if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
             tokenizer = load_tokenizer(checkpoint)
         self._setup(model.eval(), tokenizer, device, **engine)
 

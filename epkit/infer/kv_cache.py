@@ -49,6 +49,8 @@ class BlockAllocator:
 
 def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
     """Keys and values of every layer for one block of tokens."""
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be a positive integer")
     elt = torch.empty((), dtype=dtype).element_size()
     return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elt
 
