@@ -11,6 +11,7 @@ Legend: B batch, T tokens, S keys, D hidden, H query heads, G KV heads, Dh head 
 """
 from __future__ import annotations
 
+import zlib
 from typing import Protocol
 
 import torch
@@ -30,6 +31,10 @@ class KVCache(Protocol):
         """Store k, v [B, G, T, Dh] at `positions` [B, T]; return all keys/values [B, G, S, Dh] of each row
         and their positions [B, S] (-1 for empty slots)."""
         ...
+
+
+def _seeded(device: torch.device, seed: int, key: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
 
 
 class RMSNorm(nn.Module):
@@ -130,13 +135,24 @@ class Mixtral(nn.Module):
         return [layer.moe for layer in self.layers]
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "Mixtral":
-        """Normal(0, std) for every matrix, ones for the norms (transformers' initialisation)."""
+    def init_weights(self, std: float = 0.02, seed: int = 0, router_std: float | None = None) -> "Mixtral":
+        """Normal(0, std) matrices (the router: `router_std` if given), ones for the norms, as
+        transformers initialises. Every tensor, and every expert, draws from its own generator seeded
+        by (seed, name, expert id): the weights are the same whichever EP size the experts are split
+        over and whichever rank holds them. Works on the parameters' own device."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+                continue
+            s = router_std if router_std is not None and name.endswith("moe.gate.weight") else std
+            if ".moe.experts." in name:
+                layer = int(name.split(".")[1])
+                for slot, e in enumerate(self.layers[layer].moe.experts.expert_ids):
+                    p[slot].normal_(0.0, s, generator=_seeded(p.device, seed, f"{name}.{e}"))
             else:
-                p.normal_(0.0, std, generator=generator)
+                p.normal_(0.0, s, generator=_seeded(p.device, seed, name))
+        for moe in self.moe_layers():
+            moe.routed_tokens.zero_()
         return self
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -102,8 +102,7 @@ def test_ep_sizes_give_the_same_losses_and_weights(trained):
 def _initial_weights():
     from epkit import Mixtral, ModelArgs
     from epkit.checkpoint import hub_tensors
-    from epkit.train.engine import init_weights_by_name
-    model = init_weights_by_name(Mixtral(ModelArgs.from_name("tiny")), SEED)
+    model = Mixtral(ModelArgs.from_name("tiny")).init_weights(seed=SEED)
     return {name: get().clone() for name, get in hub_tensors(model)}
 
 

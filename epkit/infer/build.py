@@ -7,16 +7,10 @@ weights, and expert e holds the same numbers at any EP size: outputs agree acros
 """
 from __future__ import annotations
 
-import zlib
-
 import torch
 
 from ..config import ModelArgs
 from ..model import Mixtral
-
-
-def _generator(device: torch.device, seed: int, key: str) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 63))
 
 
 @torch.no_grad()
@@ -33,16 +27,7 @@ def random_model(args: ModelArgs, ep_size: int = 1, device="cpu", dtype=torch.fl
         plan = ShardingPlan(args.num_experts, ep_size, num_layers=args.num_layers)
         apply_expert_parallel(model, plan, setup_expert_parallel(ep_size), dispatch="replicated")
     model.to_empty(device=device)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif name.endswith(("experts.w13", "experts.w2")):
-            layer = int(name.split(".")[1])
-            for slot, e in enumerate(model.layers[layer].moe.experts.expert_ids):
-                p[slot].normal_(0.0, std, generator=_generator(device, seed, f"{name}.{e}"))
-        else:
-            s = router_std if (router_std is not None and name.endswith("moe.gate.weight")) else std
-            p.normal_(0.0, s, generator=_generator(device, seed, name))
-    for moe in model.moe_layers():
-        moe.routed_tokens = torch.zeros(args.num_experts, dtype=torch.int64, device=device)
+    if args.tie_word_embeddings:  # to_empty made two tensors of the tied one
+        model.lm_head.weight = model.embed.weight
+    model.init_weights(std, seed, router_std)
     return model.eval()

@@ -3,7 +3,7 @@
 Order (one place, one order):
   1. build the model on the meta device and shard it, then materialise: a checkpoint loads with
      `load_pretrained(ep_size=E, dispatch="all_to_all")` (each rank reads its own experts); a preset gets
-     `apply_expert_parallel` then `init_weights_by_name` (every tensor and expert drawn from its own seeded
+     `apply_expert_parallel` then `Mixtral.init_weights` (every tensor and expert drawn from its own seeded
      generator, so every EP size starts from the same weights);
   2. freeze what `--train-only` leaves out;
   3. AdamW over parameter groups where expert parameters form DeepSpeed's MoE groups
@@ -100,7 +100,7 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = 
         model.to_empty(device=device)
         if args.tie_word_embeddings:  # to_empty made two tensors of the tied one
             model.lm_head.weight = model.embed.weight
-        init_weights_by_name(model, cfg.seed)
+        model.init_weights(seed=cfg.seed)
     if plan is not None:
         mark_expert_params(model)  # to_empty made new Parameters without DeepSpeed's expert markers
     model.activation_checkpointing = cfg.activation_checkpointing
@@ -108,29 +108,6 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = 
 
 
 @torch.no_grad()
-def init_weights_by_name(model: Mixtral, seed: int, std: float = 0.02) -> Mixtral:
-    """Normal(0, std) matrices, ones for norms (transformers' initialisation), each tensor and each expert
-    drawn from its own generator seeded by (seed, name, expert id): the weights do not depend on the EP
-    size or on which rank holds an expert. Routing counters start at zero."""
-    import zlib
-
-    def gen(*key) -> torch.Generator:
-        return torch.Generator().manual_seed(zlib.crc32(repr((seed, *key)).encode()))
-
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif ".moe.experts." in name:
-            layer = int(name.split(".")[1])
-            for slot, e in enumerate(model.layers[layer].moe.experts.expert_ids):
-                p[slot].copy_(torch.empty(p.shape[1:]).normal_(0.0, std, generator=gen(name, e)))
-        else:
-            p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen(name)))
-    for moe in model.moe_layers():
-        moe.routed_tokens.zero_()
-    return model
-
-
 def freeze(model: Mixtral, train_only: str) -> dict[str, int]:
     """Leave only `train_only` trainable ('none' trains everything); returns trainable counts by part."""
     def part(name: str) -> str:
