@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .moe import Experts, MoE, count_per_bucket
+from .moe import Experts, count_per_bucket
 from .plan import ShardingPlan
 
 DISPATCH_MODES = ("all_to_all", "replicated")
@@ -161,8 +161,6 @@ class _AllToAll(torch.autograd.Function):
 class ReplicatedDispatch:
     """Every EP rank holds the same tokens: compute local experts, then sum over the EP group."""
 
-    mode = "replicated"
-
     def __init__(self, slots: list[int], owners: list[int], ep_rank: int, group):
         # slot of expert e on this rank, -1 where another rank owns it
         self.table = torch.tensor([s if o == ep_rank else -1 for s, o in zip(slots, owners)])
@@ -182,8 +180,6 @@ class ReplicatedDispatch:
 
 class AllToAllDispatch:
     """Ranks hold different tokens: send each (token, expert) pair to the expert's owner and back."""
-
-    mode = "all_to_all"
 
     def __init__(self, slots: list[int], owners: list[int], ep_size: int, group):
         self.slot = torch.tensor(slots)

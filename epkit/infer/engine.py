@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget, bytes_per_block
+from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget
 from .runner import MAX_BATCHES, Batch, StepRunner
 from .sampling import SamplingBatch, SamplingParams, sample
 from .scheduler import Scheduler, Sequence, group_rows

@@ -34,10 +34,6 @@ class BlockAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
-    @property
-    def num_usable(self) -> int:
-        return self.num_blocks - 1
-
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"asked for {n} KV blocks, only {len(self._free)} free")

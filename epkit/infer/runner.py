@@ -140,6 +140,3 @@ class StepRunner:
         """Copy the real-token counts into the MoE layers' counters (for `epkit.parallel` telemetry)."""
         for layer, moe in enumerate(self.model.moe_layers()):
             moe.routed_tokens.copy_(self.routed[layer])
-
-    def reset_routing_counts(self) -> None:
-        self.routed.zero_()

@@ -21,7 +21,6 @@ Nothing here touches tensors: the engine turns a `StepPlan` into model inputs.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,7 +45,6 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: str = WAITING
-    admitted: int = -1  # admission order, for preemption (the newest goes first)
     first_scheduled: float | None = None
     first_token: float | None = None
     finished_at: float | None = None
@@ -93,7 +91,6 @@ class Scheduler:
             raise ValueError(f"long_prefill_tokens={long_prefill_tokens} must be at least 1")
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
-        self._admissions = itertools.count()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -166,7 +163,7 @@ class Scheduler:
             if not self._reserve(seq, n):
                 break
             self.waiting.popleft()
-            seq.status, seq.admitted = RUNNING, next(self._admissions)
+            seq.status = RUNNING
             self.running.append(seq)
             rows.append((seq, 0, n))
             budget -= n
