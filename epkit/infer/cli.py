@@ -17,8 +17,8 @@ import os
 import sys
 import time
 
-import yaml
 
+from ..config import read_recipe
 from .sampling import SamplingParams
 
 DEFAULT_RUN_DIR = "outputs/default"
@@ -56,23 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     args = p.parse_args(argv)
     del args.local_rank
-    cfg = _read_yaml(os.path.abspath(DEFAULT_CONFIG)) if os.path.isfile(DEFAULT_CONFIG) else {}
+    cfg = read_recipe(os.path.abspath(DEFAULT_CONFIG)) if os.path.isfile(DEFAULT_CONFIG) else {}
     if args.config:
-        cfg.update(_read_yaml(args.config))
+        cfg.update(read_recipe(args.config))
     for k, v in vars(args).items():
         if v is not None or k not in cfg:
             cfg[k] = v
     return argparse.Namespace(**cfg)
-
-
-def _read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such config file")
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a mapping of settings")
-    return {k.replace("-", "_"): v for k, v in cfg.items()}
 
 
 def resolve_checkpoint(path: str | None) -> str | None:

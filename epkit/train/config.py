@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
+from ..config import read_recipe
 from ..plan import STRATEGIES
 
 FREEZE_CHOICES = ("none", "attention", "router", "experts")
@@ -89,19 +89,7 @@ class TrainConfig:
 
 
 def load_yaml(path: str) -> dict:
-    import yaml
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path!r}: no such file")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path!r}: expected a mapping of setting: value")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"--config {path!r}: unknown setting(s) {', '.join(unknown)}")
-    return values
+    return read_recipe(path, {f.name for f in dataclasses.fields(TrainConfig)})
 
 
 def build_parser() -> argparse.ArgumentParser:
