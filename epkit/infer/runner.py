@@ -45,6 +45,7 @@ class StepRunner:
         self.model, self.cache, self.device = model, cache, torch.device(device)
         # Decode steps replay CUDA graphs (graphs.py); prefill chunks and CPU runs stay eager.
         self.graphs = DecodeGraphs(self._forward, self.device) if cuda_graphs and self.device.type == "cuda" else None
+        self._sync_free_rows: dict[int, bool] = {}
         info = getattr(model, "expert_parallel", None)
         self.group = info.groups.ep_group if info is not None and info.plan.ep_size > 1 else None
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
@@ -117,9 +118,13 @@ class StepRunner:
         return out
 
     def _sync_free(self, rows: int) -> bool:
-        """Whether a decode forward of `rows` tokens has no host sync (else it cannot be graph-captured)."""
-        probe = self.model.embed.weight[:1]
-        return all(moe.experts.sync_free(probe, rows * self.top_k) for moe in self.model.moe_layers())
+        """Whether a decode forward of `rows` tokens has no host sync (else it cannot be graph-captured).
+        Asked once per row count: the answer depends only on shapes, dtype and device."""
+        if rows not in self._sync_free_rows:
+            probe = self.model.embed.weight[:1]
+            self._sync_free_rows[rows] = all(moe.experts.sync_free(probe, rows * self.top_k)
+                                             for moe in self.model.moe_layers())
+        return self._sync_free_rows[rows]
 
     def _forward(self, tokens, positions, table, rows) -> torch.Tensor:
         """One forward with the cache prepared for it; free of host syncs (CUDA graphs capture it)."""
