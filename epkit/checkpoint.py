@@ -13,6 +13,7 @@ The directory is written under a temporary name and renamed when whole.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -67,7 +68,14 @@ _HUB_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+    """A checkpoint that cannot be loaded or written; the message names the file and the tensor."""
+
+
+def write_error(e: BaseException, file: str) -> CheckpointError:
+    """One line for a failed write (a full disk names the file; the previous checkpoint stays whole)."""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+        return CheckpointError(f"no space left while writing {file}")
+    return CheckpointError(f"could not write {file}: {getattr(e, 'strerror', None) or e}")
 
 
 @dataclass
@@ -326,7 +334,10 @@ def _write_shards(items, directory: str, prefix: str, max_shard_bytes: int) -> d
         nonlocal shard, size, k
         if shard:
             file = f"{prefix}-{k:05d}.safetensors"
-            save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+            try:
+                save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+            except Exception as e:
+                raise write_error(e, os.path.join(directory, file)) from None
             weight_map.update({n: file for n in shard})
             shard, size, k = {}, 0, k + 1
 
@@ -361,7 +372,7 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
     try:
         _write_rank_files(model, tmp, info, rank, max_shard_size)
     except Exception as e:  # every rank learns of it below, so none waits forever in a collective
-        failure = e
+        failure = CheckpointError(str(e).replace(tmp, path)) if isinstance(e, CheckpointError) else e
     if not parallel.all_ranks_ok(failure is None):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
@@ -369,28 +380,33 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
     stats = parallel.gather_routing_counts(model) if info is not None else _routing_counts(model)
     parallel.barrier()
     if rank == 0:
-        weight_map = {}
-        for r in range(world):
-            part = os.path.join(tmp, f".part-{r}.json")
-            with open(part) as f:
-                weight_map.update(json.load(f))
-            os.remove(part)
-        total = sum(os.path.getsize(os.path.join(tmp, f)) for f in set(weight_map.values()))
-        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
-                      indent=2)
-        model.args.save(tmp, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
-        from .plan import ShardingPlan
-        plan = info.plan if info else ShardingPlan(model.args.num_experts, 1, num_layers=model.args.num_layers)
-        manifest = {"plan": plan.to_dict(), "routed_tokens": stats, **(extra_manifest or {})}
-        with open(os.path.join(tmp, PLAN_FILE), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if tokenizer_dir:
-            for name in os.listdir(tokenizer_dir):
-                if name.startswith("tokenizer") or name in ("special_tokens_map.json",):
-                    shutil.copy(os.path.join(tokenizer_dir, name), tmp)
-        _atomic_replace(tmp, path)
-    parallel.barrier()
+        try:
+            weight_map = {}
+            for r in range(world):
+                part = os.path.join(tmp, f".part-{r}.json")
+                with open(part) as f:
+                    weight_map.update(json.load(f))
+                os.remove(part)
+            total = sum(os.path.getsize(os.path.join(tmp, f)) for f in set(weight_map.values()))
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                          indent=2)
+            model.args.save(tmp, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+            from .plan import ShardingPlan
+            plan = info.plan if info else ShardingPlan(model.args.num_experts, 1, num_layers=model.args.num_layers)
+            manifest = {"plan": plan.to_dict(), "routed_tokens": stats, **(extra_manifest or {})}
+            with open(os.path.join(tmp, PLAN_FILE), "w") as f:
+                json.dump(manifest, f, indent=2)
+            if tokenizer_dir:
+                for name in os.listdir(tokenizer_dir):
+                    if name.startswith("tokenizer") or name in ("special_tokens_map.json",):
+                        shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+            _atomic_replace(tmp, path)
+        except OSError as e:  # a full disk: one line, and the previous checkpoint at `path` stays whole
+            shutil.rmtree(tmp, ignore_errors=True)
+            failure = write_error(e, str(getattr(e, "filename", None) or path).replace(tmp, path))
+    if not parallel.all_ranks_ok(failure is None):  # NOTE: collective (was a barrier): rank 0's writes are done
+        raise failure or CheckpointError(f"saving {path} failed on rank 0 (see its error); nothing was replaced")
 
 
 def _write_rank_files(model, tmp: str, info, rank: int, max_shard_size: int) -> None:

@@ -203,13 +203,15 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     for step, complete in [(2, True), (4, True), (6, False), (8, True), (10, True)]:
         d = tmp_path / f"checkpoint-{step:06d}"
         d.mkdir()
+        (d / "epkit_plan.json").write_text(json.dumps({"trainer_state": {"step": step, "run_id": "A"}}))
         if complete:
             (d / state.STATE_FILE).write_text(json.dumps({"step": step}))
+            (d / state.MARKER_FILE).write_text(json.dumps({"run_id": "A", "step": step, "files": {}}))
     (tmp_path / "checkpoint-000012.tmp-0123abcd").mkdir()  # a save that crashed
     (tmp_path / "final.old-0123abcd").mkdir()  # may be the only copy after a crash: kept
-    state.prune(str(tmp_path), keep_last=2)
+    state.prune(str(tmp_path), keep_last=2, run_id="A")
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-000008", "checkpoint-000010", "final.old-0123abcd"]
-    assert state.latest_checkpoint(str(tmp_path)).endswith("checkpoint-000010")
+    assert state.latest_checkpoint(str(tmp_path), "A").endswith("checkpoint-000010")
 
 
 def test_checkpoint_without_tokenizer_needs_one(tmp_path, capsys):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import data as data_lib
 from ..moe import load_balancing_loss, router_z_loss
-from ..parallel import init_distributed, is_distributed, world_rank, world_size
+from ..parallel import broadcast_object, init_distributed, is_distributed, world_rank, world_size
 from . import state as ckpt
 from .config import TrainConfig
 from .engine import (build_model, check_plan_strategy, clip_exact, freeze, initialize, model_args_for,
@@ -78,7 +78,8 @@ def check_inputs(cfg: TrainConfig):
     train = data_lib.load_packed(cfg.data or data_lib.DEFAULT_DATA, tokenizer, cfg.seq_len, **kw)
     train.check_fits(cfg.micro_batch, world)
     evals = data_lib.load_packed(cfg.eval_data, tokenizer, cfg.seq_len, **kw) if cfg.eval_data else None
-    return args, tok_dir, train, evals
+    run = ckpt.check_run_dir(cfg)  # last: the other checks are cheaper to fix
+    return args, tok_dir, train, evals, run
 
 
 @torch.no_grad()
@@ -147,10 +148,13 @@ def _seed_everything(seed: int) -> None:
 
 def main(cfg: TrainConfig) -> str:
     """Train; return the path of the final checkpoint (a Hugging Face directory)."""
-    args, tok_dir, train, evals = check_inputs(cfg)
-    resume_from = ckpt.latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    args, tok_dir, train, evals, run = check_inputs(cfg)
+    resume_from = run.resume_from
     accelerator = _join_world()
     rank, world = world_rank(), world_size()
+    run.run_id = broadcast_object(run.run_id)  # NOTE: collective: rank 0's id names the run
+    if rank == 0:
+        ckpt.write_run_file(cfg.output_dir, run)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     _seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg)
@@ -175,6 +179,8 @@ def main(cfg: TrainConfig) -> str:
             routed += torch.tensor(counts, dtype=torch.int64, device=device)
     metrics = Metrics(cfg.output_dir, cfg.max_steps, start_step, enabled=rank == 0, progress=cfg.progress,
                       tensorboard=cfg.tensorboard)
+    for note in run.notes:
+        metrics.write(note)
     if rank == 0:
         where = f"resuming from {resume_from} at step {start_step}" if resume_from else "starting from step 0"
         if cfg.resume and resume_from is None:
@@ -224,15 +230,17 @@ def main(cfg: TrainConfig) -> str:
             result = {"step": step + 1, **evaluate(engine, model, evals, cfg.micro_batch, device)}
             metrics.log(result)
             metrics.write(f"step {step + 1}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
-        trainer_state = {"step": step + 1, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)}
+        trainer_state = {"step": step + 1, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
+                         "run_id": run.run_id}
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not done:
             _load_counters(model, routed)
             ckpt.save(engine, model, ckpt.step_dir(cfg.output_dir, step + 1), trainer_state, tok_dir)
             if rank == 0:
-                ckpt.prune(cfg.output_dir, cfg.keep_last)
+                ckpt.prune(cfg.output_dir, cfg.keep_last, run.run_id)
     final = os.path.abspath(os.path.join(cfg.output_dir, "final"))
     if start_step < cfg.max_steps or resume_from is None or os.path.basename(resume_from) != "final":
-        trainer_state = {"step": cfg.max_steps, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)}
+        trainer_state = {"step": cfg.max_steps, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
+                         "run_id": run.run_id}
         _load_counters(model, routed)
         ckpt.save(engine, model, final, trainer_state, tok_dir)
     metrics.close()

@@ -1,0 +1,147 @@
+"""Faults a run must survive: a directory holding another run, damaged checkpoints, a full disk, a frozen rank.
+
+One real single-process fine-tune (4 steps, a checkpoint after each; its third save hits an injected full disk)
+gives the run directory the in-process checks copy and damage. Only the frozen-rank tests start more processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+SMALL = ["--seq-len", "32", "--micro-batch", "2", "--no-progress"]
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
+               PYTHONPATH=ROOT, **extra)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _launcher():
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import train
+    return train
+
+
+# The run's third save (checkpoint-000003) meets a full disk: every other write goes through.
+_FULL_DISK_AT_STEP_3 = """
+import errno, runpy, sys
+import epkit.checkpoint as c
+real = c.save_file
+def save_file(tensors, path, *a, **k):
+    if "checkpoint-000003" in path:
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    return real(tensors, path, *a, **k)
+c.save_file = save_file
+sys.exit(runpy.run_path(%r, run_name="not_main")["run"](sys.argv[1:]))
+""" % TRAIN
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real run: checkpoints after steps 1 and 2, then a full disk while saving step 3."""
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    p = subprocess.run([sys.executable, "-c", _FULL_DISK_AT_STEP_3, "--max-steps", "4", "--save-every", "1",
+                        "--keep-last", "3", "--output-dir", out, *SMALL],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    return out, p
+
+
+def _copy(run_dir, tmp_path) -> str:
+    out = str(tmp_path / "out")
+    shutil.copytree(run_dir[0], out)
+    return out
+
+
+def _cfg(out, *argv):
+    from epkit.train.config import parse_config
+    return parse_config(["--max-steps", "4", "--save-every", "1", "--keep-last", "3", "--output-dir", out, *SMALL,
+                         *argv])
+
+
+def _listing(path) -> dict:
+    return {os.path.relpath(os.path.join(r, f), path): os.path.getsize(os.path.join(r, f))
+            for r, _, files in os.walk(path) for f in files}
+
+
+# ---- item 1: a run directory holds one run -------------------------------------------------------------------
+
+def test_new_run_refuses_a_directory_holding_an_earlier_run(run_dir, tmp_path, capsys):
+    out = _copy(run_dir, tmp_path)
+    before = _listing(out)
+    launcher = _launcher()
+    assert launcher.run(["--output-dir", out, *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds an earlier run's checkpoints (checkpoint-000001/, checkpoint-000002/)" in err[0] \
+        and "--resume" in err[0], err
+    # --resume with other settings is another run too
+    assert launcher.run(["--output-dir", out, "--resume", "--lr", "0.01", *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was started with --lr=0.003, this run has 0.01" in err[0], err
+    # a checkpoint of another run beside this run's
+    from epkit.train import state
+    other = os.path.join(out, "checkpoint-000009")
+    shutil.copytree(os.path.join(out, "checkpoint-000002"), other)
+    marker = json.load(open(os.path.join(other, state.MARKER_FILE)))
+    json.dump({**marker, "run_id": "someone-else"}, open(os.path.join(other, state.MARKER_FILE), "w"))
+    assert launcher.run(["--output-dir", out, "--resume", *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{other} belongs to another run" in err[0], err
+    shutil.rmtree(other)
+    assert _listing(out) == before, "a refused run wrote or deleted something"
+
+
+def test_unrelated_final_is_refused_before_step_1(tmp_path, capsys):
+    from epkit import Mixtral, save_pretrained
+    from tests.conftest import tiny_args
+    out = tmp_path / "out"
+    save_pretrained(Mixtral(tiny_args()).init_weights(), str(out / "final"))  # somebody's model, not a run's
+    before = _listing(str(out))
+    launcher = _launcher()
+    for extra in ([], ["--resume"]):
+        assert launcher.run(["--output-dir", str(out), *extra, *SMALL]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds a final/ that epkit's trainer did not write" in err[0], err
+    assert _listing(str(out)) == before
+
+
+def test_resume_and_prune_touch_only_this_runs_checkpoints(run_dir, tmp_path):
+    """Trainer-style checkpoint-500/trainer_state.json is not epkit's: no KeyError, never deleted."""
+    from epkit.train import state
+    out = _copy(run_dir, tmp_path)
+    trainer = os.path.join(out, "checkpoint-500")
+    os.makedirs(trainer)
+    with open(os.path.join(trainer, "trainer_state.json"), "w") as f:
+        json.dump({"global_step": 500, "log_history": []}, f)
+    run = state.check_run_dir(_cfg(out, "--resume"))
+    assert run.resume_from == os.path.join(out, "checkpoint-000002") and not run.notes
+    assert run.run_id == json.load(open(os.path.join(out, state.RUN_FILE)))["run_id"]
+    state.prune(out, 1, run.run_id)
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000002", "checkpoint-500"]
+    state.prune(out, 1, "another-run")  # nothing of this run is another run's to prune
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000002", "checkpoint-500"]
+
+
+# ---- item 11: a full disk during a save --------------------------------------------------------------------
+
+def test_full_disk_during_save_is_one_line_and_keeps_the_previous_checkpoint(run_dir):
+    out, p = run_dir
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error")]
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert lines == [f"error (rank 0): no space left while writing "
+                     f"{os.path.join(out, 'checkpoint-000003', 'model-00000.safetensors')}"], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000001",
+                                                                                "checkpoint-000002"]
+    from epkit.train import state
+    run = state.check_run_dir(_cfg(out, "--resume"))
+    assert run.resume_from == os.path.join(out, "checkpoint-000002") and not run.notes  # whole
