@@ -2,7 +2,7 @@
 
   - SIGKILL mid-run (EP=2, ZeRO 1, 2 ranks), then --resume: later losses equal the uninterrupted run's;
     the final checkpoint loads in transformers and at EP=1 in epkit with the same logits;
-  - the Accelerate path runs 2 steps;
+  - the Accelerate path gives the deepspeed path's learning rate and loss at every step;
   - a short fine-tune on the embedded corpus lowers the loss and reports eval loss / perplexity;
   - bad input: one error line per rank, non-zero exit, nothing written.
 """
@@ -102,16 +102,33 @@ def _check_loads_in_transformers_and_epkit(path):
         assert json.load(f)["plan"]["ep_size"] == 2
 
 
-def test_accelerate_path_runs_two_steps(tmp_path):
-    out = str(tmp_path / "acc")
+def test_accelerate_path_matches_the_deepspeed_path(tmp_path):
+    """Same settings through `accelerate launch` and `deepspeed`: the same learning rate and loss at every step
+    (Accelerate's wrapped scheduler was never stepped: the lr stayed at warm-up step 1), and a resumable state."""
+    acc, ds = str(tmp_path / "acc"), str(tmp_path / "ds")
+    args = ["--ep", "2", "--max-steps", "4", "--warmup-steps", "2", *SMALL]
     cmd = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "configs/accelerate/ep2.yaml"),
-           "--main_process_port", str(_free_port()), TRAIN, "--ep", "2", "--max-steps", "2", "--output-dir", out,
-           *SMALL]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    assert "epkit train (accelerate): 2 rank(s), ep=2, zero=2" in p.stdout + p.stderr
-    assert [r["step"] for r in _metrics(out)] == [1, 2]
-    assert os.path.isfile(os.path.join(out, "final", "trainer_state.json"))
+           "--main_process_port", str(_free_port()), TRAIN, *args, "--output-dir", acc]
+    a = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    d = _deepspeed([*args, "--zero-stage", "2", "--output-dir", ds], _free_port())
+    try:
+        out_a, _ = a.communicate(timeout=300)
+        out_d, _ = d.communicate(timeout=300)
+    finally:
+        for p in (a, d):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert a.returncode == 0, out_a[-3000:]
+    assert d.returncode == 0, out_d[-3000:]
+    assert "epkit train (accelerate): 2 rank(s), ep=2, zero=2" in out_a
+    ra, rd = _metrics(acc), _metrics(ds)
+    assert [r["step"] for r in ra] == [1, 2, 3, 4]
+    assert [r["lr"] for r in ra] == pytest.approx([r["lr"] for r in rd], rel=1e-12)
+    assert len({r["lr"] for r in ra}) == 4, [r["lr"] for r in ra]  # warm-up then decay: it moves every step
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rd], rel=1e-5)
+    saved = torch.load(os.path.join(acc, "final", "engine", "rank00000.pt"), weights_only=False)
+    assert saved["scheduler"] is not None and saved["scheduler"]["last_epoch"] == 4
 
 
 def test_short_finetune_lowers_the_loss(tmp_path):
