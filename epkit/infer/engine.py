@@ -55,6 +55,12 @@ class RequestOutput:
         return d
 
 
+def _short(value) -> str:
+    """A request value for an error line, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def load_tokenizer(path: str):
     """The checkpoint's tokenizer (transformers' AutoTokenizer), or None if the directory has none."""
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
@@ -202,8 +208,12 @@ class LLM:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt and prompt["prompt_token_ids"] is not None:
                 prompt = prompt["prompt_token_ids"]
+                if not isinstance(prompt, (list, tuple)):
+                    raise ValueError(f"prompt_token_ids={_short(prompt)} must be a list of token ids")
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
+                if not isinstance(prompt, str):
+                    raise ValueError(f"prompt={_short(prompt)} must be a string (token ids go in prompt_token_ids)")
             else:
                 raise ValueError(f"a request needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
         if isinstance(prompt, str):
@@ -212,7 +222,11 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer and the checkpoint has no tokenizer; "
                                  "send prompt_token_ids")
-            return prompt, list(self.tokenizer(prompt)["input_ids"])
+            try:
+                return prompt, list(self.tokenizer(prompt)["input_ids"])
+            except Exception as e:  # e.g. a lone surrogate: this request fails, not the batch
+                raise ValueError(f"the prompt cannot be tokenised ({type(e).__name__}: {e}); is it valid "
+                                 f"Unicode?") from None
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)):
@@ -324,7 +338,10 @@ class LLM:
         # NOTE: a full decode of the output each time; O(n^2) over a long streamed output.
         if self.tokenizer is not None and (self._incremental_text or p.stop_strings or reason is not None):
             old = out.text or ""
-            text = self.tokenizer.decode(out.token_ids, skip_special_tokens=p.skip_special_tokens)
+            try:
+                text = self.tokenizer.decode(out.token_ids, skip_special_tokens=p.skip_special_tokens)
+            except Exception as e:  # this request fails, the others go on
+                return self._fail(seq, out, now, f"the output cannot be detokenised ({type(e).__name__}: {e})")
             if reason in (None, "length") and p.stop_strings:
                 hits = [i for i in (text.find(s, max(0, len(old) - len(s))) for s in p.stop_strings) if i >= 0]
                 if hits:
@@ -337,6 +354,15 @@ class LLM:
             out.finish_reason = reason
             out.timings = self._timings(seq)
             del self._seqs[seq.request_id]
+        return out
+
+    def _fail(self, seq: Sequence, out: RequestOutput, now: float, error: str) -> RequestOutput:
+        """Finish a running request with an error (its blocks go back to the pool)."""
+        self.scheduler.finish(seq, "error")
+        seq.finished_at = now
+        out.finish_reason, out.error = "error", error
+        out.timings = self._timings(seq)
+        del self._seqs[seq.request_id]
         return out
 
     @staticmethod

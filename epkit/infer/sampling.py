@@ -16,13 +16,15 @@ import torch
 
 _M32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2^27, so products of 32-bit values stay inside int64
+# Temperatures below this decode greedily: logits / 1e-40 overflow to inf and the softmax to NaN (token 0).
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
 class SamplingParams:
     """How one request is decoded. Defaults follow vLLM: temperature 1 (sampling), 16 new tokens.
 
-    temperature 0 is greedy. top_k 0 or -1 and top_p 1 switch those filters off. `seed` makes a sampled
+    temperature 0 (or below 1e-5) is greedy. top_k 0 or -1 and top_p 1 switch those filters off. `seed` makes a sampled
     request reproducible. `stop` strings end the text (not included in it); `stop_token_ids` and the
     model's EOS (unless `ignore_eos`) end generation with the stop token kept in `token_ids`.
     """
@@ -39,7 +41,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def stop_strings(self) -> list[str]:
@@ -65,6 +67,9 @@ class SamplingParams:
             if not isinstance(self.stop, (str, list, tuple)) or any(not isinstance(s, str) or not s
                                                                    for s in self.stop_strings):
                 raise ValueError(f"stop={self.stop!r} must be a non-empty string or a list of them")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false (a JSON boolean)")
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids")
         for t in self.stop_token_ids:
@@ -140,10 +145,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     R, V = logits.shape
     logits = logits.float()
     greedy_tokens = torch.argmax(logits, dim=-1)
-    if all(t == 0 for t in batch.temperature):
+    if all(t < GREEDY_BELOW for t in batch.temperature):
         return greedy_tokens
     dev = logits.device
-    temp = torch.tensor([t if t > 0 else 1.0 for t in batch.temperature], device=dev)
+    temp = torch.tensor([t if t >= GREEDY_BELOW else 1.0 for t in batch.temperature], device=dev)
     scaled = logits / temp[:, None]
     if any(k < V for k in batch.top_k) or any(p < 1 for p in batch.top_p):
         scaled = filter_logits(scaled, torch.tensor(batch.top_k, device=dev), torch.tensor(batch.top_p, device=dev))
@@ -152,5 +157,5 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     u = uniform_noise(seeds, torch.tensor(batch.counters, dtype=torch.int64, device=dev), V)
     # Exponential race (Gumbel-max): argmax p_i / E_i with E_i ~ Exp(1) is a draw from p.
     drawn = torch.argmax(probs.double() / -torch.log(u), dim=-1)
-    is_greedy = torch.tensor([t == 0 for t in batch.temperature], device=dev)
+    is_greedy = torch.tensor([t < GREEDY_BELOW for t in batch.temperature], device=dev)
     return torch.where(is_greedy, greedy_tokens, drawn)
