@@ -117,3 +117,51 @@ def test_ep_must_match_the_launched_ranks(tmp_path, monkeypatch):
         main(["--ep", "1", "--preset", "tiny", "--no-progress"])
     with pytest.raises(FileNotFoundError, match="--prompts nope.jsonl: no such file"):
         main(["--prompts", "nope.jsonl"])
+
+
+def test_output_prompts_and_compare_are_checked_before_any_work(tmp_path, monkeypatch):
+    """Checked before a model is built (issue 9 item 4): nothing runs only to lose its results at the end."""
+    import epkit.infer.cli as cli
+    monkeypatch.setattr(cli, "build_llm", lambda cfg: pytest.fail("built the model before checking the files"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    (tmp_path / "bad.jsonl").write_text('{"index": 0, "token_ids": [1]}\nnot json\n')
+    cases = [(["--output", str(prompts)], ValueError, "is the --prompts file"),
+             (["--output", str(tmp_path)], ValueError, "is a directory"),
+             (["--output", str(tmp_path / "no" / "r.jsonl")], FileNotFoundError, "does not exist"),
+             (["--output", "/proc/epkit-results.jsonl"], ValueError, "is not writable"),
+             (["--compare", str(tmp_path / "missing.jsonl")], FileNotFoundError, "--compare .*: no such file"),
+             (["--compare", str(tmp_path / "bad.jsonl")], ValueError, "line 2 is not a result line")]
+    for argv, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            main(["--prompts", str(prompts), "--no-progress", *argv])
+    assert prompts.read_text() == json.dumps({"prompt": "hello"}) + "\n"
+
+
+def test_results_are_kept_as_they_finish(tmp_path, capsys, monkeypatch):
+    """A failure mid-run (a dead rank) keeps every finished result in OUTPUT.partial (issue 9 item 4)."""
+    ck = make_checkpoint(str(tmp_path / "ck"), seed=3)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt_token_ids": [5, 6, 7], "max_tokens": n, "ignore_eos": True}) + "\n"
+                           for n in (40, 1, 2, 40)) + "not json\n")
+    steps = []
+    real = LLM.step
+
+    def dying_step(self):
+        steps.append(1)
+        if len(steps) == 5:
+            raise RuntimeError("rank 1 stopped answering")
+        return real(self)
+
+    monkeypatch.setattr(LLM, "step", dying_step)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(RuntimeError, match="stopped answering"):
+        main(["--checkpoint", ck, "--prompts", str(src), "--output", str(out), "--no-progress"])
+    kept = [json.loads(line) for line in (tmp_path / "out.jsonl.partial").read_text().splitlines()]
+    assert sorted(r["index"] for r in kept) == [1, 2, 4]  # the two short requests and the bad line
+    assert not out.exists()
+    assert "3 finished result(s) are in" in capsys.readouterr().err
+    monkeypatch.setattr(LLM, "step", real)  # the same run to the end: the ordered file, no partial left
+    main(["--checkpoint", ck, "--prompts", str(src), "--output", str(out), "--no-progress"])
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1, 2, 3, 4]
+    assert not (tmp_path / "out.jsonl.partial").exists()

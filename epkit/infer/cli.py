@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 
@@ -144,10 +145,94 @@ def _embedded_tokenizer(vocab_size: int):
     return tok if tok is not None and len(tok) <= vocab_size else None
 
 
+def check_files(cfg) -> None:
+    """--prompts, --output and --compare, checked on every rank before any work or collective."""
+    if cfg.prompts not in (None, "-") and not os.path.isfile(cfg.prompts):
+        raise FileNotFoundError(f"--prompts {cfg.prompts}: no such file")
+    if cfg.output:
+        out = os.path.abspath(cfg.output)
+        if os.path.isdir(out):
+            raise ValueError(f"--output {cfg.output} is a directory; give a file name")
+        if cfg.prompts not in (None, "-") and out == os.path.abspath(cfg.prompts):
+            raise ValueError(f"--output {cfg.output} is the --prompts file; the results would overwrite the prompts")
+        folder = os.path.dirname(out)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--output {cfg.output}: the folder {folder} does not exist")
+        try:  # a real write (a permission check says yes to root on a read-only file system)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".epkit-probe-"):
+                pass
+            if os.path.exists(out):
+                open(out, "a").close()
+        except OSError as e:
+            raise ValueError(f"--output {cfg.output} is not writable ({e.strerror})") from None
+    if cfg.compare:
+        read_results(cfg.compare)
+
+
+def read_results(path: str) -> list[dict]:
+    """A previous run's JSONL results (for --compare); one line naming the file and line if it is not one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--compare {path}: no such file")
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                r = None
+            if not isinstance(r, dict) or not isinstance(r.get("token_ids", []), list):
+                raise ValueError(f"--compare {path}: line {n} is not a result line (a JSON object with token_ids)")
+            out.append(r)
+    return out
+
+
+def result_line(index: int, out=None, error: str | None = None) -> dict:
+    """One output line. Every line has the same keys; an error line adds "error" (finish_reason "error")."""
+    if out is not None and out.error is None:
+        return {"index": index, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                "timings": out.timings}
+    return {"index": index, "text": None, "token_ids": out.token_ids if out is not None else [],
+            "finish_reason": "error", "timings": out.timings if out is not None else {},
+            "error": error if error is not None else out.error}
+
+
+class ResultWriter:
+    """Results in input order. To a file: each result is appended to FILE.partial as it finishes (a dead rank
+    or a crash keeps every finished one there), and FILE is written whole, in order, at the end. To stdout:
+    each result is printed as soon as every earlier one has been."""
+
+    def __init__(self, path: str | None):
+        self.path, self.lines, self._next = path, {}, 0
+        self.partial = f"{path}.partial" if path else None
+        self._file = open(self.partial, "w") if path else None
+
+    def add(self, line: dict) -> None:
+        self.lines[line["index"]] = line
+        if self._file is not None:
+            self._file.write(json.dumps(line) + "\n")
+            self._file.flush()
+            return
+        while self._next in self.lines:
+            sys.stdout.write(json.dumps(self.lines[self._next]) + "\n")
+            self._next += 1
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(self.lines[i]) + "\n" for i in sorted(self.lines))
+        os.replace(tmp, self.path)
+        os.remove(self.partial)
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    if cfg.prompts not in (None, "-") and not os.path.isfile(cfg.prompts):  # before any rank joins a collective
-        raise FileNotFoundError(f"--prompts {cfg.prompts}: no such file")
+    check_files(cfg)  # before any rank joins a collective
     llm, source = build_llm(cfg)
     from ..parallel import world_rank
     leader = world_rank() == 0
@@ -166,26 +251,25 @@ def main(argv=None) -> int:
         print(f"serving {source} at EP={cfg.ep or int(os.environ.get('WORLD_SIZE', 1))}: {len(reqs)} request(s)",
               file=sys.stderr, flush=True)
     good = [i for i, r in enumerate(reqs) if r[2] is None]
+    writer = ResultWriter(cfg.output) if leader else None
+    for i, (_, _, err) in enumerate(reqs):
+        if err is not None:
+            writer.add(result_line(i, error=err))
     t0 = time.perf_counter()
-    outs = llm.generate([reqs[i][0] for i in good], [reqs[i][1] for i in good],
-                        use_tqdm=leader and not cfg.no_progress)
+    try:
+        outs = llm.generate([reqs[i][0] for i in good], [reqs[i][1] for i in good],
+                            use_tqdm=leader and not cfg.no_progress,
+                            on_finish=lambda pos, out: writer.add(result_line(good[pos], out)))
+    except BaseException:
+        if writer is not None and writer.partial:
+            print(f"{len(writer.lines)} finished result(s) are in {writer.partial}", file=sys.stderr, flush=True)
+        raise
     elapsed = time.perf_counter() - t0
     load = llm.expert_load()  # collective: every rank
     if not leader:
         return 0
+    writer.close()
     by_index = dict(zip(good, outs))
-    out_file = open(cfg.output, "w") if cfg.output else sys.stdout
-    try:
-        for i, (prompt, _, err) in enumerate(reqs):
-            if err is not None:
-                line = {"index": i, "text": None, "token_ids": [], "finish_reason": "error", "error": err}
-            else:
-                line = {"index": i, **by_index[i].to_dict()}
-                line.pop("request_id")
-            out_file.write(json.dumps(line) + "\n")
-    finally:
-        if out_file is not sys.stdout:
-            out_file.close()
     n_tok = sum(len(o.token_ids) for o in outs)
     failed = sum(1 for r in reqs if r[2]) + sum(1 for o in outs if o.error)
     print(f"done: {len(reqs)} request(s), {failed} failed, {n_tok} generated tokens in {elapsed:.2f}s "
@@ -201,8 +285,7 @@ def main(argv=None) -> int:
 
 def compare(path: str, ours: list) -> int:
     """Print whether `ours` (token ids per input line, None for a failed line) equals a previous result file."""
-    with open(path) as f:
-        theirs = [json.loads(line) for line in f if line.strip()]
+    theirs = read_results(path)
     if len(theirs) != len(ours):
         print(f"compare: {path} has {len(theirs)} results, this run {len(ours)}", file=sys.stderr, flush=True)
         return 1

@@ -407,9 +407,12 @@ class LLM:
             for i in ids:
                 self._outputs.pop(i, None)
 
-    def generate(self, prompts, params: SamplingParams | list | None = None, use_tqdm: bool = False
-                 ) -> list[RequestOutput]:
-        """All outputs, in prompt order (rank 0); other ranks run the steps and return []."""
+    def generate(self, prompts, params: SamplingParams | list | None = None, use_tqdm: bool = False,
+                 on_finish=None) -> list[RequestOutput]:
+        """All outputs, in prompt order (rank 0); other ranks run the steps and return [].
+
+        `on_finish(position, output)` is called as each request finishes (in finishing order), so a caller can
+        keep finished results even if a later step fails."""
         if not self.is_leader:
             self.follow()
             return []
@@ -417,13 +420,23 @@ class LLM:
         self._incremental_text = False
         try:
             ids = self._add_all(prompts, params)
+            position, reported = {rid: i for i, rid in enumerate(ids)}, set()
             if use_tqdm:
                 from tqdm import tqdm
                 bar = tqdm(total=len(ids), desc="generate", unit="req")
-            while any(not self._outputs[i].finished for i in ids):
-                done = sum(1 for out in self.step() if out.finished and out.request_id in ids)
+            while len(reported) < len(ids):
+                done = [out for out in self.step()
+                        if out.finished and out.request_id in position and out.request_id not in reported]
+                if not done and not self.has_unfinished():
+                    done = [self._outputs[i] for i in ids if i not in reported and self._outputs[i].finished]
+                    if not done:
+                        raise RuntimeError("internal: requests left unfinished with nothing scheduled")
+                for out in done:
+                    reported.add(out.request_id)
+                    if on_finish is not None:
+                        on_finish(position[out.request_id], out)
                 if bar is not None:
-                    bar.update(done)
+                    bar.update(len(done))
         finally:
             self._incremental_text = True
             self.release_followers()
