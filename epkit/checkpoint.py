@@ -343,6 +343,8 @@ def _write_shards(items, directory: str, prefix: str, max_shard_bytes: int) -> d
 
     for name, get in items:
         t = get().to("cpu").contiguous().clone()  # clone: safetensors refuses shared storage
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"refusing to save {directory}: tensor {name} holds NaN or inf values")
         if shard and size + t.numel() * t.element_size() > max_shard_bytes:
             flush()
         shard[name] = t

@@ -15,13 +15,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from epkit.checkpoint import CheckpointError  # noqa: E402
 from epkit.data import DataError  # noqa: E402
 from epkit.train import main, parse_config  # noqa: E402
+from epkit.train.loop import DivergedError  # noqa: E402
 
 
 def run(argv=None) -> int:
     try:
         cfg = parse_config(argv)
         main(cfg)
-    except (ValueError, DataError, CheckpointError, FileNotFoundError, ImportError) as e:
+    except (ValueError, DataError, CheckpointError, FileNotFoundError, ImportError, DivergedError) as e:
         if os.environ.get("EPKIT_DEBUG"):
             raise
         rank = os.environ.get("RANK", "0")

@@ -145,3 +145,44 @@ def test_full_disk_during_save_is_one_line_and_keeps_the_previous_checkpoint(run
     from epkit.train import state
     run = state.check_run_dir(_cfg(out, "--resume"))
     assert run.resume_from == os.path.join(out, "checkpoint-000002") and not run.notes  # whole
+
+
+# ---- item 6: divergence stops the run; non-finite weights are never saved nor served ------------------------
+
+def test_divergence_stops_before_saving_and_nan_weights_are_refused(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "out")
+    p = subprocess.run([sys.executable, TRAIN, "--lr", "1e30", "--warmup-steps", "0", "--max-steps", "4",
+                        "--save-every", "1", "--output-dir", out, *SMALL],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
+    assert p.returncode == 2 and len(errors) == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "training diverged; stopping without saving" in errors[0] and "--skip-nonfinite" in errors[0], errors
+    assert not os.path.exists(os.path.join(out, "final"))
+    for name in os.listdir(out):  # what was saved before the divergence is finite
+        for f in os.listdir(os.path.join(out, name)) if name.startswith("checkpoint") else []:
+            if f.endswith(".safetensors"):
+                assert all(t.isfinite().all() for t in load_file(os.path.join(out, name, f)).values()), (name, f)
+    # the library refuses to write NaN weights, and the engine to serve them
+    import torch
+
+    from epkit import CheckpointError, Mixtral, save_pretrained
+    from epkit.infer import LLM
+    from tests.conftest import tiny_args
+    model = Mixtral(tiny_args()).init_weights()
+    save_pretrained(model, str(tmp_path / "ck"))
+    with torch.no_grad():
+        model.layers[1].moe.experts.w2[3, 0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.block_sparse_moe\.experts\.3\.w2\.weight "
+                                              r"holds NaN or inf"):
+        save_pretrained(model, str(tmp_path / "ck"))
+    assert LLM(str(tmp_path / "ck")) is not None  # the previous save is whole
+    from safetensors.torch import save_file
+    shard = str(tmp_path / "ck" / "model-00000.safetensors")
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith("self_attn.q_proj.weight"))
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"tensor layers\.\d\.attn\.q_proj\.weight holds NaN or inf values"):
+        LLM(str(tmp_path / "ck"))

@@ -88,6 +88,19 @@ def balanced_plan(checkpoint: str, ep: int):
     return ShardingPlan(args.num_experts, ep, strategy="balanced", loads=loads, num_layers=args.num_layers)
 
 
+def _refuse_nonfinite(model, checkpoint: str) -> None:
+    """A checkpoint with NaN or inf weights (a diverged run) would serve garbage: refuse it, naming the tensor.
+    NOTE: one host sync per tensor at load, and a collective so that every EP rank refuses together."""
+    from ..checkpoint import CheckpointError
+    from ..parallel import all_ranks_ok
+    bad = next((n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())),
+               None)
+    if not all_ranks_ok(bad is None):
+        raise CheckpointError(f"{checkpoint}: tensor {bad} holds NaN or inf values; refusing to serve it (was it "
+                              f"saved by a run that diverged?)" if bad else
+                              f"{checkpoint}: another rank's experts hold NaN or inf values (see its error)")
+
+
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -125,6 +138,7 @@ class LLM:
         model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, plan=plan,
                                         strategy=strategy, dispatch="replicated", return_report=True)
         self.load_report = report
+        _refuse_nonfinite(model, checkpoint)
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
             tokenizer = load_tokenizer(checkpoint)
         self._setup(model.eval(), tokenizer, device, **engine)

@@ -47,6 +47,8 @@ class TrainConfig:
     weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to norms)")
     betas: tuple = _opt((0.9, 0.95), "AdamW betas", nargs=2, type=float)
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
+    skip_nonfinite: int = _opt(0, "steps with a non-finite loss or gradient norm to skip (their update is not "
+                                  "applied) before the run stops; 0: stop at the first")
     seed: int = _opt(0, "seeds model init, data order and every RNG")
     # loss
     aux_loss_coef: float | None = _opt(None, "load-balancing loss coefficient (default: the model's "
@@ -81,7 +83,7 @@ class TrainConfig:
             raise ValueError(f"--plan-strategy={self.plan_strategy!r} is not one of {', '.join(STRATEGIES)}")
         if not self.lr > 0:
             raise ValueError(f"--lr={self.lr!r} must be > 0")
-        for name in ("warmup_steps", "save_every", "eval_every"):
+        for name in ("warmup_steps", "save_every", "eval_every", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 0")
         if self.keep_last < 1:

@@ -30,6 +30,10 @@ from .engine import (build_model, check_plan_strategy, clip_exact, freeze, initi
 from .metrics import Metrics
 
 
+class DivergedError(RuntimeError):
+    """The loss or the gradient norm stopped being finite; the run stops without saving the damage."""
+
+
 def using_accelerate() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
@@ -139,6 +143,27 @@ def _load_counters(model, routed: torch.Tensor) -> None:
         moe.routed_tokens.copy_(row.to(moe.routed_tokens.device))
 
 
+@torch.no_grad()
+def _drop_gradients(model) -> None:
+    """Make the coming optimizer step a no-op for every parameter (AdamW skips parameters without a gradient)."""
+    for p in model.parameters():
+        p.grad = None
+
+
+def _check_nonfinite(cfg: TrainConfig, model, record: dict, count: int, last: str | None) -> None:
+    """After a step whose loss or gradient norm is not finite (the same verdict on every rank: both are global):
+    stop, unless --skip-nonfinite allows one more and the weights are still finite. NOTE: collective."""
+    from ..parallel import all_ranks_ok
+    where = f"the last checkpoint, {last}, is intact" if last else "no checkpoint was saved"
+    what = f"step {record['step']}: the loss is {record['loss']:.4g} and the gradient norm {record['grad_norm']:.4g}"
+    if count > cfg.skip_nonfinite:
+        raise DivergedError(f"{what}: training diverged; stopping without saving ({where}). Lower --lr, or pass "
+                            f"--skip-nonfinite N to skip up to N such steps")
+    # NOTE: one host sync per parameter, only after a non-finite step
+    if not all_ranks_ok(all(bool(torch.isfinite(p).all()) for p in model.parameters())):
+        raise DivergedError(f"{what} and the weights are no longer finite; stopping without saving ({where})")
+
+
 def _seed_everything(seed: int) -> None:
     import numpy as np
     random.seed(seed)
@@ -190,6 +215,7 @@ def main(cfg: TrainConfig) -> str:
                       f"{dtype}, "
                       f"{len(train)} rows x {cfg.seq_len} tokens, trainable {trainable}; {where}")
     aux_coef = args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
+    nonfinite = 0  # steps skipped for a non-finite loss or gradient norm
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         engine.train()
@@ -205,6 +231,8 @@ def main(cfg: TrainConfig) -> str:
             engine.backward(loss)
             if exact_clip and engine.is_gradient_accumulation_boundary():
                 grad_norm = clip_exact(model, cfg.grad_clip)
+                if not math.isfinite(grad_norm):
+                    _drop_gradients(model)  # never apply a non-finite update (ZeRO 1/2 skip such steps themselves)
             engine.step()
             # per micro-batch: lm mean, aux, z as the loss saw them; token count for throughput
             sums += torch.stack([parts[0] / parts[1].clamp(min=1), parts[1], parts[2], parts[3],
@@ -225,6 +253,11 @@ def main(cfg: TrainConfig) -> str:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             metrics.log(record)
         metrics.advance(record)
+        if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+            nonfinite += 1
+            _check_nonfinite(cfg, model, record, nonfinite, ckpt.latest_checkpoint(cfg.output_dir, run.run_id))
+            metrics.write(f"warning: step {step + 1}: loss {record['loss']:.4g}, gradient norm {grad_norm:.4g}: update "
+                          f"skipped ({nonfinite} of --skip-nonfinite {cfg.skip_nonfinite})")
         done = step + 1 == cfg.max_steps
         if evals is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
             result = {"step": step + 1, **evaluate(engine, model, evals, cfg.micro_batch, device)}
