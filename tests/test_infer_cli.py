@@ -165,3 +165,19 @@ def test_results_are_kept_as_they_finish(tmp_path, capsys, monkeypatch):
     main(["--checkpoint", ck, "--prompts", str(src), "--output", str(out), "--no-progress"])
     assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1, 2, 3, 4]
     assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_engine_settings_and_recipe_keys_are_refused(tmp_path):
+    """--max-model-len 0, negative or beyond the model's context, and unknown recipe keys (issue 9 item 7)."""
+    ck = make_checkpoint(str(tmp_path / "ck"), seed=3)  # max_position_embeddings 256
+    for value, message in [("0", "max_model_len=0 must be a positive integer"),
+                           ("-5", "max_model_len=-5 must be a positive integer"),
+                           ("100000", r"max_model_len=100000 is beyond the model's context \(max_position_embeddings"
+                                      r"=256\)")]:
+        with pytest.raises(ValueError, match=message):
+            main(["--checkpoint", ck, "--max-model-len", value, "--no-progress"])
+    with pytest.raises(ValueError, match="max_model_len=0 must be"):
+        LLM.from_model(__import__("epkit").load_pretrained(ck), max_model_len=0)
+    (tmp_path / "bad.yaml").write_text("max_tokens: 8\nmax_model_length: 64\n")
+    with pytest.raises(ValueError, match="unknown setting\\(s\\) max_model_length"):
+        main(["--checkpoint", ck, "--config", str(tmp_path / "bad.yaml"), "--no-progress"])

@@ -57,9 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     args = p.parse_args(argv)
     del args.local_rank
-    cfg = read_recipe(os.path.abspath(DEFAULT_CONFIG)) if os.path.isfile(DEFAULT_CONFIG) else {}
+    known = set(vars(args)) - {"config"}  # a recipe may set any flag, and nothing else
+    cfg = read_recipe(os.path.abspath(DEFAULT_CONFIG), known) if os.path.isfile(DEFAULT_CONFIG) else {}
     if args.config:
-        cfg.update(read_recipe(args.config))
+        cfg.update(read_recipe(args.config, known))
     for k, v in vars(args).items():
         if v is not None or k not in cfg:
             cfg[k] = v

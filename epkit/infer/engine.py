@@ -88,6 +88,17 @@ def balanced_plan(checkpoint: str, ep: int):
     return ShardingPlan(args.num_experts, ep, strategy="balanced", loads=loads, num_layers=args.num_layers)
 
 
+def check_engine_settings(args, max_model_len: int | None = None, **_) -> None:
+    """Engine settings the model decides (the others are checked where they are used): one sentence each."""
+    if max_model_len is None:
+        return
+    if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 1:
+        raise ValueError(f"max_model_len={max_model_len!r} must be a positive integer")
+    if max_model_len > args.max_position_embeddings:
+        raise ValueError(f"max_model_len={max_model_len} is beyond the model's context (max_position_embeddings="
+                         f"{args.max_position_embeddings})")
+
+
 def _refuse_nonfinite(model, checkpoint: str) -> None:
     """A checkpoint with NaN or inf weights (a diverged run) would serve garbage: refuse it, naming the tensor.
     NOTE: one host sync per tensor at load, and a collective so that every EP rank refuses together."""
@@ -132,6 +143,8 @@ class LLM:
             if world_size() != ep:
                 raise ValueError(f"ep={ep} needs exactly {ep} ranks, this run has {world_size()}; launch with "
                                  f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
+        from ..config import ModelArgs
+        check_engine_settings(ModelArgs.load(checkpoint), **engine)  # before the weights are read
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         plan = balanced_plan(checkpoint, ep) if strategy == "balanced" and ep > 1 else None
@@ -155,6 +168,7 @@ class LLM:
                gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                max_model_len: int | None = None, seed: int = 0, cuda_graphs: bool | None = None,
                long_prefill_tokens: int | None = None) -> None:
+        check_engine_settings(model.args, max_model_len=max_model_len)
         info = getattr(model, "expert_parallel", None)
         if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated":
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
