@@ -20,10 +20,10 @@ SMALL = ["--seq-len", "32", "--micro-batch", "2", "--no-progress"]
 
 def _env(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
-               PYTHONPATH=ROOT, **extra)
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+               PYTHONPATH=ROOT)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    return env
+    return {**env, **extra}
 
 
 def _launcher():
@@ -186,3 +186,74 @@ def test_divergence_stops_before_saving_and_nan_weights_are_refused(tmp_path, ca
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"tensor layers\.\d\.attn\.q_proj\.weight holds NaN or inf values"):
         LLM(str(tmp_path / "ck"))
+
+
+# ---- item 9: a frozen rank ends the job with one line naming it ---------------------------------------------
+
+def _freeze_one_rank(argv, victim: int, started, timeout_s: float = 8):
+    """Start 2 ranks of `argv` (gloo, --dist-timeout timeout_s), SIGSTOP rank `victim` once `started()`, and return
+    (exit code, seconds to exit, stderr) of the other rank. Every process is killed at the end, stopped or not."""
+    import signal
+    import time
+
+    from tests.distributed import free_port
+    port, procs = str(free_port()), []
+    try:
+        for r in range(2):
+            env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port)
+            procs.append(subprocess.Popen([sys.executable, *argv, "--dist-timeout", str(timeout_s)], cwd=ROOT,
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        deadline = time.time() + 240
+        while not started() and time.time() < deadline and all(p.poll() is None for p in procs):
+            time.sleep(0.1)
+        assert all(p.poll() is None for p in procs) and started(), \
+            "the job did not get going: " + "".join(p.communicate(timeout=60)[1][-2000:] for p in procs)
+        os.kill(procs[victim].pid, signal.SIGSTOP)
+        t0 = time.time()
+        _, err = procs[1 - victim].communicate(timeout=120)  # bounded: a hang fails here, it does not hang the suite
+        return procs[1 - victim].returncode, time.time() - t0, err
+    finally:
+        for p in procs:
+            p.kill()  # SIGKILL ends a stopped process too
+            p.wait(timeout=60)
+
+
+def test_frozen_training_rank_ends_the_job_naming_it(tmp_path):
+    """EP=2 training, rank 1 frozen mid-run (its peer waits in an all-to-all of DeepSpeed's expert group)."""
+    out = str(tmp_path / "out")
+
+    def started():
+        try:
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                return len(f.readlines()) >= 2
+        except FileNotFoundError:
+            return False
+
+    code, seconds, err = _freeze_one_rank([TRAIN, "--ep", "2", "--max-steps", "100000", "--output-dir", out, *SMALL],
+                                          victim=1, started=started)
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert code == 4 and seconds < 60, (code, seconds, err[-3000:])
+    assert len(errors) == 1 and errors[0].startswith("error (rank 0): rank 1 stopped answering: a collective got no "
+                                                     "reply within --dist-timeout 8s"), err[-3000:]
+    assert "Traceback" not in err
+
+
+def test_frozen_inference_leader_ends_the_job_naming_it(tmp_path):
+    """EP=2 serving, the leader (rank 0, which also hosts the rendezvous store) frozen mid-run; the finished
+    results stay in OUTPUT.partial."""
+    prompts, out = tmp_path / "p.jsonl", str(tmp_path / "out.jsonl")
+    lines = [{"prompt_token_ids": [1, 5, 6], "max_tokens": 1}]
+    lines += [{"prompt_token_ids": [1, 5 + i, 7], "max_tokens": 500, "ignore_eos": True} for i in range(20)]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    def started():
+        return os.path.isfile(out + ".partial") and os.path.getsize(out + ".partial") > 0
+
+    code, seconds, err = _freeze_one_rank([os.path.join(ROOT, "launch", "infer.py"), "--ep", "2", "--preset", "tiny",
+                                           "--prompts", str(prompts), "--output", out, "--max-num-seqs", "2",
+                                           "--no-progress"], victim=0, started=started)
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert code == 4 and seconds < 60, (code, seconds, err[-3000:])
+    assert len(errors) == 1 and errors[0].startswith("error (rank 1): rank 0 stopped answering"), err[-3000:]
+    assert [json.loads(line)["index"] for line in open(out + ".partial")] == [0]

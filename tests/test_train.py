@@ -246,7 +246,8 @@ def test_tensorboard_missing_fails_before_any_collective(tmp_path, capsys, monke
     """Checked in check_inputs, on every rank, not only on rank 0 after deepspeed.initialize (other ranks hung)."""
     from epkit.train import loop
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
-    monkeypatch.setattr(loop, "_join_world", lambda: pytest.fail("joined the world before checking --tensorboard"))
+    monkeypatch.setattr(loop, "_join_world",
+                        lambda timeout_s: pytest.fail("joined the world before checking --tensorboard"))
     sys.path.insert(0, os.path.join(ROOT, "launch"))
     import train as launcher
     out = str(tmp_path / "out")

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda:N or cpu (default: this rank's GPU, else cpu)")
     p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--kv-cache-mib", type=float, default=None, help="KV cache size (default: from GPU memory)")
+    p.add_argument("--dist-timeout", type=float, default=None, help="seconds a collective waits for the other "
+                   "ranks; then the job ends with a line naming the rank that stopped answering (default 120)")
     p.add_argument("--random-seed", type=int, default=None, help="seed of the random weights (presets)")
     for f in ENGINE_FLAGS:
         p.add_argument("--" + f.replace("_", "-"), type=float if f == "gpu_memory_utilization" else int, default=None)
@@ -114,6 +116,10 @@ def build_llm(cfg):
     if ep != launched:
         raise ValueError(f"--ep {ep} but {launched} rank(s) were launched; launch exactly --ep ranks "
                          f"(e.g. deepspeed --num_gpus {ep}), or leave --ep out to use them all")
+    cfg.dist_timeout = 120.0 if cfg.dist_timeout is None else cfg.dist_timeout
+    if not cfg.dist_timeout > 0:
+        raise ValueError(f"--dist-timeout={cfg.dist_timeout!r} must be a positive number of seconds")
+    init_distributed(timeout_s=cfg.dist_timeout)
     import torch
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # NOTE: ranks sharing a CPU would otherwise each start one thread per core and contend.
@@ -123,11 +129,10 @@ def build_llm(cfg):
         engine["kv_cache_memory"] = int(cfg.kv_cache_mib * (1 << 20))
     ckpt = None if cfg.preset else resolve_checkpoint(cfg.checkpoint)
     if ckpt is not None:
-        llm = LLM(ckpt, ep=ep, device=cfg.device, dtype=_dtype(cfg.dtype), **engine)
+        llm = LLM(ckpt, ep=ep, device=cfg.device, dtype=_dtype(cfg.dtype), dist_timeout=cfg.dist_timeout, **engine)
         total = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
         return llm, (f"{ckpt} (rank 0 read {llm.load_report.bytes_read / 2 ** 20:.1f} of "
                      f"{total / 2 ** 20:.1f} MiB of weights)")
-    init_distributed()
     device = torch.device(cfg.device) if cfg.device else _default_device()
     dtype = _dtype(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     preset = cfg.preset or "tiny"

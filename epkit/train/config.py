@@ -50,6 +50,8 @@ class TrainConfig:
     skip_nonfinite: int = _opt(0, "steps with a non-finite loss or gradient norm to skip (their update is not "
                                   "applied) before the run stops; 0: stop at the first")
     seed: int = _opt(0, "seeds model init, data order and every RNG")
+    dist_timeout: float = _opt(600.0, "seconds a collective waits for the other ranks; then the job ends with a "
+                                      "line naming the rank that stopped answering")
     # loss
     aux_loss_coef: float | None = _opt(None, "load-balancing loss coefficient (default: the model's "
                                               "router_aux_loss_coef, as transformers uses)")
@@ -81,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"--train-only={self.train_only!r} is not one of {', '.join(FREEZE_CHOICES)}")
         if self.plan_strategy not in STRATEGIES:
             raise ValueError(f"--plan-strategy={self.plan_strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout={self.dist_timeout!r} must be a positive number of seconds")
         if not self.lr > 0:
             raise ValueError(f"--lr={self.lr!r} must be > 0")
         for name in ("warmup_steps", "save_every", "eval_every", "skip_nonfinite"):

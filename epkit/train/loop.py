@@ -38,17 +38,18 @@ def using_accelerate() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
-def _join_world():
-    """Start or join the process group; `python launch/train.py` becomes a world of one."""
+def _join_world(timeout_s: float):
+    """Start or join the process group; `python launch/train.py` becomes a world of one. Under Accelerate the
+    group is joined here too (Accelerate then uses it), so both paths get the same --dist-timeout."""
     if "WORLD_SIZE" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_distributed(timeout_s=timeout_s)
     if using_accelerate():
         from accelerate import Accelerator
         return Accelerator()
-    init_distributed()
     return None
 
 
@@ -175,7 +176,7 @@ def main(cfg: TrainConfig) -> str:
     """Train; return the path of the final checkpoint (a Hugging Face directory)."""
     args, tok_dir, train, evals, run = check_inputs(cfg)
     resume_from = run.resume_from
-    accelerator = _join_world()
+    accelerator = _join_world(cfg.dist_timeout)
     rank, world = world_rank(), world_size()
     run.run_id = broadcast_object(run.run_id)  # NOTE: collective: rank 0's id names the run
     if rank == 0:
