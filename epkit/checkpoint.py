@@ -230,10 +230,6 @@ def load_state_into(model: Mixtral, path: str, device=None, dtype=None) -> LoadR
     if getattr(model, "expert_parallel", None) is not None:
         from .parallel import mark_expert_params
         mark_expert_params(model)  # assign=True replaced the marked Parameters
-    # Buffers (routing counters) were on meta: make real ones.
-    for layer in model.layers:
-        moe = layer.moe
-        moe.routed_tokens = torch.zeros(moe.num_experts, dtype=torch.int64, device=moe.gate.weight.device)
     return report
 
 
@@ -366,7 +362,7 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
         raise failure or RuntimeError(f"saving {path} failed on another rank; nothing was replaced")
-    stats = parallel.gather_routing_counts(model) if info is not None else _routing_counts(model)
+    stats = parallel.gather_routing_counts(model)  # NOTE: collective (every rank is here)
     parallel.barrier()
     if rank == 0:
         weight_map = {}
@@ -426,6 +422,3 @@ def _atomic_replace(tmp: str, path: str) -> None:
     if old:
         shutil.rmtree(old)
 
-
-def _routing_counts(model: Mixtral) -> list[list[int]]:
-    return [layer.moe.routed_tokens.tolist() for layer in model.layers]

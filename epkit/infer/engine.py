@@ -153,6 +153,7 @@ class LLM:
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
         self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs)
+        model.routing_stats.reset()  # the load report counts served tokens (not the profiling forward)
         self.is_leader = self.runner.is_leader
         self._rng = random.Random(seed)
         self._ids = 0
@@ -419,7 +420,6 @@ class LLM:
     def expert_load(self) -> dict:
         """Routed real tokens per layer and expert, and per EP rank. Every rank must call it (collective)."""
         from ..parallel import gather_routing_counts, rank_loads
-        self.runner.sync_routing_counts()
         counts = gather_routing_counts(self.model)
         loads = rank_loads(self.model, counts)
         per_rank = [sum(layer[r] for layer in loads) for r in range(len(loads[0]))]
