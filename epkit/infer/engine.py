@@ -64,24 +64,6 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def balanced_plan(checkpoint: str, ep: int):
-    """A `balanced` plan for `ep` ranks from the routing counts the trainer stored in epkit_plan.json."""
-    import json
-
-    from ..checkpoint import PLAN_FILE
-    from ..config import ModelArgs
-    from ..plan import ShardingPlan
-    file = os.path.join(checkpoint, PLAN_FILE)
-    loads = None
-    if os.path.isfile(file):
-        with open(file) as f:
-            loads = json.load(f).get("routed_tokens")
-    if not loads:
-        raise ValueError(f"strategy='balanced' needs routing counts and {file} has none; use 'contiguous'")
-    args = ModelArgs.load(checkpoint)
-    return ShardingPlan(args.num_experts, ep, strategy="balanced", loads=loads, num_layers=args.num_layers)
-
-
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -115,9 +97,8 @@ class LLM:
                                  f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        plan = balanced_plan(checkpoint, ep) if strategy == "balanced" and ep > 1 else None
-        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, plan=plan,
-                                        strategy=strategy, dispatch="replicated", return_report=True)
+        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, strategy=strategy,
+                                        dispatch="replicated", return_report=True)
         self.load_report = report
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
             tokenizer = load_tokenizer(checkpoint)
