@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint import PLAN_FILE, CheckpointError, save_pretrained, write_error
+from ..checkpoint import CheckpointError, Manifest, save_pretrained, write_error
 from ..parallel import all_ranks_ok, barrier, broadcast_object, world_rank, world_size
 
 STATE_FILE = "trainer_state.json"
@@ -73,7 +73,7 @@ def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str 
     if os.path.isdir(directory) and os.listdir(directory) and _owner(directory) != run_id:
         raise ValueError(f"refusing to replace {directory}: this run did not write it (move it away)")
     save_pretrained(model, directory, tokenizer_dir=tokenizer_dir,
-                    extra_manifest={"trainer_state": {k: trainer_state[k] for k in ("step", "tokens_seen", "run_id")}})
+                    trainer_state={k: trainer_state[k] for k in ("step", "tokens_seen", "run_id")})
     tmp = broadcast_object(os.path.join(directory, f".{ENGINE_DIR}.tmp-{uuid.uuid4().hex[:8]}") if rank == 0 else None)
     if rank == 0:
         os.makedirs(tmp)
@@ -176,19 +176,17 @@ def load_engine_state(engine, model, directory: str) -> dict:
 
 
 def saved_routing_counts(directory: str, num_layers: int, num_experts: int) -> list[list[int]]:
-    """Run totals of tokens per expert per layer, as the checkpoint's epkit_plan.json records them.
+    """Run totals of tokens per expert per layer, as the checkpoint's manifest records them.
 
     Called on every rank, so every rank reaches the same verdict: a checkpoint without the record (written
     before epkit kept it, or by hand) resumes with zeros and a warning; a record of the wrong shape is an
     error naming it."""
     import warnings
 
-    from ..checkpoint import PLAN_FILE
+    from ..checkpoint import PLAN_FILE, Manifest
     file = os.path.join(directory, PLAN_FILE)
-    counts = None
-    if os.path.isfile(file):
-        with open(file) as f:
-            counts = json.load(f).get("routed_tokens")
+    manifest = Manifest.read(directory)
+    counts = manifest.routed_tokens if manifest is not None else None
     if counts is None:
         warnings.warn(f"--resume: {file} records no routed_tokens; the run's routing totals restart from zero",
                       stacklevel=2)
@@ -246,7 +244,11 @@ def _owner(path: str) -> str | None:
     marker = _read_json(os.path.join(path, MARKER_FILE))
     if marker is not None:
         return str(marker.get("run_id", ""))
-    saved = (_read_json(os.path.join(path, PLAN_FILE)) or {}).get("trainer_state")
+    try:
+        manifest = Manifest.read(path)
+    except CheckpointError:
+        manifest = None
+    saved = manifest.trainer_state if manifest is not None else None
     if isinstance(saved, dict):
         return str(saved.get("run_id", ""))
     return None
