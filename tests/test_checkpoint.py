@@ -1,4 +1,5 @@
 """Hugging Face checkpoint round trips and clear errors on bad checkpoints."""
+import errno
 import json
 import os
 
@@ -150,12 +151,13 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     def crash(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise OSError("disk full (simulated)")
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
         return real(*a, **k)
     monkeypatch.setattr(ck, "save_file", crash)
     with torch.no_grad():
         model.embed.weight.add_(1.0)
-    with pytest.raises(OSError, match="simulated"):
+    # one line naming the file as it would have been called (not the temporary directory)
+    with pytest.raises(epkit.CheckpointError, match=f"^no space left while writing {path}/model-00001.safetensors$"):
         epkit.save_pretrained(model, path, max_shard_size=20_000)
     assert {f: os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)} == before
     assert os.listdir(tmp_path) == ["ck"]  # no half-written temporary directory left behind
