@@ -156,6 +156,16 @@ def checkpoint_plan(path: str, args: ModelArgs, ep_size: int, strategy: str = "c
     return ShardingPlan.from_manifest(manifest, ep_size, strategy)
 
 
+def _safe_open(file: str):
+    """safe_open, with a damaged file (truncated, corrupt header) as one line naming it."""
+    try:
+        return safe_open(file, "pt")
+    except Exception as e:  # safetensors' SafetensorError, or an OSError
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{file}: not a readable safetensors file ({detail}); it may be truncated or "
+                              f"corrupt") from None
+
+
 class _Reader:
     """Memory-mapped access to every tensor of a checkpoint directory, by name."""
 
@@ -180,7 +190,7 @@ class _Reader:
                 raise CheckpointError(f"{path}: no *.safetensors files, so this is not a checkpoint directory")
             self.where = {}
             for file in files:
-                with safe_open(os.path.join(path, file), "pt") as f:
+                with _safe_open(os.path.join(path, file)) as f:
                     for name in f.keys():
                         self.where[name] = os.path.join(path, file)
         self._open: dict[str, object] = {}
@@ -192,7 +202,7 @@ class _Reader:
     def _file(self, name: str):
         file = self.where[name]
         if file not in self._open:
-            self._open[file] = safe_open(file, "pt")
+            self._open[file] = _safe_open(file)
         return self._open[file]
 
     def shape(self, name: str) -> list[int]:

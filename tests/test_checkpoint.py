@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -162,6 +163,23 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     assert {f: os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)} == before
     assert os.listdir(tmp_path) == ["ck"]  # no half-written temporary directory left behind
     epkit.load_pretrained(path)  # still whole
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage_header", "tiny"])
+def test_damaged_safetensors_is_one_line_naming_the_file(tmp_path, hf_dir, damage):
+    """A truncated or corrupt file, with an index (epkit's save) or without (one transformers file)."""
+    ours = str(tmp_path / "ours")
+    epkit.save_pretrained(epkit.Mixtral(tiny_args()).init_weights(), ours)
+    theirs = str(tmp_path / "theirs")
+    shutil.copytree(hf_dir[1], theirs)
+    for file in (os.path.join(ours, "model-experts-00000.safetensors"), os.path.join(theirs, "model.safetensors")):
+        data = open(file, "rb").read()
+        bad = {"truncated": data[: len(data) // 2], "garbage_header": data[:8] + b"{not json" + data[17:],
+               "tiny": data[:5]}[damage]
+        open(file, "wb").write(bad)
+        with pytest.raises(epkit.CheckpointError) as e:
+            epkit.load_pretrained(os.path.dirname(file))
+        assert str(e.value).startswith(f"{file}: not a readable safetensors file") and "\n" not in str(e.value)
 
 
 def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):

@@ -257,3 +257,39 @@ def test_frozen_inference_leader_ends_the_job_naming_it(tmp_path):
     assert code == 4 and seconds < 60, (code, seconds, err[-3000:])
     assert len(errors) == 1 and errors[0].startswith("error (rank 1): rank 0 stopped answering"), err[-3000:]
     assert [json.loads(line)["index"] for line in open(out + ".partial")] == [0]
+
+
+# ---- item 10: damaged checkpoints on --resume ----------------------------------------------------------------
+
+def test_resume_skips_a_damaged_newest_checkpoint(run_dir, tmp_path):
+    """A truncated engine/rank00000.pt or a torn trainer_state.json: fall back to the checkpoint before it,
+    with a warning naming the file; nothing whole left: one line naming it."""
+    from epkit.train import state
+    out = _copy(run_dir, tmp_path)
+    engine_file = os.path.join(out, "checkpoint-000002", "engine", "rank00000.pt")
+    with open(engine_file, "r+b") as f:
+        f.truncate(os.path.getsize(engine_file) // 2)
+    run = state.check_run_dir(_cfg(out, "--resume"))
+    assert run.resume_from == os.path.join(out, "checkpoint-000001")
+    assert len(run.notes) == 1 and f"skipping {os.path.join(out, 'checkpoint-000002')}, {engine_file} has" in \
+        run.notes[0], run.notes
+    torn = os.path.join(out, "checkpoint-000001", "trainer_state.json")
+    with open(torn, "r+") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match=f"--resume: no whole checkpoint in {out} \\({engine_file} has"):
+        state.check_run_dir(_cfg(out, "--resume"))
+    assert state._damage(os.path.join(out, "checkpoint-000001")).startswith(f"{torn} has 10 bytes")
+
+
+def test_corrupt_engine_file_of_the_right_size_fails_naming_it(run_dir, tmp_path):
+    from epkit import CheckpointError
+    from epkit.train import state
+    out = _copy(run_dir, tmp_path)
+    ck = os.path.join(out, "checkpoint-000002")
+    engine_file = os.path.join(ck, "engine", "rank00000.pt")
+    size = os.path.getsize(engine_file)
+    with open(engine_file, "wb") as f:
+        f.write(b"\0" * size)
+    assert state.check_run_dir(_cfg(out, "--resume")).resume_from == ck  # the size is right: it looks whole
+    with pytest.raises(CheckpointError, match=f"--resume: {engine_file} cannot be read .*moving {ck} away"):
+        state.load_engine_state(None, None, ck)
