@@ -131,7 +131,20 @@ def test_resume_and_prune_touch_only_this_runs_checkpoints(run_dir, tmp_path):
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000002", "checkpoint-500"]
 
 
-# ---- item 11: a full disk during a save --------------------------------------------------------------------
+# ---- item 11: an output directory that cannot be written, a full disk during a save -----------------------------
+
+def test_unwritable_output_dir_is_refused_before_step_1(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    launcher = _launcher()
+    for out, message in [(str(a_file), f"--output-dir {a_file} is a file, not a directory"),
+                         (str(a_file / "run"), f"--output-dir {a_file / 'run'}: {a_file} is a file, not a directory"),
+                         ("/proc/epkit-run", "--output-dir /proc/epkit-run: /proc is not writable")]:
+        assert launcher.run(["--output-dir", out, *SMALL]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
 
 def test_full_disk_during_save_is_one_line_and_keeps_the_previous_checkpoint(run_dir):
     out, p = run_dir
@@ -293,3 +306,28 @@ def test_corrupt_engine_file_of_the_right_size_fails_naming_it(run_dir, tmp_path
     assert state.check_run_dir(_cfg(out, "--resume")).resume_from == ck  # the size is right: it looks whole
     with pytest.raises(CheckpointError, match=f"--resume: {engine_file} cannot be read .*moving {ck} away"):
         state.load_engine_state(None, None, ck)
+
+
+def test_full_disk_while_writing_the_engine_state(tmp_path, monkeypatch):
+    """The optimizer-state file hits a full disk: one line naming it, the checkpoint stays unmarked (incomplete)."""
+    import errno
+    import types
+
+    import torch
+
+    from epkit import CheckpointError, Mixtral
+    from epkit.train import state
+    from tests.conftest import tiny_args
+    model = Mixtral(tiny_args()).init_weights()
+    engine = types.SimpleNamespace(optimizer=torch.optim.AdamW(model.parameters()), lr_scheduler=None, global_steps=0,
+                                   global_samples=0, micro_steps=0, zero_optimization_stage=lambda: 0)
+    ck = str(tmp_path / "checkpoint-000001")
+
+    def full(obj, file, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", file)
+
+    monkeypatch.setattr(state.torch, "save", full)
+    with pytest.raises(CheckpointError, match=f"^no space left while writing {ck}/engine/rank00000.pt$"):
+        state.save(engine, model, ck, {"step": 1, "tokens_seen": 0, "run_id": "R"}, None)
+    assert not os.path.exists(os.path.join(ck, state.MARKER_FILE)) and state.complete_checkpoints(str(tmp_path), "R") == []
+    assert not [n for n in os.listdir(ck) if ".tmp-" in n]  # no temporary engine folder left
