@@ -331,6 +331,10 @@ def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, e
     With ep_size > 1 (inside a distributed run) the model is expert-parallel: each rank builds and
     reads only the experts that `plan` (default: a `strategy` plan over ep_size ranks) gives it.
     """
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size={ep_size!r} must be an integer of at least 1")
+    from .parallel import rank_device
+    device = rank_device(device)
     args = ModelArgs.load(path)
     with torch.device("meta"):
         model = Mixtral(args)

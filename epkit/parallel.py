@@ -40,6 +40,27 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def rank_device(device=None) -> torch.device:
+    """This rank's device: `device` checked (one sentence for a bad name or a GPU this machine lacks), or by
+    default the launcher's GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
+    if device is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine has no CUDA device (or torch {torch.__version__} is "
+                             f"a CPU build); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: epkit runs on cpu or cuda")
+    return dev
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

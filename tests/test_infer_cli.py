@@ -181,3 +181,24 @@ def test_engine_settings_and_recipe_keys_are_refused(tmp_path):
     (tmp_path / "bad.yaml").write_text("max_tokens: 8\nmax_model_length: 64\n")
     with pytest.raises(ValueError, match="unknown setting\\(s\\) max_model_length"):
         main(["--checkpoint", ck, "--config", str(tmp_path / "bad.yaml"), "--no-progress"])
+
+
+def test_bad_device_and_ep_size_are_one_line(tmp_path, capsys):
+    """--device banana / cuda:0 without CUDA, load_pretrained(ep_size=0): one sentence each (issue 9 item 12)."""
+    import runpy
+
+    import epkit
+    ck = make_checkpoint(str(tmp_path / "ck"), seed=3)
+    launcher = runpy.run_path(os.path.join(ROOT, "launch", "infer.py"), run_name="not_main")["run"]
+    capsys.readouterr()  # transformers' save progress bars
+    cuda = "no CUDA device" if not __import__("torch").cuda.is_available() else "CUDA device(s)"
+    for device, message in [("banana", "device 'banana' is not a device; use cpu, cuda or cuda:N"),
+                            ("cuda:0" if cuda == "no CUDA device" else "cuda:99", cuda)]:
+        assert launcher(["--checkpoint", ck, "--device", device, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error (rank 0): device") and message in err[0], err
+    for bad in (0, -1, 2.0, "2"):
+        with pytest.raises(ValueError, match=f"ep_size={bad!r} must be an integer of at least 1"):
+            epkit.load_pretrained(ck, ep_size=bad)
+    with pytest.raises(ValueError, match="device 'banana' is not a device"):
+        epkit.load_pretrained(ck, device="banana")

@@ -108,14 +108,15 @@ def _dtype(name):
 
 def build_llm(cfg):
     from ..config import ModelArgs
-    from ..parallel import init_distributed
+    from ..parallel import init_distributed, rank_device
     from .build import random_model
-    from .engine import LLM, _default_device
+    from .engine import LLM
     launched = int(os.environ.get("WORLD_SIZE", 1))
     ep = cfg.ep or launched
     if ep != launched:
         raise ValueError(f"--ep {ep} but {launched} rank(s) were launched; launch exactly --ep ranks "
                          f"(e.g. deepspeed --num_gpus {ep}), or leave --ep out to use them all")
+    device = rank_device(cfg.device)  # a bad --device: one line, before any work
     cfg.dist_timeout = 120.0 if cfg.dist_timeout is None else cfg.dist_timeout
     if not cfg.dist_timeout > 0:
         raise ValueError(f"--dist-timeout={cfg.dist_timeout!r} must be a positive number of seconds")
@@ -133,7 +134,6 @@ def build_llm(cfg):
         total = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
         return llm, (f"{ckpt} (rank 0 read {llm.load_report.bytes_read / 2 ** 20:.1f} of "
                      f"{total / 2 ** 20:.1f} MiB of weights)")
-    device = torch.device(cfg.device) if cfg.device else _default_device()
     dtype = _dtype(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     preset = cfg.preset or "tiny"
     args = ModelArgs.from_name(preset)

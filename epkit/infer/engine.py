@@ -94,12 +94,6 @@ def _refuse_nonfinite(model, checkpoint: str) -> None:
                               f"{checkpoint}: another rank's experts hold NaN or inf values (see its error)")
 
 
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 class LLM:
     """Batched inference over a (possibly expert-parallel) `epkit.model.Mixtral`.
 
@@ -118,7 +112,7 @@ class LLM:
     def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
                  tokenizer=None, dist_timeout: float = 120, **engine):
         from ..checkpoint import load_pretrained
-        from ..parallel import init_distributed, world_size
+        from ..parallel import init_distributed, rank_device, world_size
         if not isinstance(ep, int) or ep < 1:
             raise ValueError(f"ep={ep!r} must be a positive integer")
         if ep > 1:
@@ -128,7 +122,7 @@ class LLM:
                                  f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
         from ..config import ModelArgs
         check_engine_settings(ModelArgs.load(checkpoint), **engine)  # before the weights are read
-        device = torch.device(device) if device is not None else _default_device()
+        device = rank_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, strategy=strategy,
                                         dispatch="replicated", return_report=True)
