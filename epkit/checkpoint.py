@@ -328,8 +328,9 @@ def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, e
                     return_report: bool = False):
     """Load a Hugging Face Mixtral directory into epkit.
 
-    With ep_size > 1 (inside a distributed run) the model is expert-parallel: each rank builds and
-    reads only the experts that `plan` (default: a `strategy` plan over ep_size ranks) gives it.
+    With ep_size > 1 (inside a `torchrun` or `deepspeed` launch, which it joins through `init_distributed`)
+    the model is expert-parallel: each rank builds and reads only the experts that `plan` (default: a
+    `strategy` plan over ep_size ranks) gives it.
     """
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
         raise ValueError(f"ep_size={ep_size!r} must be an integer of at least 1")
@@ -339,7 +340,8 @@ def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, e
     with torch.device("meta"):
         model = Mixtral(args)
     if ep_size > 1 or plan is not None:
-        from .parallel import apply_expert_parallel, setup_expert_parallel
+        from .parallel import apply_expert_parallel, init_distributed, setup_expert_parallel
+        init_distributed()  # inside `torchrun` / `deepspeed`: join the launch (no-op if joined or not launched)
         if plan is None:
             plan = checkpoint_plan(path, args, ep_size, strategy)
         elif (manifest := Manifest.read(path)) is not None:
