@@ -108,7 +108,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> None
     timeout = datetime.timedelta(seconds=timeout_s)
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout  # groups created later (new_group)
     _TIMEOUT_S = timeout_s
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    from .runtime import note_cpu_op_build, quiet_stdout
+    note_cpu_op_build()
+    with quiet_stdout():  # DeepSpeed prints "... built successfully" on every rank at every start
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 _COMM_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",

@@ -153,6 +153,9 @@ def test_full_disk_during_save_is_one_line_and_keeps_the_previous_checkpoint(run
     assert lines == [f"error (rank 0): no space left while writing "
                      f"{os.path.join(out, 'checkpoint-000003', 'model-00000.safetensors')}"], p.stderr[-3000:]
     assert "Traceback" not in p.stderr
+    # quiet by default (issue 9 item 17) and one thread count per rank on CPU (item 14), said in the start line
+    assert "Setting accelerator to CPU" not in p.stderr + p.stdout and "built successfully" not in p.stdout
+    assert "1 CPU thread(s) per rank" in p.stdout  # OMP_NUM_THREADS=1 in this test's environment wins
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000001",
                                                                                 "checkpoint-000002"]
     from epkit.train import state

@@ -29,13 +29,15 @@ def test_jsonl_in_order_with_bad_lines(tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
     out = tmp_path / "out.jsonl"
-    assert main(["--checkpoint", ck, "--prompts", str(src), "--output", str(out), "--no-progress"]) == 0
+    # exit 3: some requests failed (each has its error line), the others were served
+    assert main(["--checkpoint", ck, "--prompts", str(src), "--output", str(out), "--no-progress"]) == 3
     res = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["index"] for r in res] == list(range(len(lines)))
     errors = {2: "empty prompt", 3: "line 4", 4: "token id 999", 5: "top_p=0", 6: "max_tokens=-3", 7: "temprature"}
     for i, r in enumerate(res):
         if i in errors:
             assert r["finish_reason"] == "error" and errors[i] in r["error"] and r["token_ids"] == [], r
+            assert set(r) == {"index", "text", "token_ids", "finish_reason", "timings", "error"}, r  # one shape
         else:
             assert r["finish_reason"] in ("stop", "length") and "error" not in r, r
             assert set(r) >= {"text", "token_ids", "finish_reason", "timings"}
@@ -50,12 +52,14 @@ def test_jsonl_in_order_with_bad_lines(tmp_path, capsys):
     assert "tokens/s" in err and "expert load" in err and "6 failed" in err
     # --compare: the same requests again agree with the first result; a changed result file does not.
     args = ["--checkpoint", ck, "--prompts", str(src), "--output", str(tmp_path / "again.jsonl"), "--no-progress"]
-    assert main(args + ["--compare", str(out)]) == 0
+    assert main(args + ["--compare", str(out)]) == 3  # they agree; the bad lines still failed
     assert "9/9 requests token-identical" in capsys.readouterr().err
     res[1]["token_ids"][0] += 1
+    res[8]["token_ids"] = res[8]["token_ids"][:-1]
     (tmp_path / "changed.jsonl").write_text("\n".join(json.dumps(r) for r in res) + "\n")
     assert main(args + ["--compare", str(tmp_path / "changed.jsonl")]) == 1
-    assert "8/9 requests token-identical" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "7/9 requests token-identical" in err and "outputs DIFFER in request(s) 1, 8\n" in err, err
 
 
 def test_default_checkpoint_resolution(tmp_path, monkeypatch):
@@ -114,7 +118,10 @@ def test_readme_stdin_example_on_a_fresh_checkout(tmp_path):
 def test_ep_must_match_the_launched_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--ep 1 but 2 rank\\(s\\) were launched"):
-        main(["--ep", "1", "--preset", "tiny", "--no-progress"])
+        main(["--ep", "1", "--preset", "tiny", "--no-progress", "--output", str(tmp_path / "r.jsonl")])
+    # under a launcher the results need a file: its log lines share stdout
+    with pytest.raises(ValueError, match="under a launcher the results would share stdout .* pass --output FILE"):
+        main(["--preset", "tiny", "--no-progress"])
     with pytest.raises(FileNotFoundError, match="--prompts nope.jsonl: no such file"):
         main(["--prompts", "nope.jsonl"])
 

@@ -32,7 +32,10 @@ ENGINE_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_mod
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Serve a Mixtral checkpoint: JSONL prompts in, JSONL results out.")
+    p = argparse.ArgumentParser(description="Serve a Mixtral checkpoint: JSONL prompts in, JSONL results out.",
+                                epilog="exit status: 0 every request served; 1 --compare found requests that differ; "
+                                       "2 bad input (nothing served); 3 some requests failed (their lines say why); "
+                                       "4 a rank stopped answering")
     p.add_argument("--config", default=None, help="YAML of defaults (configs/infer/default.yaml is read first)")
     p.add_argument("--checkpoint", default=None, help="HF Mixtral dir (or a fine-tune run dir holding final/); "
                    f"default: {DEFAULT_RUN_DIR} if it exists, else --preset with random weights")
@@ -54,8 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="default for requests that do not set it")
     p.add_argument("--ignore-eos", action="store_true", default=None, help="do not stop at the EOS token")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", default=None, help="also show DeepSpeed's and torch's log lines "
+                   "and known warnings (hidden by default)")
     p.add_argument("--compare", default=None, help="a previous JSONL result (e.g. from another EP size): report "
-                   "whether every request's token_ids agree, exit 1 if not")
+                   "whether every request's token_ids agree and name those that differ; exit 1 if any does")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     args = p.parse_args(argv)
     del args.local_rank
@@ -122,9 +127,9 @@ def build_llm(cfg):
         raise ValueError(f"--dist-timeout={cfg.dist_timeout!r} must be a positive number of seconds")
     init_distributed(timeout_s=cfg.dist_timeout)
     import torch
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        # NOTE: ranks sharing a CPU would otherwise each start one thread per core and contend.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+    from ..runtime import cpu_threads_per_rank
+    cpu_threads_per_rank()
     engine = {f: getattr(cfg, f) for f in ENGINE_FLAGS if getattr(cfg, f, None) is not None}
     if cfg.kv_cache_mib is not None:
         engine["kv_cache_memory"] = int(cfg.kv_cache_mib * (1 << 20))
@@ -155,6 +160,8 @@ def check_files(cfg) -> None:
     """--prompts, --output and --compare, checked on every rank before any work or collective."""
     if cfg.prompts not in (None, "-") and not os.path.isfile(cfg.prompts):
         raise FileNotFoundError(f"--prompts {cfg.prompts}: no such file")
+    if not cfg.output and "WORLD_SIZE" in os.environ:
+        raise ValueError("under a launcher the results would share stdout with its log lines; pass --output FILE")
     if cfg.output:
         out = os.path.abspath(cfg.output)
         if os.path.isdir(out):
@@ -237,7 +244,10 @@ class ResultWriter:
 
 
 def main(argv=None) -> int:
+    """Serve the requests; the exit status is in the --help epilog (0, 1 compare differs, 3 requests failed)."""
     cfg = parse_args(argv)
+    from ..runtime import quiet
+    quiet(bool(cfg.verbose))  # before DeepSpeed is imported
     check_files(cfg)  # before any rank joins a collective
     llm, source = build_llm(cfg)
     from ..parallel import world_rank
@@ -285,19 +295,23 @@ def main(argv=None) -> int:
     print(f"expert load (routed tokens per EP rank): {shares}", file=sys.stderr, flush=True)
     if cfg.compare:
         ok = {i: o.token_ids for i, o in by_index.items() if o.error is None}
-        return compare(cfg.compare, [ok.get(i) for i in range(len(reqs))])
-    return 0
+        if compare(cfg.compare, [ok.get(i) for i in range(len(reqs))]):
+            return 1
+    return 3 if failed else 0
 
 
 def compare(path: str, ours: list) -> int:
-    """Print whether `ours` (token ids per input line, None for a failed line) equals a previous result file."""
+    """Print whether `ours` (token ids per input line, None for a failed line) equals a previous result file,
+    naming the requests that differ; 1 if any does."""
     theirs = read_results(path)
     if len(theirs) != len(ours):
         print(f"compare: {path} has {len(theirs)} results, this run {len(ours)}", file=sys.stderr, flush=True)
         return 1
-    same = sum(1 for t, o in zip(theirs, ours)
-               if (None if t.get("finish_reason") == "error" else t.get("token_ids")) == o)
-    verdict = "agree" if same == len(ours) else "DIFFER"
+    differ = [i for i, (t, o) in enumerate(zip(theirs, ours))
+              if (None if t.get("finish_reason") == "error" else t.get("token_ids")) != o]
+    same = len(ours) - len(differ)
+    verdict = "agree" if not differ else "DIFFER in request(s) " + ", ".join(map(str, differ[:20])) + \
+        (f" and {len(differ) - 20} more" if len(differ) > 20 else "")
     print(f"compare: {same}/{len(ours)} requests token-identical to {path}: outputs {verdict}", file=sys.stderr,
           flush=True)
-    return 0 if same == len(ours) else 1
+    return 1 if differ else 0

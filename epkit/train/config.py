@@ -68,6 +68,7 @@ class TrainConfig:
     log_every: int = _opt(1, "write metrics every N steps")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars to OUTPUT_DIR/tensorboard")
     progress: bool = _opt(True, "tqdm progress bar on rank 0")
+    verbose: bool = _opt(False, "also show DeepSpeed's and torch's log lines and known warnings (hidden by default)")
 
     def check(self) -> None:
         """Settings that are wrong whatever the model and data: one sentence naming the value."""

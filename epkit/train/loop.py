@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .. import data as data_lib
 from ..moe import load_balancing_loss, router_z_loss
 from ..parallel import broadcast_object, init_distributed, world_rank, world_size
+from ..runtime import cpu_threads_per_rank, quiet
 from . import state as ckpt
 from .config import TrainConfig
 from .engine import (build_model, check_plan_strategy, clip_exact, freeze, initialize, model_args_for,
@@ -154,9 +155,11 @@ def _seed_everything(seed: int) -> None:
 
 def main(cfg: TrainConfig) -> str:
     """Train; return the path of the final checkpoint (a Hugging Face directory)."""
+    quiet(cfg.verbose)  # before DeepSpeed is imported
     args, tok_dir, train, evals, run = check_inputs(cfg)
     resume_from = run.resume_from
     accelerator = _join_world(cfg.dist_timeout)
+    threads = cpu_threads_per_rank()
     rank, world = world_rank(), world_size()
     run.run_id = broadcast_object(run.run_id)  # NOTE: collective: rank 0's id names the run
     if rank == 0:
@@ -191,8 +194,9 @@ def main(cfg: TrainConfig) -> str:
         if cfg.resume and resume_from is None:
             where = f"--resume: no complete checkpoint in {cfg.output_dir}, starting from step 0"
         via = "accelerate" if accelerator is not None else "deepspeed"
+        cpu = f", {threads} CPU thread(s) per rank" if device.type == "cpu" else ""
         metrics.write(f"epkit train ({via}): {world} rank(s), ep={cfg.ep}, zero={engine.zero_optimization_stage()}, "
-                      f"{dtype}, "
+                      f"{dtype}{cpu}, "
                       f"{len(train)} rows x {cfg.seq_len} tokens, trainable {trainable}; {where}")
     aux_coef = args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
     nonfinite = 0  # steps skipped for a non-finite loss or gradient norm
