@@ -5,6 +5,7 @@ DeepSpeed's one-time CPU build.
     quiet(verbose)           hide DeepSpeed's and torch's known chatter unless --verbose (or EPKIT_VERBOSE=1)
     quiet_stdout()           a block whose prints are dropped when quiet (DeepSpeed's "... built successfully")
     note_cpu_op_build()      "building DeepSpeed's CPU communication op, about a minute, once", when it must
+    check_writable_dir(path) a folder the run will write (or create) must be writable: checked before any work
 """
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ _verbose = False
 
 def cpu_threads_per_rank() -> int:
     """On a machine without CUDA, ranks sharing the CPU would each start one thread per core and contend: give
-    each of the LOCAL_WORLD_SIZE ranks its share, unless OMP_NUM_THREADS says otherwise. Returns the count."""
+    each rank of this machine (torchrun's LOCAL_WORLD_SIZE, DeepSpeed's LOCAL_SIZE) its share of the cores this
+    process may use, unless OMP_NUM_THREADS says otherwise. Returns the count."""
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        torch.set_num_threads(max(1, cores // local))
     return torch.get_num_threads()
 
 
@@ -73,3 +77,21 @@ def note_cpu_op_build() -> bool:
         print("building DeepSpeed's CPU communication op, about a minute, once (needs a C++ compiler and ninja)",
               file=sys.stderr, flush=True)
     return True
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """`path` is, or can be created as, a writable folder: else one sentence naming `flag` and the culprit.
+    Checked by a real write (a permission check says yes to root on a read-only file system); nothing stays."""
+    import tempfile
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a directory")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{flag} {path}: {probe} is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".epkit-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: {probe} is not writable ({e.strerror})") from None

@@ -135,8 +135,8 @@ def test_output_prompts_and_compare_are_checked_before_any_work(tmp_path, monkey
     (tmp_path / "bad.jsonl").write_text('{"index": 0, "token_ids": [1]}\nnot json\n')
     cases = [(["--output", str(prompts)], ValueError, "is the --prompts file"),
              (["--output", str(tmp_path)], ValueError, "is a directory"),
-             (["--output", str(tmp_path / "no" / "r.jsonl")], FileNotFoundError, "does not exist"),
-             (["--output", "/proc/epkit-results.jsonl"], ValueError, "is not writable"),
+             (["--output", str(prompts / "r.jsonl")], ValueError, f"{prompts} is a file, not a directory"),
+             (["--output", "/proc/epkit-results.jsonl"], ValueError, "/proc is not writable"),
              (["--compare", str(tmp_path / "missing.jsonl")], FileNotFoundError, "--compare .*: no such file"),
              (["--compare", str(tmp_path / "bad.jsonl")], ValueError, "line 2 is not a result line")]
     for argv, kind, message in cases:

@@ -17,10 +17,11 @@ def threads():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU thread split applies to CPU-only machines")
 def test_cpu_ranks_share_the_cores(monkeypatch, threads):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # the cores this process may use
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # what the deepspeed launcher sets
     assert runtime.cpu_threads_per_rank() == 4 == torch.get_num_threads()
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # what torchrun sets
     assert runtime.cpu_threads_per_rank() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
     torch.set_num_threads(3)

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 
@@ -168,16 +167,10 @@ def check_files(cfg) -> None:
             raise ValueError(f"--output {cfg.output} is a directory; give a file name")
         if cfg.prompts not in (None, "-") and out == os.path.abspath(cfg.prompts):
             raise ValueError(f"--output {cfg.output} is the --prompts file; the results would overwrite the prompts")
-        folder = os.path.dirname(out)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"--output {cfg.output}: the folder {folder} does not exist")
-        try:  # a real write (a permission check says yes to root on a read-only file system)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".epkit-probe-"):
-                pass
-            if os.path.exists(out):
-                open(out, "a").close()
-        except OSError as e:
-            raise ValueError(f"--output {cfg.output} is not writable ({e.strerror})") from None
+        from ..runtime import check_writable_dir
+        check_writable_dir(os.path.dirname(out), "--output")  # created when missing
+        if os.path.exists(out) and not os.access(out, os.W_OK):
+            raise ValueError(f"--output {cfg.output} is not writable")
     if cfg.compare:
         read_results(cfg.compare)
 
@@ -219,6 +212,8 @@ class ResultWriter:
     def __init__(self, path: str | None):
         self.path, self.lines, self._next = path, {}, 0
         self.partial = f"{path}.partial" if path else None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._file = open(self.partial, "w") if path else None
 
     def add(self, line: dict) -> None:

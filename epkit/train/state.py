@@ -217,19 +217,8 @@ def run_settings(cfg) -> dict:
 
 def check_output_dir(path: str) -> None:
     """The run directory must be (or become) a writable directory: refuse it before step 1."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output-dir {path} is a file, not a directory")
-    probe = path
-    while not os.path.exists(probe):
-        probe = os.path.dirname(os.path.abspath(probe))
-    if not os.path.isdir(probe):
-        raise ValueError(f"--output-dir {path}: {probe} is a file, not a directory")
-    try:  # a real write: a permission check says yes to root on a read-only file system
-        import tempfile
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".epkit-probe-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"--output-dir {path}: {probe} is not writable ({e.strerror})") from None
+    from ..runtime import check_writable_dir
+    check_writable_dir(path, "--output-dir")
 
 
 def _read_json(path: str):
