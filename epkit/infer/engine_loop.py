@@ -100,6 +100,8 @@ class EngineLoop:
 
     def submit(self, sub: Submission) -> None:
         self._inbox.put(("submit", sub))
+        if self.dead is not None:  # died meanwhile: nobody will take it
+            self._fail_inbox()
 
     def abort(self, sub_id: str) -> None:
         self._inbox.put(("abort", sub_id))
@@ -135,6 +137,8 @@ class EngineLoop:
                     self._busy_since = time.monotonic()
                     updates = self.llm.step()
                     last_collective, self._busy_since = time.monotonic(), None
+                    if self.dead is not None:  # the watchdog gave up on this step: the others are gone
+                        return
                     self._dispatch(updates)
                     self._take_snapshot(routing=not self.llm.has_unfinished())  # exact once work is done
                 elif stopping:
@@ -237,10 +241,20 @@ class EngineLoop:
             return
         self.dead = message
         print(f"error (rank 0): {message}", file=sys.stderr, flush=True)
-        for sub, _ in list(self._subs.values()):
-            self._send(sub, ("error", 503, message))
         if self.on_dead is not None:
             self.on_dead(message)
+        for sub, _ in list(self._subs.values()):
+            self._send(sub, ("error", 503, message))
+        self._fail_inbox()
+
+    def _fail_inbox(self) -> None:
+        while True:
+            try:
+                cmd, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if cmd == "submit":
+                self._send(arg, ("error", 503, self.dead))
 
     def _watchdog(self) -> None:
         while self.dead is None and self._thread.is_alive():
