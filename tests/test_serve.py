@@ -221,7 +221,8 @@ def test_200_concurrent_requests_each_answered_once(server, offline):
     async def main():
         sem = asyncio.Semaphore(48)  # the server holds 32 running + 32 waiting
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120,
-                                     limits=httpx.Limits(max_connections=48)) as http:
+                                     limits=httpx.Limits(max_connections=48, keepalive_expiry=1.0)) as http:
+            # (idle connections expire before the server's 5 s keep-alive: no request on a closing socket)
             await asyncio.gather(*(one(http, sem, i) for i in range(200)))
 
     asyncio.run(main())
@@ -364,7 +365,10 @@ def test_sigterm_drains_then_exits_0(tmp_path):
                 assert [e for e in events[:-2] if e["choices"][0]["finish_reason"]][0]["choices"][0][
                     "finish_reason"] == "length"
                 assert not long.done()
-                s.procs[0].send_signal(signal.SIGTERM)  # a second signal ends the drain now
+                s.procs[0].send_signal(signal.SIGTERM)  # a second SIGTERM changes nothing
+                await asyncio.sleep(0.3)
+                assert not long.done()
+                s.procs[0].send_signal(signal.SIGINT)  # a second Ctrl-C ends the drain now
                 events = await long
                 finish = [e["choices"][0]["finish_reason"] for e in events[:-2] if e["choices"][0]["finish_reason"]]
                 assert finish == ["abort"] and events[-1] == "[DONE]"

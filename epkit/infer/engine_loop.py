@@ -280,5 +280,10 @@ def follow_leader(llm, timeout_s: float) -> int:
                 os._exit(1)
 
     threading.Thread(target=watch, name="epkit-follower-watchdog", daemon=True).start()
-    llm.follow()
+    try:
+        llm.follow()
+    except RuntimeError as e:  # a collective failed: rank 0 is gone
+        print(f"error (rank {os.environ.get('RANK', '?')}): lost rank 0: {(str(e).splitlines() or [''])[0]}",
+              file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -9,8 +9,8 @@ ranks only run the steps rank 0 broadcasts (`follow_leader`). Endpoints: POST /v
 usage in the last event), GET /v1/models, /health (200 while the engine steps, 503 when it cannot or
 is draining) and /metrics (Prometheus). With --api-key, /v1/* needs `Authorization: Bearer KEY`.
 
-SIGTERM (or Ctrl-C) stops admission (503), lets running requests finish for up to --drain-s, aborts
-the rest, releases the other ranks and exits 0. A rank that dies or stops answering makes every
+SIGTERM (or Ctrl-C) stops admission (503), lets running requests finish for up to --drain-s (a
+second Ctrl-C: at once), aborts the rest, releases the other ranks and exits 0. A rank that dies or stops answering makes every
 request fail with 503; the server exits 1 a few seconds later.
 
 FastAPI, uvicorn and prometheus-client are imported by this module only, which `import epkit` and
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 import uuid
@@ -352,13 +353,19 @@ class _Server(uvicorn.Server):
         self.engine, self.state, self.banner = engine, state, banner
         self._aborted_at: float | None = None
 
-    def handle_exit(self, sig, frame) -> None:  # SIGTERM / SIGINT; a second one ends the drain now
+    def handle_exit(self, sig, frame) -> None:
+        """SIGTERM / SIGINT: drain. A second SIGINT (Ctrl-C twice) aborts what still runs; a second SIGTERM
+        changes nothing (launchers such as deepspeed's send one after the signal they pass on)."""
         now = time.monotonic()
-        first = not self.state.draining
-        self.state.drain_deadline = now + self.state.drain_s if first else now
-        # os.write: print() could re-enter a write this signal interrupted
-        os.write(2, f"signal {sig}: no new requests; draining {'up to %gs' % self.state.drain_s if first else 'now'}"
-                    f"\n".encode())
+        if not self.state.draining:
+            self.state.drain_deadline = now + self.state.drain_s
+            msg = f"signal {sig}: no new requests; draining up to {self.state.drain_s:g}s"
+        elif sig == signal.SIGINT:
+            self.state.drain_deadline = now
+            msg = "second interrupt: aborting what still runs"
+        else:
+            return
+        os.write(2, (msg + "\n").encode())  # not print(): it could re-enter a write this signal interrupted
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
