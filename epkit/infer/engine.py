@@ -40,24 +40,6 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def balanced_plan(checkpoint: str, ep: int):
-    """A `balanced` plan for `ep` ranks from the routing counts the trainer stored in epkit_plan.json."""
-    import json
-
-    from ..checkpoint import PLAN_FILE
-    from ..config import ModelArgs
-    from ..plan import ShardingPlan
-    file = os.path.join(checkpoint, PLAN_FILE)
-    loads = None
-    if os.path.isfile(file):
-        with open(file) as f:
-            loads = json.load(f).get("routed_tokens")
-    if not loads:
-        raise ValueError(f"strategy='balanced' needs routing counts and {file} has none; use 'contiguous'")
-    args = ModelArgs.load(checkpoint)
-    return ShardingPlan(args.num_experts, ep, strategy="balanced", loads=loads, num_layers=args.num_layers)
-
-
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -91,9 +73,8 @@ class LLM:
                                  f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        plan = balanced_plan(checkpoint, ep) if strategy == "balanced" and ep > 1 else None
-        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, plan=plan,
-                                        strategy=strategy, dispatch="replicated", return_report=True)
+        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, strategy=strategy,
+                                        dispatch="replicated", return_report=True)
         self.load_report = report
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
             tokenizer = load_tokenizer(checkpoint)
@@ -129,6 +110,7 @@ class LLM:
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
         self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs)
+        model.routing_stats.reset()  # the load report counts served tokens (not the profiling forward)
         self.is_leader = self.runner.is_leader
         self._rng = random.Random(seed)
         self._ids = 0
@@ -430,13 +412,12 @@ class LLM:
     def expert_load(self) -> dict:
         """Routed real tokens per layer and expert, and per EP rank. Every rank must call it (collective)."""
         from ..parallel import gather_routing_counts
-        self.runner.sync_routing_counts()
         return self._load_report(gather_routing_counts(self.model))
 
     def routed_tokens(self) -> dict:
         """`expert_load()` as the leader alone counted it (leader; no collective: with replicated dispatch
         every EP rank routes the same tokens). NOTE: host sync."""
-        return self._load_report(self.runner.routed.tolist())
+        return self._load_report(self.model.routing_stats.counts(self.device).tolist())
 
     def _load_report(self, counts: list[list[int]]) -> dict:
         from ..parallel import rank_loads
