@@ -305,6 +305,7 @@ BAD = [  # (endpoint, body, words the message must hold)
     ("chat", {"messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
     ("chat", {"messages": [{"role": "user", "content": "x " * 600}]}, "the context holds 512"),
     ("chat", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs needs logprobs=true"),
+    ("completions", {"prompt": TEXT, "n": 20}, "120 sequences, more than this server holds at once (64)"),
 ]
 
 

@@ -120,6 +120,9 @@ class EngineLoop:
 
     # ---- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        if self.llm.device.type == "cuda":  # the current device is per thread
+            import torch
+            torch.cuda.set_device(self.llm.device)
         last_collective, stopping = time.monotonic(), False
         try:
             while True:

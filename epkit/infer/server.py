@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -124,7 +125,8 @@ def create_app(engine: EngineLoop, metrics: Metrics, state: ServerState, model_n
         return error(ApiError(exc.status_code, str(exc.detail)))
 
     def refuse(request: Request) -> ApiError | None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        sent = request.headers.get("authorization", "")
+        if api_key is not None and not secrets.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
             return ApiError(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
                             code="invalid_api_key")
         if request.url.path == "/v1/models":
@@ -149,6 +151,9 @@ def create_app(engine: EngineLoop, metrics: Metrics, state: ServerState, model_n
             return error(e)
         sub = Submission(("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex, req.prompts,
                          [req.params] * len(req.prompts), req.n, asyncio.Queue(), asyncio.get_running_loop())
+        if sub.size > engine.capacity:
+            return error(ApiError(400, f"{len(req.prompts)} prompt(s) x n={req.n} is {sub.size} sequences, more than "
+                                       f"this server holds at once ({engine.capacity})", "n"))
         if not engine.reserve(sub.size):
             return error(ApiError(429, f"the server's queue is full ({engine.capacity} sequences); retry later"))
         ticket = _Ticket(engine, sub)
@@ -162,28 +167,7 @@ def create_app(engine: EngineLoop, metrics: Metrics, state: ServerState, model_n
                                       headers={"Cache-Control": "no-cache"})
                 stream.ticket, ticket = ticket, None  # the stream closes it when it ends
                 return stream
-            choices = [Choice() for _ in range(sub.size)]
-            prompt_tokens = [0] * len(req.prompts)
-            checked = time.monotonic()
-            while ticket.finished < sub.size:
-                try:
-                    event = await asyncio.wait_for(sub.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    event = None
-                if time.monotonic() - checked >= 0.5:  # a client that went away: abort (in `finally`)
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
-                if event is None:
-                    continue
-                if event[0] == "error":
-                    return error(ApiError(event[1], event[2]))
-                d: Delta = event[1]
-                _add(choices[d.index], d)
-                prompt_tokens[d.index // req.n] = d.prompt_tokens
-                ticket.finished += d.finish_reason is not None
-            use = usage(sum(prompt_tokens), sum(len(c.token_ids) for c in choices))
-            return JSONResponse(response(req, sub.id, choices, use))
+            return await _answer(request, req, ticket)
         finally:
             if ticket is not None:
                 ticket.close()
@@ -218,6 +202,34 @@ def create_app(engine: EngineLoop, metrics: Metrics, state: ServerState, model_n
         return Response(data, media_type=content_type)
 
     return app
+
+
+async def _answer(request: Request, req, ticket: "_Ticket") -> Response:
+    """The whole answer of a request that does not stream; a client that went away gets nothing (its
+    request is aborted when the ticket closes)."""
+    sub = ticket.sub
+    choices = [Choice() for _ in range(sub.size)]
+    prompt_tokens = [0] * len(req.prompts)
+    checked = time.monotonic()
+    while ticket.finished < sub.size:
+        try:
+            event = await asyncio.wait_for(sub.events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            event = None
+        if time.monotonic() - checked >= 0.5:
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                return Response(status_code=499)
+        if event is None:
+            continue
+        if event[0] == "error":
+            return JSONResponse(ApiError(event[1], event[2]).body(), status_code=event[1])
+        d: Delta = event[1]
+        _add(choices[d.index], d)
+        prompt_tokens[d.index // req.n] = d.prompt_tokens
+        ticket.finished += d.finish_reason is not None
+    use = usage(sum(prompt_tokens), sum(len(c.token_ids) for c in choices))
+    return JSONResponse(response(req, sub.id, choices, use))
 
 
 def _add(c: Choice, d: Delta) -> None:
