@@ -71,7 +71,8 @@ class EngineLoop:
                  on_dead=None, observe_ttft=None, observe_itl=None, on_finish=None):
         self.llm, self.capacity = llm, capacity
         self.ping_s, self.step_timeout_s = ping_s, step_timeout_s
-        self.on_dead, self.observe_ttft, self.observe_itl, self.on_finish = on_dead, observe_ttft, observe_itl, on_finish
+        self.on_dead, self.on_finish = on_dead, on_finish
+        self.observe_ttft, self.observe_itl = observe_ttft, observe_itl
         self.dead: str | None = None
         self.in_flight = 0  # choices admitted and not finished (asyncio thread only)
         self._inbox: queue.Queue = queue.Queue()
@@ -195,7 +196,7 @@ class EngineLoop:
         tok = self.llm.tokenizer
         for out in updates:
             route = self._route.get(out.request_id)
-            if route is None:  # aborted, or failed at admission
+            if route is None:  # already finished
                 continue
             sub, index = route
             new = list(out.new_token_ids)

@@ -10,8 +10,8 @@ usage in the last event), GET /v1/models, /health (200 while the engine steps, 5
 is draining) and /metrics (Prometheus). With --api-key, /v1/* needs `Authorization: Bearer KEY`.
 
 SIGTERM (or Ctrl-C) stops admission (503), lets running requests finish for up to --drain-s (a
-second Ctrl-C: at once), aborts the rest, releases the other ranks and exits 0. A rank that dies or stops answering makes every
-request fail with 503; the server exits 1 a few seconds later.
+second Ctrl-C: at once), aborts the rest, releases the other ranks and exits 0. A rank that dies or
+stops answering makes every request fail with 503; the server exits 1 a few seconds later.
 
 FastAPI, uvicorn and prometheus-client are imported by this module only, which `import epkit` and
 offline inference never load.
