@@ -313,7 +313,7 @@ def parse_args(argv=None):
                    "running ones; more get 429")
     p.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, how long running requests may finish")
     p.add_argument("--rank-timeout-s", type=float, default=30.0, help="a step (or ping) taking longer means a rank "
-                   "died or hangs: answer 503 and exit 1")
+                   "died or hangs: answer 503 and exit 1 (first-use compiles happen in a warm-up before serving)")
     cfg = read_config(p, argv)
     if not 0 <= cfg.port <= 65535:
         raise ValueError(f"--port {cfg.port} must be in [0, 65535]")
@@ -329,6 +329,7 @@ def main(argv=None) -> int:
     from .cli import build_llm, resolve_checkpoint
     cfg = parse_args(argv)
     llm, source = build_llm(cfg)  # every rank
+    _warm_up(llm)
     if not llm.is_leader:
         return follow_leader(llm, cfg.rank_timeout_s + 2 * PING_S)
     name = cfg.served_model_name or (cfg.preset or resolve_checkpoint(cfg.checkpoint) or "tiny")
@@ -355,6 +356,15 @@ def main(argv=None) -> int:
         os._exit(1)  # the engine thread may sit in a collective that never returns: do not wait for it
     print("drained; exiting", file=sys.stderr, flush=True)
     return 0
+
+
+def _warm_up(llm) -> None:
+    """Every rank: a short prefill and decode before serving, so that first-use costs (kernel compiles,
+    CUDA graph captures) do not fall into a request's step and trip --rank-timeout-s. Counters restart."""
+    from .sampling import SamplingParams
+    llm.generate([[1] * 16, [1] * 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    llm.model.routing_stats.reset()
+    llm.stats.update({k: type(v)() for k, v in llm.stats.items()})
 
 
 class _Server(uvicorn.Server):
