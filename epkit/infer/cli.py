@@ -54,7 +54,8 @@ def read_config(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse `argv`; settings not given on the command line come from --config, then the default recipe."""
     args = p.parse_args(argv)
     del args.local_rank
-    known = set(vars(args)) - {"config"}  # a recipe may set any flag, and nothing else
+    # a recipe may set any flag (and the request defaults configs/infer/default.yaml gives), nothing else
+    known = (set(vars(args)) | set(SAMPLING_FLAGS) | {"ignore_eos"}) - {"config"}
     cfg = read_recipe(os.path.abspath(DEFAULT_CONFIG), known) if os.path.isfile(DEFAULT_CONFIG) else {}
     if args.config:
         cfg.update(read_recipe(args.config, known))
