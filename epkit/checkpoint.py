@@ -334,7 +334,7 @@ def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, e
     """
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
         raise ValueError(f"ep_size={ep_size!r} must be an integer of at least 1")
-    from .parallel import rank_device
+    from .runtime import rank_device
     device = rank_device(device)
     args = ModelArgs.load(path)
     with torch.device("meta"):

@@ -13,8 +13,6 @@ Legend: N tokens, D hidden, K experts per token, E experts, L local experts, R e
 from __future__ import annotations
 
 import os
-import re
-import time
 from dataclasses import dataclass
 
 import torch
@@ -40,27 +38,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def rank_device(device=None) -> torch.device:
-    """This rank's device: `device` checked (one sentence for a bad name or a GPU this machine lacks), or by
-    default the launcher's GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
-    if device is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-            else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: this machine has no CUDA device (or torch {torch.__version__} is "
-                             f"a CPU build); use cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ValueError(f"device {device!r}: epkit runs on cpu or cuda")
-    return dev
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -83,9 +60,6 @@ def all_ranks_ok(ok: bool) -> bool:
     return all(flags)
 
 
-_TIMEOUT_S: float | None = None  # the --dist-timeout the run joined with (for the error line)
-
-
 def init_distributed(backend: str | None = None, timeout_s: float = 600) -> None:
     """Join the run started by `deepspeed`, `torchrun` or `accelerate` (no-op without one).
 
@@ -93,8 +67,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> None
     every group created afterwards (DeepSpeed's expert and data-parallel groups pass no timeout of their own,
     so torch gives them its module default, which is set here). On GPUs NCCL's watchdog ends the job when a
     collective times out (TORCH_NCCL_ASYNC_ERROR_HANDLING=1); on CPU (gloo) the collective raises, and the
-    launchers turn that into one line naming the rank that stopped answering (`comm_failure_message`)."""
-    global _TIMEOUT_S
+    launchers turn that into one line naming the rank that stopped answering
+    (`runtime.comm_failure_message`)."""
     if is_distributed() or "WORLD_SIZE" not in os.environ:
         return
     import datetime
@@ -107,65 +81,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> None
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     timeout = datetime.timedelta(seconds=timeout_s)
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout  # groups created later (new_group)
-    _TIMEOUT_S = timeout_s
+    from . import runtime
+    runtime.dist_timeout_s = timeout_s  # for the error line if a collective times out
     from .runtime import note_cpu_op_build, quiet_stdout
     note_cpu_op_build()
     with quiet_stdout():  # DeepSpeed prints "... built successfully" on every rank at every start
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-
-
-_COMM_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
-                  "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
-
-
-def is_comm_failure(e: BaseException) -> bool:
-    """Whether `e` is a collective that timed out or lost its peer (gloo raises these; NCCL with blocking wait)."""
-    return isinstance(e, RuntimeError) and is_distributed() and any(s in str(e) for s in _COMM_FAILURES)
-
-
-def silent_ranks(window_s: float) -> list[int] | None:
-    """After a communication failure: the ranks that do not check in through the launch's rendezvous store
-    within `window_s` (every rank that caught the failure checks in). None when the store does not answer."""
-    import datetime
-    import threading
-    rank, world = world_rank(), world_size()
-    keys = [f"epkit/alive/{r}" for r in range(world)]
-    found: list = []
-
-    deadline = time.monotonic() + window_s
-
-    def probe():  # in a thread: a store whose host is frozen can block a client past its own timeout
-        try:
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                  timeout=datetime.timedelta(seconds=window_s))
-            store.set(keys[rank], "1")
-            while not store.check(keys) and time.monotonic() < deadline:  # polled: a timed-out wait logs warnings
-                time.sleep(0.2)
-            found.append([r for r in range(world) if not store.check([keys[r]])])
-        except Exception:
-            pass  # no store, or it does not answer
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(window_s + 5)
-    return found[0] if found else None
-
-
-def comm_failure_message(e: BaseException) -> str:
-    """One line for a collective that failed: which rank stopped answering, after how long."""
-    timeout = _TIMEOUT_S
-    silent = silent_ranks(min(timeout or 30.0, 30.0))
-    if silent is None:
-        host = "the launcher's" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0's"
-        who = "rank 0" if host == "rank 0's" else "a rank"
-        who += f" stopped answering ({host} rendezvous store does not answer either)"
-    elif silent:
-        who = f"rank {', '.join(map(str, silent))} stopped answering"
-    else:
-        who = "a rank stopped answering"
-    limit = f"within --dist-timeout {timeout:g}s" if timeout else "in time"
-    detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
-    return f"{who}: a collective got no reply {limit}; ending the job ({detail[:160]})"
 
 
 @dataclass

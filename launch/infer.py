@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from epkit.checkpoint import CheckpointError  # noqa: E402
 from epkit.infer.cli import main  # noqa: E402
-from epkit.parallel import comm_failure_message, is_comm_failure  # noqa: E402
+from epkit.runtime import comm_failure_message, is_comm_failure  # noqa: E402
 
 
 def run(argv=None) -> int:

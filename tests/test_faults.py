@@ -332,5 +332,6 @@ def test_full_disk_while_writing_the_engine_state(tmp_path, monkeypatch):
     monkeypatch.setattr(state.torch, "save", full)
     with pytest.raises(CheckpointError, match=f"^no space left while writing {ck}/engine/rank00000.pt$"):
         state.save(engine, model, ck, {"step": 1, "tokens_seen": 0, "run_id": "R"}, None)
-    assert not os.path.exists(os.path.join(ck, state.MARKER_FILE)) and state.complete_checkpoints(str(tmp_path), "R") == []
+    assert not os.path.exists(os.path.join(ck, state.MARKER_FILE))
+    assert state.complete_checkpoints(str(tmp_path), "R") == []
     assert not [n for n in os.listdir(ck) if ".tmp-" in n]  # no temporary engine folder left

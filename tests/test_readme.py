@@ -60,8 +60,8 @@ def test_readme_serve_examples_hold_together():
     assert "runs/" not in readme, "one run path (outputs/default) throughout"
     assert re.search(r'strategy="balanced", loads=', readme), "the README must show that balanced needs loads="
     assert "download.pytorch.org/whl/cpu" in readme and "ninja" in readme
-    timing = re.search(r"On 2 CPU cores .* the main job takes about (\d+) minutes and the tests about (\d+) minutes",
-                       readme)
+    timing = re.search(r"On 2 CPU cores .*? the main job takes about (\d+) minutes and the tests\s+about (\d+) minutes",
+                       readme, flags=re.S)
     assert timing, "the set-up section says how long the main job and the tests take on 2 cores"
 
 

@@ -123,7 +123,8 @@ def _dtype(name):
 
 def build_llm(cfg):
     from ..config import ModelArgs
-    from ..parallel import init_distributed, rank_device
+    from ..parallel import init_distributed
+    from ..runtime import rank_device
     from .build import random_model
     from .engine import LLM
     launched = int(os.environ.get("WORLD_SIZE", 1))

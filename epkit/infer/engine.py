@@ -79,8 +79,8 @@ class LLM:
     chunk); `long_prefill_tokens` caps one prompt's chunk while others wait (default a quarter of the
     budget); `strategy` places experts on EP ranks (`contiguous`, `round_robin`, or `balanced` from the
     routing counts stored with the checkpoint); `dist_timeout` is how long (s) an EP rank waits for the others
-    in a collective before the job ends naming the rank that stopped answering; `max_model_len` caps prompt + output (default: the
-    model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of
+    in a collective before the job ends naming the rank that stopped answering; `max_model_len` caps prompt +
+    output (default: the model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of
     unseeded requests; `cuda_graphs` replays decode steps as CUDA graphs on GPUs (default on; False
     or EPKIT_CUDA_GRAPHS=0: eager).
     """
@@ -88,7 +88,8 @@ class LLM:
     def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
                  tokenizer=None, dist_timeout: float = 120, **engine):
         from ..checkpoint import load_pretrained
-        from ..parallel import init_distributed, rank_device, world_size
+        from ..parallel import init_distributed, world_size
+        from ..runtime import rank_device
         if not isinstance(ep, int) or ep < 1:
             raise ValueError(f"ep={ep!r} must be a positive integer")
         if ep > 1:
