@@ -85,22 +85,24 @@ def note_cpu_op_build() -> bool:
     return True
 
 
-def check_writable_dir(path: str, flag: str) -> None:
-    """`path` is, or can be created as, a writable folder: else one sentence naming `flag` and the culprit.
-    Checked by a real write (a permission check says yes to root on a read-only file system); nothing stays."""
+def check_writable_dir(path: str, flag: str, value: str | None = None) -> None:
+    """`path` is, or can be created as, a writable folder: else one sentence naming `flag`, its `value` (default
+    `path`) and the culprit. Checked by a real write (a permission check says yes to root on a read-only file
+    system); nothing stays."""
     import tempfile
+    value = value or path
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a file, not a directory")
+        raise ValueError(f"{flag} {value}: {path} is a file, not a directory")
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise ValueError(f"{flag} {path}: {probe} is a file, not a directory")
+        raise ValueError(f"{flag} {value}: {probe} is a file, not a directory")
     try:
         with tempfile.NamedTemporaryFile(dir=probe, prefix=".epkit-probe-"):
             pass
     except OSError as e:
-        raise ValueError(f"{flag} {path}: {probe} is not writable ({e.strerror})") from None
+        raise ValueError(f"{flag} {value}: {probe} is not writable ({e.strerror})") from None
 
 
 def rank_device(device=None) -> torch.device:

@@ -137,7 +137,7 @@ def test_unwritable_output_dir_is_refused_before_step_1(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     launcher = _launcher()
-    for out, message in [(str(a_file), f"--output-dir {a_file} is a file, not a directory"),
+    for out, message in [(str(a_file), f"--output-dir {a_file}: {a_file} is a file, not a directory"),
                          (str(a_file / "run"), f"--output-dir {a_file / 'run'}: {a_file} is a file, not a directory"),
                          ("/proc/epkit-run", "--output-dir /proc/epkit-run: /proc is not writable")]:
         assert launcher.run(["--output-dir", out, *SMALL]) == 2

@@ -138,9 +138,12 @@ def test_output_prompts_and_compare_are_checked_before_any_work(tmp_path, monkey
     cases = [(["--output", str(prompts)], ValueError, "is the --prompts file"),
              (["--output", str(tmp_path)], ValueError, "is a directory"),
              (["--output", str(prompts / "r.jsonl")], ValueError, f"{prompts} is a file, not a directory"),
-             (["--output", "/proc/epkit-results.jsonl"], ValueError, "/proc is not writable"),
+             (["--output", "/proc/epkit-results.jsonl"], ValueError, "--output /proc/epkit-results.jsonl: /proc is not "
+                                                                      "writable"),
              (["--compare", str(tmp_path / "missing.jsonl")], FileNotFoundError, "--compare .*: no such file"),
-             (["--compare", str(tmp_path / "bad.jsonl")], ValueError, "line 2 is not a result line")]
+             (["--compare", str(tmp_path / "bad.jsonl")], ValueError, "line 2 is not a result line"),
+             (["--compare", str(tmp_path / "blank.jsonl")], ValueError, "blank.jsonl holds no results")]
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
     for argv, kind, message in cases:
         with pytest.raises(kind, match=message):
             main(["--prompts", str(prompts), "--no-progress", *argv])

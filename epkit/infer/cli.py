@@ -180,7 +180,7 @@ def check_files(cfg) -> None:
         if cfg.prompts not in (None, "-") and out == os.path.abspath(cfg.prompts):
             raise ValueError(f"--output {cfg.output} is the --prompts file; the results would overwrite the prompts")
         from ..runtime import check_writable_dir
-        check_writable_dir(os.path.dirname(out), "--output")  # created when missing
+        check_writable_dir(os.path.dirname(out), "--output", cfg.output)  # the folder is created when missing
         if os.path.exists(out) and not os.access(out, os.W_OK):
             raise ValueError(f"--output {cfg.output} is not writable")
     if cfg.compare:
@@ -203,6 +203,8 @@ def read_results(path: str) -> list[dict]:
             if not isinstance(r, dict) or not isinstance(r.get("token_ids", []), list):
                 raise ValueError(f"--compare {path}: line {n} is not a result line (a JSON object with token_ids)")
             out.append(r)
+    if not out:
+        raise ValueError(f"--compare {path} holds no results")
     return out
 
 
