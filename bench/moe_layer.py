@@ -30,7 +30,7 @@ from torch import nn
 
 import epkit
 from epkit.moe import route
-from epkit.parallel import apply_expert_parallel, init_distributed, set_dispatch, setup_expert_parallel, world_rank
+from epkit.parallel import init_distributed, set_dispatch, setup_expert_parallel, world_rank
 
 IMPLS = ("epkit_replicated", "epkit_replicated_graph", "epkit_all_to_all", "transformers_eager",
          "transformers_grouped_mm", "deepspeed")
@@ -110,15 +110,14 @@ def make_tokens(n: int, shape: Shape, seed: int, device, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def build_epkit(shape: Shape, w, ep_size: int, device, dtype):
-    """A 1-layer epkit.Mixtral on meta, sharded by `apply_expert_parallel` (the product path); only its
-    MoE layer is materialised on `device` and loaded. Returns (model shell, MoE layer)."""
+    """A 1-layer epkit.Mixtral built as the product builds every model (`epkit.build.build_model`: meta,
+    expert parallelism, materialise), its MoE layer loaded with `w`. Returns (model, MoE layer)."""
+    from epkit.build import build_model
     args = epkit.ModelArgs(vocab_size=8, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                            num_layers=1, num_heads=1, num_kv_heads=1, num_experts=shape.experts,
                            experts_per_token=shape.top_k)
-    model = epkit.Mixtral(args, device="meta", dtype=dtype)
-    plan = epkit.ShardingPlan(shape.experts, ep_size)
-    apply_expert_parallel(model, plan, setup_expert_parallel(ep_size), dispatch="replicated")
-    moe = model.layers[0].moe.to_empty(device=device)
+    model = build_model(args, epkit.ShardingPlan(shape.experts, ep_size), "replicated", device, dtype)
+    moe = model.layers[0].moe
     moe.gate.weight.copy_(w["gate"])
     local = moe.experts.expert_ids
     moe.experts.w13.copy_(w["w13"][local])

@@ -2,14 +2,15 @@
 
 Reading: a directory with `config.json` and safetensors (one file, or sharded with
 `model.safetensors.index.json`), tensors named as the hub spells them or as transformers 5 fuses
-them in memory. The model is built on the meta device, each tensor is read memory-mapped and
-assigned, so peak RAM is about one copy of the model. Under expert parallelism each rank reads only
+them in memory. The model is built on the meta device (`build.build_model`), each tensor is read
+memory-mapped and assigned, so peak RAM is about one copy of the model. Under expert parallelism each rank reads only
 the experts its plan gives it. Everything is checked before anything is assigned, so a bad
 checkpoint loads nothing half-way.
 
 Writing: hub names, sharded by size, an index over all files. Under expert parallelism every rank
 writes the experts it owns into its own files, rank 0 writes the shared tensors, config and plan.
-The directory is written under a temporary name and renamed when whole.
+The directory is written under a temporary name and renamed when whole. `epkit_plan.json` beside
+the tensors is a `Manifest` (plan and routing counts).
 """
 from __future__ import annotations
 
@@ -290,51 +291,47 @@ def _tag_expert_params(model: Mixtral) -> None:
 
 
 def load_state_into(model: Mixtral, path: str, device=None, dtype=None) -> LoadReport:
-    """Fill a (meta or real) model from a checkpoint directory with assign=True."""
+    """Read a checkpoint directory's tensors for a meta (possibly expert-sharded) model and assign them
+    (assign=True): only reads and assigns; `build.build_model` reties and marks afterwards."""
     _tag_expert_params(model)
     sd, report = read_state_dict(path, model, device, dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [m for m in missing if not (model.args.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: internal name mismatch, missing {missing[:3]} unexpected {unexpected[:3]}")
-    if model.args.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    if getattr(model, "expert_parallel", None) is not None:
-        from .parallel import mark_expert_params
-        mark_expert_params(model)  # assign=True replaced the marked Parameters
     return report
 
 
 def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, ep_size: int = 1,
                     plan=None, strategy: str = "contiguous", dispatch: str = "replicated",
                     return_report: bool = False):
-    """Load a Hugging Face Mixtral directory into epkit.
+    """Load a Hugging Face Mixtral directory into epkit (built by `build.build_model`).
 
     With ep_size > 1 (inside a distributed run) the model is expert-parallel: each rank builds and
-    reads only the experts that `plan` (default: a `strategy` plan over ep_size ranks) gives it.
+    reads only the experts that `plan` (default: a `strategy` plan from the checkpoint's manifest) gives it.
     """
+    from .build import build_model
+    from .parallel import all_ranks_ok
     args = ModelArgs.load(path)
-    with torch.device("meta"):
-        model = Mixtral(args)
-    if ep_size > 1 or plan is not None:
-        from .parallel import apply_expert_parallel, setup_expert_parallel
-        if plan is None:
-            plan = checkpoint_plan(path, args, ep_size, strategy)
-        elif (manifest := Manifest.read(path)) is not None:
-            manifest.check_matches(args)
-        groups = setup_expert_parallel(plan.ep_size)
-        apply_expert_parallel(model, plan, groups, dispatch=dispatch)
-        from .parallel import all_ranks_ok
+    if plan is None and ep_size > 1:
+        plan = checkpoint_plan(path, args, ep_size, strategy)
+    elif plan is not None and (manifest := Manifest.read(path)) is not None:
+        manifest.check_matches(args)
+    reports = []
+
+    def read_and_assign(model: Mixtral) -> None:
         failure = None
         try:  # a rank may miss only its own experts' tensors: every rank must hear of it
-            report = load_state_into(model, path, device, dtype)
+            reports.append(load_state_into(model, path, device, dtype))
         except (CheckpointError, OSError, ValueError) as e:
             failure = e
-        if not all_ranks_ok(failure is None):
+        if plan is not None and not all_ranks_ok(failure is None):  # NOTE: collective under EP
             raise failure or CheckpointError(f"{path}: another rank could not load its experts (see its error)")
-    else:
-        report = load_state_into(model, path, device, dtype)
-    return (model, report) if return_report else model
+        if failure is not None:
+            raise failure
+
+    model = build_model(args, plan, dispatch, device, dtype, load=read_and_assign)
+    return (model, reports[0]) if return_report else model
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -393,7 +390,7 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, tr
     """Write a Hugging Face Mixtral directory and its `Manifest` (`trainer_state`: a training step's
     record). Under expert parallelism call it on every rank."""
     from . import parallel  # collectives only when a distributed run is going
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     rank, world = parallel.world_rank(), parallel.world_size()
     path = os.path.abspath(path)
     err = tmp = None

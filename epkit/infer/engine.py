@@ -116,7 +116,7 @@ class LLM:
                gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                max_model_len: int | None = None, seed: int = 0, cuda_graphs: bool | None = None,
                long_prefill_tokens: int | None = None) -> None:
-        info = getattr(model, "expert_parallel", None)
+        info = model.expert_parallel
         if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated":
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
                              f"the model uses {info.dispatch!r}")
@@ -170,7 +170,7 @@ class LLM:
 
     def _agree_min(self, n: int) -> int:
         """Every EP rank must hold the same block ids: take the smallest pool any rank can afford."""
-        info = getattr(self.model, "expert_parallel", None)
+        info = self.model.expert_parallel
         if info is None or info.plan.ep_size == 1:
             return n
         import torch.distributed as dist

@@ -1,10 +1,10 @@
 """The model and the DeepSpeed engine a fine-tune runs on.
 
-Order (one place, one order):
-  1. build the model on the meta device and shard it, then materialise: a checkpoint loads with
-     `load_pretrained(ep_size=E, dispatch="all_to_all")` (each rank reads its own experts); a preset gets
-     `apply_expert_parallel` then `Mixtral.init_weights` (every tensor and expert drawn from its own seeded
-     generator, so every EP size starts from the same weights);
+Order:
+  1. `epkit.build.build_model` (meta, shard, materialise, retie, mark): a checkpoint loads through
+     `load_pretrained(ep_size=E, dispatch="all_to_all")` (each rank reads its own experts); a preset is then
+     filled by `Mixtral.init_weights` (every tensor and expert drawn from its own seeded generator, so every
+     EP size starts from the same weights);
   2. freeze what `--train-only` leaves out;
   3. AdamW over parameter groups where expert parameters form DeepSpeed's MoE groups
      (`split_params_into_different_moe_groups_for_optimizer`), warm-up + cosine LambdaLR;
@@ -34,7 +34,8 @@ import torch
 
 from ..config import ModelArgs
 from ..model import Mixtral
-from ..parallel import apply_expert_parallel, is_distributed, mark_expert_params, setup_expert_parallel, world_size
+from ..build import build_model as build
+from ..parallel import is_distributed, world_size
 from ..plan import ShardingPlan
 from .config import TrainConfig
 
@@ -74,10 +75,9 @@ def check_plan_strategy(cfg: TrainConfig) -> None:
 
 def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = torch.float32,
                 checkpoint: str | None = None) -> Mixtral:
-    """The expert-parallel model on `device` in the training dtype (DeepSpeed's optimizer keeps fp32 masters).
-
-    Both paths build on the meta device and materialise only this rank's experts, so no rank ever
-    holds the whole model (Mixtral-8x7B at EP=2 fits where the full model would not)."""
+    """The expert-parallel model on `device` in the training dtype (DeepSpeed's optimizer keeps fp32 masters),
+    through `epkit.build.build_model` (a checkpoint: `load_pretrained`, which calls it), so no rank ever holds
+    the whole model (Mixtral-8x7B at EP=2 fits where the full model would not)."""
     source = checkpoint or (cfg.model if os.path.isdir(cfg.model) else None)
     # EP=1 keeps the plain model: its experts are ordinary data-parallel parameters.
     plan = None
@@ -91,16 +91,7 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = 
         model = load_pretrained(source, device=device, dtype=dtype, ep_size=cfg.ep, plan=plan,
                                 dispatch="all_to_all")
     else:
-        with torch.device("meta"):
-            model = Mixtral(args, dtype=dtype)
-        if plan is not None:
-            apply_expert_parallel(model, plan, setup_expert_parallel(cfg.ep), dispatch="all_to_all")
-        model.to_empty(device=device)
-        if args.tie_word_embeddings:  # to_empty made two tensors of the tied one
-            model.lm_head.weight = model.embed.weight
-        model.init_weights(seed=cfg.seed)
-    if plan is not None:
-        mark_expert_params(model)  # to_empty made new Parameters without DeepSpeed's expert markers
+        model = build(args, plan, "all_to_all", device, dtype).init_weights(seed=cfg.seed)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model
 
@@ -251,7 +242,7 @@ def clip_exact(model: Mixtral, max_norm: float) -> float:
         return torch.stack(norms).double().pow(2).sum().to(device)
 
     dense_sq, expert_sq = squared(dense), squared(expert)
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     if info is not None and info.plan.ep_size > 1:
         expert_sq = reduce_on_device(expert_sq.reshape(1), device, group=info.groups.ep_group)[0]
     norm = float((dense_sq + expert_sq).sqrt())  # the one device-to-host sync
