@@ -1,6 +1,6 @@
 """epkit: expert-parallel Mixtral for fine-tuning and batched inference."""
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
-from .config import PRESETS, ModelArgs
+from .args import PRESETS, ModelArgs
 from .model import Mixtral
 from .moe import MoE, load_balancing_loss
 from .parallel import apply_expert_parallel, setup_expert_parallel

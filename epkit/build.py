@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import ModelArgs
+from .args import ModelArgs
 from .model import Mixtral
 
 

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelArgs
+from .args import ModelArgs
 from .model import Mixtral
 from .plan import ShardingPlan
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..build import build_model
-from ..config import ModelArgs
+from ..args import ModelArgs
 from ..model import Mixtral
 from ..plan import ShardingPlan
 

@@ -1,4 +1,5 @@
-"""The model and the DeepSpeed engine a fine-tune runs on.
+"""The model, optimizer and DeepSpeed engine a fine-tune runs on, and the per-step gradient work (exact
+clipping, reductions on the run's device).
 
 Order:
   1. `epkit.build.build_model` (meta, shard, materialise, retie, mark): a checkpoint loads through
@@ -32,9 +33,9 @@ import os
 
 import torch
 
-from ..config import ModelArgs
+from ..args import ModelArgs
 from ..model import Mixtral
-from ..build import build_model as build
+from ..build import build_model
 from ..parallel import is_distributed, world_size
 from ..plan import ShardingPlan
 from .config import TrainConfig
@@ -67,31 +68,31 @@ def plan_loads(cfg: TrainConfig) -> list[list[int]] | None:
 
 def check_plan_strategy(cfg: TrainConfig) -> None:
     """`balanced` places experts by their measured load, which only a checkpoint that recorded routing has."""
-    if cfg.plan_strategy == "balanced" and cfg.ep > 1 and plan_loads(cfg) is None:
+    if cfg.plan_strategy == "balanced" and cfg.ep_size > 1 and plan_loads(cfg) is None:
         raise ValueError(f"--plan-strategy balanced places experts by their load (routed_tokens in the checkpoint's "
                          f"epkit_plan.json), and --model {cfg.model!r} records none; use a checkpoint written by "
                          f"epkit (e.g. a run's final/) or --plan-strategy contiguous/round_robin")
 
 
-def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = torch.float32,
-                checkpoint: str | None = None) -> Mixtral:
+def model_for(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = torch.float32,
+              checkpoint: str | None = None) -> Mixtral:
     """The expert-parallel model on `device` in the training dtype (DeepSpeed's optimizer keeps fp32 masters),
     through `epkit.build.build_model` (a checkpoint: `load_pretrained`, which calls it), so no rank ever holds
     the whole model (Mixtral-8x7B at EP=2 fits where the full model would not)."""
     source = checkpoint or (cfg.model if os.path.isdir(cfg.model) else None)
     # EP=1 keeps the plain model: its experts are ordinary data-parallel parameters.
     plan = None
-    if cfg.ep > 1 and os.path.isdir(cfg.model):  # placed from --model's manifest (see plan_loads)
+    if cfg.ep_size > 1 and os.path.isdir(cfg.model):  # placed from --model's manifest (see plan_loads)
         from ..checkpoint import checkpoint_plan
-        plan = checkpoint_plan(cfg.model, args, cfg.ep, cfg.plan_strategy)
-    elif cfg.ep > 1:
-        plan = ShardingPlan(args.num_experts, cfg.ep, strategy=cfg.plan_strategy, num_layers=args.num_layers)
+        plan = checkpoint_plan(cfg.model, args, cfg.ep_size, cfg.plan_strategy)
+    elif cfg.ep_size > 1:
+        plan = ShardingPlan(args.num_experts, cfg.ep_size, strategy=cfg.plan_strategy, num_layers=args.num_layers)
     if source is not None:
         from ..checkpoint import load_pretrained
-        model = load_pretrained(source, device=device, dtype=dtype, ep_size=cfg.ep, plan=plan,
+        model = load_pretrained(source, device=device, dtype=dtype, ep_size=cfg.ep_size, plan=plan,
                                 dispatch="all_to_all")
     else:
-        model = build(args, plan, "all_to_all", device, dtype).init_weights(seed=cfg.seed)
+        model = build_model(args, plan, "all_to_all", device, dtype).init_weights(seed=cfg.seed)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model
 
