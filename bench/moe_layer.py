@@ -18,7 +18,7 @@ import datetime
 import json
 import os
 import re
-import statistics
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -28,9 +28,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import epkit
-from epkit.moe import route
-from epkit.parallel import init_distributed, set_dispatch, setup_expert_parallel, world_rank
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import epkit  # noqa: E402
+from bench.timing import copy_bandwidth, matmul_tflops, sync, time_calls  # noqa: E402
+from epkit.infer.graphs import record  # noqa: E402
+from epkit.moe import route  # noqa: E402
+from epkit.parallel import init_distributed, set_dispatch, setup_expert_parallel, world_rank  # noqa: E402
 
 IMPLS = ("epkit_replicated", "epkit_replicated_graph", "epkit_all_to_all", "transformers_eager",
          "transformers_grouped_mm", "deepspeed")
@@ -55,11 +59,6 @@ SMALL = Shape(hidden=32, intermediate=64, experts=8, top_k=2)
 
 
 # ---- small helpers --------------------------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def gather(obj) -> list:
     """Every rank's `obj`, in rank order (NOTE: collective)."""
@@ -175,77 +174,7 @@ def build_deepspeed(shape: Shape, w, ep_size: int, ep_rank: int, device, dtype):
     return layer.eval()
 
 
-class GraphedCall:
-    """`fn(x)` captured once in a CUDA graph for x's shape, replayed with new inputs copied in: what a
-    decode loop gets without Python and kernel-launch overhead. Needs a host-sync-free `fn`.
-    `keep` holds objects whose tensors the graph reads (e.g. a dispatcher's lookup table)."""
-
-    def __init__(self, fn, x: torch.Tensor, keep=None):
-        self.keep = keep
-        self.x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up off the capture stream (lazy inits, Triton compiles)
-            for _ in range(3):
-                fn(self.x)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: NCCL's watchdog thread polls events while we capture; that must not void the capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.out = fn(self.x)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(x)
-        self.graph.replay()
-        return self.out
-
-
-# ---- timing ---------------------------------------------------------------------------------------
-
-def bench(fn, device, warmup: int, iters: int) -> dict:
-    """Median of per-iteration times (CUDA events on GPU, perf_counter on CPU) and the mean wall time."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        t0 = time.perf_counter()
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        sync(device)
-        wall = time.perf_counter() - t0
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        times = []
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        wall = time.perf_counter() - t0
-    return {"ms_median": statistics.median(times), "ms_min": min(times), "wall_ms_mean": wall * 1e3 / iters}
-
-
-def copy_bandwidth(device, dtype, nbytes: int, iters: int = 10) -> float:
-    """Device memory bandwidth in GB/s from a big device-to-device copy (bytes read + bytes written)."""
-    n = nbytes // torch.tensor([], dtype=dtype).element_size()
-    src = torch.ones(n, device=device, dtype=dtype)
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src), device, warmup=3, iters=iters)
-    del src, dst
-    return 2 * nbytes / (t["ms_median"] * 1e-3) / 1e9
-
-
-def matmul_tflops(device, dtype, n: int, iters: int = 10) -> float:
-    """Dense matmul throughput in TFLOP/s from an n x n x n product: the compute roof for the floor."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    t = bench(lambda: a @ b, device, warmup=3, iters=iters)
-    del a, b
-    return 2 * n ** 3 / (t["ms_median"] * 1e-3) / 1e12
-
+# ---- floors ---------------------------------------------------------------------------------------
 
 def floors(work, expert_bytes: int, pair_flops: int, bandwidth_gbps: float, tflops: float) -> dict:
     """Lower bounds for one layer call from `work` = per rank (experts read, (token, expert) pairs computed):
@@ -371,14 +300,20 @@ def main(argv=None) -> int:
                 set_dispatch(model, mode)
             return moe(x)[0]
 
-        graphs = {}
+        graphs = {}  # x's shape -> (graph, static input, static output, the dispatcher the graph reads)
 
         def run_epkit_graph(x):
+            """The layer captured once per shape (epkit's CUDA-graph helper) and replayed with x copied in."""
             if x.shape not in graphs:
                 run_epkit("replicated", x)  # sets the dispatcher (and moves its table) outside the capture
-                fn = lambda t: built["epkit"][1](t)[0]  # noqa: E731
-                graphs[x.shape] = GraphedCall(fn, x, keep=built["epkit"][1].dispatcher)
-            return graphs[x.shape](x)
+                moe, static = built["epkit"][1], x.clone()
+                graph, out = record(lambda: moe(static)[0], device, warmup=3)
+                # keep the dispatcher: set_dispatch replaces it, and the graph reads its slot table
+                graphs[x.shape] = (graph, static, out, moe.dispatcher)
+            graph, static, out, _ = graphs[x.shape]
+            static.copy_(x)
+            graph.replay()
+            return out
 
         def run_transformers(impl, x):
             block = built["transformers"]
@@ -448,7 +383,7 @@ def main(argv=None) -> int:
                 active = collective or rank == 0
                 sync(device)
                 dist.barrier()
-                t = attempt(impl, lambda: bench(lambda: fn(x_rep, x_own), device, a.warmup, a.iters) if active
+                t = attempt(impl, lambda: time_calls(lambda: fn(x_rep, x_own), device, a.warmup, a.iters) if active
                             else None)
                 sync(device)
                 dist.barrier()
