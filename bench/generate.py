@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from bench.peers import versions  # noqa: E402
 from bench.timing import sync  # noqa: E402
 from epkit.args import ModelArgs  # noqa: E402
 from epkit.infer import LLM, SamplingParams  # noqa: E402
@@ -242,13 +243,12 @@ def main(argv=None) -> int:
         dist.barrier(group=waiters)
     if world_rank() != 0:
         return 0
-    import transformers
     result = {
         "benchmark": "decode throughput, epkit LLM vs transformers generate (same run)",
         "gpu": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "num_gpus": torch.cuda.device_count() if cuda else 0,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": versions(),
         "config": {"preset": a.preset, "parameters_b": round(margs.num_parameters() / 1e9, 2), "ep": a.ep_size,
                    "dtype": str(dtype).replace("torch.", ""), "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                    "batch_sizes": a.batch_sizes, "greedy": True, "ignore_eos": True, "block_size": a.block_size,

@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import epkit  # noqa: E402
+from bench.peers import build_deepspeed, build_transformers, versions  # noqa: E402
 from bench.timing import copy_bandwidth, matmul_tflops, sync, time_calls  # noqa: E402
 from epkit.infer.graphs import record  # noqa: E402
 from epkit.moe import route  # noqa: E402
@@ -122,56 +122,6 @@ def build_epkit(shape: Shape, w, ep_size: int, device, dtype):
     moe.experts.w13.copy_(w["w13"][local])
     moe.experts.w2.copy_(w["w2"][local])
     return model.eval(), moe.eval()
-
-
-@torch.no_grad()
-def build_transformers(shape: Shape, w, device, dtype):
-    """transformers' own MixtralSparseMoeBlock holding all experts (fused gate_up_proj / down_proj)."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    cfg = MixtralConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                        num_local_experts=shape.experts, num_experts_per_tok=shape.top_k, router_jitter_noise=0.0)
-    cfg._experts_implementation = "eager"
-    with torch.device("meta"):
-        block = MixtralSparseMoeBlock(cfg)
-    block = block.to(dtype).to_empty(device=device)
-    block.gate.weight.copy_(w["gate"])
-    block.experts.gate_up_proj.copy_(w["w13"])
-    block.experts.down_proj.copy_(w["w2"])
-    return block.eval()
-
-
-class SwiGLU(nn.Module):
-    """Mixtral's expert MLP (w1 gate, w3 up, w2 down), as DeepSpeed's MoE wants one expert module."""
-
-    def __init__(self, hidden: int, intermediate: int, device=None, dtype=None):
-        super().__init__()
-        self.w1 = nn.Linear(hidden, intermediate, bias=False, device=device, dtype=dtype)
-        self.w3 = nn.Linear(hidden, intermediate, bias=False, device=device, dtype=dtype)
-        self.w2 = nn.Linear(intermediate, hidden, bias=False, device=device, dtype=dtype)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-@torch.no_grad()
-def build_deepspeed(shape: Shape, w, ep_size: int, ep_rank: int, device, dtype):
-    """deepspeed.moe.layer.MoE with Mixtral's routing: top-2, no capacity drops, no sampled second
-    expert, no random token selection. DeepSpeed places experts contiguously: rank r holds r*L..r*L+L-1."""
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
-    D, I = shape.hidden, shape.intermediate
-    layer = DeepSpeedMoE(D, SwiGLU(D, I, device="meta", dtype=dtype), num_experts=shape.experts, ep_size=ep_size,
-                         k=shape.top_k, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
-    layer = layer.to("meta").to(dtype).to_empty(device=device)
-    layer.set_deepspeed_parallelism()  # joins the "ep_size_{ep}" group that setup_expert_parallel built
-    layer.deepspeed_moe.gate.wg.weight.copy_(w["gate"])
-    L = layer.num_local_experts
-    for slot, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
-        e = ep_rank * L + slot
-        expert.w1.weight.copy_(w["w13"][e, :I])
-        expert.w3.weight.copy_(w["w13"][e, I:])
-        expert.w2.weight.copy_(w["w2"][e])
-    return layer.eval()
 
 
 # ---- floors ---------------------------------------------------------------------------------------
@@ -321,7 +271,7 @@ def main(argv=None) -> int:
             if cfg is not None:
                 cfg._experts_implementation = impl
             elif impl != "eager":
-                raise RuntimeError(f"transformers {_versions()['transformers']} has no experts implementation switch")
+                raise RuntimeError(f"transformers {versions()['transformers']} has no experts implementation switch")
             return block(x)
 
         def run_deepspeed(x):
@@ -418,7 +368,7 @@ def main(argv=None) -> int:
             "device": str(device.type),
             "backend": dist.get_backend(),
             "world_size": world,
-            "versions": _versions(),
+            "versions": versions(),
             "config": {**asdict(shape), "ep_size": ep, "dtype": str(dtype).replace("torch.", ""), "small": a.small,
                        "tokens_per_rank": a.tokens, "warmup": a.warmup, "iters": a.iters, "seed": a.seed,
                        "correctness_tol_of_ref_max": tol},
@@ -462,22 +412,6 @@ def _work(counts_all, local_sets, key: str, collective: bool, ep: int):
         return None
     counts = counts_all[0][key] if key == "rep" else [sum(c) for c in zip(*(x[key] for x in counts_all))]
     return [({e for e in local_sets[r] if counts[e]}, sum(counts[e] for e in local_sets[r])) for r in range(ep)]
-
-
-def _versions() -> dict:
-    v = {"torch": torch.__version__, "epkit": getattr(epkit, "__version__", "?"),
-         "cuda": torch.version.cuda, "nccl": None}
-    if torch.cuda.is_available():
-        try:
-            v["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception:
-            pass
-    for name in ("deepspeed", "transformers"):
-        try:
-            v[name] = __import__(name).__version__
-        except Exception as e:
-            v[name] = f"unavailable ({type(e).__name__})"
-    return v
 
 
 def _ms(v) -> str:
