@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSONL results (default: stdout)")
     p.add_argument("--kv-cache-mib", type=float, default=None, help="KV cache size (default: from GPU memory)")
     add_flags(p, EngineConfig)
+    p.set_defaults(ep=None)  # the command serves at the launched ranks' EP size unless told otherwise
     for f in SAMPLING_FLAGS:
         p.add_argument("--" + f.replace("_", "-"), type=float if f in ("temperature", "top_p") else int, default=None,
                        help="default for requests that do not set it")
