@@ -18,7 +18,8 @@ import sys
 import time
 
 
-from ..config import read_recipe
+from ..settings import add_flags, from_flags, parse_flags, settings_parser
+from .config import EngineConfig
 from .sampling import SamplingParams
 
 DEFAULT_RUN_DIR = "outputs/default"
@@ -27,42 +28,33 @@ BUILTIN_TEXT = ["The capital of France is", "Mixture-of-experts models route eac
                 "Once upon a time", "The quick brown fox"]
 BUILTIN_IDS = [[1, 15, 27, 301, 42], [1, 99, 7], [1, 250, 251, 252, 253, 254, 255, 256], [1, 5]]
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
-ENGINE_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization")
 
 
 def model_flags(description: str) -> argparse.ArgumentParser:
-    """A parser with the model, expert-parallel and engine flags (launch/infer.py and launch/serve.py)."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default=None, help="YAML of defaults (configs/infer/default.yaml is read first)")
+    """A parser with the model and engine flags (launch/infer.py and launch/serve.py); the engine's are
+    generated from `EngineConfig`'s fields."""
+    p = settings_parser(description)
     p.add_argument("--checkpoint", default=None, help="HF Mixtral dir (or a fine-tune run dir holding final/); "
                    f"default: {DEFAULT_RUN_DIR} if it exists, else --preset with random weights")
     p.add_argument("--preset", default=None, help="serve this preset with seeded random weights (no checkpoint)")
-    p.add_argument("--ep", type=int, default=None, help="expert-parallel size (= number of launched ranks)")
-    p.add_argument("--device", default=None, help="cuda:N or cpu (default: this rank's GPU, else cpu)")
-    p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--kv-cache-mib", type=float, default=None, help="KV cache size (default: from GPU memory)")
-    p.add_argument("--dist-timeout", type=float, default=None, help="seconds a collective waits for the other "
-                   "ranks; then the job ends with a line naming the rank that stopped answering (default 120)")
     p.add_argument("--random-seed", type=int, default=None, help="seed of the random weights (presets)")
-    for f in ENGINE_FLAGS:
-        p.add_argument("--" + f.replace("_", "-"), type=float if f == "gpu_memory_utilization" else int, default=None)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
+    p.add_argument("--kv-cache-mib", type=float, default=None, help="KV cache size (default: from GPU memory)")
+    add_flags(p, EngineConfig)
+    p.set_defaults(ep=None)  # the command serves at the launched ranks' EP size unless told otherwise
     return p
 
 
 def read_config(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse `argv`; settings not given on the command line come from --config, then the default recipe."""
-    args = p.parse_args(argv)
-    del args.local_rank
-    # a recipe may set any flag (and the request defaults configs/infer/default.yaml gives), nothing else
-    known = (set(vars(args)) | set(SAMPLING_FLAGS) | {"ignore_eos"}) - {"config"}
-    cfg = read_recipe(os.path.abspath(DEFAULT_CONFIG), known) if os.path.isfile(DEFAULT_CONFIG) else {}
-    if args.config:
-        cfg.update(read_recipe(args.config, known))
-    for k, v in vars(args).items():
-        if v is not None or k not in cfg:
-            cfg[k] = v
-    return argparse.Namespace(**cfg)
+    """Parse `argv`: configs/infer/default.yaml, then --config, give the defaults. A recipe may set this
+    command's flags and the request defaults the shipped recipe gives (launch/serve.py shares it); any other
+    setting is an error naming it. `engine` holds the EngineConfig; the other settings are attributes."""
+    recipes = (os.path.abspath(DEFAULT_CONFIG),) if os.path.isfile(DEFAULT_CONFIG) else ()
+    values = parse_flags(p, argv, recipes, allow=set(SAMPLING_FLAGS) | {"ignore_eos"})
+    engine = from_flags(EngineConfig, values)
+    if values.get("kv_cache_mib") is not None:
+        engine.kv_cache_memory = int(values["kv_cache_mib"] * (1 << 20))
+    engine.check()  # a bad --device, --max-model-len, --dist-timeout: one line, before any work
+    return argparse.Namespace(engine=engine, **values)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,55 +108,36 @@ def read_requests(source, defaults: dict) -> list[tuple[object, SamplingParams |
     return reqs
 
 
-def _dtype(name):
-    import torch
-    return {None: None, "auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
 def build_llm(cfg):
-    from ..config import ModelArgs
+    """(LLM, a description of what it serves) from read_config's settings; every rank calls it."""
+    from ..args import ModelArgs
     from ..parallel import init_distributed
-    from ..runtime import rank_device
+    from ..runtime import cpu_threads_per_rank
+    from ..tokenizer import embedded_tokenizer
     from .build import random_model
     from .engine import LLM
     launched = int(os.environ.get("WORLD_SIZE", 1))
-    ep = cfg.ep or launched
+    engine = cfg.engine
+    ep = engine.resolve_ep_size()
     if ep != launched:
         raise ValueError(f"--ep {ep} but {launched} rank(s) were launched; launch exactly --ep ranks "
                          f"(e.g. deepspeed --num_gpus {ep}), or leave --ep out to use them all")
-    device = rank_device(cfg.device)  # a bad --device: one line, before any work
-    cfg.dist_timeout = 120.0 if cfg.dist_timeout is None else cfg.dist_timeout
-    if not cfg.dist_timeout > 0:
-        raise ValueError(f"--dist-timeout={cfg.dist_timeout!r} must be a positive number of seconds")
-    init_distributed(timeout_s=cfg.dist_timeout)
-    import torch
-
-    from ..runtime import cpu_threads_per_rank
+    engine = engine.replace(ep_size=ep)
+    init_distributed(timeout_s=engine.dist_timeout)
     cpu_threads_per_rank()
-    engine = {f: getattr(cfg, f) for f in ENGINE_FLAGS if getattr(cfg, f, None) is not None}
-    if cfg.kv_cache_mib is not None:
-        engine["kv_cache_memory"] = int(cfg.kv_cache_mib * (1 << 20))
     ckpt = None if cfg.preset else resolve_checkpoint(cfg.checkpoint)
     if ckpt is not None:
-        llm = LLM(ckpt, ep=ep, device=cfg.device, dtype=_dtype(cfg.dtype), dist_timeout=cfg.dist_timeout, **engine)
+        llm = LLM(ckpt, engine)
         total = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
         return llm, (f"{ckpt} (rank 0 read {llm.load_report.bytes_read / 2 ** 20:.1f} of "
                      f"{total / 2 ** 20:.1f} MiB of weights)")
-    dtype = _dtype(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = engine.resolve_device()
     preset = cfg.preset or "tiny"
     args = ModelArgs.from_name(preset)
-    model = random_model(args, ep, device, dtype, seed=cfg.random_seed or 0, router_std=0.5)
-    tokenizer = _embedded_tokenizer(args.vocab_size)
-    return (LLM.from_model(model, tokenizer=tokenizer, **engine),
+    model = random_model(args, ep, device, engine.resolve_dtype(device), seed=cfg.random_seed or 0, router_std=0.5)
+    # presets are served with the shipped tokenizer (the default fine-tune's), if its ids fit the model
+    return (LLM.from_model(model, engine, tokenizer=embedded_tokenizer(args.vocab_size)),
             f"preset {preset} (random weights, seed {cfg.random_seed or 0})")
-
-
-def _embedded_tokenizer(vocab_size: int):
-    """The tokenizer shipped in epkit/assets (the one the default fine-tune uses), if its ids fit the model."""
-    from .engine import load_tokenizer
-    assets = os.path.join(os.path.dirname(__file__), "..", "assets")
-    tok = load_tokenizer(os.path.abspath(assets)) if os.path.isdir(assets) else None
-    return tok if tok is not None and len(tok) <= vocab_size else None
 
 
 def check_files(cfg) -> None:
@@ -273,7 +246,7 @@ def main(argv=None) -> int:
             builtin = BUILTIN_TEXT if llm.tokenizer is not None else BUILTIN_IDS
             reqs = [({"prompt_token_ids" if isinstance(b, list) else "prompt": b}, SamplingParams(**defaults), None)
                     for b in builtin]
-        print(f"serving {source} at EP={cfg.ep or int(os.environ.get('WORLD_SIZE', 1))}: {len(reqs)} request(s)",
+        print(f"serving {source} at EP={cfg.engine.resolve_ep_size()}: {len(reqs)} request(s)",
               file=sys.stderr, flush=True)
     good = [i for i, r in enumerate(reqs) if r[2] is None]
     writer = ResultWriter(cfg.output) if leader else None

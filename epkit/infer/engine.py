@@ -1,6 +1,6 @@
 """`LLM`: the user-facing engine. Requests in, generated tokens and text out, in batches or streamed.
 
-    llm = LLM("outputs/default", ep=2)                 # inside `deepspeed --num_gpus 2 ...`
+    llm = LLM("outputs/default", ep_size=2)            # inside `deepspeed --num_gpus 2 ...`
     outs = llm.generate(["Hello", [1, 15, 27]], SamplingParams(temperature=0, max_tokens=32))
     for out in llm.stream(prompts, params): print(out.new_text, end="")
     outs = llm.chat([[{"role": "user", "content": "Hi"}]], params)      # the tokenizer's chat template
@@ -24,6 +24,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..tokenizer import load_tokenizer
+from .config import EngineConfig
 from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget, profile_kv_budget
 from .request import RequestOutput, chat_prompt, next_text
 from .runner import MAX_BATCHES, Batch, StepRunner
@@ -35,26 +37,6 @@ def _short(value) -> str:
     """A request value for an error line, cut to a readable length."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def load_tokenizer(path: str):
-    """The checkpoint's tokenizer (transformers' AutoTokenizer), or None if the directory has none."""
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
-
-
-def check_engine_settings(args, max_model_len: int | None = None, **_) -> None:
-    """Engine settings the model decides (the others are checked where they are used): one sentence each."""
-    if max_model_len is None:
-        return
-    if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 1:
-        raise ValueError(f"max_model_len={max_model_len!r} must be a positive integer")
-    if max_model_len > args.max_position_embeddings:
-        raise ValueError(f"max_model_len={max_model_len} is beyond the model's context (max_position_embeddings="
-                         f"{args.max_position_embeddings})")
 
 
 def _refuse_nonfinite(model, checkpoint: str) -> None:
@@ -73,76 +55,72 @@ def _refuse_nonfinite(model, checkpoint: str) -> None:
 class LLM:
     """Batched inference over a (possibly expert-parallel) `epkit.model.Mixtral`.
 
-    Engine settings: `block_size` tokens per KV block; `kv_cache_memory` bytes of KV cache (default:
-    on GPU, what `gpu_memory_utilization` of the card leaves after the weights and a profiled forward;
-    on CPU 256 MiB); `max_num_seqs` rows and `max_num_batched_tokens` tokens per step (the prefill
-    chunk); `long_prefill_tokens` caps one prompt's chunk while others wait (default a quarter of the
-    budget); `strategy` places experts on EP ranks (`contiguous`, `round_robin`, or `balanced` from the
-    routing counts stored with the checkpoint); `dist_timeout` is how long (s) an EP rank waits for the others
-    in a collective before the job ends naming the rank that stopped answering; `max_model_len` caps prompt +
-    output (default: the model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of
-    unseeded requests; `cuda_graphs` replays decode steps as CUDA graphs on GPUs (default on; False
-    or EPKIT_CUDA_GRAPHS=0: eager).
+    Settings are an `EngineConfig` (`config`), its fields also accepted as keywords that override it:
+    `ep_size` (alias `ep`), `device`, `dtype`, `strategy` (expert placement over EP ranks), `block_size`,
+    `kv_cache_memory`, `gpu_memory_utilization`, `max_num_seqs`, `max_num_batched_tokens`,
+    `long_prefill_tokens`, `max_model_len`, `cuda_graphs`, `seed`; see `epkit/infer/config.py`.
+    The tokenizer is the checkpoint's (`epkit.tokenizer.load_tokenizer`) unless one is given.
     """
 
-    def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
-                 tokenizer=None, dist_timeout: float = 120, **engine):
+    def __init__(self, checkpoint: str, config: EngineConfig | None = None, *, tokenizer=None, **settings):
+        from ..args import ModelArgs
         from ..checkpoint import load_pretrained
         from ..parallel import init_distributed, world_size
-        from ..runtime import rank_device
-        if not isinstance(ep, int) or ep < 1:
-            raise ValueError(f"ep={ep!r} must be a positive integer")
+        cfg = (config or EngineConfig()).replace(**settings)
+        cfg.check()
+        ep = cfg.resolve_ep_size()
         if ep > 1:
-            init_distributed(timeout_s=dist_timeout)
+            init_distributed(timeout_s=cfg.dist_timeout)
             if world_size() != ep:
-                raise ValueError(f"ep={ep} needs exactly {ep} ranks, this run has {world_size()}; launch with "
+                raise ValueError(f"ep_size={ep} needs exactly {ep} ranks, this run has {world_size()}; launch with "
                                  f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
-        from ..config import ModelArgs
-        check_engine_settings(ModelArgs.load(checkpoint), **engine)  # before the weights are read
-        device = rank_device(device)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, strategy=strategy,
-                                        dispatch="replicated", return_report=True)
+        cfg.check_model(ModelArgs.load(checkpoint))  # before the weights are read
+        device = cfg.resolve_device()
+        model, report = load_pretrained(checkpoint, device=device, dtype=cfg.resolve_dtype(device), ep_size=ep,
+                                        strategy=cfg.strategy, dispatch="replicated", return_report=True)
         self.load_report = report
         _refuse_nonfinite(model, checkpoint)
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
             tokenizer = load_tokenizer(checkpoint)
-        self._setup(model.eval(), tokenizer, device, **engine)
+        self._setup(model.eval(), tokenizer, device, cfg)
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, **engine) -> "LLM":
-        """Serve an already-built model (e.g. one made on meta and sharded with `apply_expert_parallel`)."""
+    def from_model(cls, model, config: EngineConfig | None = None, *, tokenizer=None, **settings) -> "LLM":
+        """Serve an already-built model (e.g. `infer.build.random_model`); its device, dtype and plan stand."""
         self = cls.__new__(cls)
         self.load_report = None
-        self._setup(model.eval(), tokenizer, next(model.parameters()).device, **engine)
+        cfg = (config or EngineConfig()).replace(**settings)
+        cfg.check()
+        self._setup(model.eval(), tokenizer, next(model.parameters()).device, cfg)
         return self
 
-    def _setup(self, model, tokenizer, device, block_size: int = 16, kv_cache_memory: int | None = None,
-               gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-               max_model_len: int | None = None, seed: int = 0, cuda_graphs: bool | None = None,
-               long_prefill_tokens: int | None = None) -> None:
-        check_engine_settings(model.args, max_model_len=max_model_len)
-        info = getattr(model, "expert_parallel", None)
+    def _setup(self, model, tokenizer, device, cfg: EngineConfig) -> None:
+        cfg.check_model(model.args)
+        info = model.expert_parallel
         if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated":
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
                              f"the model uses {info.dispatch!r}")
+        self.config = cfg
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.args = model.args
         self.dtype = next(model.parameters()).dtype
+        kv_cache_memory = cfg.kv_cache_memory
         if kv_cache_memory is None:
-            kv_cache_memory = profile_kv_budget(model, self.device, gpu_memory_utilization, max_num_batched_tokens)
-        num_blocks = blocks_for_budget(self.args, kv_cache_memory, block_size, self.dtype)
+            kv_cache_memory = profile_kv_budget(model, self.device, cfg.gpu_memory_utilization,
+                                                cfg.max_num_batched_tokens)
+        num_blocks = blocks_for_budget(self.args, kv_cache_memory, cfg.block_size, self.dtype)
         num_blocks = self._agree_min(num_blocks)
-        self.cache = PagedKVCache(self.args, num_blocks, block_size, self.device, self.dtype)
-        self.max_model_len = min(max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
-        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max_num_batched_tokens,
-                                   long_prefill_tokens)
+        self.cache = PagedKVCache(self.args, num_blocks, cfg.block_size, self.device, self.dtype)
+        self.max_model_len = min(cfg.max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), cfg.block_size, cfg.max_num_seqs,
+                                   cfg.max_num_batched_tokens, cfg.long_prefill_tokens)
+        cuda_graphs = cfg.cuda_graphs
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
         self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs)
         model.routing_stats.reset()  # the load report counts served tokens (not the profiling forward)
         self.is_leader = self.runner.is_leader
-        self._rng = random.Random(seed)
+        self._rng = random.Random(cfg.seed)
         self._ids = 0
         self._outputs: dict[str, RequestOutput] = {}  # every request not yet handed back finished
         self._seqs: dict[str, Sequence] = {}
@@ -153,7 +131,7 @@ class LLM:
     # ---- sizing -----------------------------------------------------------------------------
     def _agree_min(self, n: int) -> int:
         """Every EP rank must hold the same block ids: take the smallest pool any rank can afford."""
-        info = getattr(self.model, "expert_parallel", None)
+        info = self.model.expert_parallel
         if info is None or info.plan.ep_size == 1:
             return n
         import torch.distributed as dist

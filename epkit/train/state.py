@@ -78,7 +78,7 @@ def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str 
     if rank == 0:
         os.makedirs(tmp)
     barrier()
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     name = f"rank{rank:05d}.pt"
     failure = None
     try:
@@ -150,7 +150,7 @@ def load_engine_state(engine, model, directory: str) -> dict:
     if not all_ranks_ok(failure is None):  # NOTE: collective: a rank that cannot read its file fails them all
         raise failure or CheckpointError(f"--resume: another rank cannot read its part of {directory} "
                                          f"(see its error)")
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     now = {"world_size": world, "ep": info.plan.ep_size if info else 1, "zero_stage": engine.zero_optimization_stage()}
     for key, value in now.items():
         if state[key] != value:
