@@ -14,6 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import moe_kernels
 
@@ -68,6 +69,9 @@ class Experts(nn.Module):
         # Up to this many routed pairs, CUDA inference uses the 16-row Triton kernels (moe_kernels.py)
         # instead of torch's grouped GEMM, whose 64-128-row tiles waste most of their work when decoding.
         self.small_m_max = 256
+        # Selective activation checkpointing (Mixtral.activation_checkpointing == "selective"): drop the
+        # up-projection's [M, 2I] output and the SwiGLU intermediate after forward, recompute them in backward.
+        self.recompute_up = False
 
     @property
     def num_local(self) -> int:
@@ -104,9 +108,8 @@ class Experts(nn.Module):
         belong to no local expert) -> [M, D]. Rows of that last group come back undefined."""
         if self._use_grouped_mm(x):
             offs = torch.cumsum(counts[: self.num_local], 0, dtype=torch.int32)
-            h = _grouped_mm(x, self.w13.transpose(1, 2), offs)  # [M, 2I]
-            gate, up = h.split(self.intermediate_size, dim=-1)
-            return _grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs)  # [M, D]
+            act = self._recomputed(self._up_grouped, x, offs)  # [M, I]
+            return _grouped_mm(act, self.w2.transpose(1, 2), offs)  # [M, D]
         # NOTE: .tolist() is a device-to-host sync; this fallback serves CPUs and old GPUs.
         # Empty groups still run their (empty) matmuls: the output then always depends on x and on
         # every local weight, so backward reaches every collective behind x even on a rank that
@@ -116,9 +119,24 @@ class Experts(nn.Module):
             outs.append(self._expert(slot, xs) if slot < self.num_local else torch.zeros_like(xs))
         return torch.cat(outs)
 
+    def _swiglu(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.split(self.intermediate_size, dim=-1)  # [M, I] each
+        return F.silu(gate) * up
+
+    def _up_grouped(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return self._swiglu(_grouped_mm(x, self.w13.transpose(1, 2), offs))  # [M, 2I] -> [M, I]
+
+    def _up_one(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        return self._swiglu(F.linear(x, self.w13[slot]))
+
+    def _recomputed(self, fn, *args) -> torch.Tensor:
+        """fn(*args); with `recompute_up` (and autograd on) its activations are recomputed in backward."""
+        if self.recompute_up and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
     def _expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13[slot]).split(self.intermediate_size, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[slot])
+        return F.linear(self._recomputed(self._up_one, x, slot), self.w2[slot])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, out_dtype=None) -> torch.Tensor:
         """x [N, D]; weights [N, K]; slots [N, K] local slot of each choice, -1 where another rank owns it.

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..config import read_recipe
+from ..model import CHECKPOINT_MODES
 from ..plan import STRATEGIES
 
 FREEZE_CHOICES = ("none", "attention", "router", "experts")
@@ -55,7 +56,10 @@ class TrainConfig:
     # what trains
     train_only: str = _opt("none", "train only this part and freeze the rest: none, attention, router or experts",
                            choices=FREEZE_CHOICES)
-    activation_checkpointing: bool = _opt(False, "recompute decoder layers in backward to save memory")
+    activation_checkpointing: str = _opt("none", "recompute in backward to save memory: none, layers (whole decoder "
+                                                 "layers) or selective (attention blocks and the experts' "
+                                                 "up-projection: no collective runs twice); the bare flag means "
+                                                 "layers", choices=CHECKPOINT_MODES, nargs="?", const="layers")
     # checkpoints and metrics
     save_every: int = _opt(0, "save a checkpoint every N steps (0: only at the end)")
     keep_last: int = _opt(2, "keep the last K step checkpoints (final/ is always kept)")
@@ -64,6 +68,11 @@ class TrainConfig:
     log_every: int = _opt(1, "write metrics every N steps")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars to OUTPUT_DIR/tensorboard")
     progress: bool = _opt(True, "tqdm progress bar on rank 0")
+
+    def __post_init__(self):
+        # recipes and callers written when this was a bool
+        self.activation_checkpointing = {True: "layers", False: "none"}.get(self.activation_checkpointing,
+                                                                            self.activation_checkpointing)
 
     def check(self) -> None:
         """Settings that are wrong whatever the model and data: one sentence naming the value."""
@@ -77,6 +86,9 @@ class TrainConfig:
             raise ValueError(f"--dtype={self.dtype!r} is not one of auto, fp32, bf16")
         if self.train_only not in FREEZE_CHOICES:
             raise ValueError(f"--train-only={self.train_only!r} is not one of {', '.join(FREEZE_CHOICES)}")
+        if self.activation_checkpointing not in CHECKPOINT_MODES:
+            raise ValueError(f"--activation-checkpointing={self.activation_checkpointing!r} is not one of "
+                             f"{', '.join(CHECKPOINT_MODES)}")
         if self.plan_strategy not in STRATEGIES:
             raise ValueError(f"--plan-strategy={self.plan_strategy!r} is not one of {', '.join(STRATEGIES)}")
         if not self.lr > 0:

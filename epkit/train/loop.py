@@ -18,7 +18,6 @@ import socket
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .. import data as data_lib
 from ..moe import load_balancing_loss, router_z_loss
@@ -27,6 +26,7 @@ from . import state as ckpt
 from .config import TrainConfig
 from .engine import (build_model, check_plan_strategy, clip_exact, freeze, initialize, model_args_for,
                      reduce_on_device, resolve_dtype, uses_exact_clip)
+from .losses import linear_cross_entropy
 from .metrics import Metrics
 
 
@@ -93,19 +93,29 @@ def count_routed(router_logits: list[torch.Tensor], real: torch.Tensor, k: int) 
     return torch.stack(out)
 
 
-def lm_and_router_losses(model, batch: dict, aux_coef: float, z_coef: float):
+def unpadded(batch: dict) -> bool:
+    """True when every row of a (host-side) batch holds positions 0..T-1: the model may then attend with
+    the causal flag alone (no mask). Checked on the CPU before the batch moves, so no device sync."""
+    positions = batch["positions"]
+    return bool((positions == torch.arange(positions.shape[1], device=positions.device)).all())
+
+
+def lm_and_router_losses(model, batch: dict, aux_coef: float, z_coef: float, causal: bool = False):
     """(total loss, [lm sum, trained tokens, aux, z], tokens per expert [L, E]) for one micro-batch of this rank.
 
+    `causal`: the batch is `unpadded`, so the model gets no positions and attends with SDPA's causal flag.
+    The LM head and cross-entropy run chunk by chunk (`linear_cross_entropy`: no [B*T, V] fp32 logits).
     Routing is counted here from the router logits, over real tokens only: the MoE layers' own counters
     would count padding, and count twice under activation checkpointing (the forward runs again)."""
     tokens, labels, positions = batch["tokens"], batch["labels"], batch["positions"]
-    logits, router_logits = model(tokens, positions)  # [B, T, V], per layer [B*T, E]
-    targets = labels[:, 1:]  # [B, T-1]: token t+1 is the target of position t
-    lm_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=data_lib.IGNORE, reduction="sum")
+    module = model.module if hasattr(model, "module") else model  # the DeepSpeed engine wraps the model
+    h, router_logits = model(tokens, None if causal else positions, return_hidden=True)  # [B, T, D], [B*T, E]
+    # token t+1 is the target of position t; the last position has none
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], data_lib.IGNORE)], dim=1)  # [B, T]
+    lm_sum = linear_cross_entropy(h, module.lm_head.weight, targets)
     count = (targets != data_lib.IGNORE).sum()
     lm = lm_sum / count.clamp(min=1)
-    args = model.args if hasattr(model, "args") else model.module.args
+    args = module.args
     aux = load_balancing_loss(router_logits, args.num_experts, args.experts_per_token, mask=positions >= 0)
     z = router_z_loss(router_logits) if z_coef > 0 else lm.new_zeros(())
     loss = lm + aux_coef * aux + z_coef * z
@@ -120,8 +130,9 @@ def evaluate(engine, model, evals: data_lib.PackedData, micro_batch: int, device
     engine.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for b in evals.eval_batches(micro_batch, world_rank(), world_size()):
+        causal = unpadded(b)
         b = {k: v.to(device) for k, v in b.items()}
-        _, parts, _ = lm_and_router_losses(engine, b, 0.0, 0.0)
+        _, parts, _ = lm_and_router_losses(engine, b, 0.0, 0.0, causal)
         sums += parts[:2].double()
     sums = reduce_on_device(sums, device).cpu()
     engine.train(was_training)
@@ -193,8 +204,9 @@ def main(cfg: TrainConfig) -> str:
         step_routed = torch.zeros_like(routed)
         for micro in range(cfg.grad_accum):
             batch = train.batch(step * cfg.grad_accum + micro, cfg.micro_batch, rank, world)
+            causal = unpadded(batch)
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss, parts, micro_routed = lm_and_router_losses(engine, batch, aux_coef, cfg.z_loss_coef)
+            loss, parts, micro_routed = lm_and_router_losses(engine, batch, aux_coef, cfg.z_loss_coef, causal)
             step_routed += micro_routed
             engine.backward(loss)
             if exact_clip and engine.is_gradient_accumulation_boundary():
