@@ -8,7 +8,7 @@ DeepSpeed's own `deepspeed.moe.layer.MoE` at ep_size=2.
 
 Every variant trains the Mixtral-8x7B shape with `--layers` decoder layers on the same seeded token ids
 (Zipf-distributed, so the loss has something to learn), with the same optimizer (torch AdamW, fused on
-CUDA; warm-up-free cosine schedule), clipping (1.0), ZeRO stage (2) and DeepSpeed settings (epkit's
+CUDA; warm-up-free cosine schedule), clipping (1.0), ZeRO stage (`--zero-stage`, 2) and DeepSpeed settings (epkit's
 `deepspeed_config`). Variants run one after another in one process group; each is freed (del, gc,
 empty_cache) before the next, and one that fails (an OOM, a peer's bug) records its error and the rest
 still run. The JSON (bench/results/train-<gpu>-<time>.json) is rewritten after every variant.
@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--profile-steps", type=int, default=None,
                    help="extra steps under torch.profiler for epkit's step-time split (default 2; 1 with --cpu)")
     p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default 3e-4; 3e-3 with --cpu)")
+    p.add_argument("--zero-stage", type=int, default=2, choices=(1, 2), help="DeepSpeed ZeRO stage, every variant")
     p.add_argument("--activation-checkpointing", default="none", choices=("none", "layers", "selective"),
                    help="for the epkit variants")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
@@ -234,8 +235,8 @@ def run_variant(name: str, s: Setup, batches, profile: bool) -> dict:
         row["elapsed_s_per_rank"] = gather(elapsed)
         row["lm_losses"] = _mean_over_ranks(losses, device)
         if device.type == "cuda":
-            row["peak_memory_gib_per_rank"] = [round(m / 2 ** 30, 3) for m in gather(torch.cuda.max_memory_allocated(device))]
-            row["peak_reserved_gib_per_rank"] = [round(m / 2 ** 30, 3) for m in gather(torch.cuda.max_memory_reserved(device))]
+            for key, fn in (("allocated", torch.cuda.max_memory_allocated), ("reserved", torch.cuda.max_memory_reserved)):
+                row[f"peak_{key}_gib_per_rank"] = [round(m / 2 ** 30, 3) for m in gather(fn(device))]
         if profile and s.profile_steps:
             row["profile"] = attempt("profile", lambda: profile_split(
                 lambda i, phase: step(s.steps + i, phase), device, s.profile_steps))
@@ -392,17 +393,17 @@ def _print_table(r: dict) -> None:
         if not row.get("ok"):
             print(f"{row['variant']:<20} failed: {row.get('error', ['?'])[0][:100]}")
             continue
-        mem = _ms(max(row["peak_memory_gib_per_rank"]) if row.get("peak_memory_gib_per_rank") else None)
+        mem = _ms(max(row["peak_allocated_gib_per_rank"]) if row.get("peak_allocated_gib_per_rank") else None)
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
         print(f"{row['variant']:<20} {row['tokens_per_s']:>10.0f} {row['tokens_per_s_per_gpu']:>10.0f} "
               f"{row['tflops_per_gpu']:>8.1f} {mfu:>6} {100 * row['fraction_of_matmul_rate']:>7.1f}% "
               f"{row['step_time_s']:>7.3f} {mem:>9} {row['final_lm_loss']:>8.4f}")
         prof = row.get("profile")
         if prof:
-            ph = prof["phases_ms_per_step"]
-            print(f"{'':<20} split per step: forward {ph.get('forward', 0):.1f} ms, backward {ph.get('backward', 0):.1f} "
-                  f"ms, optimizer {ph.get('optimizer', 0):.1f} ms; communication {prof['communication_ms_per_step']:.1f} "
-                  f"ms ({_ms(prof.get('communication_exposed_ms_per_step'))} ms not hidden behind compute)")
+            ph = {k: f"{v:.1f}" for k, v in prof["phases_ms_per_step"].items()}
+            print(f"{'':<20} split per step: forward {ph.get('forward')} ms, backward {ph.get('backward')} ms, "
+                  f"optimizer {ph.get('optimizer')} ms; communication {prof['communication_ms_per_step']:.1f} ms "
+                  f"({_ms(prof.get('communication_exposed_ms_per_step'))} ms not hidden behind compute)")
     for key, diff in r.get("loss_check", {}).items():
         if key.endswith("_max_abs_diff"):
             print(f"loss curves {key[:-len('_max_abs_diff')].replace('_vs_', ' vs ')}: max |diff| {diff:.2e}")

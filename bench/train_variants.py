@@ -29,7 +29,6 @@ from epkit import ModelArgs
 
 DEFAULT_VARIANTS = ("epkit_ep2", "epkit_ep1", "transformers_zero2", "deepspeed_moe_ep2")
 VARIANTS = DEFAULT_VARIANTS + ("epkit_ep2_reference",)
-ZERO_STAGE = 2
 
 
 @dataclass
@@ -44,6 +43,7 @@ class Setup:
     lr: float
     seed: int
     activation_checkpointing: str
+    zero_stage: int
     device: torch.device
     dtype: torch.dtype
 
@@ -53,7 +53,7 @@ class Setup:
         args = ModelArgs.from_name(base, num_layers=a.layers)
         args.max_position_embeddings = max(args.max_position_embeddings, a.seq_len)
         return cls(args, a.seq_len, a.micro_batch, a.grad_accum, a.steps, a.warmup, a.profile_steps, a.lr, a.seed,
-                   a.activation_checkpointing, device, dtype)
+                   a.activation_checkpointing, a.zero_stage, device, dtype)
 
     @property
     def active_params(self) -> int:
@@ -74,7 +74,7 @@ class Setup:
 
     def train_config(self, ep: int):
         from epkit.train import TrainConfig
-        return TrainConfig(model="tiny", ep=ep, zero_stage=ZERO_STAGE, max_steps=self.steps + self.profile_steps,
+        return TrainConfig(model="tiny", ep=ep, zero_stage=self.zero_stage, max_steps=self.steps + self.profile_steps,
                            seq_len=self.seq_len, micro_batch=self.micro_batch, grad_accum=self.grad_accum, lr=self.lr,
                            warmup_steps=0, grad_clip=1.0, seed=self.seed,
                            activation_checkpointing=self.activation_checkpointing, progress=False)
@@ -86,7 +86,7 @@ class Setup:
                 "kv_heads": a.num_kv_heads, "head_dim": a.head_dim, "vocab": a.vocab_size, "seq_len": self.seq_len,
                 "micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "steps": self.steps,
                 "timed_steps": self.steps - self.warmup, "warmup_steps": self.warmup,
-                "profile_steps": self.profile_steps, "lr": self.lr, "seed": self.seed, "zero_stage": ZERO_STAGE,
+                "profile_steps": self.profile_steps, "lr": self.lr, "seed": self.seed, "zero_stage": self.zero_stage,
                 "dtype": str(self.dtype).replace("torch.", ""), "activation_checkpointing_epkit":
                 self.activation_checkpointing, "optimizer": "torch AdamW (fused on CUDA), betas 0.9/0.95, wd 0.01, "
                 "cosine from lr without warm-up, clip 1.0",

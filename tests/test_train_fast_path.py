@@ -178,7 +178,8 @@ def test_selective_checkpointing_recomputes_and_keeps_the_gradients(monkeypatch)
     ups, attns = [], []
     real_up, real_attn = Experts._up_one, epkit.model.Attention.forward
     monkeypatch.setattr(Experts, "_up_one", lambda self, *a: ups.append(1) or real_up(self, *a))
-    monkeypatch.setattr(epkit.model.Attention, "forward", lambda self, *a, **k: attns.append(1) or real_attn(self, *a, **k))
+    monkeypatch.setattr(epkit.model.Attention, "forward",
+                        lambda self, *a, **k: attns.append(1) or real_attn(self, *a, **k))
     grads, calls = {}, {}
     for mode in ("none", "selective", "layers"):
         model = _model(seed=4).train()
