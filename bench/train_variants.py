@@ -129,14 +129,12 @@ def build_epkit(s: Setup, ep: int, reference: bool = False) -> Built:
     from epkit.train.loop import lm_and_router_losses
     cfg = s.train_config(ep)
     model = build_model(cfg, s.args, s.device, s.dtype)  # EP groups exist already (bench/train.py main)
-    for moe in model.moe_layers():
-        moe.track_routing = False  # counted in lm_and_router_losses, as the training loop does
     freeze(model, "none")
     aux = s.args.router_aux_loss_coef
 
     def loss_fn(engine, batch):
         # make_batches' rows are 0..T-1: causal attention without a mask, as the loop picks for such rows
-        loss, parts, _ = lm_and_router_losses(engine, batch, aux, 0.0, causal=True)
+        loss, parts = lm_and_router_losses(engine, batch, aux, 0.0, causal=True)
         return loss, parts[0] / parts[1].clamp(min=1)
 
     if reference:

@@ -156,7 +156,7 @@ def test_new_loss_path_equals_the_old_one_over_steps():
                 loss = _old_losses(model, batch, 0.02)
             else:
                 assert unpadded(batch) == (step != 2)
-                loss, _, _ = lm_and_router_losses(model, batch, 0.02, 0.0, causal=unpadded(batch))
+                loss, _ = lm_and_router_losses(model, batch, 0.02, 0.0, causal=unpadded(batch))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -184,7 +184,7 @@ def test_selective_checkpointing_recomputes_and_keeps_the_gradients(monkeypatch)
     for mode in ("none", "selective", "layers"):
         model = _model(seed=4).train()
         model.activation_checkpointing = mode
-        loss, _, _ = lm_and_router_losses(model, batch, 0.02, 0.0, causal=True)
+        loss, _ = lm_and_router_losses(model, batch, 0.02, 0.0, causal=True)
         forward = (len(ups), len(attns))
         loss.backward()
         calls[mode] = (forward, (len(ups), len(attns)))
