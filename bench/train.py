@@ -235,7 +235,8 @@ def run_variant(name: str, s: Setup, batches, profile: bool) -> dict:
         row["elapsed_s_per_rank"] = gather(elapsed)
         row["lm_losses"] = _mean_over_ranks(losses, device)
         if device.type == "cuda":
-            for key, fn in (("allocated", torch.cuda.max_memory_allocated), ("reserved", torch.cuda.max_memory_reserved)):
+            for key, fn in (("allocated", torch.cuda.max_memory_allocated),
+                            ("reserved", torch.cuda.max_memory_reserved)):
                 row[f"peak_{key}_gib_per_rank"] = [round(m / 2 ** 30, 3) for m in gather(fn(device))]
         if profile and s.profile_steps:
             row["profile"] = attempt("profile", lambda: profile_split(
@@ -360,12 +361,12 @@ def main(argv=None) -> int:
 
 
 def _loss_check(rows: list[dict]) -> dict:
-    """epkit at EP=2, at EP=1 and on the reference loss path start from the same weights and see the same
-    tokens: their losses must agree (to bf16 noise on GPU). The peers start from other random weights of the
-    same scale, so theirs only follow a similar curve."""
+    """epkit at EP=2 (both exchanges), at EP=1 and on the reference loss path start from the same weights
+    and see the same tokens: their losses must agree (to bf16 noise on GPU). The peers start from other
+    random weights of the same scale, so theirs only follow a similar curve."""
     by = {r["variant"]: r for r in rows if r.get("ok")}
     out = {"final_lm_loss": {k: r["final_lm_loss"] for k, r in by.items()}}
-    for other in ("epkit_ep1", "epkit_ep2_reference"):
+    for other in ("epkit_ep2_padded", "epkit_ep1", "epkit_ep2_reference"):
         if "epkit_ep2" in by and other in by:
             out[f"epkit_ep2_vs_{other}_max_abs_diff"] = max(
                 abs(x - y) for x, y in zip(by["epkit_ep2"]["lm_losses"], by[other]["lm_losses"]))

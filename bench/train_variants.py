@@ -5,6 +5,8 @@ rule; the same LambdaLR; `deepspeed_config`: ZeRO stage, overlap_comm, buckets, 
 optimizer and DeepSpeed settings are the same by construction; only the model and its loss differ:
 
   epkit_ep2           epkit's Mixtral, experts split over 2 ranks, all-to-all dispatch (the training path)
+  epkit_ep2_padded    the same with the host-sync-free padded all-to-all (--all-to-all padded: no host sync
+                      per layer, EP-times the exchanged bytes)
   epkit_ep1           the same model with every expert on every rank (plain data parallel)
   transformers_zero2  transformers' MixtralForCausalLM (sdpa attention, grouped_mm experts on GPU), plain
                       data parallel; its own loss (logits materialised) + its load-balancing loss
@@ -27,7 +29,7 @@ from torch import nn
 
 from epkit import ModelArgs
 
-DEFAULT_VARIANTS = ("epkit_ep2", "epkit_ep1", "transformers_zero2", "deepspeed_moe_ep2")
+DEFAULT_VARIANTS = ("epkit_ep2", "epkit_ep2_padded", "epkit_ep1", "transformers_zero2", "deepspeed_moe_ep2")
 VARIANTS = DEFAULT_VARIANTS + ("epkit_ep2_reference",)
 
 
@@ -72,12 +74,13 @@ class Setup:
     def tokens_per_step(self, world: int) -> int:
         return self.micro_batch * self.seq_len * self.grad_accum * world
 
-    def train_config(self, ep: int):
+    def train_config(self, ep: int, all_to_all: str = "exact"):
         from epkit.train import TrainConfig
-        return TrainConfig(model="tiny", ep=ep, zero_stage=self.zero_stage, max_steps=self.steps + self.profile_steps,
-                           seq_len=self.seq_len, micro_batch=self.micro_batch, grad_accum=self.grad_accum, lr=self.lr,
-                           warmup_steps=0, grad_clip=1.0, seed=self.seed,
-                           activation_checkpointing=self.activation_checkpointing, progress=False)
+        return TrainConfig(model="tiny", ep=ep, all_to_all=all_to_all, zero_stage=self.zero_stage,
+                           max_steps=self.steps + self.profile_steps, seq_len=self.seq_len,
+                           micro_batch=self.micro_batch, grad_accum=self.grad_accum, lr=self.lr, warmup_steps=0,
+                           grad_clip=1.0, seed=self.seed, activation_checkpointing=self.activation_checkpointing,
+                           progress=False)
 
     def describe(self) -> dict:
         a = self.args
@@ -124,10 +127,10 @@ class Built:
     notes: dict = field(default_factory=dict)
 
 
-def build_epkit(s: Setup, ep: int, reference: bool = False) -> Built:
+def build_epkit(s: Setup, ep: int, reference: bool = False, all_to_all: str = "exact") -> Built:
     from epkit.train.engine import build_model, freeze
     from epkit.train.loop import lm_and_router_losses
-    cfg = s.train_config(ep)
+    cfg = s.train_config(ep, all_to_all)
     model = build_model(cfg, s.args, s.device, s.dtype)  # EP groups exist already (bench/train.py main)
     freeze(model, "none")
     aux = s.args.router_aux_loss_coef
@@ -141,7 +144,7 @@ def build_epkit(s: Setup, ep: int, reference: bool = False) -> Built:
         loss_fn = _reference_loss(s.args)
     notes = {"ep_size": ep, "loss_path": "reference (mask, full logits)" if reference else
              "causal SDPA, chunked linear cross-entropy",
-             "dispatch": "all_to_all" if ep > 1 else "none: experts replicated, data parallel",
+             "dispatch": f"all_to_all ({all_to_all})" if ep > 1 else "none: experts replicated, data parallel",
              "activation_checkpointing": model.activation_checkpointing}
     return Built(model, cfg, loss_fn, notes)
 
@@ -249,6 +252,7 @@ def build_deepspeed_moe(s: Setup) -> Built:
 
 BUILDERS = {
     "epkit_ep2": lambda s: build_epkit(s, 2),
+    "epkit_ep2_padded": lambda s: build_epkit(s, 2, all_to_all="padded"),
     "epkit_ep1": lambda s: build_epkit(s, 1),
     "epkit_ep2_reference": lambda s: build_epkit(s, 2, reference=True),
     "transformers_zero2": build_transformers,

@@ -192,13 +192,40 @@ class _Exchange:
         self.send_sizes, self.recv_sizes = send_counts.tolist(), recv_counts.tolist()  # NOTE: host sync
         self.group = group
 
-    def send(self, t: torch.Tensor) -> torch.Tensor:
-        """Rows grouped by destination rank -> the rows this rank receives, grouped by source rank."""
+    def send(self, t: torch.Tensor, fill=0) -> torch.Tensor:
+        """Rows grouped by destination rank -> the rows this rank receives, grouped by source rank. (No
+        padding here: `fill` is for _PaddedExchange's signature.)"""
         return _AllToAll.apply(t, self.recv_sizes, self.send_sizes, self.group)
 
     def send_back(self, t: torch.Tensor) -> torch.Tensor:
         """The reverse of `send`: received rows (in arrival order) back to the ranks they came from."""
         return _AllToAll.apply(t, self.send_sizes, self.recv_sizes, self.group)
+
+
+class _PaddedExchange:
+    """The same exchange with no host sync: every rank sends `capacity` rows to every rank (padded), so
+    all splits are equal and known without reading any count. `capacity` is the number of pairs this rank
+    routes (N*K), which must be the same on every rank of the group: true for training, where every rank
+    runs micro-batches of one shape. Padding rows carry `fill` (the dispatcher marks them with an
+    out-of-range slot, so no expert computes them) and are dropped on the way back.
+
+    Costs EP-times the bytes of the exact exchange (each rank sends R x N*K rows instead of N*K); saves the
+    size exchange and the per-layer host sync. bench/train.py's epkit_ep2_padded measures the trade."""
+
+    def __init__(self, dest: torch.Tensor, send_counts: torch.Tensor, group):
+        R, M = send_counts.shape[0], dest.shape[0]  # dest [M]: destination of each row, grouped by rank
+        self.splits, self.group, self.rows = [M] * R, group, R * M
+        first = torch.cumsum(send_counts, 0) - send_counts  # [R] index of the first row for each rank
+        self.pos = dest * M + torch.arange(M, device=dest.device) - first[dest]  # [M] row in the padded buffer
+
+    def send(self, t: torch.Tensor, fill=0) -> torch.Tensor:
+        """Rows grouped by destination rank -> [R*M] received rows: source rank r's at r*M.., then padding."""
+        buf = t.new_full((self.rows, *t.shape[1:]), fill).index_copy(0, self.pos, t)
+        return _AllToAll.apply(buf, self.splits, self.splits, self.group)
+
+    def send_back(self, t: torch.Tensor) -> torch.Tensor:
+        """The reverse of `send`: [R*M] received rows back to their sources, padding dropped -> [M]."""
+        return _AllToAll.apply(t, self.splits, self.splits, self.group)[self.pos]
 
 
 class AllToAllDispatch:
@@ -212,23 +239,29 @@ class AllToAllDispatch:
     zero rows), so its backward joins every collective the other ranks wait on.
     """
 
-    sync_free = False  # the exchange reads its split sizes on the host (see _Exchange)
-
-    def __init__(self, slots: list[int], owners: list[int], ep_size: int, group):
+    def __init__(self, slots: list[int], owners: list[int], ep_size: int, group, padded: bool = False):
         self.slot = torch.tensor(slots)
         self.owner = torch.tensor(owners)
         self.ep_size, self.group = ep_size, group
+        # padded: _PaddedExchange (no host sync; every rank must route the same number of pairs)
+        self.padded = padded
+        self.sync_free = padded  # the exact exchange reads its split sizes on the host (see _Exchange)
 
     def __call__(self, experts: Experts, x, weights, ids):
         if self.slot.device != ids.device:
             self.slot, self.owner = self.slot.to(ids.device), self.owner.to(ids.device)
-        K = ids.shape[1]
-        order, send_counts = permute(self.owner[ids], self.ep_size)  # [N*K] choices by destination EP rank
-        exchange = _Exchange(send_counts, self.group)
-        slot_recv = exchange.send(self.slot[ids].reshape(-1)[order])  # [M] local slot of each arriving row
+        K, L = ids.shape[1], experts.num_local
+        dest = self.owner[ids].reshape(-1)  # [N*K] destination EP rank of each choice
+        order, send_counts = permute(dest, self.ep_size)  # choices grouped by destination
+        if self.padded:
+            exchange = _PaddedExchange(dest[order], send_counts, self.group)
+        else:
+            exchange = _Exchange(send_counts, self.group)
+        # [M] local slot of each arriving row; padding rows (padded exchange) get slot L, which sorts last
+        slot_recv = exchange.send(self.slot[ids].reshape(-1)[order], fill=L)
         x_recv = exchange.send(x[order // K])  # [M, D]
-        local, counts = permute(slot_recv, experts.num_local)
-        out = experts(x_recv, counts, rows=local)  # [M, D] grouped by local slot
+        local, counts = permute(slot_recv, L + 1)
+        out = experts(x_recv, counts[:L], rows=local)  # [M, D] grouped by local slot; padding rows undefined
         out = torch.zeros_like(out).index_copy(0, local, out)  # back to arrival order
         back = exchange.send_back(out)  # [N*K, D] in `order` order
         return unpermute(back, order, weights).to(x.dtype)
@@ -316,21 +349,22 @@ def mark_expert_params(model) -> None:
             p.allreduce, p.group_name = False, name
 
 
-def set_dispatch(model, dispatch: str) -> None:
-    """Switch an expert-parallel model between the two dispatch modes."""
+def set_dispatch(model, dispatch: str, padded: bool = False) -> None:
+    """Switch an expert-parallel model between the two dispatch modes. `padded` (all_to_all only): the
+    host-sync-free exchange, for runs where every rank routes micro-batches of one shape (training)."""
     if dispatch not in DISPATCH_MODES:
         raise ValueError(f"unknown dispatch mode {dispatch!r}; choose one of {', '.join(DISPATCH_MODES)}")
     info = model.expert_parallel
     for layer, moe in enumerate(model.moe_layers()):
-        moe.dispatcher = _dispatcher(dispatch, info.plan, info.groups, layer)
+        moe.dispatcher = _dispatcher(dispatch, info.plan, info.groups, layer, padded)
     info.dispatch = dispatch
 
 
-def _dispatcher(dispatch: str, plan: ShardingPlan, groups: ExpertGroups, layer: int):
+def _dispatcher(dispatch: str, plan: ShardingPlan, groups: ExpertGroups, layer: int, padded: bool = False):
     owners, slots = plan.owners(layer), plan.slots(layer)
     if groups.ep_group is None or dispatch == "replicated":
         return ReplicatedDispatch(slots, owners, groups.ep_rank, groups.ep_group)
-    return AllToAllDispatch(slots, owners, plan.ep_size, groups.ep_group)
+    return AllToAllDispatch(slots, owners, plan.ep_size, groups.ep_group, padded)
 
 
 # ---- routing telemetry ----------------------------------------------------------------------------

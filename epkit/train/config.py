@@ -33,6 +33,9 @@ class TrainConfig:
     ep: int = _opt(1, "expert-parallel size; must divide the number of ranks")
     plan_strategy: str = _opt("contiguous", "expert placement: contiguous, round_robin or balanced (by the "
                                             "tokens per expert --model's epkit_plan.json records)")
+    all_to_all: str = _opt("exact", "how EP ranks exchange tokens: exact (split sizes read on the host, one sync per "
+                                    "layer) or padded (no host sync; every rank sends its whole N*K-row capacity to "
+                                    "every rank: EP-times the bytes)", choices=("exact", "padded"))
     zero_stage: int | None = _opt(None, "DeepSpeed ZeRO stage 0, 1 or 2 (default: the DeepSpeed/Accelerate config "
                                          "file's, else 0)")
     dtype: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
@@ -89,6 +92,8 @@ class TrainConfig:
         if self.activation_checkpointing not in CHECKPOINT_MODES:
             raise ValueError(f"--activation-checkpointing={self.activation_checkpointing!r} is not one of "
                              f"{', '.join(CHECKPOINT_MODES)}")
+        if self.all_to_all not in ("exact", "padded"):
+            raise ValueError(f"--all-to-all={self.all_to_all!r} is not one of exact, padded")
         if self.plan_strategy not in STRATEGIES:
             raise ValueError(f"--plan-strategy={self.plan_strategy!r} is not one of {', '.join(STRATEGIES)}")
         if not self.lr > 0:

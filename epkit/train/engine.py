@@ -34,7 +34,8 @@ import torch
 
 from ..config import ModelArgs
 from ..model import Mixtral
-from ..parallel import apply_expert_parallel, is_distributed, mark_expert_params, setup_expert_parallel, world_size
+from ..parallel import (apply_expert_parallel, is_distributed, mark_expert_params, set_dispatch,
+                        setup_expert_parallel, world_size)
 from ..plan import ShardingPlan
 from .config import TrainConfig
 
@@ -101,6 +102,8 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = 
         model.init_weights(seed=cfg.seed)
     if plan is not None:
         mark_expert_params(model)  # to_empty made new Parameters without DeepSpeed's expert markers
+        if cfg.all_to_all == "padded":  # every rank trains micro-batches of one shape, as the padding needs
+            set_dispatch(model, "all_to_all", padded=True)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model
 
