@@ -95,7 +95,8 @@ def profile_split(step, device, steps: int) -> dict:
     """Step time split from `steps` profiled steps (torch.profiler): wall time of forward, backward and
     optimizer (each phase ends with a device sync, so these steps run a little slower than the timed
     ones), communication (NCCL kernels on GPU, gloo ops on CPU; union of their intervals) and the part of it
-    no compute kernel overlaps, plus device time by kernel class and the top kernels."""
+    no compute kernel overlaps, plus device time by kernel class and the top kernels. (epkit's forward
+    includes the LM head's gradient: `linear_cross_entropy` computes it there, so backward is lighter.)"""
     import contextlib
     import tempfile
 
