@@ -179,16 +179,26 @@ class ReplicatedDispatch:
 
 
 class AllToAllDispatch:
-    """Ranks hold different tokens: send each (token, expert) pair to the expert's owner and back."""
+    """Ranks hold different tokens: send each (token, expert) pair to the expert's owner and back.
+
+    Two exchanges, chosen by `capacity` (set per step by the caller, the same on every rank):
+      None  uneven splits: the exact pair counts travel first and are read on the host (one sync per
+            layer); moves only the routed pairs. Differentiable (training) and best for large batches.
+      C     fixed capacity (inference): every rank pads its tokens to C rows and sends each destination
+            rank a [C, D] block, no host sync (CUDA graphs capture it). See `_padded`.
+    """
 
     def __init__(self, slots: list[int], owners: list[int], ep_size: int, group):
         self.slot = torch.tensor(slots)
         self.owner = torch.tensor(owners)
         self.ep_size, self.group = ep_size, group
+        self.capacity: int | None = None
 
     def __call__(self, experts: Experts, x, weights, ids):
         if self.slot.device != ids.device:
             self.slot, self.owner = self.slot.to(ids.device), self.owner.to(ids.device)
+        if self.capacity is not None:
+            return self._padded(experts, x, weights, ids, self.capacity)
         N, K = ids.shape
         dest = self.owner[ids].reshape(-1)  # [N*K] destination EP rank of each choice
         order = torch.argsort(dest, stable=True)  # group the choices by destination
@@ -210,6 +220,50 @@ class AllToAllDispatch:
         back = back * weights.reshape(-1)[order, None]
         y = torch.zeros(N, x.shape[1], dtype=back.dtype, device=x.device).index_add_(0, token, back)
         return y.to(x.dtype)
+
+    def _padded(self, experts: Experts, x, weights, ids, C: int):
+        """Fixed-capacity exchange, no host sync. x [N, D] with N <= C on every rank.
+
+        Each token travels at most once to each rank that owns one of its experts: block r of the send
+        buffer [R, C, D] lists, in token order, the tokens bound for rank r, then filler rows. Beside the
+        rows travel their router weights and, per choice, the local slot on that rank (-1: another rank's
+        expert, or a filler row), so the receiver needs no counts. It computes the weighted sum of its
+        own experts per row in fp32 (`Experts.forward`: -1 choices are computed by no expert and add 0),
+        sends the [R, C, D] partial sums back, and each rank adds its tokens' partials over the R ranks
+        in fp32, as the replicated all-reduce does: with top-2 routing the sum is bit-equal to one device.
+        """
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError("the fixed-capacity all-to-all is for inference; training uses capacity=None")
+        N, K = ids.shape
+        if N > C:
+            raise ValueError(f"{N} tokens exceed the all-to-all capacity of {C} rows per rank")
+        R, D, dev = self.ep_size, x.shape[1], x.device
+        ranks = torch.arange(R, device=dev)
+        dest = self.owner[ids]  # [N, K] rank owning each choice
+        mine = dest[None] == ranks[:, None, None]  # [R, N, K] choice k of token n lives on rank r
+        slot = torch.where(mine, self.slot[ids][None], -1)  # [R, N, K] slot on rank r, -1 elsewhere
+        need = mine.any(-1)  # [R, N] token n travels to rank r
+        if N < C:  # filler rows: sent nowhere, computed by no expert
+            x = torch.cat([x, x.new_zeros(C - N, D)])
+            weights = torch.cat([weights, weights.new_zeros(C - N, K)])
+            slot = torch.cat([slot, slot.new_full((R, C - N, K), -1)], 1)
+            need = torch.cat([need, need.new_zeros(R, C - N)], 1)
+        order = torch.argsort((~need).to(torch.int8), dim=1, stable=True)  # [R, C] wanted tokens first
+        slot = slot.gather(1, order[..., None].expand(R, C, K))  # filler and unwanted rows: all -1
+        meta = torch.cat([weights.float()[order], slot.float()], -1).reshape(R * C, 2 * K)  # [R*C, 2K]
+        send = x[order.reshape(-1)]  # [R*C, D]
+        recv, recv_meta = torch.empty_like(send), torch.empty_like(meta)
+        # NOTE: three equal-split all-to-alls per layer (rows, metadata, partial sums); sizes come from
+        # shapes, so nothing is read on the host.
+        dist.all_to_all_single(recv, send, group=self.group)
+        dist.all_to_all_single(recv_meta, meta, group=self.group)
+        part = experts(recv, recv_meta[:, :K], recv_meta[:, K:].long(), out_dtype=torch.float32)  # [R*C, D]
+        back = torch.empty_like(part)
+        dist.all_to_all_single(back, part, group=self.group)
+        # back block r holds rank r's partial sums for our tokens in `order` order; undo the order
+        at = torch.empty_like(order).scatter_(1, order, torch.arange(C, device=dev).expand(R, C))  # [R, C]
+        y = back.view(R, C, D).gather(1, at[..., None].expand(R, C, D)).sum(0)  # [C, D] fp32
+        return y[:N].to(x.dtype)
 
 
 # ---- applying EP to a model ----------------------------------------------------------------------
@@ -302,6 +356,14 @@ def set_dispatch(model, dispatch: str) -> None:
     for layer, moe in enumerate(model.moe_layers()):
         moe.dispatcher = _dispatcher(dispatch, info.plan, info.groups, layer)
     info.dispatch = dispatch
+
+
+def set_dispatch_capacity(model, capacity: int | None) -> None:
+    """Make the all-to-all layers of `model` use the fixed-capacity exchange with `capacity` rows per
+    rank (every rank must pass the same value for the same forward), or the uneven one (None)."""
+    for moe in model.moe_layers():
+        if isinstance(moe.dispatcher, AllToAllDispatch):
+            moe.dispatcher.capacity = capacity
 
 
 def _dispatcher(dispatch: str, plan: ShardingPlan, groups: ExpertGroups, layer: int):
