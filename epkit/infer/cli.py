@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--" + f.replace("_", "-"), type=float if f in ("temperature", "top_p") else int, default=None,
                        help="default for requests that do not set it")
     p.add_argument("--ignore-eos", action="store_true", default=None, help="do not stop at the EOS token")
+    p.add_argument("--dp-attention", action="store_true", default=None,
+                   help="with --ep > 1: each rank serves its own requests (own KV cache, attention for its own "
+                   "tokens), experts exchange tokens by all-to-all; default: replicated (README: Serving modes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compare", default=None, help="a previous JSONL result (e.g. from another EP size): report "
                    "whether every request's token_ids agree, exit 1 if not")
@@ -117,6 +120,8 @@ def build_llm(cfg):
         # NOTE: ranks sharing a CPU would otherwise each start one thread per core and contend.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     engine = {f: getattr(cfg, f) for f in ENGINE_FLAGS if getattr(cfg, f, None) is not None}
+    if getattr(cfg, "dp_attention", None):
+        engine["dp_attention"] = True
     if cfg.kv_cache_mib is not None:
         engine["kv_cache_memory"] = int(cfg.kv_cache_mib * (1 << 20))
     ckpt = None if cfg.preset else resolve_checkpoint(cfg.checkpoint)

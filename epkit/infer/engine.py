@@ -99,7 +99,10 @@ class LLM:
     routing counts stored with the checkpoint); `max_model_len` caps prompt + output (default: the
     model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of
     unseeded requests; `cuda_graphs` replays decode steps as CUDA graphs on GPUs (default on; False
-    or EPKIT_CUDA_GRAPHS=0: eager).
+    or EPKIT_CUDA_GRAPHS=0: eager); `dp_attention` (EP > 1) makes each rank serve its own requests with
+    its own KV cache and exchange tokens with the experts' owners by all-to-all (`epkit.infer.dp`;
+    then `max_num_seqs` and `max_num_batched_tokens` are per rank), instead of every rank running every
+    token's attention (replicated dispatch, the default).
     """
 
     def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
@@ -116,8 +119,9 @@ class LLM:
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         plan = balanced_plan(checkpoint, ep) if strategy == "balanced" and ep > 1 else None
+        dispatch = "all_to_all" if engine.get("dp_attention") else "replicated"
         model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, plan=plan,
-                                        strategy=strategy, dispatch="replicated", return_report=True)
+                                        strategy=strategy, dispatch=dispatch, return_report=True)
         self.load_report = report
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
             tokenizer = load_tokenizer(checkpoint)
@@ -134,9 +138,13 @@ class LLM:
     def _setup(self, model, tokenizer, device, block_size: int = 16, kv_cache_memory: int | None = None,
                gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                max_model_len: int | None = None, seed: int = 0, cuda_graphs: bool | None = None,
-               long_prefill_tokens: int | None = None) -> None:
+               long_prefill_tokens: int | None = None, dp_attention: bool = False) -> None:
         info = getattr(model, "expert_parallel", None)
-        if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated":
+        dp_attention = bool(dp_attention) and info is not None and info.plan.ep_size > 1
+        if dp_attention and info.dispatch != "all_to_all":
+            from ..parallel import set_dispatch
+            set_dispatch(model, "all_to_all")
+        if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated" and not dp_attention:
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
                              f"the model uses {info.dispatch!r}")
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
@@ -161,6 +169,8 @@ class LLM:
         self._pending: list[RequestOutput] = []  # updates not yet returned by step()
         self._incremental_text = True  # step()/stream() callers read text as it grows; generate() does not
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "busy_s": 0.0}
+        from .dp import DataParallelAttention
+        self.dp = DataParallelAttention(self) if dp_attention else None
 
     # ---- sizing -----------------------------------------------------------------------------
     def _kv_budget(self, utilization: float, profile_tokens: int) -> int:
@@ -260,15 +270,18 @@ class LLM:
                        max_len=min(len(ids) + params.max_tokens, self.max_model_len), arrival=now)
         out.text = "" if self.tokenizer is not None else None
         self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        (self.dp.submit if self.dp is not None else self.scheduler.add)(seq)
         return request_id
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        busy = self.dp.has_unfinished() if self.dp is not None else self.scheduler.has_unfinished()
+        return busy or bool(self._pending)
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step (leader). Returns the requests that changed, finished ones included."""
+        if self.dp is not None:
+            return self.dp.step()
         updates, self._pending = self._pending, []
         if not self.scheduler.has_unfinished():
             return updates
@@ -276,6 +289,16 @@ class LLM:
         plan = self.scheduler.schedule()
         if not plan.rows:
             raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
+        batches, sampled = self._batches(plan)
+        self._commit(plan, t0)
+        updates += self._sample(self.runner.execute(batches), sampled)
+        self.stats["steps"] += 1
+        self.stats["busy_s"] += time.perf_counter() - t0
+        return updates
+
+    def _batches(self, plan) -> tuple[list[Batch], list[Sequence]]:
+        """The step's forwards (the decode rows first, then prefill chunks grouped by length) and the
+        sequences whose next token they sample, in logits order. Changes no state."""
         batches, sampled = [], []
         bs = self.cache.block_size
         for rows in group_rows(plan.rows, MAX_BATCHES):
@@ -289,23 +312,27 @@ class LLM:
                 if start + n == seq.num_tokens:  # this chunk ends the known tokens: sample the next one
                     logits_rows.append(i * T + n - 1)
                     sampled.append(seq)
-                seq.num_computed = start + n
-                if seq.first_scheduled is None:
-                    seq.first_scheduled = t0
             batches.append(Batch(B, T, NB, tokens, positions, table, logits_rows))
+        return batches, sampled
+
+    def _commit(self, plan, t0: float) -> None:
+        """The planned rows ran: their tokens are in the KV cache."""
+        for seq, start, n in plan.rows:
+            seq.num_computed = start + n
+            if seq.first_scheduled is None:
+                seq.first_scheduled = t0
         self.stats["prompt_tokens"] += sum(n for s, start, n in plan.rows if start < s.prompt_len)
-        logits = self.runner.execute(batches)
-        if sampled:
-            logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-            sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
-                                           [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
-            next_ids = sample(logits, sb).tolist()  # NOTE: host sync, once per step
-            now = time.perf_counter()
-            for seq, tok in zip(sampled, next_ids):
-                updates.append(self._append(seq, tok, now))
-        self.stats["steps"] += 1
-        self.stats["busy_s"] += time.perf_counter() - t0
-        return updates
+
+    def _sample(self, logits: list[torch.Tensor], sampled: list[Sequence]) -> list[RequestOutput]:
+        """Sample the next token of each sequence in `sampled` (logits rows in that order) and append it."""
+        if not sampled:
+            return []
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
+                                       [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
+        next_ids = sample(logits, sb).tolist()  # NOTE: host sync, once per step
+        now = time.perf_counter()
+        return [self._append(seq, tok, now) for seq, tok in zip(sampled, next_ids)]
 
     def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
         out, p = self._outputs[seq.request_id], seq.params
@@ -411,10 +438,10 @@ class LLM:
     # ---- lock-step helpers ------------------------------------------------------------------
     def follow(self) -> None:
         """Non-leader ranks: run the leader's steps until it calls `release_followers()`."""
-        self.runner.follow()
+        (self.dp or self.runner).follow()
 
     def release_followers(self) -> None:
-        self.runner.end()
+        (self.dp or self.runner).end()
 
     def expert_load(self) -> dict:
         """Routed real tokens per layer and expert, and per EP rank. Every rank must call it (collective)."""

@@ -1,0 +1,134 @@
+"""Data-parallel attention (`LLM(..., dp_attention=True)`) on real gloo processes at EP=2 and EP=3:
+greedy tokens identical to EP=1 and to transformers with more requests than ranks, uneven prompt
+lengths, bad requests, late arrivals, a rank running out of requests first, preemption on a small KV
+cache, the uneven all-to-all for large prefill chunks; a decode forward with no host sync. The step
+agreement and the request placement are checked on their own too."""
+import pytest
+import torch
+
+from conftest import tiny_args
+from distributed import run
+from epkit.infer import LLM, SamplingParams
+from epkit.infer.dp import (CMD, DEC_FULL, DEC_ROWS, DEC_WIDTH, FREE, GRAPHS, HEADER, N_PREFILL, PAYLOAD, PREFILL,
+                            SAMPLED, UNFINISHED, WORK, agree, assign_ranks)
+from epkit.infer.kv_cache import bytes_per_block
+from hostsync import NoHostSync
+from test_infer import GREEDY, assert_greedy_matches, hf_reference, make_checkpoint, make_prompts
+
+SAMPLED_PARAMS = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True)
+BAD = [([], "empty prompt"), ([1, 4000], "outside the vocabulary")]
+ENGINE = dict(max_num_batched_tokens=24, block_size=4)
+SMALL_KV = 14 * bytes_per_block(tiny_args(), 4, torch.float32)  # 13 usable blocks of 4 tokens per rank
+
+
+def _finished_ids(updates, into: dict) -> None:
+    for u in updates:
+        if u.finished:
+            into[u.request_id] = u.token_ids
+
+
+def _serve(rank, world, path, prompts):
+    llm = LLM(path, ep=world, dp_attention=True, **ENGINE)
+    assert llm.dp is not None and llm.model.expert_parallel.dispatch == "all_to_all"
+    reqs = prompts[:2] + [b[0] for b in BAD] + prompts[2:]
+    outs = llm.generate(reqs, [GREEDY] * len(reqs))
+    sampled = llm.generate([prompts[3], prompts[5]], SAMPLED_PARAMS)
+    streamed = [u.new_token_ids for u in llm.stream([prompts[6]], GREEDY)]
+    # Late arrival and a rank running out of work: rank 0 drives step() by hand. The 2-token request goes
+    # to rank 0 and finishes at once; rank 0 then runs padding forwards for the others' MoE exchanges.
+    padding_before, late = llm.dp.padding_forwards, None
+    if rank == 0:
+        done = {}
+        ids = [llm.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=2)),
+               llm.add_request(prompts[7], GREEDY)]
+        for _ in range(4):
+            _finished_ids(llm.step(), done)
+        ids.append(llm.add_request(prompts[4], GREEDY))
+        while llm.has_unfinished():
+            _finished_ids(llm.step(), done)
+        llm.release_followers()
+        late = [done[i] for i in ids]
+    else:
+        llm.follow()
+    padding = llm.dp.padding_forwards - padding_before
+    load = llm.expert_load()  # collective: every rank
+    # A small KV cache (preemption) and the uneven all-to-all for slots above 8 tokens per rank.
+    small = LLM(path, ep=world, dp_attention=True, kv_cache_memory=SMALL_KV, **ENGINE)
+    small.dp.sync_free_max_tokens = 8
+    tight = small.generate(prompts, GREEDY)
+    # A padded decode forward, whole (KV bookkeeping, attention, all-to-all experts, routing counts),
+    # reads nothing back on the host: a CUDA graph can capture it.
+    from epkit.parallel import set_dispatch_capacity
+    set_dispatch_capacity(small.model, 4)
+    tokens = torch.tensor([[5], [6], [7]])
+    with torch.no_grad(), NoHostSync():
+        small.runner._forward(tokens, torch.full((3, 1), -1), torch.zeros(3, 2, dtype=torch.long), torch.arange(3))
+    set_dispatch_capacity(small.model, None)
+    return {"outs": [(o.token_ids, o.finish_reason, o.error, o.timings) for o in outs],
+            "sampled": [o.token_ids for o in sampled], "streamed": sum(streamed, []), "late": late,
+            "padding": padding, "load": load["per_rank"], "tight": [o.token_ids for o in tight],
+            "preemptions": small.scheduler.num_preemptions, "served": small.stats["steps"]}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dp_attention_matches_one_device_and_transformers(tmp_path, world):
+    path = make_checkpoint(str(tmp_path / "ck"), seed=2)
+    prompts = make_prompts(96, seed=2)
+    refs = hf_reference(path, prompts)
+    one = LLM(path, **ENGINE)
+    ep1 = [o.token_ids for o in one.generate(prompts, GREEDY)]
+    for tokens, ref, i in zip(ep1, refs, range(len(prompts))):
+        assert_greedy_matches(tokens, ref, f"EP=1 prompt {i}")
+
+    results = run(_serve, world, path, prompts)
+    r = results[0]
+    good = r["outs"][:2] + r["outs"][2 + len(BAD):]
+    assert [g[0] for g in good] == ep1, "DP attention differs from one device"
+    for (tokens, reason, err, timings), i in zip(good, range(len(prompts))):
+        assert err is None and reason in ("stop", "length") and timings["ttft_s"] >= timings["queue_s"] >= 0, i
+    for (tokens, reason, err, _), (_, msg) in zip(r["outs"][2: 2 + len(BAD)], BAD):
+        assert reason == "error" and msg in err and tokens == []
+    assert r["sampled"] == [o.token_ids for o in one.generate([prompts[3], prompts[5]], SAMPLED_PARAMS)]
+    assert r["streamed"] == ep1[6]
+    assert r["late"] == [ep1[0][:2], ep1[7], ep1[4]]
+    assert results[0]["padding"] > 0, "rank 0 ran out of requests first and should have run padding forwards"
+    assert len(r["load"]) == world and all(x > 0 for x in r["load"]), r["load"]  # every rank's experts served
+    assert all(x["tight"] == [] for x in results[1:]) and r["tight"] == ep1
+    assert sum(x["preemptions"] for x in results) > 0, "the small KV cache should have preempted"
+    assert len({x["served"] for x in results}) == 1  # lock-step: every rank ran every step
+
+
+def _header(**fields) -> list[int]:
+    h = [0] * HEADER
+    names = dict(CMD=CMD, PAYLOAD=PAYLOAD, DEC_ROWS=DEC_ROWS, DEC_WIDTH=DEC_WIDTH, DEC_FULL=DEC_FULL, GRAPHS=GRAPHS,
+                 SAMPLED=SAMPLED, UNFINISHED=UNFINISHED, WORK=WORK, FREE=FREE, N_PREFILL=N_PREFILL)
+    for k, v in fields.items():
+        if k == "prefill":
+            h[N_PREFILL] = len(v)
+            h[PREFILL: PREFILL + len(v)] = v
+        else:
+            h[names[k]] = v
+    return h
+
+
+def test_agree_takes_the_largest_slot_of_any_rank():
+    s = agree([_header(CMD=1, PAYLOAD=9, DEC_ROWS=3, DEC_WIDTH=2, DEC_FULL=1, GRAPHS=1, SAMPLED=4, UNFINISHED=5,
+                       WORK=50, FREE=7, prefill=[12]),
+               _header(DEC_FULL=0, GRAPHS=1, DEC_ROWS=6, DEC_WIDTH=1, SAMPLED=6, UNFINISHED=6, WORK=60, FREE=3,
+                       prefill=[20, 5]),
+               _header(DEC_FULL=1, GRAPHS=1)])  # a rank with no work
+    assert (s.command, s.payload, s.decode_rows, s.decode_width) == (1, 9, 6, 2)
+    assert not s.decode_all_sampled and s.graphs and s.prefill == [20, 5] and s.forwards == 3
+    assert (s.sampled, s.unfinished, s.loads) == (6, 11, [(50, 7), (60, 3), (0, 0)])
+    idle = agree([_header(DEC_FULL=1), _header(DEC_FULL=1, GRAPHS=1)])
+    assert idle.forwards == 0 and not idle.graphs
+
+
+def test_requests_go_to_the_least_loaded_rank():
+    # equal loads: lowest rank first; then the rank with less work; a tie in work goes to more free blocks
+    assert assign_ranks([(10, 1), (10, 1), (5, 1)], [(0, 9), (0, 9)]) == [0, 1, 0]
+    assert assign_ranks([(10, 1)], [(30, 9), (20, 9), (25, 9)]) == [1]
+    assert assign_ranks([(10, 1)], [(20, 2), (20, 8)]) == [1]
+    ranks = assign_ranks([(n, 1) for n in (100, 90, 80, 70, 60, 50, 40, 30)], [(0, 9)] * 3)
+    work = [sum(n for n, r in zip((100, 90, 80, 70, 60, 50, 40, 30), ranks) if r == k) for k in range(3)]
+    assert sorted(ranks[:3]) == [0, 1, 2] and max(work) - min(work) <= 100, work  # within the largest request
