@@ -134,6 +134,11 @@ class Mixtral(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.layers]
 
+    def sync_free(self, tokens: int) -> bool:
+        """Whether an inference forward of `tokens` tokens runs without a host sync, so a CUDA graph can
+        capture it (attention never syncs; each MoE layer's dispatcher and expert backend decide)."""
+        return all(moe.sync_free(tokens) for moe in self.moe_layers())
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int = 0, router_std: float | None = None) -> "Mixtral":
         """Normal(0, std) matrices (the router: `router_std` if given), ones for the norms, as

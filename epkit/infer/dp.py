@@ -308,27 +308,30 @@ class DataParallelAttention:
     @torch.no_grad()
     def _run(self, shape: StepShape, decode: Batch | None, prefill: list[Batch]) -> list[torch.Tensor]:
         """Every slot of the step, in the same order on every rank; our logits per own batch."""
-        runner, logits = self.llm.runner, []
+        model, logits = self.llm.model, []
         try:
             if shape.decode_rows:
                 cap = self._capacity(shape.decode_rows)
-                graphs = runner.graphs
-                graph = (cap is not None and shape.graphs and shape.decode_all_sampled and cap <= graphs.max_rows
-                         and runner._sync_free(self.size * cap))
-                out = self._forward(decode, cap, (cap, bucket(shape.decode_width)) if graph else None)
+                set_dispatch_capacity(model, cap)
+                graph = None
+                # the graphs' own check, for a full bucket of `cap` rows: the same answer on every rank
+                if cap is not None and shape.graphs and shape.decode_all_sampled and \
+                        self.llm.runner.graphs.eligible(cap, 1, cap):
+                    graph = (cap, bucket(shape.decode_width))  # the same graph key on every rank
+                out = self._forward(decode, graph)
                 if decode is not None:
                     logits.append(out)
             for i, tokens in enumerate(shape.prefill):
                 b = prefill[i] if i < len(prefill) else None
-                out = self._forward(b, self._capacity(tokens), None)
+                set_dispatch_capacity(model, self._capacity(tokens))
+                out = self._forward(b, None)
                 if b is not None:
                     logits.append(out)
         finally:
-            set_dispatch_capacity(self.llm.model, None)
+            set_dispatch_capacity(model, None)
         return logits
 
-    def _forward(self, batch: Batch | None, capacity: int | None, graph: tuple[int, int] | None) -> torch.Tensor:
-        set_dispatch_capacity(self.llm.model, capacity)
+    def _forward(self, batch: Batch | None, graph: tuple[int, int] | None) -> torch.Tensor:
         b = batch if batch is not None else _PADDING
         self.padding_forwards += batch is None
         flat = torch.tensor(b.tokens + b.positions + b.block_table + b.logits_rows, dtype=torch.int64)

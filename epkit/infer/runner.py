@@ -44,8 +44,8 @@ class StepRunner:
     def __init__(self, model, cache: PagedKVCache, device: torch.device, cuda_graphs: bool = True):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         # Decode steps replay CUDA graphs (graphs.py); prefill chunks and CPU runs stay eager.
-        self.graphs = DecodeGraphs(self._forward, self.device) if cuda_graphs and self.device.type == "cuda" else None
-        self._sync_free_rows: dict[int, bool] = {}
+        self.graphs = (DecodeGraphs(self._forward, self.device, sync_free=model.sync_free)
+                       if cuda_graphs and self.device.type == "cuda" else None)
         info = getattr(model, "expert_parallel", None)
         self.group = info.groups.ep_group if info is not None and info.plan.ep_size > 1 else None
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
@@ -111,20 +111,11 @@ class StepRunner:
             table = payload[o + 2 * B * T: o + 2 * B * T + B * NB].view(B, NB)
             rows = payload[o + 2 * B * T + B * NB: o + 2 * B * T + B * NB + R]
             o += 2 * B * T + B * NB + R
-            if self.graphs is not None and self.graphs.eligible(B, T, R) and self._sync_free(B):
+            if self.graphs is not None and self.graphs.eligible(B, T, R):
                 out.append(self.graphs.run(tokens, positions, table, with_logits))
             else:
                 out.append(self._forward(tokens, positions, table, rows if with_logits else rows[:0]))
         return out
-
-    def _sync_free(self, rows: int) -> bool:
-        """Whether a decode forward of `rows` tokens has no host sync (else it cannot be graph-captured).
-        Asked once per row count: the answer depends only on shapes, dtype and device."""
-        if rows not in self._sync_free_rows:
-            probe = self.model.embed.weight[:1]
-            self._sync_free_rows[rows] = all(moe.experts.sync_free(probe, rows * self.top_k)
-                                             for moe in self.model.moe_layers())
-        return self._sync_free_rows[rows]
 
     def _forward(self, tokens, positions, table, rows) -> torch.Tensor:
         """One forward with the cache prepared for it; free of host syncs (CUDA graphs capture it)."""
