@@ -229,8 +229,57 @@ class LocalDispatch:
         return unpermute(out, order, weights, keep=key.reshape(-1)[order] < L)
 
 
+@dataclass
+class Routed:
+    """What one MoE forward routed: router logits [N, E], Mixtral's top-k expert ids [N, K], and the
+    token mask it was given ([N] bool, True for real tokens; None: every token is real)."""
+
+    logits: torch.Tensor
+    expert_ids: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+class RoutingStats:
+    """Tokens routed to each expert of each layer since the last reset: `counts()` [layers, E] int64.
+
+    The one routing counter: `Mixtral.forward` adds what its MoE layers routed (masked tokens left out)
+    once per forward, outside any checkpointed region; training metrics, the serving load report and
+    the checkpoint manifest read it (`epkit.parallel.gather_routing_counts` sums it over ranks).
+    Counting runs on the device without a host sync, and the tensor is updated in place, never replaced
+    once made, so a captured CUDA graph keeps counting into it.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self._counts: torch.Tensor | None = None  # made on the device of the first ids counted
+
+    def counts(self, device=None) -> torch.Tensor:
+        """The live counts tensor (moved to `device` first if given)."""
+        if self._counts is None or (device is not None and self._counts.device != torch.device(device)):
+            old = self._counts
+            self._counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64, device=device)
+            if old is not None:
+                self._counts += old.to(self._counts.device)
+        return self._counts
+
+    def reset(self) -> None:
+        if self._counts is not None:
+            self._counts.zero_()
+
+    @torch.no_grad()
+    def add(self, routed: list[Routed]) -> None:
+        """Count one forward: routed[l] is layer l's `Routed`."""
+        ids = torch.stack([r.expert_ids for r in routed])  # [L, N, K]
+        L, N, K = ids.shape
+        counts = self.counts(ids.device)
+        real = torch.stack([torch.ones(N, dtype=torch.bool, device=ids.device) if r.mask is None
+                            else r.mask.reshape(-1) for r in routed]).to(torch.int64)  # [L, N]
+        key = ids + torch.arange(L, device=ids.device)[:, None, None] * self.num_experts  # [L, N, K]
+        counts.view(-1).scatter_add_(0, key.reshape(-1), real[:, :, None].expand(L, N, K).reshape(-1))
+
+
 class MoE(nn.Module):
-    """Router + experts. forward(x [B, T, D]) -> (y [B, T, D], router_logits [B*T, E])."""
+    """Router + experts. forward(x [B, T, D], mask [B*T] | None) -> (y [B, T, D], Routed)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, experts_per_token: int,
                  jitter_noise: float = 0.0, device=None, dtype=None):
@@ -241,23 +290,16 @@ class MoE(nn.Module):
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
         self.experts = Experts(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
         self.dispatcher = LocalDispatch()  # epkit.parallel.apply_expert_parallel sets an EP dispatcher
-        # Routing telemetry: tokens routed to each global expert since the last reset.
-        self.register_buffer("routed_tokens", torch.zeros(num_experts, dtype=torch.int64, device=device),
-                             persistent=False)
-        self.track_routing = True
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routed]:
         shape = x.shape
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         x = x.reshape(-1, shape[-1])  # [N, D]
         router_logits = self.gate(x)  # [N, E]
         weights, experts = route(router_logits, self.top_k)  # [N, K], [N, K]
-        if self.track_routing:
-            with torch.no_grad():
-                self.routed_tokens += count_per_bucket(experts, self.num_experts)
         y = self.dispatcher(self.experts, x, weights, experts)
-        return y.reshape(shape), router_logits
+        return y.reshape(shape), Routed(router_logits, experts, mask)
 
     def sync_free(self, tokens: int) -> bool:
         """Whether an inference forward of `tokens` tokens has no host sync, so a CUDA graph can capture
@@ -266,18 +308,20 @@ class MoE(nn.Module):
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
+                        mask: torch.Tensor | None = None, expert_ids: list[torch.Tensor] | None = None
+                        ) -> torch.Tensor:
     """Switch-style auxiliary loss, the same formula and scaling as transformers' Mixtral.
 
-    router_logits: one [N, E] tensor per layer; mask [N] (1 = real token) or None.
+    router_logits: one [N, E] tensor per layer; mask [N] (1 = real token) or None; expert_ids: the [N, K]
+    choices each layer routed (`Routed.expert_ids`; None: take Mixtral's top-k of the logits again).
     """
     tokens = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
     probs_sum = torch.zeros_like(tokens)
     rows = 0.0
     m = None if mask is None else mask.reshape(-1).to(torch.float32)
-    for logits in router_logits:
+    for layer, logits in enumerate(router_logits):
         probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
-        chosen = torch.topk(probs, top_k, dim=-1).indices  # [N, K]
+        chosen = expert_ids[layer] if expert_ids is not None else torch.topk(probs, top_k, dim=-1).indices  # [N, K]
         one_hot = F.one_hot(chosen, num_experts).sum(1).float()  # [N, E]
         if m is None:
             tokens = tokens + one_hot.sum(0)

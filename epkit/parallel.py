@@ -395,9 +395,11 @@ def _dispatcher(dispatch: str, plan: ShardingPlan, groups: ExpertGroups, layer: 
 # ---- routing telemetry ----------------------------------------------------------------------------
 
 def gather_routing_counts(model) -> list[list[int]]:
-    """Tokens routed to each expert of each layer, summed over every rank that saw distinct tokens."""
-    counts = torch.stack([moe.routed_tokens for moe in model.moe_layers()]).clone()  # [layers, E]
-    info = getattr(model, "expert_parallel", None)
+    """`model.routing_stats` summed over every rank that saw distinct tokens: tokens routed to each expert
+    of each layer. NOTE: collective when distributed (every rank calls it), and one host read."""
+    device = next(model.parameters()).device
+    counts = model.routing_stats.counts(device).clone()  # [layers, E]
+    info = model.expert_parallel
     if is_distributed():
         dist.all_reduce(counts)  # NOTE: collective
         if info is not None and info.dispatch == "replicated":
@@ -405,14 +407,9 @@ def gather_routing_counts(model) -> list[list[int]]:
     return counts.tolist()
 
 
-def reset_routing_counts(model) -> None:
-    for moe in model.moe_layers():
-        moe.routed_tokens.zero_()
-
-
 def rank_loads(model, counts: list[list[int]] | None = None) -> list[list[float]]:
     """Per layer, the routed tokens each EP rank processed under the model's plan."""
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     counts = counts if counts is not None else gather_routing_counts(model)
     if info is None:
         return [[float(sum(row))] for row in counts]
