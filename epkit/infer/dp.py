@@ -50,6 +50,7 @@ RECORD = 5  # request index, token, finish code, preemptions, step first schedul
 REASONS = (None, "stop", "length")
 SYNC_FREE_MAX_TOKENS = 256  # per rank: fixed-capacity all-to-all up to this bucket, uneven above
 _PADDING = Batch(1, 1, 1, [0], [-1], [0], [])  # position -1: scratch KV block, never sampled
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
 
 
 @dataclass
@@ -279,7 +280,7 @@ class DataParallelAttention:
             h[PREFILL + i] = b.B * b.T
         mine = torch.tensor(h, dtype=torch.int64).to(self.device)
         every = torch.empty(self.size * HEADER, dtype=torch.int64, device=self.device)
-        dist.all_gather_into_tensor(every, mine, group=self.group)  # NOTE: the step's one collective
+        _all_gather(every, mine, group=self.group)  # NOTE: the step's one collective
         flat = every.tolist()  # NOTE: host sync, once per step
         return agree([flat[r * HEADER: (r + 1) * HEADER] for r in range(self.size)])
 
