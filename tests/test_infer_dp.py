@@ -53,8 +53,7 @@ def _serve(rank, world, path, prompts):
     padding = llm.dp.padding_forwards - padding_before
     load = llm.expert_load()  # collective: every rank
     # A small KV cache (preemption) and the uneven all-to-all for slots above 8 tokens per rank.
-    small = LLM(path, ep=world, dp_attention=True, kv_cache_memory=SMALL_KV, **ENGINE)
-    small.dp.sync_free_max_tokens = 8
+    small = LLM(path, ep=world, dp_attention=True, kv_cache_memory=SMALL_KV, sync_free_max_tokens=8, **ENGINE)
     tight = small.generate(prompts, GREEDY)
     # A padded decode forward, whole (KV bookkeeping, attention, all-to-all experts, routing counts),
     # reads nothing back on the host: a CUDA graph can capture it.

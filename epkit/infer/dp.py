@@ -48,7 +48,6 @@ CMD, PAYLOAD, DEC_ROWS, DEC_WIDTH, DEC_FULL, GRAPHS, SAMPLED, UNFINISHED, WORK, 
 HEADER = PREFILL + MAX_BATCHES
 RECORD = 5  # request index, token, finish code, preemptions, step first scheduled
 REASONS = (None, "stop", "length")
-SYNC_FREE_MAX_TOKENS = 256  # per rank: fixed-capacity all-to-all up to this bucket, uneven above
 _PADDING = Batch(1, 1, 1, [0], [-1], [0], [])  # position -1: scratch KV block, never sampled
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
 
@@ -107,7 +106,7 @@ class DataParallelAttention:
         self.rank, self.size = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.leader = dist.get_global_rank(self.group, 0)
         self.is_leader = self.rank == 0
-        self.sync_free_max_tokens = SYNC_FREE_MAX_TOKENS
+        self.sync_free_max_tokens = llm.config.sync_free_max_tokens
         self.steps = 0  # same on every rank
         self.padding_forwards = 0  # forwards this rank ran with no request of its own
         self.failed = False  # every rank raised at the same step: no more collectives

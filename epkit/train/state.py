@@ -58,7 +58,7 @@ def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str 
     if rank == 0:
         os.makedirs(tmp)
     barrier()
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     torch.save({"optimizer": engine.optimizer.state_dict(),  # ZeRO: this rank's partition
                 "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
                 "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
@@ -90,7 +90,7 @@ def load_engine_state(engine, model, directory: str) -> dict:
     if not os.path.isfile(file):
         raise ValueError(f"--resume: {file} is missing (was the checkpoint written by {world} ranks?)")
     state = torch.load(file, map_location="cpu", weights_only=False)
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     now = {"world_size": world, "ep": info.plan.ep_size if info else 1, "zero_stage": engine.zero_optimization_stage()}
     for key, value in now.items():
         if state[key] != value:
