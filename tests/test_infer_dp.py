@@ -131,3 +131,38 @@ def test_requests_go_to_the_least_loaded_rank():
     ranks = assign_ranks([(n, 1) for n in (100, 90, 80, 70, 60, 50, 40, 30)], [(0, 9)] * 3)
     work = [sum(n for n, r in zip((100, 90, 80, 70, 60, 50, 40, 30), ranks) if r == k) for k in range(3)]
     assert sorted(ranks[:3]) == [0, 1, 2] and max(work) - min(work) <= 100, work  # within the largest request
+
+
+def _cli(rank, world, argv):
+    from epkit.infer.cli import main
+    return main(argv)
+
+
+def test_cli_dp_attention_matches_one_device(tmp_path):
+    """`launch/infer.py --dp-attention` at EP=2: text prompts, a stop string found on the owning rank, bad
+    lines; every line equals the EP=1 run's (text and finish reason too)."""
+    import json
+
+    from epkit.infer.cli import main
+    ck = make_checkpoint(str(tmp_path / "ck"), seed=3, tokenizer=True)
+    text = LLM(ck).generate(["a stitch in time"], SamplingParams(temperature=0, max_tokens=12,
+                                                                 ignore_eos=True))[0].text
+    stop = text.strip()[3:6]
+    assert len(stop) == 3
+    # the second good request goes to rank 1 (rank 0 holds the first): its stop string is found there
+    lines = [{"prompt": "the quick brown fox", "max_tokens": 5}, {"prompt": ""},
+             {"prompt": "a stitch in time", "max_tokens": 12, "ignore_eos": True, "stop": [stop]},
+             {"prompt_token_ids": [5, 6, 7], "max_tokens": 4, "temperature": 0.7, "seed": 1},
+             {"prompt": "to be or", "max_tokens": 6}, {"prompt_token_ids": [5, 999]},
+             {"prompt": "all that glitters", "max_tokens": 9}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    one, dp = tmp_path / "one.jsonl", tmp_path / "dp.jsonl"
+    assert main(["--checkpoint", ck, "--prompts", str(src), "--output", str(one), "--no-progress"]) == 0
+    argv = ["--checkpoint", ck, "--prompts", str(src), "--output", str(dp), "--no-progress", "--dp-attention",
+            "--compare", str(one)]
+    assert run(_cli, 2, argv) == [0, 0]
+    drop = lambda r: {k: v for k, v in r.items() if k != "timings"}  # noqa: E731
+    ours, theirs = ([drop(json.loads(l)) for l in f.read_text().splitlines()] for f in (dp, one))
+    assert ours == theirs
+    assert ours[2]["finish_reason"] == "stop" and stop not in ours[2]["text"]
