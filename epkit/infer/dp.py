@@ -110,10 +110,12 @@ class DataParallelAttention:
         self.steps = 0  # same on every rank
         self.padding_forwards = 0  # forwards this rank ran with no request of its own
         self.failed = False  # every rank raised at the same step: no more collectives
-        self._index: dict[str, int] = {}  # request id -> global index (owner; rank 0 for all)
+        self._index: dict[str, int] = {}  # this rank's requests: request id -> global index
+        self._local: dict[int, Sequence] = {}  # this rank's requests by global index
         self._first_step: dict[int, int] = {}  # owner: step in which a request was first scheduled
         # rank 0 only
         self._pending: list[Sequence] = []  # validated, not yet given a rank
+        self._aborts: list[tuple] = []  # ("abort", index, rank, None) for the next broadcast
         self._shadows: dict[int, Sequence] = {}  # requests other ranks serve, mirrored from their records
         self._next_index = 0
         self._loads = [(0, llm.scheduler.allocator.num_free)] * self.size  # as last reported
@@ -126,6 +128,36 @@ class DataParallelAttention:
     # ---- rank 0 -----------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
         self._pending.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Rank 0: stop serving a request wherever it runs (its owner drops it at the next step and frees
+        its KV blocks); False if it is not waiting or running. The caller reports it to the user."""
+        seq = next((s for s in self._pending if s.request_id == request_id), None)
+        if seq is not None:
+            self._pending.remove(seq)
+            return True
+        if request_id in self._index:
+            self._drop(self._index[request_id])
+            return True
+        index = next((i for i, s in self._shadows.items() if s.request_id == request_id), None)
+        if index is None:
+            return False
+        self.llm.scheduler.finish(self._shadows.pop(index), "abort")
+        self._aborts.append(("abort", index, -1, None))
+        return True
+
+    def _drop(self, index: int) -> None:
+        """Stop serving one of this rank's requests."""
+        seq = self._local.pop(index, None)
+        if seq is None:  # finished meanwhile
+            return
+        llm = self.llm
+        llm.scheduler.finish(seq, "abort")
+        del self._index[seq.request_id]
+        self._first_step.pop(index, None)
+        if not self.is_leader:
+            llm._seqs.pop(seq.request_id, None)
+            llm._outputs.pop(seq.request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self._pending or self._shadows or self.llm.scheduler.has_unfinished())
@@ -150,11 +182,11 @@ class DataParallelAttention:
         for seq, cost, r in zip(seqs, costs, assign_ranks(costs, loads)):
             index, self._next_index = self._next_index, self._next_index + 1
             if r == self.rank:
-                self._index[seq.request_id] = index
+                self._index[seq.request_id], self._local[index] = index, seq
                 self.llm.scheduler.add(seq)
             else:
                 self._shadows[index] = seq
-                msgs.append((index, r, seq))
+                msgs.append(("add", index, r, seq))
                 given[r] = (given[r][0] + cost[0], given[r][1] + cost[1])
         self._given = given
         return msgs
@@ -167,6 +199,9 @@ class DataParallelAttention:
                 if r == self.rank or index not in self._shadows:
                     continue
                 seq = self._shadows[index]
+                if seq.request_id not in self.llm._outputs:  # its caller is gone (a stream left early)
+                    self.abort(seq.request_id)
+                    continue
                 seq.num_preemptions = preemptions
                 if seq.first_scheduled is None:
                     seq.first_scheduled = self._step_times.get(first, now)
@@ -200,7 +235,10 @@ class DataParallelAttention:
             if command == _STEP and not self.has_unfinished():
                 return updates
         t0 = time.perf_counter()
-        msgs = self._distribute() if self.is_leader and command == _STEP else []
+        msgs = []
+        if self.is_leader:
+            msgs, self._aborts = self._aborts, []
+            msgs += self._distribute() if command == _STEP else []
         payload = pickle.dumps(msgs) if msgs else b""
         plan = llm.scheduler.schedule() if command == _STEP and llm.scheduler.has_unfinished() else StepPlan([])
         batches, sampled = llm._batches(plan) if plan.rows else ([], [])
@@ -212,6 +250,7 @@ class DataParallelAttention:
             self._step_times[self.steps] = t0
         arrived = self._broadcast(payload, shape.payload) if shape.payload else []
         if shape.command == _END:
+            self._admit(arrived)  # aborts only: rank 0 gives out no requests when it ends
             self._ended = True
             return updates
         if shape.forwards == 0:
@@ -233,7 +272,7 @@ class DataParallelAttention:
                             seq.num_preemptions, self._first_step.get(index, self.steps)])
             if out.finished:
                 self._first_step.pop(index, None)
-                del self._index[seq.request_id]
+                del self._index[seq.request_id], self._local[index]
                 if not self.is_leader:
                     llm._outputs.pop(seq.request_id, None)
         gathered = self._gather(records, shape.sampled) if shape.sampled else []
@@ -247,19 +286,20 @@ class DataParallelAttention:
         llm.stats["busy_s"] += time.perf_counter() - t0
         return updates
 
-    def _admit(self, arrived: list[tuple[int, int, Sequence]]) -> None:
-        """Followers: queue the new requests rank 0 gave this rank."""
+    def _admit(self, arrived: list[tuple]) -> None:
+        """Followers: queue the new requests rank 0 gave this rank, drop the ones it aborted."""
         from .engine import RequestOutput
         llm = self.llm
-        for index, r, seq in arrived:
-            if r != self.rank or self.is_leader:
-                continue
-            rid = seq.request_id
-            llm._seqs[rid] = seq
-            llm._outputs[rid] = RequestOutput(rid, None, seq.token_ids[: seq.prompt_len],
-                                              text="" if llm.tokenizer is not None else None)
-            self._index[rid] = index
-            llm.scheduler.add(seq)
+        for kind, index, r, seq in arrived:
+            if kind == "abort":
+                self._drop(index)
+            elif r == self.rank and not self.is_leader:
+                rid = seq.request_id
+                llm._seqs[rid] = seq
+                llm._outputs[rid] = RequestOutput(rid, None, seq.token_ids[: seq.prompt_len],
+                                                  text="" if llm.tokenizer is not None else None)
+                self._index[rid], self._local[index] = index, seq
+                llm.scheduler.add(seq)
 
     # ---- collectives --------------------------------------------------------------------------
     def _exchange(self, command: int, payload: int, decode: Batch | None, prefill: list[Batch],
