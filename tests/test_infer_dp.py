@@ -9,13 +9,14 @@ import torch
 from conftest import tiny_args
 from distributed import run
 from epkit.infer import LLM, SamplingParams
-from epkit.infer.dp import (CMD, DEC_FULL, DEC_ROWS, DEC_WIDTH, FREE, GRAPHS, HEADER, N_PREFILL, PAYLOAD, PREFILL,
-                            SAMPLED, UNFINISHED, WORK, agree, assign_ranks)
+from epkit.infer.dp import (CMD, DEC_FULL, DEC_ROWS, DEC_WIDTH, FREE, GRAPHS, HEADER, LOGPROBS, N_PREFILL, PAYLOAD,
+                            PREFILL, SAMPLED, UNFINISHED, WORK, agree, assign_ranks)
 from epkit.infer.kv_cache import bytes_per_block
 from hostsync import NoHostSync
 from test_infer import GREEDY, assert_greedy_matches, hf_reference, make_checkpoint, make_prompts
 
 SAMPLED_PARAMS = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True)
+LOGPROBS_PARAMS = SamplingParams(temperature=0, max_tokens=4, logprobs=2)
 BAD = [([], "empty prompt"), ([1, 4000], "outside the vocabulary")]
 ENGINE = dict(max_num_batched_tokens=24, block_size=4)
 SMALL_KV = 14 * bytes_per_block(tiny_args(), 4, torch.float32)  # 13 usable blocks of 4 tokens per rank
@@ -33,6 +34,7 @@ def _serve(rank, world, path, prompts):
     reqs = prompts[:2] + [b[0] for b in BAD] + prompts[2:]
     outs = llm.generate(reqs, [GREEDY] * len(reqs))
     sampled = llm.generate([prompts[3], prompts[5]], SAMPLED_PARAMS)
+    with_lp = llm.generate([prompts[1], prompts[2], prompts[5]], [LOGPROBS_PARAMS, GREEDY, LOGPROBS_PARAMS])
     streamed = [u.new_token_ids for u in llm.stream([prompts[6]], GREEDY)]
     # Late arrival, an abort and a rank running out of work: rank 0 drives step() by hand. The 2-token
     # request finishes at once; a rank left without requests runs padding forwards for the others' MoE
@@ -70,7 +72,8 @@ def _serve(rank, world, path, prompts):
         small.runner._forward(tokens, torch.full((3, 1), -1), torch.zeros(3, 2, dtype=torch.long), torch.arange(3))
     set_dispatch_capacity(small.model, None)
     return {"outs": [(o.token_ids, o.finish_reason, o.error, o.timings) for o in outs],
-            "sampled": [o.token_ids for o in sampled], "streamed": sum(streamed, []), "late": late,
+            "sampled": [o.token_ids for o in sampled], "logprobs": [(o.logprobs, o.top_logprobs) for o in with_lp],
+            "streamed": sum(streamed, []), "late": late,
             "padding": padding, "load": load["per_rank"], "tight": [o.token_ids for o in tight],
             "preemptions": small.scheduler.num_preemptions, "served": small.stats["steps"]}
 
@@ -95,6 +98,12 @@ def test_dp_attention_matches_one_device_and_transformers(tmp_path, world):
         assert reason == "error" and msg in err and tokens == []
     assert r["sampled"] == [o.token_ids for o in one.generate([prompts[3], prompts[5]], SAMPLED_PARAMS)]
     assert r["streamed"] == ep1[6]
+    ref_lp = one.generate([prompts[1], prompts[2], prompts[5]], [LOGPROBS_PARAMS, GREEDY, LOGPROBS_PARAMS])
+    for (lps, tops), o in zip(r["logprobs"], ref_lp):  # rows of every rank, through the gather to rank 0
+        assert (lps is None) == (o.logprobs is None) and [[i for i, _ in t] for t in tops or []] == \
+            [[i for i, _ in t] for t in o.top_logprobs or []]
+        if lps is not None:
+            torch.testing.assert_close(torch.tensor(lps), torch.tensor(o.logprobs), atol=1e-5, rtol=0)
     assert r["late"] == [ep1[0][:2], ep1[7], ep1[4]]
     assert any(x["padding"] for x in results), "a rank out of requests should have run padding forwards"
     assert len(r["load"]) == world and all(x > 0 for x in r["load"]), r["load"]  # every rank's experts served
@@ -106,7 +115,7 @@ def test_dp_attention_matches_one_device_and_transformers(tmp_path, world):
 def _header(**fields) -> list[int]:
     h = [0] * HEADER
     names = dict(CMD=CMD, PAYLOAD=PAYLOAD, DEC_ROWS=DEC_ROWS, DEC_WIDTH=DEC_WIDTH, DEC_FULL=DEC_FULL, GRAPHS=GRAPHS,
-                 SAMPLED=SAMPLED, UNFINISHED=UNFINISHED, WORK=WORK, FREE=FREE, N_PREFILL=N_PREFILL)
+                 SAMPLED=SAMPLED, LOGPROBS=LOGPROBS, UNFINISHED=UNFINISHED, WORK=WORK, FREE=FREE, N_PREFILL=N_PREFILL)
     for k, v in fields.items():
         if k == "prefill":
             h[N_PREFILL] = len(v)
@@ -117,14 +126,15 @@ def _header(**fields) -> list[int]:
 
 
 def test_agree_takes_the_largest_slot_of_any_rank():
-    s = agree([_header(CMD=1, PAYLOAD=9, DEC_ROWS=3, DEC_WIDTH=2, DEC_FULL=1, GRAPHS=1, SAMPLED=4, UNFINISHED=5,
+    s = agree([_header(CMD=1, PAYLOAD=9, DEC_ROWS=3, DEC_WIDTH=2, DEC_FULL=1, GRAPHS=1, SAMPLED=4, LOGPROBS=3,
+                       UNFINISHED=5,
                        WORK=50, FREE=7, prefill=[12]),
                _header(DEC_FULL=0, GRAPHS=1, DEC_ROWS=6, DEC_WIDTH=1, SAMPLED=6, UNFINISHED=6, WORK=60, FREE=3,
                        prefill=[20, 5]),
                _header(DEC_FULL=1, GRAPHS=1)])  # a rank with no work
     assert (s.command, s.payload, s.decode_rows, s.decode_width) == (1, 9, 6, 2)
     assert not s.decode_all_sampled and s.graphs and s.prefill == [20, 5] and s.forwards == 3
-    assert (s.sampled, s.unfinished, s.loads) == (6, 11, [(50, 7), (60, 3), (0, 0)])
+    assert (s.sampled, s.logprobs, s.unfinished, s.loads) == (6, 2, 11, [(50, 7), (60, 3), (0, 0)])
     idle = agree([_header(DEC_FULL=1), _header(DEC_FULL=1, GRAPHS=1)])
     assert idle.forwards == 0 and not idle.graphs
 

@@ -71,8 +71,6 @@ class EngineConfig:
         if isinstance(self.sync_free_max_tokens, bool) or not isinstance(self.sync_free_max_tokens, int) \
                 or self.sync_free_max_tokens < 0:
             raise ValueError(f"sync_free_max_tokens={self.sync_free_max_tokens!r} must be an integer >= 0")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
 
     def resolve_ep_size(self) -> int:
         """`ep_size`, or the number of launched ranks when it is None."""

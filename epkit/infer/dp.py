@@ -22,7 +22,7 @@ A step, on every rank:
      chunk group (fixed capacity up to `sync_free_max_tokens` tokens per rank, above that the uneven
      all-to-all). A rank with nothing for a slot runs a one-token padding forward, so every MoE
      collective has its partners also when a rank runs out of requests first;
-  5. each rank samples its own rows; one gather brings (request, token) records [S, 5] to rank 0,
+  5. each rank samples its own rows; one gather brings (request, token, ...) records [S, 6 + 2k] to rank 0,
      which updates its outputs exactly as the owner did (same stop and length rules), so `generate`
      and `stream` return what one device returns.
 
@@ -44,9 +44,12 @@ from .scheduler import Sequence, StepPlan
 
 _STEP, _END = 1, 2
 # header fields, then MAX_BATCHES prefill chunk sizes (tokens per forward)
-CMD, PAYLOAD, DEC_ROWS, DEC_WIDTH, DEC_FULL, GRAPHS, SAMPLED, UNFINISHED, WORK, FREE, N_PREFILL, PREFILL = range(12)
+(CMD, PAYLOAD, DEC_ROWS, DEC_WIDTH, DEC_FULL, GRAPHS, SAMPLED, LOGPROBS, UNFINISHED, WORK, FREE, N_PREFILL,
+ PREFILL) = range(13)
 HEADER = PREFILL + MAX_BATCHES
-RECORD = 5  # request index, token, finish code, preemptions, step first scheduled
+# a record per sampled row (float64: ids < 2^53 stay exact): request index, token, finish code, preemptions,
+# step first scheduled, logprob, then the top-k ids and their logprobs (k: most asked by any row)
+RECORD = 6
 REASONS = (None, "stop", "length")
 _PADDING = Batch(1, 1, 1, [0], [-1], [0], [])  # position -1: scratch KV block, never sampled
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
@@ -64,6 +67,7 @@ class StepShape:
     graphs: bool  # every rank replays CUDA graphs
     prefill: list[int]  # per prefill slot, most tokens on any rank
     sampled: int
+    logprobs: int  # most top logprobs any sampled row asks for, -1: none asks for logprobs
     unfinished: int  # requests in the schedulers of all ranks
     loads: list[tuple[int, int]]  # per rank: (remaining tokens, free KV blocks)
 
@@ -78,7 +82,8 @@ def agree(headers: list[list[int]]) -> StepShape:
     return StepShape(headers[0][CMD], headers[0][PAYLOAD], max(h[DEC_ROWS] for h in headers),
                      max(h[DEC_WIDTH] for h in headers), all(h[DEC_FULL] for h in headers),
                      all(h[GRAPHS] for h in headers), [max(h[PREFILL + i] for h in headers) for i in range(n_prefill)],
-                     max(h[SAMPLED] for h in headers), sum(h[UNFINISHED] for h in headers),
+                     max(h[SAMPLED] for h in headers), max(h[LOGPROBS] for h in headers) - 1,
+                     sum(h[UNFINISHED] for h in headers),
                      [(h[WORK], h[FREE]) for h in headers])
 
 
@@ -195,7 +200,8 @@ class DataParallelAttention:
         """Apply the other ranks' sampled tokens to their requests' outputs, as their owners did."""
         updates = []
         for r, rows in enumerate(records):
-            for index, tok, code, preemptions, first in (row for row in rows if row[0] >= 0):
+            for row in (row for row in rows if row[0] >= 0):
+                index, tok, code, preemptions, first = map(int, row[:5])
                 if r == self.rank or index not in self._shadows:
                     continue
                 seq = self._shadows[index]
@@ -205,7 +211,12 @@ class DataParallelAttention:
                 seq.num_preemptions = preemptions
                 if seq.first_scheduled is None:
                     seq.first_scheduled = self._step_times.get(first, now)
-                out = self.llm._append(seq, tok, now)
+                lp, top = None, None
+                if seq.params.logprobs is not None:
+                    k = (len(row) - RECORD) // 2
+                    ids, lps = row[RECORD: RECORD + k], row[RECORD + k:]
+                    lp, top = row[5], [(int(i), v) for i, v in zip(ids, lps) if i >= 0]
+                out = self.llm._append(seq, tok, now, lp, top)
                 if out.finish_reason != REASONS[code]:
                     raise RuntimeError(f"request {seq.request_id!r}: rank {r} finished it with {REASONS[code]!r}, "
                                        f"rank 0 with {out.finish_reason!r} (ranks out of step)")
@@ -215,6 +226,11 @@ class DataParallelAttention:
         return updates
 
     # ---- every rank -------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Rank 0, idle: a step every rank joins (nothing to run), so followers hear from it."""
+        if self.is_leader and not self.failed:
+            self.step(force=True)
+
     def follow(self) -> None:
         """Ranks other than 0: run steps until rank 0 calls `end()`."""
         if self.is_leader:
@@ -227,12 +243,12 @@ class DataParallelAttention:
         if self.is_leader and not self.failed:
             self.step(_END)
 
-    def step(self, command: int = _STEP) -> list:
+    def step(self, command: int = _STEP, force: bool = False) -> list:
         llm = self.llm
         updates = []
         if self.is_leader:
             updates, llm._pending = llm._pending, []
-            if command == _STEP and not self.has_unfinished():
+            if command == _STEP and not force and not self.has_unfinished():
                 return updates
         t0 = time.perf_counter()
         msgs = []
@@ -244,7 +260,8 @@ class DataParallelAttention:
         batches, sampled = llm._batches(plan) if plan.rows else ([], [])
         decode = batches[0] if batches and batches[0].T == 1 else None
         prefill = batches[1:] if decode is not None else batches
-        shape = self._exchange(command, len(payload), decode, prefill, len(sampled))
+        asked = [s.params.logprobs for s in sampled if s.params.logprobs is not None]
+        shape = self._exchange(command, len(payload), decode, prefill, len(sampled), max(asked, default=-1))
         if self.is_leader:
             self._loads, self._unreported, self._given = shape.loads, self._given, [(0, 0)] * self.size
             self._step_times[self.steps] = t0
@@ -268,14 +285,20 @@ class DataParallelAttention:
         records = []
         for seq, out in zip(sampled, outs):
             index = self._index[seq.request_id]
-            records.append([index, out.new_token_ids[0], REASONS.index(out.finish_reason),
-                            seq.num_preemptions, self._first_step.get(index, self.steps)])
+            record = [index, out.new_token_ids[0], REASONS.index(out.finish_reason), seq.num_preemptions,
+                      self._first_step.get(index, self.steps), float("nan")]
+            top = []
+            if seq.params.logprobs is not None:
+                record[-1], top = out.logprobs[-1], out.top_logprobs[-1]
+            k = max(shape.logprobs, 0)
+            top = top + [(-1, float("nan"))] * (k - len(top))
+            records.append(record + [i for i, _ in top] + [lp for _, lp in top])
             if out.finished:
                 self._first_step.pop(index, None)
                 del self._index[seq.request_id], self._local[index]
                 if not self.is_leader:
                     llm._outputs.pop(seq.request_id, None)
-        gathered = self._gather(records, shape.sampled) if shape.sampled else []
+        gathered = self._gather(records, shape.sampled, RECORD + 2 * max(shape.logprobs, 0)) if shape.sampled else []
         if self.is_leader:
             updates += outs + self._mirror(gathered, time.perf_counter())
             if len(self._step_times) > 100_000:
@@ -303,14 +326,14 @@ class DataParallelAttention:
 
     # ---- collectives --------------------------------------------------------------------------
     def _exchange(self, command: int, payload: int, decode: Batch | None, prefill: list[Batch],
-                  sampled: int) -> StepShape:
+                  sampled: int, logprobs: int) -> StepShape:
         h = [0] * HEADER
         h[CMD], h[PAYLOAD] = command if self.is_leader else 0, payload
         if decode is not None:
             h[DEC_ROWS], h[DEC_WIDTH] = decode.B, decode.NB
         h[DEC_FULL] = int(decode is None or len(decode.logits_rows) == decode.B)
         h[GRAPHS] = int(self.llm.runner.graphs is not None)
-        h[SAMPLED] = sampled
+        h[SAMPLED], h[LOGPROBS] = sampled, logprobs + 1
         sched = self.llm.scheduler
         h[UNFINISHED] = len(sched.running) + len(sched.waiting)
         h[WORK], h[FREE] = self._load()
@@ -321,6 +344,7 @@ class DataParallelAttention:
         every = torch.empty(self.size * HEADER, dtype=torch.int64, device=self.device)
         _all_gather(every, mine, group=self.group)  # NOTE: the step's one collective
         flat = every.tolist()  # NOTE: host sync, once per step
+        self.llm.runner.last_heard = time.monotonic()  # a follower's watchdog reads it (engine_loop)
         return agree([flat[r * HEADER: (r + 1) * HEADER] for r in range(self.size)])
 
     def _broadcast(self, payload: bytes, size: int) -> list:
@@ -331,10 +355,10 @@ class DataParallelAttention:
         dist.broadcast(buf, src=self.leader, group=self.group)  # NOTE: collective, only when requests arrive
         return pickle.loads(buf.cpu().numpy().tobytes()) if not self.is_leader else pickle.loads(payload)
 
-    def _gather(self, records: list[list[int]], S: int) -> list[list[list[int]]]:
-        mine = torch.full((S, RECORD), -1, dtype=torch.int64)
+    def _gather(self, records: list[list[float]], S: int, width: int) -> list[list[list[float]]]:
+        mine = torch.full((S, width), -1, dtype=torch.float64)
         if records:
-            mine[: len(records)] = torch.tensor(records, dtype=torch.int64)
+            mine[: len(records)] = torch.tensor(records, dtype=torch.float64)
         mine = mine.to(self.device)
         every = [torch.empty_like(mine) for _ in range(self.size)] if self.is_leader else None
         dist.gather(mine, every, dst=self.leader, group=self.group)  # NOTE: collective, once per step
