@@ -42,7 +42,7 @@ from .graphs import bucket
 from .runner import MAX_BATCHES, Batch
 from .scheduler import Sequence, StepPlan
 
-_STEP, _END = 1, 2
+_STEP, _END, _PING = 1, 2, 3
 # header fields, then MAX_BATCHES prefill chunk sizes (tokens per forward)
 (CMD, PAYLOAD, DEC_ROWS, DEC_WIDTH, DEC_FULL, GRAPHS, SAMPLED, LOGPROBS, UNFINISHED, WORK, FREE, N_PREFILL,
  PREFILL) = range(13)
@@ -115,6 +115,7 @@ class DataParallelAttention:
         self.steps = 0  # same on every rank
         self.padding_forwards = 0  # forwards this rank ran with no request of its own
         self.failed = False  # every rank raised at the same step: no more collectives
+        self._routed: torch.Tensor | None = None  # every rank's routing counts, summed at the last ping
         self._index: dict[str, int] = {}  # this rank's requests: request id -> global index
         self._local: dict[int, Sequence] = {}  # this rank's requests by global index
         self._first_step: dict[int, int] = {}  # owner: step in which a request was first scheduled
@@ -227,9 +228,15 @@ class DataParallelAttention:
 
     # ---- every rank -------------------------------------------------------------------------
     def ping(self) -> None:
-        """Rank 0, idle: a step every rank joins (nothing to run), so followers hear from it."""
+        """Rank 0, idle: a step every rank joins (nothing to run), so followers hear from it; it also sums
+        the routing counts of every rank for `routed_counts`."""
         if self.is_leader and not self.failed:
-            self.step(force=True)
+            self.step(_PING)
+
+    def routed_counts(self) -> torch.Tensor:
+        """Rank 0: tokens routed to each expert of each layer [L, E] by every rank, as of the last ping
+        (before any: rank 0's own)."""
+        return self._routed if self._routed is not None else self.llm.model.routing_stats.counts(self.device)
 
     def follow(self) -> None:
         """Ranks other than 0: run steps until rank 0 calls `end()`."""
@@ -243,20 +250,20 @@ class DataParallelAttention:
         if self.is_leader and not self.failed:
             self.step(_END)
 
-    def step(self, command: int = _STEP, force: bool = False) -> list:
+    def step(self, command: int = _STEP) -> list:
         llm = self.llm
         updates = []
         if self.is_leader:
             updates, llm._pending = llm._pending, []
-            if command == _STEP and not force and not self.has_unfinished():
+            if command == _STEP and not self.has_unfinished():
                 return updates
         t0 = time.perf_counter()
         msgs = []
         if self.is_leader:
             msgs, self._aborts = self._aborts, []
-            msgs += self._distribute() if command == _STEP else []
+            msgs += self._distribute() if command != _END else []
         payload = pickle.dumps(msgs) if msgs else b""
-        plan = llm.scheduler.schedule() if command == _STEP and llm.scheduler.has_unfinished() else StepPlan([])
+        plan = llm.scheduler.schedule() if command != _END and llm.scheduler.has_unfinished() else StepPlan([])
         batches, sampled = llm._batches(plan) if plan.rows else ([], [])
         decode = batches[0] if batches and batches[0].T == 1 else None
         prefill = batches[1:] if decode is not None else batches
@@ -270,6 +277,10 @@ class DataParallelAttention:
             self._admit(arrived)  # aborts only: rank 0 gives out no requests when it ends
             self._ended = True
             return updates
+        if shape.command == _PING:
+            counts = llm.model.routing_stats.counts(self.device).clone()
+            dist.all_reduce(counts, group=self.group)  # NOTE: collective, on pings only (an idle server)
+            self._routed = counts
         if shape.forwards == 0:
             if shape.unfinished and not shape.payload:
                 self.failed = True

@@ -435,8 +435,10 @@ class LLM:
 
     def routed_tokens(self) -> dict:
         """`expert_load()` as the leader alone counted it (leader; no collective: with replicated dispatch
-        every EP rank routes the same tokens). NOTE: host sync."""
-        return self._load_report(self.model.routing_stats.counts(self.device).tolist())
+        every EP rank routes the same tokens; with data-parallel attention, every rank's counts as of the
+        last `ping`). NOTE: host sync."""
+        counts = self.dp.routed_counts() if self.dp is not None else self.model.routing_stats.counts(self.device)
+        return self._load_report(counts.tolist())
 
     def _load_report(self, counts: list[list[int]]) -> dict:
         from ..parallel import rank_loads
