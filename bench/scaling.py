@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine setting (per rank in dp mode)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine setting (per rank in dp mode)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="engine setting (default 0.85)")
     p.add_argument("--out", default=None, help="JSON to merge rows into (default: bench/results/"
                    "scaling-<gpu>-<time>.json); pass the same file to every launch")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -117,8 +118,8 @@ def serve(llm: LLM, prompts, params) -> dict | None:
 
 def run_mode(model, mode: str, a, device, margs) -> list[dict]:
     set_dispatch(model, "all_to_all" if mode == "dp" else "replicated") if world_size() > 1 else None
-    engine = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("max_num_batched_tokens",
-                                                                     a.max_num_batched_tokens)) if v is not None}
+    engine = {k: getattr(a, k) for k in ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization")
+              if getattr(a, k) is not None}
     if a.small:
         engine["kv_cache_memory"] = 64 << 20
     llm = LLM.from_model(model, dp_attention=mode == "dp", **engine)
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
             "workloads": {w: dict(zip(("requests", "prompt_min", "prompt_max", "new_tokens"),
                                       (SMALL if a.small else WORKLOADS)[w])) for w in a.workloads},
             "engine": {"max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens,
-                       "warmup": a.warmup, "seed": a.seed},
+                       "gpu_memory_utilization": a.gpu_memory_utilization, "warmup": a.warmup, "seed": a.seed},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version()))
                          if cuda else None}}

@@ -174,7 +174,7 @@ class DataParallelAttention:
                                                                             for s in sched.waiting)
         return work, sched.allocator.num_free
 
-    def _distribute(self) -> list[tuple[int, int, Sequence]]:
+    def _distribute(self) -> list[tuple]:
         """Give each new request a rank; keep our own share, return the messages for the others."""
         seqs, self._pending = self._pending, []
         if not seqs:
@@ -197,7 +197,7 @@ class DataParallelAttention:
         self._given = given
         return msgs
 
-    def _mirror(self, records: list[list[list[int]]], now: float) -> list:
+    def _mirror(self, records: list[list[list[float]]], now: float) -> list:
         """Apply the other ranks' sampled tokens to their requests' outputs, as their owners did."""
         updates = []
         for r, rows in enumerate(records):
@@ -251,6 +251,7 @@ class DataParallelAttention:
             self.step(_END)
 
     def step(self, command: int = _STEP) -> list:
+        """One lock-step step (module docstring); rank 0 gets the updated outputs, the others []."""
         llm = self.llm
         updates = []
         if self.is_leader:
@@ -293,23 +294,9 @@ class DataParallelAttention:
         for seq in fresh:
             self._first_step[self._index[seq.request_id]] = self.steps
         outs = llm._sample(self._run(shape, decode, prefill), sampled)
-        records = []
-        for seq, out in zip(sampled, outs):
-            index = self._index[seq.request_id]
-            record = [index, out.new_token_ids[0], REASONS.index(out.finish_reason), seq.num_preemptions,
-                      self._first_step.get(index, self.steps), float("nan")]
-            top = []
-            if seq.params.logprobs is not None:
-                record[-1], top = out.logprobs[-1], out.top_logprobs[-1]
-            k = max(shape.logprobs, 0)
-            top = top + [(-1, float("nan"))] * (k - len(top))
-            records.append(record + [i for i, _ in top] + [lp for _, lp in top])
-            if out.finished:
-                self._first_step.pop(index, None)
-                del self._index[seq.request_id], self._local[index]
-                if not self.is_leader:
-                    llm._outputs.pop(seq.request_id, None)
-        gathered = self._gather(records, shape.sampled, RECORD + 2 * max(shape.logprobs, 0)) if shape.sampled else []
+        k = max(shape.logprobs, 0)
+        records = [self._record(seq, out, k) for seq, out in zip(sampled, outs)]
+        gathered = self._gather(records, shape.sampled, RECORD + 2 * k) if shape.sampled else []
         if self.is_leader:
             updates += outs + self._mirror(gathered, time.perf_counter())
             if len(self._step_times) > 100_000:
@@ -319,6 +306,22 @@ class DataParallelAttention:
         llm.stats["steps"] += 1
         llm.stats["busy_s"] += time.perf_counter() - t0
         return updates
+
+    def _record(self, seq: Sequence, out, k: int) -> list[float]:
+        """What rank 0 needs of a token this rank sampled (see RECORD); forgets a finished request."""
+        index = self._index[seq.request_id]
+        record = [index, out.new_token_ids[0], REASONS.index(out.finish_reason), seq.num_preemptions,
+                  self._first_step.get(index, self.steps), float("nan")]
+        top = []
+        if seq.params.logprobs is not None:
+            record[-1], top = out.logprobs[-1], out.top_logprobs[-1]
+        top = top + [(-1, float("nan"))] * (k - len(top))
+        if out.finished:
+            self._first_step.pop(index, None)
+            del self._index[seq.request_id], self._local[index]
+            if not self.is_leader:
+                self.llm._outputs.pop(seq.request_id, None)
+        return record + [i for i, _ in top] + [lp for _, lp in top]
 
     def _admit(self, arrived: list[tuple]) -> None:
         """Followers: queue the new requests rank 0 gave this rank, drop the ones it aborted."""
