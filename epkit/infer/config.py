@@ -44,6 +44,13 @@ class EngineConfig:
     seed: int = setting(0, "seeds the per-request seeds of requests that set none", cli=False)
     dist_timeout: float = setting(120.0, "seconds a collective waits for the other EP ranks; then the job ends with "
                                          "a line naming the rank that stopped answering")
+    # expert parallelism (README: Serving modes)
+    dp_attention: bool = setting(False, "with ep > 1: each rank serves its own requests (its own KV cache, attention "
+                                        "for its own tokens) and the experts exchange tokens by all-to-all; "
+                                        "max_num_seqs and max_num_batched_tokens are then per rank")
+    sync_free_max_tokens: int = setting(256, "dp attention: forwards of up to this many tokens per rank use the "
+                                             "fixed-capacity all-to-all (no host sync, CUDA graphs), larger ones "
+                                             "the uneven one")
 
     def replace(self, **settings) -> "EngineConfig":
         """A copy with `settings` changed (`ep` is accepted for `ep_size`); an unknown name is an error."""
@@ -69,6 +76,9 @@ class EngineConfig:
         if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) \
                 or not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout={self.dist_timeout!r} must be a positive number of seconds")
+        if isinstance(self.sync_free_max_tokens, bool) or not isinstance(self.sync_free_max_tokens, int) \
+                or self.sync_free_max_tokens < 0:
+            raise ValueError(f"sync_free_max_tokens={self.sync_free_max_tokens!r} must be an integer >= 0")
         self.resolve_device()  # a bad device name, or CUDA this machine lacks: one sentence
 
     def check_model(self, args) -> None:

@@ -58,7 +58,10 @@ class LLM:
     Settings are an `EngineConfig` (`config`), its fields also accepted as keywords that override it:
     `ep_size` (alias `ep`), `device`, `dtype`, `strategy` (expert placement over EP ranks), `block_size`,
     `kv_cache_memory`, `gpu_memory_utilization`, `max_num_seqs`, `max_num_batched_tokens`,
-    `long_prefill_tokens`, `max_model_len`, `cuda_graphs`, `seed`; see `epkit/infer/config.py`.
+    `long_prefill_tokens`, `max_model_len`, `cuda_graphs`, `seed`, `dp_attention`, `sync_free_max_tokens`;
+    see `epkit/infer/config.py`. With `dp_attention` (EP > 1) each rank serves its own requests with its
+    own KV cache and the experts exchange tokens by all-to-all (`epkit.infer.dp`; `max_num_seqs` and
+    `max_num_batched_tokens` are then per rank) instead of every rank running every token's attention.
     The tokenizer is the checkpoint's (`epkit.tokenizer.load_tokenizer`) unless one is given.
     """
 
@@ -77,7 +80,8 @@ class LLM:
         cfg.check_model(ModelArgs.load(checkpoint))  # before the weights are read
         device = cfg.resolve_device()
         model, report = load_pretrained(checkpoint, device=device, dtype=cfg.resolve_dtype(device), ep_size=ep,
-                                        strategy=cfg.strategy, dispatch="replicated", return_report=True)
+                                        strategy=cfg.strategy, dispatch="all_to_all" if cfg.dp_attention else "replicated",
+                                        return_report=True)
         self.load_report = report
         _refuse_nonfinite(model, checkpoint)
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
@@ -97,7 +101,11 @@ class LLM:
     def _setup(self, model, tokenizer, device, cfg: EngineConfig) -> None:
         cfg.check_model(model.args)
         info = model.expert_parallel
-        if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated":
+        dp_attention = cfg.dp_attention and info is not None and info.plan.ep_size > 1
+        if dp_attention and info.dispatch != "all_to_all":
+            from ..parallel import set_dispatch
+            set_dispatch(model, "all_to_all")
+        if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated" and not dp_attention:
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
                              f"the model uses {info.dispatch!r}")
         self.config = cfg
@@ -127,6 +135,8 @@ class LLM:
         self._pending: list[RequestOutput] = []  # updates not yet returned by step()
         self._incremental_text = True  # step()/stream() callers read text as it grows; generate() does not
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "busy_s": 0.0}
+        from .dp import DataParallelAttention
+        self.dp = DataParallelAttention(self) if dp_attention else None
 
     # ---- sizing -----------------------------------------------------------------------------
     def _agree_min(self, n: int) -> int:
@@ -218,11 +228,12 @@ class LLM:
                        max_len=min(len(ids) + params.max_tokens, self.max_model_len), arrival=now)
         out.text = "" if self.tokenizer is not None else None
         self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        (self.dp.submit if self.dp is not None else self.scheduler.add)(seq)
         return request_id
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        busy = self.dp.has_unfinished() if self.dp is not None else self.scheduler.has_unfinished()
+        return busy or bool(self._pending)
 
     def output(self, request_id: str) -> RequestOutput | None:
         """A request's current state, until `step()` has returned it finished (leader)."""
@@ -234,6 +245,8 @@ class LLM:
         seq = self._seqs.get(request_id)
         if seq is None:
             return False
+        if self.dp is not None:  # wherever it runs
+            self.dp.abort(request_id)
         out = self._outputs[request_id]
         out.new_token_ids, out.new_text = [], "" if out.text is not None else None
         if out.text is not None and out.token_ids:  # text held back while streaming is final now
@@ -251,13 +264,29 @@ class LLM:
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step (leader). Returns the requests that changed, finished ones included."""
-        updates, self._pending = self._pending, []
-        if not self.scheduler.has_unfinished():
-            return updates
-        t0 = time.perf_counter()
-        plan = self.scheduler.schedule()
-        if not plan.rows:
-            raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
+        if self.dp is not None:
+            updates = self.dp.step()
+        else:
+            updates, self._pending = self._pending, []
+            if not self.scheduler.has_unfinished():
+                return updates
+            t0 = time.perf_counter()
+            plan = self.scheduler.schedule()
+            if not plan.rows:
+                raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
+            batches, sampled = self._batches(plan)
+            self._commit(plan, t0)
+            updates += self._sample(self.runner.execute(batches), sampled)
+            self.stats["steps"] += 1
+            self.stats["busy_s"] += time.perf_counter() - t0
+        for out in updates:  # handed back finished: forget it
+            if out.finished:
+                self._outputs.pop(out.request_id, None)
+        return updates
+
+    def _batches(self, plan) -> tuple[list[Batch], list[Sequence]]:
+        """The step's forwards (the decode rows first, then prefill chunks grouped by length) and the
+        sequences whose next token they sample, in logits order. Changes no state."""
         batches, sampled = [], []
         bs = self.cache.block_size
         for rows in group_rows(plan.rows, MAX_BATCHES):
@@ -271,34 +300,35 @@ class LLM:
                 if start + n == seq.num_tokens:  # this chunk ends the known tokens: sample the next one
                     logits_rows.append(i * T + n - 1)
                     sampled.append(seq)
-                seq.num_computed = start + n
-                if seq.first_scheduled is None:
-                    seq.first_scheduled = t0
             batches.append(Batch(B, T, NB, tokens, positions, table, logits_rows))
+        return batches, sampled
+
+    def _commit(self, plan, t0: float) -> None:
+        """The planned rows ran: their tokens are in the KV cache."""
+        for seq, start, n in plan.rows:
+            seq.num_computed = start + n
+            if seq.first_scheduled is None:
+                seq.first_scheduled = t0
         self.stats["prompt_tokens"] += sum(n for s, start, n in plan.rows if start < s.prompt_len)
-        logits = self.runner.execute(batches)
-        if sampled:
-            logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-            sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
-                                           [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
-            next_ids = sample(logits, sb)
-            k = max((s.params.logprobs for s in sampled if s.params.logprobs is not None), default=None)
-            if k is None:
-                rows = [(t, None, None) for t in next_ids.tolist()]  # NOTE: host sync, once per step
-            else:  # ids, logprobs and the top k in one float64 copy (ids < 2^53 stay exact)
-                lp, top_ids, top_lp = token_logprobs(logits, next_ids, k)
-                packed = torch.cat([next_ids[:, None].double(), lp[:, None].double(), top_ids.double(),
-                                    top_lp.double()], dim=1).tolist()  # NOTE: host sync, once per step
-                rows = [(int(r[0]), r[1], list(zip(map(int, r[2: 2 + k]), r[2 + k:]))) for r in packed]
-            now = time.perf_counter()
-            for seq, (tok, lp, top) in zip(sampled, rows):
-                updates.append(self._append(seq, tok, now, lp, top))
-        self.stats["steps"] += 1
-        self.stats["busy_s"] += time.perf_counter() - t0
-        for out in updates:  # handed back finished: forget it
-            if out.finished:
-                self._outputs.pop(out.request_id, None)
-        return updates
+
+    def _sample(self, logits: list[torch.Tensor], sampled: list[Sequence]) -> list[RequestOutput]:
+        """Sample the next token of each sequence in `sampled` (logits rows in that order) and append it."""
+        if not sampled:
+            return []
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
+                                       [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
+        next_ids = sample(logits, sb)
+        k = max((s.params.logprobs for s in sampled if s.params.logprobs is not None), default=None)
+        if k is None:
+            rows = [(t, None, None) for t in next_ids.tolist()]  # NOTE: host sync, once per step
+        else:  # ids, logprobs and the top k in one float64 copy (ids < 2^53 stay exact)
+            lp, top_ids, top_lp = token_logprobs(logits, next_ids, k)
+            packed = torch.cat([next_ids[:, None].double(), lp[:, None].double(), top_ids.double(),
+                                top_lp.double()], dim=1).tolist()  # NOTE: host sync, once per step
+            rows = [(int(r[0]), r[1], list(zip(map(int, r[2: 2 + k]), r[2 + k:]))) for r in packed]
+        now = time.perf_counter()
+        return [self._append(seq, tok, now, lp, top) for seq, (tok, lp, top) in zip(sampled, rows)]
 
     def _append(self, seq: Sequence, tok: int, now: float, logprob=None, top=None) -> RequestOutput:
         out, p = self._outputs[seq.request_id], seq.params
@@ -436,10 +466,14 @@ class LLM:
     # ---- lock-step helpers ------------------------------------------------------------------
     def follow(self) -> None:
         """Non-leader ranks: run the leader's steps until it calls `release_followers()`."""
-        self.runner.follow()
+        (self.dp or self.runner).follow()
 
     def release_followers(self) -> None:
-        self.runner.end()
+        (self.dp or self.runner).end()
+
+    def ping(self) -> None:
+        """Leader, idle: a round trip through every rank in `follow()` (keeps them inside the collective timeout)."""
+        (self.dp or self.runner).ping()
 
     def expert_load(self) -> dict:
         """Routed real tokens per layer and expert, and per EP rank. Every rank must call it (collective)."""
@@ -448,8 +482,10 @@ class LLM:
 
     def routed_tokens(self) -> dict:
         """`expert_load()` as the leader alone counted it (leader; no collective: with replicated dispatch
-        every EP rank routes the same tokens). NOTE: host sync."""
-        return self._load_report(self.model.routing_stats.counts(self.device).tolist())
+        every EP rank routes the same tokens; with data-parallel attention, every rank's counts as of the
+        last `ping`). NOTE: host sync."""
+        counts = self.dp.routed_counts() if self.dp is not None else self.model.routing_stats.counts(self.device)
+        return self._load_report(counts.tolist())
 
     def _load_report(self, counts: list[list[int]]) -> dict:
         from ..parallel import rank_loads
