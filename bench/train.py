@@ -38,7 +38,7 @@ from moe_layer import _versions, error_text, gather, matmul_tflops, slug, sync  
 from train_variants import BUILDERS, DEFAULT_VARIANTS, VARIANTS, Setup, make_batches  # noqa: E402
 
 from epkit.parallel import init_distributed, setup_expert_parallel  # noqa: E402
-from epkit.train.engine import initialize  # noqa: E402
+from epkit.train.optim import initialize  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, no sparsity
 
@@ -367,7 +367,7 @@ def _loss_check(rows: list[dict]) -> dict:
     random weights of the same scale, so theirs only follow a similar curve."""
     by = {r["variant"]: r for r in rows if r.get("ok")}
     out = {"final_lm_loss": {k: r["final_lm_loss"] for k, r in by.items()}}
-    for other in ("epkit_ep2_padded", "epkit_ep1", "epkit_ep2_reference"):
+    for other in ("epkit_ep2_fixed_capacity", "epkit_ep1", "epkit_ep2_reference"):
         if "epkit_ep2" in by and other in by:
             out[f"epkit_ep2_vs_{other}_max_abs_diff"] = max(
                 abs(x - y) for x, y in zip(by["epkit_ep2"]["lm_losses"], by[other]["lm_losses"]))
@@ -387,23 +387,23 @@ def _print_table(r: dict) -> None:
     print(f"\ntraining L={c['layers']} T={c['seq_len']} B={c['micro_batch']} A={c['grad_accum']} x {r['world_size']} "
           f"ranks, {c['dtype']}, {r['flops_per_token'] / 1e9:.2f} GFLOP/token, on {r['gpu']}; matmul "
           f"{', '.join(f'{t:.0f}' for t in r['matmul_tflops_per_rank'])} TFLOP/s per rank")
-    head = (f"{'variant':<20} {'tok/s':>10} {'tok/s/gpu':>10} {'TFLOP/s':>8} {'MFU':>6} {'%matmul':>8} "
+    head = (f"{'variant':<24} {'tok/s':>10} {'tok/s/gpu':>10} {'TFLOP/s':>8} {'MFU':>6} {'%matmul':>8} "
             f"{'step s':>7} {'peak GiB':>9} {'loss':>8}")
     print(head)
     print("-" * len(head))
     for row in r["variants"]:
         if not row.get("ok"):
-            print(f"{row['variant']:<20} failed: {row.get('error', ['?'])[0][:100]}")
+            print(f"{row['variant']:<24} failed: {row.get('error', ['?'])[0][:100]}")
             continue
         mem = _ms(max(row["peak_allocated_gib_per_rank"]) if row.get("peak_allocated_gib_per_rank") else None)
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-        print(f"{row['variant']:<20} {row['tokens_per_s']:>10.0f} {row['tokens_per_s_per_gpu']:>10.0f} "
+        print(f"{row['variant']:<24} {row['tokens_per_s']:>10.0f} {row['tokens_per_s_per_gpu']:>10.0f} "
               f"{row['tflops_per_gpu']:>8.1f} {mfu:>6} {100 * row['fraction_of_matmul_rate']:>7.1f}% "
               f"{row['step_time_s']:>7.3f} {mem:>9} {row['final_lm_loss']:>8.4f}")
         prof = row.get("profile")
         if prof:
             ph = {k: f"{v:.1f}" for k, v in prof["phases_ms_per_step"].items()}
-            print(f"{'':<20} split per step: forward {ph.get('forward')} ms, backward {ph.get('backward')} ms, "
+            print(f"{'':<24} split per step: forward {ph.get('forward')} ms, backward {ph.get('backward')} ms, "
                   f"optimizer {ph.get('optimizer')} ms; communication {prof['communication_ms_per_step']:.1f} ms "
                   f"({_ms(prof.get('communication_exposed_ms_per_step'))} ms not hidden behind compute)")
     for key, diff in r.get("loss_check", {}).items():

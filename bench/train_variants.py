@@ -5,8 +5,9 @@ rule; the same LambdaLR; `deepspeed_config`: ZeRO stage, overlap_comm, buckets, 
 optimizer and DeepSpeed settings are the same by construction; only the model and its loss differ:
 
   epkit_ep2           epkit's Mixtral, experts split over 2 ranks, all-to-all dispatch (the training path)
-  epkit_ep2_padded    the same with the host-sync-free padded all-to-all (--all-to-all padded: no host sync
-                      per layer, EP-times the exchanged bytes)
+  epkit_ep2_fixed_capacity
+                      the same with the fixed-capacity all-to-all (--all-to-all fixed_capacity: every token
+                      to every EP rank in fixed-size blocks, no host sync per layer; fp32 partial sums back)
   epkit_ep1           the same model with every expert on every rank (plain data parallel)
   transformers_zero2  transformers' MixtralForCausalLM (sdpa attention, grouped_mm experts on GPU), plain
                       data parallel; its own loss (logits materialised) + its load-balancing loss
@@ -29,7 +30,7 @@ from torch import nn
 
 from epkit import ModelArgs
 
-DEFAULT_VARIANTS = ("epkit_ep2", "epkit_ep2_padded", "epkit_ep1", "transformers_zero2", "deepspeed_moe_ep2")
+DEFAULT_VARIANTS = ("epkit_ep2", "epkit_ep2_fixed_capacity", "epkit_ep1", "transformers_zero2", "deepspeed_moe_ep2")
 VARIANTS = DEFAULT_VARIANTS + ("epkit_ep2_reference",)
 
 
@@ -76,7 +77,7 @@ class Setup:
 
     def train_config(self, ep: int, all_to_all: str = "exact"):
         from epkit.train import TrainConfig
-        return TrainConfig(model="tiny", ep=ep, all_to_all=all_to_all, zero_stage=self.zero_stage,
+        return TrainConfig(model="tiny", ep_size=ep, all_to_all=all_to_all, zero_stage=self.zero_stage,
                            max_steps=self.steps + self.profile_steps, seq_len=self.seq_len,
                            micro_batch=self.micro_batch, grad_accum=self.grad_accum, lr=self.lr, warmup_steps=0,
                            grad_clip=1.0, seed=self.seed, activation_checkpointing=self.activation_checkpointing,
@@ -118,7 +119,7 @@ def make_batches(s: Setup, rank: int, world: int, steps: int) -> list[list[dict]
 
 @dataclass
 class Built:
-    """A variant's model before `epkit.train.engine.initialize` wraps it (the same call for every variant,
+    """A variant's model before `epkit.train.optim.initialize` wraps it (the same call for every variant,
     with `cfg`), and `loss_fn(engine, batch) -> (loss to backpropagate, LM loss)`."""
 
     model: nn.Module
@@ -128,10 +129,10 @@ class Built:
 
 
 def build_epkit(s: Setup, ep: int, reference: bool = False, all_to_all: str = "exact") -> Built:
-    from epkit.train.engine import build_model, freeze
+    from epkit.train.optim import freeze, model_for
     from epkit.train.loop import lm_and_router_losses
     cfg = s.train_config(ep, all_to_all)
-    model = build_model(cfg, s.args, s.device, s.dtype)  # EP groups exist already (bench/train.py main)
+    model = model_for(cfg, s.args, s.device, s.dtype)  # EP groups exist already (bench/train.py main)
     freeze(model, "none")
     aux = s.args.router_aux_loss_coef
 
@@ -252,7 +253,7 @@ def build_deepspeed_moe(s: Setup) -> Built:
 
 BUILDERS = {
     "epkit_ep2": lambda s: build_epkit(s, 2),
-    "epkit_ep2_padded": lambda s: build_epkit(s, 2, all_to_all="padded"),
+    "epkit_ep2_fixed_capacity": lambda s: build_epkit(s, 2, all_to_all="fixed_capacity"),
     "epkit_ep1": lambda s: build_epkit(s, 1),
     "epkit_ep2_reference": lambda s: build_epkit(s, 2, reference=True),
     "transformers_zero2": build_transformers,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelArgs
+from .args import ModelArgs
 from .moe import MoE, Routed, RoutingStats
 
 

@@ -60,17 +60,33 @@ def all_ranks_ok(ok: bool) -> bool:
     return all(flags)
 
 
-def init_distributed(backend: str | None = None, timeout_s: int = 600) -> None:
-    """Join the run started by `deepspeed`, `torchrun` or `accelerate` (no-op without one)."""
+def init_distributed(backend: str | None = None, timeout_s: float = 600) -> None:
+    """Join the run started by `deepspeed`, `torchrun` or `accelerate` (no-op without one).
+
+    Every collective then waits at most `timeout_s` for the other ranks: the world group gets it, and so does
+    every group created afterwards (DeepSpeed's expert and data-parallel groups pass no timeout of their own,
+    so torch gives them its module default, which is set here). On GPUs NCCL's watchdog ends the job when a
+    collective times out (TORCH_NCCL_ASYNC_ERROR_HANDLING=1); on CPU (gloo) the collective raises, and the
+    launchers turn that into one line naming the rank that stopped answering
+    (`runtime.comm_failure_message`)."""
     if is_distributed() or "WORLD_SIZE" not in os.environ:
         return
     import datetime
 
     import deepspeed
+    import torch.distributed.distributed_c10d as c10d
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout  # groups created later (new_group)
+    from . import runtime
+    runtime.dist_timeout_s = timeout_s  # for the error line if a collective times out
+    from .runtime import note_cpu_op_build, quiet_stdout
+    note_cpu_op_build()
+    with quiet_stdout():  # DeepSpeed prints "... built successfully" on every rank at every start
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 @dataclass
@@ -183,8 +199,7 @@ class _Exchange:
     to receive are exchanged once, and every `send`/`send_back` reuses them (differentiable both ways).
 
     NOTE: one collective for the sizes and one device-to-host sync per layer (split sizes are Python
-    ints). A fixed-capacity exchange (padded buffers, sizes kept on the device) can take this class's
-    place: Experts already ignore rows past their counts."""
+    ints). `AllToAllDispatch._padded` is the fixed-capacity exchange that needs neither."""
 
     def __init__(self, send_counts: torch.Tensor, group):
         recv_counts = torch.empty_like(send_counts)
@@ -192,9 +207,8 @@ class _Exchange:
         self.send_sizes, self.recv_sizes = send_counts.tolist(), recv_counts.tolist()  # NOTE: host sync
         self.group = group
 
-    def send(self, t: torch.Tensor, fill=0) -> torch.Tensor:
-        """Rows grouped by destination rank -> the rows this rank receives, grouped by source rank. (No
-        padding here: `fill` is for _PaddedExchange's signature.)"""
+    def send(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by destination rank -> the rows this rank receives, grouped by source rank."""
         return _AllToAll.apply(t, self.recv_sizes, self.send_sizes, self.group)
 
     def send_back(self, t: torch.Tensor) -> torch.Tensor:
@@ -202,69 +216,88 @@ class _Exchange:
         return _AllToAll.apply(t, self.send_sizes, self.recv_sizes, self.group)
 
 
-class _PaddedExchange:
-    """The same exchange with no host sync: every rank sends `capacity` rows to every rank (padded), so
-    all splits are equal and known without reading any count. `capacity` is the number of pairs this rank
-    routes (N*K), which must be the same on every rank of the group: true for training, where every rank
-    runs micro-batches of one shape. Padding rows carry `fill` (the dispatcher marks them with an
-    out-of-range slot, so no expert computes them) and are dropped on the way back.
-
-    Costs EP-times the bytes of the exact exchange (each rank sends R x N*K rows instead of N*K); saves the
-    size exchange and the per-layer host sync. bench/train.py's epkit_ep2_padded measures the trade."""
-
-    def __init__(self, dest: torch.Tensor, send_counts: torch.Tensor, group):
-        R, M = send_counts.shape[0], dest.shape[0]  # dest [M]: destination of each row, grouped by rank
-        self.splits, self.group, self.rows = [M] * R, group, R * M
-        first = torch.cumsum(send_counts, 0) - send_counts  # [R] index of the first row for each rank
-        self.pos = dest * M + torch.arange(M, device=dest.device) - first[dest]  # [M] row in the padded buffer
-
-    def send(self, t: torch.Tensor, fill=0) -> torch.Tensor:
-        """Rows grouped by destination rank -> [R*M] received rows: source rank r's at r*M.., then padding."""
-        buf = t.new_full((self.rows, *t.shape[1:]), fill).index_copy(0, self.pos, t)
-        return _AllToAll.apply(buf, self.splits, self.splits, self.group)
-
-    def send_back(self, t: torch.Tensor) -> torch.Tensor:
-        """The reverse of `send`: [R*M] received rows back to their sources, padding dropped -> [M]."""
-        return _AllToAll.apply(t, self.splits, self.splits, self.group)[self.pos]
-
-
 class AllToAllDispatch:
-    """Ranks hold different tokens: each (token, expert) pair travels to the expert's owner and back.
+    """Ranks hold different tokens: each token's pairs travel to their experts' owners and back.
 
+    Two exchanges, chosen by `capacity` (set per forward by the caller, the same on every rank):
+
+    None (uneven, `_Exchange`): the exact pair counts travel first and are read on the host (one sync
+    per layer); moves only the routed pairs; differentiable (training) and best for large batches.
       dispatch  permute pairs by destination rank, exchange the rows and their local slots
       experts   permute the arrived rows by local slot, Experts.forward
       combine   rows back to arrival order, exchanged back, unpermute (weighted sum per token)
-
     Autograd flows through both row exchanges. A rank that receives no rows still runs its experts (on
     zero rows), so its backward joins every collective the other ranks wait on.
+
+    C (fixed capacity, `_padded`): every rank pads its tokens to C rows and sends each rank a [C, D]
+    block; sizes come from shapes, nothing is read on the host, so a CUDA graph can capture it. Also
+    differentiable: training uses it with C = micro_batch x seq_len (`--all-to-all fixed_capacity`).
     """
 
-    def __init__(self, slots: list[int], owners: list[int], ep_size: int, group, padded: bool = False):
+    def __init__(self, slots: list[int], owners: list[int], ep_size: int, group):
         self.slot = torch.tensor(slots)
         self.owner = torch.tensor(owners)
         self.ep_size, self.group = ep_size, group
-        # padded: _PaddedExchange (no host sync; every rank must route the same number of pairs)
-        self.padded = padded
-        self.sync_free = padded  # the exact exchange reads its split sizes on the host (see _Exchange)
+        self.capacity: int | None = None
+        rank = dist.get_rank(group)
+        # The experts' side of the fixed-capacity exchange: this rank's pairs only; id E marks filler rows.
+        self.local = LocalDispatch([s if o == rank else -1 for s, o in zip(slots, owners)] + [-1])
+
+    @property
+    def sync_free(self) -> bool:
+        return self.capacity is not None
 
     def __call__(self, experts: Experts, x, weights, ids):
         if self.slot.device != ids.device:
             self.slot, self.owner = self.slot.to(ids.device), self.owner.to(ids.device)
-        K, L = ids.shape[1], experts.num_local
-        dest = self.owner[ids].reshape(-1)  # [N*K] destination EP rank of each choice
-        order, send_counts = permute(dest, self.ep_size)  # choices grouped by destination
-        if self.padded:
-            exchange = _PaddedExchange(dest[order], send_counts, self.group)
-        else:
-            exchange = _Exchange(send_counts, self.group)
-        # [M] local slot of each arriving row; padding rows (padded exchange) get slot L, which sorts last
-        slot_recv = exchange.send(self.slot[ids].reshape(-1)[order], fill=L)
+        if self.capacity is not None:
+            return self._padded(experts, x, weights, ids, self.capacity)
+        K = ids.shape[1]
+        order, send_counts = permute(self.owner[ids], self.ep_size)  # [N*K] choices by destination EP rank
+        exchange = _Exchange(send_counts, self.group)
+        slot_recv = exchange.send(self.slot[ids].reshape(-1)[order])  # [M] local slot of each arriving row
         x_recv = exchange.send(x[order // K])  # [M, D]
-        local, counts = permute(slot_recv, L + 1)
-        out = experts(x_recv, counts[:L], rows=local)  # [M, D] grouped by local slot; padding rows undefined
+        local, counts = permute(slot_recv, experts.num_local)
+        out = experts(x_recv, counts, rows=local)  # [M, D] grouped by local slot
         out = torch.zeros_like(out).index_copy(0, local, out)  # back to arrival order
         back = exchange.send_back(out)  # [N*K, D] in `order` order
         return unpermute(back, order, weights).to(x.dtype)
+
+    def _padded(self, experts: Experts, x, weights, ids, C: int):
+        """Fixed-capacity exchange, no host sync, differentiable. x [N, D] with N <= C on every rank.
+
+        A token travels at most once to each rank: block r of the send buffer [R, C, D] lists, in token
+        order, the tokens with an expert on rank r, then the other tokens and filler rows. With the rows
+        travel their router weights and expert ids [C, K] (id E on filler rows). Each rank computes the
+        weighted sum of its own experts per arrived row in fp32 (`LocalDispatch.partial`: choices of other
+        ranks' experts, and every choice of an unwanted or filler row, add 0) and sends the partial sums
+        back; each rank adds its tokens' R partials in fp32, as the replicated all-reduce does (with
+        top-2 routing the result is bit-equal to one device).
+        """
+        N, K = ids.shape
+        if N > C:
+            raise ValueError(f"{N} tokens exceed the all-to-all capacity of {C} rows per rank")
+        R, D, E, dev = self.ep_size, x.shape[1], self.owner.shape[0], x.device
+        need = (self.owner[ids][None] == torch.arange(R, device=dev)[:, None, None]).any(-1)  # [R, N]
+        if N < C:
+            x = torch.cat([x, x.new_zeros(C - N, D)])
+            weights = torch.cat([weights, weights.new_zeros(C - N, K)])
+            ids = torch.cat([ids, ids.new_full((C - N, K), E)])
+            need = torch.cat([need, need.new_zeros(R, C - N)], 1)
+        order = torch.argsort((~need).to(torch.int8), dim=1, stable=True)  # [R, C] wanted tokens first
+        send = x[order.reshape(-1)]  # [R*C, D]
+        meta = torch.cat([weights.float(), ids.float()], -1)[order].reshape(R * C, 2 * K)  # ids exact in fp32
+        # NOTE: three equal-split all-to-alls per layer (rows, metadata, partial sums); no host sync. Through
+        # _AllToAll, so gradients travel back the same way (to x, and to the router weights in `meta`).
+        blocks = [C] * R
+        recv = _AllToAll.apply(send, blocks, blocks, self.group)
+        recv_meta = _AllToAll.apply(meta, blocks, blocks, self.group)
+        part = self.local.partial(experts, recv, recv_meta[:, :K], recv_meta[:, K:].long())  # [R*C, D] fp32
+        back = _AllToAll.apply(part, blocks, blocks, self.group)
+        # block r of `back` holds rank r's partial sums of our tokens in `order` order: undo the order
+        at = torch.empty_like(order).scatter_(1, order, torch.arange(C, device=dev).expand(R, C))  # [R, C]
+        y = back.view(R, C, D).gather(1, at[..., None].expand(R, C, D)).sum(0)  # [C, D] fp32
+        return y[:N].to(x.dtype)
 
 
 # ---- applying EP to a model ----------------------------------------------------------------------
@@ -349,22 +382,29 @@ def mark_expert_params(model) -> None:
             p.allreduce, p.group_name = False, name
 
 
-def set_dispatch(model, dispatch: str, padded: bool = False) -> None:
-    """Switch an expert-parallel model between the two dispatch modes. `padded` (all_to_all only): the
-    host-sync-free exchange, for runs where every rank routes micro-batches of one shape (training)."""
+def set_dispatch(model, dispatch: str) -> None:
+    """Switch an expert-parallel model between the two dispatch modes."""
     if dispatch not in DISPATCH_MODES:
         raise ValueError(f"unknown dispatch mode {dispatch!r}; choose one of {', '.join(DISPATCH_MODES)}")
     info = model.expert_parallel
     for layer, moe in enumerate(model.moe_layers()):
-        moe.dispatcher = _dispatcher(dispatch, info.plan, info.groups, layer, padded)
+        moe.dispatcher = _dispatcher(dispatch, info.plan, info.groups, layer)
     info.dispatch = dispatch
 
 
-def _dispatcher(dispatch: str, plan: ShardingPlan, groups: ExpertGroups, layer: int, padded: bool = False):
+def set_dispatch_capacity(model, capacity: int | None) -> None:
+    """Make the all-to-all layers of `model` use the fixed-capacity exchange with `capacity` rows per
+    rank (every rank must pass the same value for the same forward), or the uneven one (None)."""
+    for moe in model.moe_layers():
+        if isinstance(moe.dispatcher, AllToAllDispatch):
+            moe.dispatcher.capacity = capacity
+
+
+def _dispatcher(dispatch: str, plan: ShardingPlan, groups: ExpertGroups, layer: int):
     owners, slots = plan.owners(layer), plan.slots(layer)
     if groups.ep_group is None or dispatch == "replicated":
         return ReplicatedDispatch(slots, owners, groups.ep_rank, groups.ep_group)
-    return AllToAllDispatch(slots, owners, plan.ep_size, groups.ep_group, padded)
+    return AllToAllDispatch(slots, owners, plan.ep_size, groups.ep_group)
 
 
 # ---- routing telemetry ----------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from distributed import free_port, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "train.py")
-ALL = ["epkit_ep2", "epkit_ep2_padded", "epkit_ep1", "transformers_zero2", "deepspeed_moe_ep2", "epkit_ep2_reference"]
+ALL = ["epkit_ep2", "epkit_ep2_fixed_capacity", "epkit_ep1", "transformers_zero2", "deepspeed_moe_ep2",
+       "epkit_ep2_reference"]
 
 
 def load_bench():
@@ -65,19 +66,19 @@ def test_cpu_run_writes_every_figure(tmp_path):
         assert len(v["lm_losses"]) == 3 and v["final_lm_loss"] == v["lm_losses"][-1]
         assert all(5.5 < x < 7.0 for x in v["lm_losses"]), v["lm_losses"]  # near ln(512) = 6.24 at the start
         assert v["notes"]["zero_stage"] == 2
-    for name in ("epkit_ep2", "epkit_ep2_padded", "epkit_ep1", "epkit_ep2_reference"):
+    for name in ("epkit_ep2", "epkit_ep2_fixed_capacity", "epkit_ep1", "epkit_ep2_reference"):
         prof = rows[name]["profile"]
         assert set(prof["phases_ms_per_step"]) == {"forward", "backward", "optimizer"}
         assert all(ms > 0 for ms in prof["phases_ms_per_step"].values())
         assert prof["communication_ms_per_step"] > 0  # gloo collectives: ZeRO-2 reductions, all-to-alls
     assert "profile" not in rows["transformers_zero2"]
     assert rows["epkit_ep2"]["notes"]["dispatch"] == "all_to_all (exact)" and rows["epkit_ep2"]["notes"]["overlap_comm"]
-    assert rows["epkit_ep2_padded"]["notes"]["dispatch"] == "all_to_all (padded)"
+    assert rows["epkit_ep2_fixed_capacity"]["notes"]["dispatch"] == "all_to_all (fixed_capacity)"
     assert rows["deepspeed_moe_ep2"]["notes"]["drop_tokens"] is False
     assert rows["deepspeed_moe_ep2"]["notes"]["top2_2nd_expert_sampling"] is False
     check = r["loss_check"]
     assert check["epkit_ep2_vs_epkit_ep1_max_abs_diff"] < 1e-5
-    assert check["epkit_ep2_vs_epkit_ep2_padded_max_abs_diff"] < 1e-5
+    assert check["epkit_ep2_vs_epkit_ep2_fixed_capacity_max_abs_diff"] < 1e-5
     assert check["epkit_ep2_vs_epkit_ep2_reference_max_abs_diff"] < 1e-5
     assert rows["epkit_ep2"]["lm_losses"] != rows["transformers_zero2"]["lm_losses"]  # other initial weights
     assert "epkit_ep2" in proc.stdout and "split per step" in proc.stdout

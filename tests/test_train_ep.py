@@ -33,12 +33,12 @@ def _train_all(rank, world, root):
     from epkit.parallel import set_dispatch
     from epkit.train import TrainConfig, main
     for name, ep, zero, extra in RUNS + FROZEN:
-        cfg = TrainConfig(model="tiny", ep=ep, zero_stage=zero, max_steps=3 if not extra.get("train_only") else 2,
+        cfg = TrainConfig(model="tiny", ep_size=ep, zero_stage=zero, max_steps=3 if not extra.get("train_only") else 2,
                           seq_len=32, micro_batch=2, grad_accum=2, lr=1e-2, warmup_steps=0, grad_clip=0.5,
                           progress=False, output_dir=os.path.join(root, name), seed=SEED, **extra)
         main(cfg)
     # fine-tune further from a checkpoint written at EP=2, now at EP=4 (each rank reads its own experts)
-    main(TrainConfig(model=os.path.join(root, "ep2_z0", "final"), ep=4, zero_stage=2, max_steps=1, seq_len=32,
+    main(TrainConfig(model=os.path.join(root, "ep2_z0", "final"), ep_size=4, zero_stage=2, max_steps=1, seq_len=32,
                      micro_batch=2, lr=1e-3, progress=False, output_dir=os.path.join(root, "from_ep2"), seed=SEED))
     # A checkpoint written at EP=4 loads at EP=2 (replicated dispatch: same tokens on every rank) and gives
     # the logits the EP=1 checkpoint gives on one device.

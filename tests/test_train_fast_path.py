@@ -205,7 +205,7 @@ def test_selective_checkpointing_recomputes_and_keeps_the_gradients(monkeypatch)
 
 def test_fused_adamw_on_cuda_only_and_zero2_defaults():
     from epkit.train.config import TrainConfig
-    from epkit.train.engine import ZERO2_DEFAULTS, adamw, deepspeed_config
+    from epkit.train.optim import ZERO2_DEFAULTS, adamw, deepspeed_config
     cfg = TrainConfig()
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert adamw([{"params": params}], cfg, "cuda").defaults["fused"] is True
