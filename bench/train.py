@@ -33,9 +33,11 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_layer import _versions, error_text, gather, matmul_tflops, slug, sync  # noqa: E402
-from train_variants import BUILDERS, DEFAULT_VARIANTS, VARIANTS, Setup, make_batches  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from bench.moe_layer import error_text, gather, slug  # noqa: E402
+from bench.peers import versions  # noqa: E402
+from bench.timing import matmul_tflops, sync  # noqa: E402
+from bench.train_variants import BUILDERS, DEFAULT_VARIANTS, VARIANTS, Setup, make_batches  # noqa: E402
 
 from epkit.parallel import init_distributed, setup_expert_parallel  # noqa: E402
 from epkit.train.optim import initialize  # noqa: E402
@@ -328,7 +330,7 @@ def main(argv=None) -> int:
     path = os.path.join(a.out, f"train-{slug(gpu)}-{now.strftime('%Y%m%dT%H%M%SZ')}.json")
     report = {
         "benchmark": "train", "created_utc": now.isoformat(timespec="seconds"), "gpu": gpu,
-        "device": device.type, "backend": dist.get_backend(), "world_size": world, "versions": _versions(),
+        "device": device.type, "backend": dist.get_backend(), "world_size": world, "versions": versions(),
         "config": s.describe(), "flops_per_token": s.flops_per_token, "active_params": s.active_params,
         "flops_formula": "6 x active_params + 6 x layers x seq_len x heads x head_dim (causal attention, fwd+bwd); "
                          "active_params: attention q/k/v/o, router, experts_per_token experts (3 x hidden x "

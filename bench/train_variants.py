@@ -222,7 +222,7 @@ class DeepSpeedMoEBlock(nn.Module):
 def build_deepspeed_moe(s: Setup) -> Built:
     import torch.distributed as dist
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
-    from moe_layer import SwiGLU
+    from bench.peers import SwiGLU
     from transformers import MixtralForCausalLM
     a = s.args
     ep = dist.get_world_size()

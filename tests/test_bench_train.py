@@ -86,7 +86,7 @@ def test_cpu_run_writes_every_figure(tmp_path):
 
 def _failing_variants(rank, world, out_dir):
     bench = load_bench()
-    import train_variants
+    from bench import train_variants
 
     def build_fails_on_rank_1(s):
         if rank == 1:
