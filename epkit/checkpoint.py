@@ -346,29 +346,9 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
     from . import parallel  # collectives only when a distributed run is going
     info = getattr(model, "expert_parallel", None)
     rank, world = parallel.world_rank(), parallel.world_size()
-    path = os.path.abspath(path)
-    err = tmp = None
-    if rank == 0:
-        if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path) or _is_checkpoint(path))):
-            err = f"{path} exists and is not a checkpoint directory; refusing to replace it (pick another path)"
-        else:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            os.makedirs(tmp)
-    err, tmp = parallel.broadcast_object((err, tmp))
-    if err:
-        raise ValueError(err)
-    failure = None
-    try:
-        _write_rank_files(model, tmp, info, rank, max_shard_size)
-    except Exception as e:  # every rank learns of it below, so none waits forever in a collective
-        failure = e
-    if not parallel.all_ranks_ok(failure is None):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
-        raise failure or RuntimeError(f"saving {path} failed on another rank; nothing was replaced")
-    stats = parallel.gather_routing_counts(model) if info is not None else _routing_counts(model)
-    parallel.barrier()
-    if rank == 0:
+    record = manifest(model, extra_manifest)  # NOTE: collective (routing counts)
+
+    def finish(tmp: str) -> None:
         weight_map = {}
         for r in range(world):
             part = os.path.join(tmp, f".part-{r}.json")
@@ -380,17 +360,68 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
                       indent=2)
         model.args.save(tmp, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
-        from .plan import ShardingPlan
-        plan = info.plan if info else ShardingPlan(model.args.num_experts, 1, num_layers=model.args.num_layers)
-        manifest = {"plan": plan.to_dict(), "routed_tokens": stats, **(extra_manifest or {})}
-        with open(os.path.join(tmp, PLAN_FILE), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if tokenizer_dir:
-            for name in os.listdir(tokenizer_dir):
-                if name.startswith("tokenizer") or name in ("special_tokens_map.json",):
-                    shutil.copy(os.path.join(tokenizer_dir, name), tmp)
-        _atomic_replace(tmp, path)
-    parallel.barrier()
+        write_manifest(tmp, record)
+        copy_tokenizer(tokenizer_dir, tmp)
+
+    write_directory(path, lambda tmp: _write_rank_files(model, tmp, info, rank, max_shard_size), finish)
+
+
+def manifest(model: Mixtral, extra: dict | None = None) -> dict:
+    """epkit_plan.json's content: the plan and the routing counts (summed over ranks), plus `extra`.
+    NOTE: collective under expert parallelism (call on every rank)."""
+    from . import parallel
+    from .plan import ShardingPlan
+    info = getattr(model, "expert_parallel", None)
+    stats = parallel.gather_routing_counts(model) if info is not None else _routing_counts(model)
+    plan = info.plan if info else ShardingPlan(model.args.num_experts, 1, num_layers=model.args.num_layers)
+    return {"plan": plan.to_dict(), "routed_tokens": stats, **(extra or {})}
+
+
+def write_manifest(directory: str, record: dict) -> None:
+    with open(os.path.join(directory, PLAN_FILE), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def copy_tokenizer(tokenizer_dir: str | None, directory: str) -> None:
+    if tokenizer_dir:
+        for name in os.listdir(tokenizer_dir):
+            if name.startswith("tokenizer") or name in ("special_tokens_map.json",):
+                shutil.copy(os.path.join(tokenizer_dir, name), directory)
+
+
+def write_directory(path: str, write_part, finish) -> None:
+    """The one way epkit writes a checkpoint or adapter directory from every rank (call on every rank).
+
+    Rank 0 makes a temporary directory beside `path`; every rank calls write_part(tmp); then rank 0 calls
+    finish(tmp) and moves it over `path`. A failure on any rank, in either step, fails every rank (no rank
+    waits forever in a collective) and leaves an existing `path` whole."""
+    from . import parallel
+    rank = parallel.world_rank()
+    path = os.path.abspath(path)
+    err = tmp = None
+    if rank == 0:
+        if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path) or _is_checkpoint(path))):
+            err = f"{path} exists and is not a checkpoint directory; refusing to replace it (pick another path)"
+        else:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            os.makedirs(tmp)
+    err, tmp = parallel.broadcast_object((err, tmp))  # NOTE: collective
+    if err:
+        raise ValueError(err)
+
+    def everywhere(step) -> None:  # run `step` on this rank; if it failed on any rank, fail on every rank
+        failure = None
+        try:
+            step()
+        except Exception as e:
+            failure = e
+        if not parallel.all_ranks_ok(failure is None):  # NOTE: collective
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
+            raise failure or RuntimeError(f"saving {path} failed on another rank; nothing was replaced")
+
+    everywhere(lambda: write_part(tmp))
+    everywhere(lambda: (finish(tmp), _atomic_replace(tmp, path)) if rank == 0 else None)
 
 
 def _write_rank_files(model, tmp: str, info, rank: int, max_shard_size: int) -> None:
@@ -412,6 +443,9 @@ def _write_rank_files(model, tmp: str, info, rank: int, max_shard_size: int) -> 
 
 
 def _is_checkpoint(path: str) -> bool:
+    """A model checkpoint, or a LoRA adapter directory (epkit.lora_io)."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return True
     return os.path.isfile(os.path.join(path, "config.json")) and (
         os.path.isfile(os.path.join(path, INDEX_FILE)) or any(f.endswith(".safetensors") for f in os.listdir(path)))
 

@@ -73,6 +73,11 @@ class Experts(nn.Module):
     def num_local(self) -> int:
         return len(self.expert_ids)
 
+    @property
+    def trains(self) -> bool:
+        """Whether any of this module's parameters (weights, or adapters added by epkit.lora) is trained."""
+        return any(p.requires_grad for p in self.parameters())
+
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
         if not _HAS_GROUPED_MM:
             return False
@@ -81,10 +86,10 @@ class Experts(nn.Module):
             return (x.dtype == torch.bfloat16 and _capability(x.device) >= 9
                     and x.shape[-1] % 8 == 0 and self.intermediate_size % 8 == 0)
         # NOTE: the CPU kernel's backward fails on empty groups (torch 2.13), so only forward uses it.
-        return x.device.type == "cpu" and not (torch.is_grad_enabled() and self.w13.requires_grad)
+        return x.device.type == "cpu" and not (torch.is_grad_enabled() and self.trains)
 
     def _use_small_m(self, x: torch.Tensor, rows: int) -> bool:
-        return (rows <= self.small_m_max and not (torch.is_grad_enabled() and self.w13.requires_grad)
+        return (rows <= self.small_m_max and not (torch.is_grad_enabled() and self.trains)
                 and x.is_cuda and moe_kernels.available(x))
 
     def sync_free(self, x: torch.Tensor, rows: int) -> bool:
@@ -104,9 +109,8 @@ class Experts(nn.Module):
         belong to no local expert) -> [M, D]. Rows of that last group come back undefined."""
         if self._use_grouped_mm(x):
             offs = torch.cumsum(counts[: self.num_local], 0, dtype=torch.int32)
-            h = _grouped_mm(x, self.w13.transpose(1, 2), offs)  # [M, 2I]
-            gate, up = h.split(self.intermediate_size, dim=-1)
-            return _grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs)  # [M, D]
+            gate, up = self.project(x, "w13", offs=offs).split(self.intermediate_size, dim=-1)  # [M, 2I]
+            return self.project(F.silu(gate) * up, "w2", offs=offs)  # [M, D]
         # NOTE: .tolist() is a device-to-host sync; this fallback serves CPUs and old GPUs.
         # Empty groups still run their (empty) matmuls: the output then always depends on x and on
         # every local weight, so backward reaches every collective behind x even on a rank that
@@ -117,8 +121,18 @@ class Experts(nn.Module):
         return torch.cat(outs)
 
     def _expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13[slot]).split(self.intermediate_size, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[slot])
+        gate, up = self.project(x, "w13", slot=slot).split(self.intermediate_size, dim=-1)
+        return self.project(F.silu(gate) * up, "w2", slot=slot)
+
+    def project(self, x: torch.Tensor, name: str, offs: torch.Tensor | None = None, slot: int | None = None
+                ) -> torch.Tensor:
+        """x @ W^T for the stacked weight `name` ("w13" or "w2"): rows of one local `slot`, or rows grouped by
+        slot with cumulative ends `offs` (grouped GEMM). The one place expert weights multiply activations
+        (epkit.lora.LoRAExperts adds its low-rank term here)."""
+        w = getattr(self, name)
+        if slot is not None:
+            return F.linear(x, w[slot])
+        return _grouped_mm(x, w.transpose(1, 2), offs)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, out_dtype=None) -> torch.Tensor:
         """x [N, D]; weights [N, K]; slots [N, K] local slot of each choice, -1 where another rank owns it.
