@@ -56,6 +56,11 @@ class LoraSpec:
     targets: tuple[str, ...] = ATTENTION + ("gate_up_proj", "down_proj")
     use_rslora: bool = False
 
+    def __post_init__(self):  # one order (TARGETS'), so equal specs compare equal; unknown names last
+        order = {t: i for i, t in enumerate(TARGETS)}
+        object.__setattr__(self, "targets", tuple(sorted(dict.fromkeys(self.targets),
+                                                         key=lambda t: order.get(t, len(order)))))
+
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
@@ -68,8 +73,7 @@ class LoraSpec:
         if unknown or not names:
             raise ValueError(f"--lora-targets {groups!r}: unknown target {unknown[0] if unknown else '(none)'!r}; "
                              f"use a comma list of {', '.join(TARGET_GROUPS)}")
-        targets = tuple(t for g in TARGET_GROUPS if g in names for t in TARGET_GROUPS[g])
-        spec = cls(rank, rank if alpha is None else alpha, dropout, targets)
+        spec = cls(rank, rank if alpha is None else alpha, dropout, tuple(t for g in names for t in TARGET_GROUPS[g]))
         spec.check()
         return spec
 

@@ -105,15 +105,11 @@ def read_spec(path: str) -> LoraSpec:
     if legacy:
         raise CheckpointError(f"{file}: target {legacy[0]!r} is transformers 4's per-expert module; epkit reads "
                               f"PEFT's transformers 5 format (target_parameters mlp.experts.gate_up_proj/down_proj)")
-    targets = []
-    for m in modules:
-        targets.append(m.rsplit(".", 1)[-1] if m.rsplit(".", 1)[-1] in ATTENTION else m)
     by_param = {v: k for k, v in PEFT_TARGET_PARAMETERS.items()}
+    targets = [m.rsplit(".", 1)[-1] if m.rsplit(".", 1)[-1] in ATTENTION else m for m in modules]
     for p in cfg.get("target_parameters") or []:
         targets.append(next((t for suffix, t in by_param.items() if p == suffix or p.endswith("." + suffix)), p))
-    spec = LoraSpec(cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout") or 0.0,
-                    tuple(t for t in ATTENTION + tuple(PEFT_TARGET_PARAMETERS) if t in targets) +
-                    tuple(t for t in targets if t not in ATTENTION + tuple(PEFT_TARGET_PARAMETERS)),
+    spec = LoraSpec(cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout") or 0.0, tuple(targets),
                     bool(cfg.get("use_rslora", False)))
     try:
         spec.check(source=file)

@@ -25,7 +25,7 @@ from ..moe import load_balancing_loss, router_z_loss
 from ..parallel import init_distributed, is_distributed, world_rank, world_size
 from . import state as ckpt
 from .config import TrainConfig
-from .engine import (build_model, check_plan_strategy, clip_exact, freeze, initialize, model_args_for,
+from .engine import (build_model, check_plan_strategy, clip_exact, initialize, make_trainable, model_args_for,
                      reduce_on_device, resolve_dtype, uses_exact_clip)
 from .metrics import Metrics
 
@@ -154,10 +154,11 @@ def main(cfg: TrainConfig) -> str:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     _seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg)
-    model = build_model(cfg, args, device, dtype, checkpoint=resume_from)
+    # a LoRA checkpoint holds only the adapters: the base comes from --model
+    model = build_model(cfg, args, device, dtype, checkpoint=None if cfg.lora_rank else resume_from)
     for moe in model.moe_layers():
         moe.track_routing = False  # counted in lm_and_router_losses
-    trainable = freeze(model, cfg.train_only)
+    trainable = make_trainable(model, cfg, resume_from)
     engine, optimizer, scheduler = initialize(cfg, model, dtype, accelerator)
     exact_clip = uses_exact_clip(engine)
 
@@ -181,7 +182,7 @@ def main(cfg: TrainConfig) -> str:
             where = f"--resume: no complete checkpoint in {cfg.output_dir}, starting from step 0"
         via = "accelerate" if accelerator is not None else "deepspeed"
         metrics.write(f"epkit train ({via}): {world} rank(s), ep={cfg.ep}, zero={engine.zero_optimization_stage()}, "
-                      f"{dtype}, "
+                      f"{dtype}{' base, fp32 adapters' if cfg.lora_rank else ''}, "
                       f"{len(train)} rows x {cfg.seq_len} tokens, trainable {trainable}; {where}")
     aux_coef = args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
     for step in range(start_step, cfg.max_steps):
@@ -235,6 +236,8 @@ def main(cfg: TrainConfig) -> str:
         trainer_state = {"step": cfg.max_steps, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)}
         _load_counters(model, routed)
         ckpt.save(engine, model, final, trainer_state, tok_dir)
+    if cfg.merge:
+        ckpt.save_merged(model, os.path.join(cfg.output_dir, "merged"), final, tok_dir)
     metrics.close()
     if rank == 0:
         print(f"checkpoint: {final}", flush=True)

@@ -8,6 +8,10 @@
                                     checkpoint complete
     OUTPUT_DIR/final/               the same at the end of the run (the checkpoint to serve)
 
+LoRA runs (`--lora-rank`) write a PEFT adapter directory in place of the model (adapter_config.json,
+adapter_model.safetensors, epkit_plan.json: `epkit.lora_io.save_adapter`), with the same engine/ and
+trainer_state.json beside it; `--merge` adds OUTPUT_DIR/merged/, the base with the adapters folded in.
+
 DeepSpeed's `engine.save_checkpoint` is not used: with MoE layers it assumes DeepSpeed's own expert
 parameter names (`deepspeed_moe.experts.deepspeed_experts.N`). Each write is atomic: the model directory
 by `save_pretrained` (temporary name + rename), the engine folder and trainer_state.json likewise, so a
@@ -52,8 +56,13 @@ def set_rng_state(state: dict) -> None:
 def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str | None) -> None:
     """Write a complete checkpoint into `directory` (call on every rank)."""
     rank = world_rank()
-    save_pretrained(model, directory, tokenizer_dir=tokenizer_dir,
-                    extra_manifest={"trainer_state": {k: trainer_state[k] for k in ("step", "tokens_seen")}})
+    extra = {"trainer_state": {k: trainer_state[k] for k in ("step", "tokens_seen")}}
+    if getattr(model, "lora", None) is not None:
+        from ..lora_io import save_adapter
+        base = trainer_state["config"]["model"]
+        save_adapter(model, directory, os.path.abspath(base) if os.path.isdir(base) else base, tokenizer_dir, extra)
+    else:
+        save_pretrained(model, directory, tokenizer_dir=tokenizer_dir, extra_manifest=extra)
     tmp = broadcast_object(os.path.join(directory, f".{ENGINE_DIR}.tmp-{uuid.uuid4().hex[:8]}") if rank == 0 else None)
     if rank == 0:
         os.makedirs(tmp)
@@ -74,6 +83,14 @@ def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str 
         os.rename(tmp, final)
         _write_json_atomic(os.path.join(directory, STATE_FILE), trainer_state)
     barrier()
+
+
+def save_merged(model, directory: str, adapter: str, tokenizer_dir: str | None) -> None:
+    """`--merge`: fold the adapters into the base (in place: the run is over) and write a Hugging Face checkpoint;
+    every rank merges and writes only its experts."""
+    from ..lora import merge_lora
+    merge_lora(model)
+    save_pretrained(model, directory, tokenizer_dir=tokenizer_dir, extra_manifest={"lora": {"adapter": adapter}})
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
