@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 launch/infer.py --ep 2 --checkpoint DIR --prompts FILE.jsonl
     python launch/infer.py --checkpoint DIR < prompts.jsonl > results.jsonl
+    python launch/infer.py --checkpoint BASE --lora RUN/final   # a LoRA adapter merged at load
     python launch/infer.py          # outputs/default (the default fine-tune) if there, else the tiny preset
 
 An input line is {"prompt": "..."} or {"prompt_token_ids": [...]}, with optional max_tokens,
@@ -35,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="YAML of defaults (configs/infer/default.yaml is read first)")
     p.add_argument("--checkpoint", default=None, help="HF Mixtral dir (or a fine-tune run dir holding final/); "
                    f"default: {DEFAULT_RUN_DIR} if it exists, else --preset with random weights")
+    p.add_argument("--lora", default=None, help="a LoRA adapter (PEFT directory, or a --lora-rank run dir holding "
+                   "final/) to merge into --checkpoint at load (default --checkpoint: the adapter's base)")
     p.add_argument("--preset", default=None, help="serve this preset with seeded random weights (no checkpoint)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel size (= number of launched ranks)")
     p.add_argument("--prompts", default=None, help="JSONL file, '-' for stdin (default: stdin if piped, else "
@@ -119,12 +122,15 @@ def build_llm(cfg):
     engine = {f: getattr(cfg, f) for f in ENGINE_FLAGS if getattr(cfg, f, None) is not None}
     if cfg.kv_cache_mib is not None:
         engine["kv_cache_memory"] = int(cfg.kv_cache_mib * (1 << 20))
-    ckpt = None if cfg.preset else resolve_checkpoint(cfg.checkpoint)
+    lora = getattr(cfg, "lora", None)
+    if lora is not None and cfg.preset:
+        raise ValueError("--lora needs a base checkpoint (--checkpoint), not --preset")
+    ckpt = None if cfg.preset else resolve_checkpoint(cfg.checkpoint if lora is None else lora_base(cfg.checkpoint, lora))
     if ckpt is not None:
-        llm = LLM(ckpt, ep=ep, device=cfg.device, dtype=_dtype(cfg.dtype), **engine)
+        llm = LLM(ckpt, ep=ep, device=cfg.device, dtype=_dtype(cfg.dtype), lora=lora, **engine)
         total = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
-        return llm, (f"{ckpt} (rank 0 read {llm.load_report.bytes_read / 2 ** 20:.1f} of "
-                     f"{total / 2 ** 20:.1f} MiB of weights)")
+        return llm, (f"{ckpt}{f' + LoRA {lora}' if lora else ''} (rank 0 read "
+                     f"{llm.load_report.bytes_read / 2 ** 20:.1f} of {total / 2 ** 20:.1f} MiB of weights)")
     init_distributed()
     device = torch.device(cfg.device) if cfg.device else _default_device()
     dtype = _dtype(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -134,6 +140,22 @@ def build_llm(cfg):
     tokenizer = _embedded_tokenizer(args.vocab_size)
     return (LLM.from_model(model, tokenizer=tokenizer, **engine),
             f"preset {preset} (random weights, seed {cfg.random_seed or 0})")
+
+
+def lora_base(checkpoint: str | None, lora: str) -> str:
+    """--checkpoint, or else the base the adapter records (adapter_config.json's base_model_name_or_path)."""
+    import json
+
+    from ..lora_io import ADAPTER_CONFIG, adapter_dir
+    if checkpoint is not None:
+        return checkpoint
+    file = os.path.join(adapter_dir(lora), ADAPTER_CONFIG)
+    with open(file) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        raise ValueError(f"--lora {lora}: pass --checkpoint BASE (the adapter records base {base!r}, which is not a "
+                         f"checkpoint directory here)")
+    return base
 
 
 def _embedded_tokenizer(vocab_size: int):
@@ -148,6 +170,9 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     if cfg.prompts not in (None, "-") and not os.path.isfile(cfg.prompts):  # before any rank joins a collective
         raise FileNotFoundError(f"--prompts {cfg.prompts}: no such file")
+    if getattr(cfg, "lora", None) is not None:
+        from ..lora_io import adapter_dir
+        adapter_dir(cfg.lora)  # raises FileNotFoundError on every rank alike
     llm, source = build_llm(cfg)
     from ..parallel import world_rank
     leader = world_rank() == 0

@@ -97,13 +97,15 @@ class LLM:
     chunk); `long_prefill_tokens` caps one prompt's chunk while others wait (default a quarter of the
     budget); `strategy` places experts on EP ranks (`contiguous`, `round_robin`, or `balanced` from the
     routing counts stored with the checkpoint); `max_model_len` caps prompt + output (default: the
-    model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of
+    model's max positions, and no more than the KV cache holds); `lora` (a PEFT adapter directory, e.g. a
+    `--lora-rank` run's final/) is merged into the weights at load, each rank merging only the experts it
+    holds; `seed` seeds the per-request seeds of
     unseeded requests; `cuda_graphs` replays decode steps as CUDA graphs on GPUs (default on; False
     or EPKIT_CUDA_GRAPHS=0: eager).
     """
 
     def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
-                 tokenizer=None, **engine):
+                 tokenizer=None, lora: str | None = None, **engine):
         from ..checkpoint import load_pretrained
         from ..parallel import init_distributed, world_size
         if not isinstance(ep, int) or ep < 1:
@@ -119,8 +121,12 @@ class LLM:
         model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, plan=plan,
                                         strategy=strategy, dispatch="replicated", return_report=True)
         self.load_report = report
+        if lora is not None:  # folded into the weights at load: each rank merges only the experts it holds
+            from ..lora_io import adapter_dir, merge_adapter
+            lora = adapter_dir(lora)
+            merge_adapter(model, lora)
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
-            tokenizer = load_tokenizer(checkpoint)
+            tokenizer = load_tokenizer(checkpoint) or (load_tokenizer(lora) if lora is not None else None)
         self._setup(model.eval(), tokenizer, device, **engine)
 
     @classmethod
