@@ -102,16 +102,23 @@ def _check_loads_in_transformers_and_epkit(path):
         assert json.load(f)["plan"]["ep_size"] == 2
 
 
-def test_accelerate_path_runs_two_steps(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-targets", "attention,experts,router"]],
+                         ids=["full", "lora"])
+def test_accelerate_path_runs_two_steps(tmp_path, extra):
     out = str(tmp_path / "acc")
     cmd = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "configs/accelerate/ep2.yaml"),
            "--main_process_port", str(_free_port()), TRAIN, "--ep", "2", "--max-steps", "2", "--output-dir", out,
-           *SMALL]
+           *SMALL, *extra]
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert "epkit train (accelerate): 2 rank(s), ep=2, zero=2" in p.stdout + p.stderr
     assert [r["step"] for r in _metrics(out)] == [1, 2]
     assert os.path.isfile(os.path.join(out, "final", "trainer_state.json"))
+    if extra:  # a PEFT adapter directory, the adapters trained
+        assert "trainable {'lora_attention'" in p.stdout + p.stderr
+        from safetensors.torch import load_file
+        adapter = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
+        assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k) and len(adapter) == 2 * 7 * 2
 
 
 def test_short_finetune_lowers_the_loss(tmp_path):
