@@ -29,6 +29,7 @@ Legend: L local experts, E experts, r rank, D hidden, I intermediate, M routed r
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import _seeded
-from .moe import Experts, _grouped_mm
+from .moe import ComputeBackend, Experts, _grouped_mm
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # --lora-targets groups -> PEFT target names (attention: target_modules; the rest: target_parameters)
@@ -142,7 +143,7 @@ class LoRAExperts(Experts):
         D, I = base.w13.shape[2], base.intermediate_size
         super().__init__(len(base.expert_ids), D, I, expert_ids=base.expert_ids, device="meta")
         self.w13, self.w2 = base.w13, base.w2
-        self.impl, self.small_m_max = base.impl, base.small_m_max
+        self.impl = base.impl
         self.scaling, self.rank = spec.scaling, spec.rank
         self.adapted = tuple(w for t, w in EXPERT_WEIGHTS.items() if t in spec.targets)
         kw = dict(device=base.w13.device, dtype=torch.float32)
@@ -152,12 +153,14 @@ class LoRAExperts(Experts):
             setattr(self, f"{name}_lora_A", nn.Parameter(torch.zeros(L, r, inp, **kw)))  # [L, r, in]
             setattr(self, f"{name}_lora_B", nn.Parameter(torch.zeros(L, out, r, **kw)))  # [L, out, r]
 
-    def _use_small_m(self, x: torch.Tensor, rows: int) -> bool:
-        return False  # the Triton kernels read w13/w2 only; a served adapter is merged (LLM(..., lora=))
-
-    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
-        # the [M, r] intermediate needs 16-byte rows on GPU: r a multiple of 8 in bf16 (else the loop path)
-        return super()._use_grouped_mm(x) and (not x.is_cuda or self.rank % 8 == 0)
+    @property
+    def backend(self) -> ComputeBackend:
+        """The experts' backend without the Triton kernels (they read w13/w2 only; a served adapter is merged
+        first, see LLM(..., lora=)); grouped GEMM on GPU needs 16-byte rows of the [M, r] intermediate: r a
+        multiple of 8 in bf16, else the loop."""
+        base = super().backend
+        aligned = self.w13.device.type != "cuda" or self.rank % 8 == 0
+        return dataclasses.replace(base, small_m_max=0, grouped=base.grouped if aligned else None)
 
     def project(self, x, name, offs=None, slot=None):
         y = super().project(x, name, offs, slot)
@@ -182,7 +185,7 @@ class LoRAExperts(Experts):
         plain = Experts(self.num_local, self.w13.shape[2], self.intermediate_size, expert_ids=self.expert_ids,
                         device="meta")
         plain.w13, plain.w2 = self.w13, self.w2
-        plain.impl, plain.small_m_max = self.impl, self.small_m_max
+        plain.impl = self.impl
         return plain
 
 

@@ -3,7 +3,7 @@
     DIR/adapter_config.json         PEFT LoraConfig: r, lora_alpha, lora_dropout, target_modules (q/k/v/o_proj),
                                     target_parameters (mlp.gate.weight, mlp.experts.gate_up_proj / down_proj)
     DIR/adapter_model.safetensors   one file, PEFT's names and layouts (PEFT_MODULES), fp32
-    DIR/epkit_plan.json             epkit's manifest (plan, routing counts, run state); PEFT ignores it
+    DIR/epkit_plan.json             epkit's Manifest (plan, routing counts, step); PEFT ignores it
 
 PEFT's layouts for an expert weight (lora.ParamWrapper on a stacked [E, out, in] parameter):
     lora_A.weight [E*r, in]   rows e*r .. e*r+r-1 are expert e's A [r, in]
@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, copy_tokenizer, manifest, write_directory, write_manifest
+from .checkpoint import CheckpointError, Manifest, copy_tokenizer, write_directory
 from .lora import ATTENTION, EXPERT_WEIGHTS, LoraSpec, adapted_modules, apply_lora, merge_lora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -202,12 +202,11 @@ def merge_adapter(model, path: str):
 # ---- writing --------------------------------------------------------------------------------------
 
 def save_adapter(model, path: str, base: str | None, tokenizer_dir: str | None = None,
-                 extra_manifest: dict | None = None) -> None:
+                 trainer_state: dict | None = None) -> None:
     """Write `model`'s adapters as a PEFT adapter directory (atomically; call on every rank)."""
     from .parallel import world_rank
     spec, info, rank = model.lora, getattr(model, "expert_parallel", None), world_rank()
-    record = manifest(model, {"lora": {"base": base, "peft_config": peft_config(spec, base)},
-                              **(extra_manifest or {})})  # NOTE: collective (routing counts)
+    record = Manifest.of_model(model, trainer_state)  # NOTE: collective (routing counts)
 
     def write_part(tmp: str) -> None:
         tensors = {}
@@ -248,7 +247,7 @@ def save_adapter(model, path: str, base: str | None, tokenizer_dir: str | None =
         save_file(dict(sorted(out.items())), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(peft_config(spec, base), f, indent=2)
-        write_manifest(tmp, record)
+        record.write(tmp)
         copy_tokenizer(tokenizer_dir, tmp)
 
     write_directory(path, write_part, finish)
@@ -262,6 +261,5 @@ def export_merged(base: str, adapter: str, output: str, ep_size: int = 1, dtype:
     adapter = adapter_dir(adapter)
     model = load_pretrained(base, dtype=dtype, ep_size=ep_size, dispatch="replicated")
     merge_adapter(model, adapter)
-    save_pretrained(model, output, tokenizer_dir=tokenizer_dir_for(base) or tokenizer_dir_for(adapter),
-                    extra_manifest={"lora": {"base": os.path.abspath(base), "adapter": os.path.abspath(adapter)}})
+    save_pretrained(model, output, tokenizer_dir=tokenizer_dir_for(base) or tokenizer_dir_for(adapter))
     return output

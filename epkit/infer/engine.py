@@ -64,24 +64,6 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def balanced_plan(checkpoint: str, ep: int):
-    """A `balanced` plan for `ep` ranks from the routing counts the trainer stored in epkit_plan.json."""
-    import json
-
-    from ..checkpoint import PLAN_FILE
-    from ..config import ModelArgs
-    from ..plan import ShardingPlan
-    file = os.path.join(checkpoint, PLAN_FILE)
-    loads = None
-    if os.path.isfile(file):
-        with open(file) as f:
-            loads = json.load(f).get("routed_tokens")
-    if not loads:
-        raise ValueError(f"strategy='balanced' needs routing counts and {file} has none; use 'contiguous'")
-    args = ModelArgs.load(checkpoint)
-    return ShardingPlan(args.num_experts, ep, strategy="balanced", loads=loads, num_layers=args.num_layers)
-
-
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -117,9 +99,8 @@ class LLM:
                                  f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        plan = balanced_plan(checkpoint, ep) if strategy == "balanced" and ep > 1 else None
-        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, plan=plan,
-                                        strategy=strategy, dispatch="replicated", return_report=True)
+        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, strategy=strategy,
+                                        dispatch="replicated", return_report=True)
         self.load_report = report
         if lora is not None:  # folded into the weights at load: each rank merges only the experts it holds
             from ..lora_io import adapter_dir, merge_adapter
@@ -159,6 +140,7 @@ class LLM:
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
         self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs)
+        model.routing_stats.reset()  # the load report counts served tokens (not the profiling forward)
         self.is_leader = self.runner.is_leader
         self._rng = random.Random(seed)
         self._ids = 0
@@ -425,7 +407,6 @@ class LLM:
     def expert_load(self) -> dict:
         """Routed real tokens per layer and expert, and per EP rank. Every rank must call it (collective)."""
         from ..parallel import gather_routing_counts, rank_loads
-        self.runner.sync_routing_counts()
         counts = gather_routing_counts(self.model)
         loads = rank_loads(self.model, counts)
         per_rank = [sum(layer[r] for layer in loads) for r in range(len(loads[0]))]

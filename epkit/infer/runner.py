@@ -9,7 +9,7 @@ enter a step, so a bad request never reaches the other ranks.
 Per step: two broadcasts (a fixed-size header, then the payload) and, on followers, one host sync
 to read the header. Nothing extra per layer.
 
-Legend: B rows, T tokens per row, NB block-table width, R logits rows, L layers, E experts, K top-k.
+Legend: B rows, T tokens per row, NB block-table width, R logits rows.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..moe import count_per_bucket, route
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
 
@@ -44,18 +43,12 @@ class StepRunner:
     def __init__(self, model, cache: PagedKVCache, device: torch.device, cuda_graphs: bool = True):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         # Decode steps replay CUDA graphs (graphs.py); prefill chunks and CPU runs stay eager.
-        self.graphs = DecodeGraphs(self._forward, self.device) if cuda_graphs and self.device.type == "cuda" else None
-        self._sync_free_rows: dict[int, bool] = {}
-        info = getattr(model, "expert_parallel", None)
+        self.graphs = (DecodeGraphs(self._forward, self.device, sync_free=model.sync_free)
+                       if cuda_graphs and self.device.type == "cuda" else None)
+        info = model.expert_parallel
         self.group = info.groups.ep_group if info is not None and info.plan.ep_size > 1 else None
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
         self.is_leader = self.rank == 0
-        args = model.args
-        self.top_k, self.num_experts = args.experts_per_token, args.num_experts
-        # Routing counts of real tokens only (the model's own counter would also count padding).
-        self.routed = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64, device=self.device)
-        for moe in model.moe_layers():
-            moe.track_routing = False
 
     # ---- leader -----------------------------------------------------------------------------
     def execute(self, batches: list[Batch]) -> list[torch.Tensor]:
@@ -111,37 +104,15 @@ class StepRunner:
             table = payload[o + 2 * B * T: o + 2 * B * T + B * NB].view(B, NB)
             rows = payload[o + 2 * B * T + B * NB: o + 2 * B * T + B * NB + R]
             o += 2 * B * T + B * NB + R
-            if self.graphs is not None and self.graphs.eligible(B, T, R) and self._sync_free(B):
+            if self.graphs is not None and self.graphs.eligible(B, T, R):
                 out.append(self.graphs.run(tokens, positions, table, with_logits))
             else:
                 out.append(self._forward(tokens, positions, table, rows if with_logits else rows[:0]))
         return out
 
-    def _sync_free(self, rows: int) -> bool:
-        """Whether a decode forward of `rows` tokens has no host sync (else it cannot be graph-captured).
-        Asked once per row count: the answer depends only on shapes, dtype and device."""
-        if rows not in self._sync_free_rows:
-            probe = self.model.embed.weight[:1]
-            self._sync_free_rows[rows] = all(moe.experts.sync_free(probe, rows * self.top_k)
-                                             for moe in self.model.moe_layers())
-        return self._sync_free_rows[rows]
-
     def _forward(self, tokens, positions, table, rows) -> torch.Tensor:
-        """One forward with the cache prepared for it; free of host syncs (CUDA graphs capture it)."""
+        """One forward with the cache prepared for it; free of host syncs (CUDA graphs capture it). The
+        model counts the routed real tokens (positions >= 0) into `model.routing_stats`."""
         self.cache.prepare(table, positions)
-        logits, router_logits = self.model(tokens, positions, self.cache, logits_rows=rows)
-        self._count(router_logits, positions)
+        logits, _ = self.model(tokens, positions, self.cache, logits_rows=rows)
         return logits
-
-    def _count(self, router_logits: list[torch.Tensor], positions: torch.Tensor) -> None:
-        """Add this forward's real tokens to the per-layer expert counts (no host sync)."""
-        L, E = len(router_logits), self.num_experts
-        _, ids = route(torch.stack(router_logits), self.top_k)  # [L, N, K]
-        real = (positions.reshape(-1) >= 0)[None, :, None]  # [1, N, 1]
-        key = torch.where(real, ids + torch.arange(L, device=ids.device)[:, None, None] * E, L * E)
-        self.routed += count_per_bucket(key, L * E + 1)[: L * E].view(L, E)
-
-    def sync_routing_counts(self) -> None:
-        """Copy the real-token counts into the MoE layers' counters (for `epkit.parallel` telemetry)."""
-        for layer, moe in enumerate(self.model.moe_layers()):
-            moe.routed_tokens.copy_(self.routed[layer])
