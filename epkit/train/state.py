@@ -59,8 +59,8 @@ def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str 
     step = {k: trainer_state[k] for k in ("step", "tokens_seen")}
     if getattr(model, "lora", None) is not None:
         from ..lora_io import save_adapter
-        base = trainer_state["config"]["model"]
-        save_adapter(model, directory, os.path.abspath(base) if os.path.isdir(base) else base, tokenizer_dir, step)
+        base = trainer_state["config"]["model"]  # PEFT's base_model_name_or_path: a loadable base, not a preset
+        save_adapter(model, directory, os.path.abspath(base) if os.path.isdir(base) else None, tokenizer_dir, step)
     else:
         save_pretrained(model, directory, tokenizer_dir=tokenizer_dir, trainer_state=step)
     tmp = broadcast_object(os.path.join(directory, f".{ENGINE_DIR}.tmp-{uuid.uuid4().hex[:8]}") if rank == 0 else None)
