@@ -233,6 +233,7 @@ def apply_lora(model, spec: LoraSpec, seed: int = 0) -> dict[str, int]:
         from .parallel import mark_expert_params
         mark_expert_params(model)  # the expert adapters reduce over the expert-data-parallel group
     model.lora = spec
+    model.train(model.training)  # the new modules follow the model's train/eval mode (dropout)
     init_adapters(model, seed)
     counts: dict[str, int] = {}
     for _, t, m in adapted_modules(model):

@@ -58,15 +58,20 @@ def _peft(base, adapter, trainable=False):
     return PeftModel.from_pretrained(hf, adapter, is_trainable=trainable).eval()
 
 
-def test_epkit_adapter_loads_in_peft_with_the_same_logits(base, tmp_path):
-    model = _epkit_adapter(base)
+@pytest.mark.parametrize("spec, parameters", [
+    (ALL, ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    (LoraSpec.from_groups(8, 4.0, 0.0, "experts"), ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    (LoraSpec.from_groups(2, 16.0, 0.1, "attention"), None),
+], ids=["all", "experts", "attention_dropout"])
+def test_epkit_adapter_loads_in_peft_with_the_same_logits(base, tmp_path, spec, parameters):
+    model = _epkit_adapter(base, spec)
     save_adapter(model, str(tmp_path / "ad"), base)
     with open(tmp_path / "ad" / "adapter_config.json") as f:
         cfg = json.load(f)
-    assert cfg["target_parameters"] == ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert cfg["target_parameters"] == parameters and cfg["lora_dropout"] == spec.dropout
     tokens = _tokens()
     with torch.no_grad():
-        ours = model(tokens)[0]
+        ours = model(tokens)[0]  # eval: no dropout
     theirs = hf_logits(_peft(base, str(tmp_path / "ad")), tokens)[0]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     plain = hf_logits(hf_model(tiny_args()), tokens)[0]  # the adapter matters: far from the base's logits
@@ -81,7 +86,8 @@ def test_adapter_gradients_equal_peft(base, tmp_path):
     tokens = _tokens(1)
 
     def loss(logits):
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 tokens[:, 1:].reshape(-1))
 
     loss(model(tokens)[0]).backward()
     loss(peft_model(input_ids=tokens).logits).backward()

@@ -125,7 +125,8 @@ def build_llm(cfg):
     lora = getattr(cfg, "lora", None)
     if lora is not None and cfg.preset:
         raise ValueError("--lora needs a base checkpoint (--checkpoint), not --preset")
-    ckpt = None if cfg.preset else resolve_checkpoint(cfg.checkpoint if lora is None else lora_base(cfg.checkpoint, lora))
+    base = cfg.checkpoint if lora is None else lora_base(cfg.checkpoint, lora)
+    ckpt = None if cfg.preset else resolve_checkpoint(base)
     if ckpt is not None:
         llm = LLM(ckpt, ep=ep, device=cfg.device, dtype=_dtype(cfg.dtype), lora=lora, **engine)
         total = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
