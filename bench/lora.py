@@ -42,10 +42,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe_layer import _versions, gather, slug, sync  # noqa: E402
 
 from epkit import data as data_lib  # noqa: E402
-from epkit.config import ModelArgs  # noqa: E402
+from epkit.args import ModelArgs  # noqa: E402
 from epkit.parallel import init_distributed  # noqa: E402
 from epkit.train.config import TrainConfig  # noqa: E402
-from epkit.train.engine import build_model, clip_exact, initialize, make_trainable, uses_exact_clip  # noqa: E402
+from epkit.train.optim import clip_exact, initialize, make_trainable, model_for, uses_exact_clip  # noqa: E402
 from epkit.train.loop import lm_and_router_losses  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, no sparsity
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if use_cuda else torch.float32
     say = print if rank == 0 else (lambda *x, **k: None)
     out_dir = tempfile.mkdtemp(prefix="epkit-bench-lora-")  # TrainConfig needs one; nothing is saved
-    cfg = TrainConfig(model=a.model, ep=world, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
+    cfg = TrainConfig(model=a.model, ep_size=world, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
                       lora_targets=a.lora_targets, seq_len=a.seq_len, micro_batch=a.micro_batch, max_steps=a.steps,
                       lr=a.lr, warmup_steps=min(5, a.steps - 1), zero_stage=a.zero_stage, seed=a.seed,
                       activation_checkpointing=a.activation_checkpointing, progress=False, output_dir=out_dir)
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     args = ModelArgs.load(a.model) if os.path.isdir(a.model) else ModelArgs.from_name(a.model)
     data = corpus(args, a.seq_len, a.seed)
     t0 = time.perf_counter()
-    model = build_model(cfg, args, device, dtype)
+    model = model_for(cfg, args, device, dtype)
     trainable = make_trainable(model, cfg)
     engine, optimizer, _ = initialize(cfg, model, dtype)
     exact_clip = uses_exact_clip(engine)

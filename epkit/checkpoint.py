@@ -2,20 +2,20 @@
 
 Reading: a directory with `config.json` and safetensors (one file, or sharded with
 `model.safetensors.index.json`), tensors named as the hub spells them or as transformers 5 fuses
-them in memory. The model is built on the meta device, each tensor is read memory-mapped and
-assigned, so peak RAM is about one copy of the model. Under expert parallelism each rank reads only
-the experts its plan gives it. Everything is checked before anything is assigned, so a bad
-checkpoint loads nothing half-way.
+them in memory (the tables in `hub_names`). The model is built on the meta device (`build.build_model`),
+each tensor is read memory-mapped and assigned, so peak RAM is about one copy of the model. Under
+expert parallelism each rank reads only the experts its plan gives it. Everything is checked before
+anything is assigned, so a bad checkpoint loads nothing half-way.
 
 Writing: hub names, sharded by size, an index over all files. Under expert parallelism every rank
 writes the experts it owns into its own files, rank 0 writes the shared tensors, config and plan.
-The directory is written under a temporary name and renamed when whole.
+The directory is written under a temporary name and renamed when whole. `epkit_plan.json` beside
+the tensors is a `Manifest` (plan and routing counts).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -24,48 +24,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelArgs
+from .args import ModelArgs
+from .hub_names import IGNORED, dense_sources, expert_pieces, fill, is_expert_tensor
 from .model import Mixtral
 from .plan import ShardingPlan
 
 INDEX_FILE = "model.safetensors.index.json"
 PLAN_FILE = "epkit_plan.json"
-
-# epkit parameter -> checkpoint tensor names that may hold it (first found wins).
-DENSE_NAMES: list[tuple[str, list[str]]] = [
-    ("embed.weight", ["model.embed_tokens.weight"]),
-    ("norm.weight", ["model.norm.weight"]),
-    ("lm_head.weight", ["lm_head.weight"]),
-    ("layers.{l}.attn_norm.weight", ["model.layers.{l}.input_layernorm.weight"]),
-    ("layers.{l}.moe_norm.weight", ["model.layers.{l}.post_attention_layernorm.weight"]),
-    ("layers.{l}.attn.{p}_proj.weight", ["model.layers.{l}.self_attn.{p}_proj.weight"]),
-    ("layers.{l}.moe.gate.weight", ["model.layers.{l}.block_sparse_moe.gate.weight",
-                                    "model.layers.{l}.mlp.gate.weight"]),
-]
-
-# Stacked expert parameters, one row per piece:
-# (epkit parameter, half of its rows or None, hub per-expert name, fused name, half of the fused rows)
-EXPERT_PIECES: list[tuple[str, int | None, str, str, int | None]] = [
-    ("layers.{l}.moe.experts.w13", 0, "model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight",
-     "model.layers.{l}.mlp.experts.gate_up_proj", 0),
-    ("layers.{l}.moe.experts.w13", 1, "model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight",
-     "model.layers.{l}.mlp.experts.gate_up_proj", 1),
-    ("layers.{l}.moe.experts.w2", None, "model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight",
-     "model.layers.{l}.mlp.experts.down_proj", None),
-]
-
-IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{l\}", r"(?P<l>\d+)").replace(r"\{p\}", r"(?P<p>[qkvo])")
-                      .replace(r"\{e\}", r"(?P<e>\d+)") + "$")
-
-
-_DENSE = [(_pattern(ours), theirs) for ours, theirs in DENSE_NAMES]
-_EXPERT_PARAMS = {_pattern(p[0]) for p in EXPERT_PIECES}
-_HUB_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w[123]\.weight$")
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the tensor."""
@@ -208,10 +173,6 @@ class _Reader:
         return t
 
 
-def _fill(template: str, groups: dict) -> str:
-    return template.format(**groups)
-
-
 def read_state_dict(path: str, model: Mixtral, device=None, dtype=None) -> tuple[dict, LoadReport]:
     """Read the tensors `model` (possibly a meta, expert-sharded model) needs. Raises CheckpointError."""
     reader = _Reader(path)
@@ -231,31 +192,23 @@ def read_state_dict(path: str, model: Mixtral, device=None, dtype=None) -> tuple
     for name, p in params.items():
         if args.tie_word_embeddings and name == "lm_head.weight":
             continue
-        dense = next(((m, theirs) for pat, theirs in _DENSE if (m := pat.match(name))), None)
+        dense = dense_sources(name)
         if dense is not None:
-            m, theirs = dense
-            src = next((s for s in (_fill(t, m.groupdict()) for t in theirs) if s in reader), None)
+            src = next((s for s in dense if s in reader), None)
             if src is None:
-                raise CheckpointError(f"{path}: tensor {_fill(theirs[0], m.groupdict())} is missing")
+                raise CheckpointError(f"{path}: tensor {dense[0]} is missing")
             check(name, src, reader.shape(src), p.shape)
             used.add(src)
             out[name] = convert(reader.read(src))
             continue
-        if not any(pat.match(name) for pat in _EXPERT_PARAMS):
+        if not expert_pieces(name):
             raise CheckpointError(f"internal: no checkpoint name is known for parameter {name}")
         out[name] = _read_experts(reader, name, p, args, used, check, convert)
 
     leftovers = [n for n in reader.where if n not in used and not IGNORED.match(n)]
     if args.tie_word_embeddings:
         leftovers = [n for n in leftovers if n != "lm_head.weight"]
-    experts_elsewhere = []
-    for n in leftovers:
-        m = _HUB_EXPERT.match(n)
-        if m and int(m.group(1)) < args.num_layers and int(m.group(2)) < args.num_experts:
-            experts_elsewhere.append(n)  # another rank's expert
-        elif re.match(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$", n):
-            experts_elsewhere.append(n)
-    unknown = sorted(set(leftovers) - set(experts_elsewhere))
+    unknown = sorted(n for n in leftovers if not is_expert_tensor(n, args.num_layers, args.num_experts))
     if unknown:
         raise CheckpointError(f"{reader.where[unknown[0]]}: tensor {unknown[0]} is not described by config.json "
                               f"({len(unknown)} such tensor(s); does config.json match the weights?)")
@@ -266,13 +219,11 @@ def _read_experts(reader, name, p, args, used, check, convert) -> torch.Tensor:
     """Assemble a stacked expert parameter [L, ...] for the experts this module holds."""
     layer = int(name.split(".")[1])
     module_ids = p._epkit_expert_ids  # set by _tag_expert_params
-    pieces = [piece for piece in EXPERT_PIECES if _pattern(piece[0]).match(name)]
     slots = []
     for e in module_ids:
         parts = []
-        for _, half, hub, fused, fused_half in pieces:
-            g = {"l": layer, "e": e}
-            hub_name, fused_name = _fill(hub, g), _fill(fused, g)
+        for _, half, hub, fused, fused_half in expert_pieces(name):
+            hub_name, fused_name = fill(hub, l=layer, e=e), fill(fused, l=layer, e=e)
             rows = p.shape[1] // (2 if half is not None else 1)
             want = [rows, p.shape[2]]
             if hub_name in reader:
@@ -299,51 +250,47 @@ def _tag_expert_params(model: Mixtral) -> None:
 
 
 def load_state_into(model: Mixtral, path: str, device=None, dtype=None) -> LoadReport:
-    """Fill a (meta or real) model from a checkpoint directory with assign=True."""
+    """Read a checkpoint directory's tensors for a meta (possibly expert-sharded) model and assign them
+    (assign=True): only reads and assigns; `build.build_model` reties and marks afterwards."""
     _tag_expert_params(model)
     sd, report = read_state_dict(path, model, device, dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [m for m in missing if not (model.args.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: internal name mismatch, missing {missing[:3]} unexpected {unexpected[:3]}")
-    if model.args.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    if getattr(model, "expert_parallel", None) is not None:
-        from .parallel import mark_expert_params
-        mark_expert_params(model)  # assign=True replaced the marked Parameters
     return report
 
 
 def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, ep_size: int = 1,
                     plan=None, strategy: str = "contiguous", dispatch: str = "replicated",
                     return_report: bool = False):
-    """Load a Hugging Face Mixtral directory into epkit.
+    """Load a Hugging Face Mixtral directory into epkit (built by `build.build_model`).
 
     With ep_size > 1 (inside a distributed run) the model is expert-parallel: each rank builds and
-    reads only the experts that `plan` (default: a `strategy` plan over ep_size ranks) gives it.
+    reads only the experts that `plan` (default: a `strategy` plan from the checkpoint's manifest) gives it.
     """
+    from .build import build_model
+    from .parallel import all_ranks_ok
     args = ModelArgs.load(path)
-    with torch.device("meta"):
-        model = Mixtral(args)
-    if ep_size > 1 or plan is not None:
-        from .parallel import apply_expert_parallel, setup_expert_parallel
-        if plan is None:
-            plan = checkpoint_plan(path, args, ep_size, strategy)
-        elif (manifest := Manifest.read(path)) is not None:
-            manifest.check_matches(args)
-        groups = setup_expert_parallel(plan.ep_size)
-        apply_expert_parallel(model, plan, groups, dispatch=dispatch)
-        from .parallel import all_ranks_ok
+    if plan is None and ep_size > 1:
+        plan = checkpoint_plan(path, args, ep_size, strategy)
+    elif plan is not None and (manifest := Manifest.read(path)) is not None:
+        manifest.check_matches(args)
+    reports = []
+
+    def read_and_assign(model: Mixtral) -> None:
         failure = None
         try:  # a rank may miss only its own experts' tensors: every rank must hear of it
-            report = load_state_into(model, path, device, dtype)
+            reports.append(load_state_into(model, path, device, dtype))
         except (CheckpointError, OSError, ValueError) as e:
             failure = e
-        if not all_ranks_ok(failure is None):
+        if plan is not None and not all_ranks_ok(failure is None):  # NOTE: collective under EP
             raise failure or CheckpointError(f"{path}: another rank could not load its experts (see its error)")
-    else:
-        report = load_state_into(model, path, device, dtype)
-    return (model, report) if return_report else model
+        if failure is not None:
+            raise failure
+
+    model = build_model(args, plan, dispatch, device, dtype, load=read_and_assign)
+    return (model, reports[0]) if return_report else model
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -354,24 +301,21 @@ def hub_tensors(model: Mixtral, shared: bool = True, experts: bool = True):
     for name, p in model.named_parameters(remove_duplicate=True):
         if args.tie_word_embeddings and name == "lm_head.weight":
             continue
-        dense = next(((m, theirs) for pat, theirs in _DENSE if (m := pat.match(name))), None)
+        dense = dense_sources(name)
         if dense is not None:
             if shared:
-                m, theirs = dense
-                yield _fill(theirs[0], m.groupdict()), (lambda p=p: p.detach())
+                yield dense[0], (lambda p=p: p.detach())
             continue
         if not experts:
             continue
         layer = int(name.split(".")[1])
         ids = model.layers[layer].moe.experts.expert_ids
-        for ours, half, hub, _, _ in EXPERT_PIECES:
-            if not _pattern(ours).match(name):
-                continue
+        for _, half, hub, _, _ in expert_pieces(name):
             for slot, e in enumerate(ids):
                 def get(p=p, slot=slot, half=half):
                     t = p.detach()[slot]
                     return t if half is None else t.chunk(2, 0)[half]
-                yield _fill(hub, {"l": layer, "e": e}), get
+                yield fill(hub, l=layer, e=e), get
 
 
 def _write_shards(items, directory: str, prefix: str, max_shard_bytes: int) -> dict[str, str]:
@@ -402,7 +346,7 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, tr
     """Write a Hugging Face Mixtral directory and its `Manifest` (`trainer_state`: a training step's
     record). Under expert parallelism call it on every rank."""
     from . import parallel  # collectives only when a distributed run is going
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     rank, world = parallel.world_rank(), parallel.world_size()
     record = Manifest.of_model(model, trainer_state)  # NOTE: collective (every rank is here)
 

@@ -25,55 +25,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .tokenizer import EMBEDDED, Tokenizer
+
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_DATA = os.path.join(ASSETS, "corpus.txt")
-DEFAULT_TOKENIZER = ASSETS
+DEFAULT_TOKENIZER = EMBEDDED
 IGNORE = -100
 _FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
 
 class DataError(ValueError):
     """Bad training data; the message names the file, the record and the field."""
-
-
-# ---- tokenizer ------------------------------------------------------------------------------------
-
-class Tokenizer:
-    """The few operations training needs, over a `tokenizers` file or a transformers tokenizer."""
-
-    def __init__(self, path: str):
-        self.path = path
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if os.path.isfile(file):
-            from tokenizers import Tokenizer as Fast
-            self._fast = Fast.from_file(file)
-            self.vocab_size = self._fast.get_vocab_size(with_added_tokens=True)
-            self._hf = None
-        elif os.path.isdir(path):
-            from transformers import AutoTokenizer
-            self._hf = AutoTokenizer.from_pretrained(path)
-            self._fast = None
-            self.vocab_size = len(self._hf)
-        else:
-            raise DataError(f"tokenizer {path!r}: no such file or directory")
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, without special tokens."""
-        if self._fast is not None:
-            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
-        return self._hf(texts, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        if self._fast is not None:
-            return self._fast.decode(ids)
-        return self._hf.decode(ids)
-
-
-def tokenizer_dir_for(model: str) -> str | None:
-    """The tokenizer that travels with a checkpoint directory, or None (a preset or a bare checkpoint)."""
-    if os.path.isdir(model) and any(f.startswith("tokenizer") for f in os.listdir(model)):
-        return model
-    return None
 
 
 # ---- records --------------------------------------------------------------------------------------

@@ -217,7 +217,7 @@ def apply_lora(model, spec: LoraSpec, seed: int = 0) -> dict[str, int]:
     initialises: the adapter starts as a no-op and the same at every EP size). Sets `model.lora`. Returns
     the trainable parameter counts by part. Apply after expert parallelism and loading."""
     spec.check()
-    if getattr(model, "lora", None) is not None:
+    if model.lora is not None:
         raise ValueError("the model already has LoRA adapters")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -229,7 +229,7 @@ def apply_lora(model, spec: LoraSpec, seed: int = 0) -> dict[str, int]:
             layer.moe.gate = LoRALinear(layer.moe.gate, spec)
         if set(EXPERT_WEIGHTS) & set(spec.targets):
             layer.moe.experts = LoRAExperts(layer.moe.experts, spec)
-    if getattr(model, "expert_parallel", None) is not None:
+    if model.expert_parallel is not None:
         from .parallel import mark_expert_params
         mark_expert_params(model)  # the expert adapters reduce over the expert-data-parallel group
     model.lora = spec

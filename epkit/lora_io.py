@@ -205,7 +205,7 @@ def save_adapter(model, path: str, base: str | None, tokenizer_dir: str | None =
                  trainer_state: dict | None = None) -> None:
     """Write `model`'s adapters as a PEFT adapter directory (atomically; call on every rank)."""
     from .parallel import world_rank
-    spec, info, rank = model.lora, getattr(model, "expert_parallel", None), world_rank()
+    spec, info, rank = model.lora, model.expert_parallel, world_rank()
     record = Manifest.of_model(model, trainer_state)  # NOTE: collective (routing counts)
 
     def write_part(tmp: str) -> None:
@@ -257,7 +257,7 @@ def export_merged(base: str, adapter: str, output: str, ep_size: int = 1, dtype:
     """Base checkpoint + adapter -> a merged Hugging Face checkpoint at `output` (call on every rank; with
     ep_size > 1 each rank reads, merges and writes only its experts)."""
     from .checkpoint import load_pretrained, save_pretrained
-    from .data import tokenizer_dir_for
+    from .tokenizer import tokenizer_dir_for
     adapter = adapter_dir(adapter)
     model = load_pretrained(base, dtype=dtype, ep_size=ep_size, dispatch="replicated")
     merge_adapter(model, adapter)

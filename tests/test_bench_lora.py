@@ -42,7 +42,7 @@ def test_cpu_run_writes_every_figure(tmp_path):
 
 
 def test_flops_per_token_of_mixtral_8x7b():
-    from epkit.config import ModelArgs
+    from epkit.args import ModelArgs
     flops = load_bench().flops_per_token(ModelArgs.from_name("mixtral-8x7b"), 4096, 16, "attention,experts", False)
     active = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 8 + 2 * 3 * 4096 * 14336) + 32000 * 4096  # 12.75e9
     scores = 2 * 32 * 4096 * 4096 * 1  # 2 x L x T x H x Dh, H x Dh = 4096

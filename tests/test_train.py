@@ -195,14 +195,14 @@ def test_default_recipe_matches_the_defaults_and_tensorboard_message(tmp_path, m
     assert parse_config(["--config", os.path.join(ROOT, "configs/train/default.yaml")]) == TrainConfig()
     recipe = os.path.join(ROOT, "configs/train/ep2_zero2.yaml")
     cfg = parse_config(["--config", recipe, "--lr", "1e-4", "--no-progress"])
-    assert (cfg.lr, cfg.ep, cfg.zero_stage, cfg.progress) == (1e-4, 2, 2, False)
+    assert (cfg.lr, cfg.ep_size, cfg.zero_stage, cfg.progress) == (1e-4, 2, 2, False)
     with pytest.raises(ValueError, match="unknown setting"):
         (tmp_path / "bad.yaml").write_text("learning_rate: 1\n")
         parse_config(["--config", str(tmp_path / "bad.yaml")])
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(ImportError, match="pip install tensorboard"):
         Metrics(str(tmp_path), 1, 0, enabled=True, progress=False, tensorboard=True)
-    assert {f.name for f in dataclasses.fields(TrainConfig)} >= {"ep", "zero_stage", "save_every", "resume"}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} >= {"ep_size", "zero_stage", "save_every", "resume"}
 
 
 def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
@@ -246,16 +246,16 @@ def test_tensorboard_missing_fails_before_any_collective(tmp_path, capsys, monke
 def test_balanced_placement_takes_the_checkpoints_routing(tmp_path):
     from epkit import Mixtral, save_pretrained
     from epkit.train.config import TrainConfig
-    from epkit.train.engine import check_plan_strategy, plan_loads
+    from epkit.train.optim import check_plan_strategy, plan_loads
     from tests.conftest import tiny_args
     model = Mixtral(tiny_args()).init_weights()
     model.routing_stats.counts().copy_(torch.stack([torch.arange(8) * (layer + 1) for layer in range(2)]))
     ckpt = str(tmp_path / "ck")
     save_pretrained(model, ckpt)
-    cfg = TrainConfig(model=ckpt, ep=2, plan_strategy="balanced")
+    cfg = TrainConfig(model=ckpt, ep_size=2, plan_strategy="balanced")
     check_plan_strategy(cfg)
     assert plan_loads(cfg) == [list(range(8)), [2 * e for e in range(8)]]
-    assert plan_loads(TrainConfig(model=ckpt, ep=2)) is None  # other strategies need no loads
+    assert plan_loads(TrainConfig(model=ckpt, ep_size=2)) is None  # other strategies need no loads
 
 
 def test_saved_routing_counts_missing_or_malformed(tmp_path):
@@ -290,17 +290,17 @@ def test_reduce_on_device_moves_to_the_target_device(monkeypatch):
     """NCCL takes only CUDA tensors: the helper must hand the collective a tensor on the run's device."""
     import torch.distributed as dist
 
-    from epkit.train import engine
+    from epkit.train import optim
     seen = []
-    monkeypatch.setattr(engine, "is_distributed", lambda: True)
+    monkeypatch.setattr(optim, "is_distributed", lambda: True)
     monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: seen.append((t.device, group)))
-    out = engine.reduce_on_device(torch.ones(3), torch.device("meta"), group="G")
+    out = optim.reduce_on_device(torch.ones(3), torch.device("meta"), group="G")
     assert out.device.type == "meta" and seen == [(torch.device("meta"), "G")]
 
 
 def test_every_collective_in_train_goes_through_reduce_on_device():
     """A CPU run (gloo) cannot see a CPU tensor handed to NCCL, so forbid direct collectives in epkit/train:
-    each must go through engine.reduce_on_device (which moves the tensor to the device)."""
+    each must go through optim.reduce_on_device (which moves the tensor to the device)."""
     import ast
     names = {"all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
              "reduce_scatter_tensor", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter"}
@@ -329,7 +329,7 @@ def _grads(model, seed):
 
 def test_clip_exact_matches_torch_and_syncs_once(monkeypatch):
     from epkit import Mixtral
-    from epkit.train.engine import clip_exact
+    from epkit.train.optim import clip_exact
     from tests.conftest import tiny_args
     model = Mixtral(tiny_args()).init_weights()
     ref = Mixtral(tiny_args()).init_weights()
@@ -357,9 +357,9 @@ def _bf16_zero0_clip_reaches_adamw(rank, world):
     import deepspeed
 
     from epkit.train.config import TrainConfig
-    from epkit.train.engine import build_model, clip_exact, deepspeed_config, model_args_for, uses_exact_clip
+    from epkit.train.optim import clip_exact, deepspeed_config, model_args_for, model_for, uses_exact_clip
     cfg = TrainConfig(model="tiny", dtype="bf16", zero_stage=0, micro_batch=1, lr=1e-3, grad_clip=1e-3)
-    model = build_model(cfg, model_args_for(cfg), torch.device("cpu"), torch.bfloat16)
+    model = model_for(cfg, model_args_for(cfg), torch.device("cpu"), torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, torch.bfloat16),
                                              dist_init_required=False)

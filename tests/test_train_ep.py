@@ -38,12 +38,12 @@ def _train_all(rank, world, root):
     from epkit.parallel import set_dispatch
     from epkit.train import TrainConfig, main
     for name, ep, zero, extra in RUNS + FROZEN:
-        cfg = TrainConfig(model="tiny", ep=ep, zero_stage=zero, max_steps=3 if not extra.get("train_only") else 2,
+        cfg = TrainConfig(model="tiny", ep_size=ep, zero_stage=zero, max_steps=3 if not extra.get("train_only") else 2,
                           seq_len=32, micro_batch=2, grad_accum=2, lr=1e-2, warmup_steps=0, grad_clip=0.5,
                           progress=False, output_dir=os.path.join(root, name), seed=SEED, **extra)
         main(cfg)
     # fine-tune further from a checkpoint written at EP=2, now at EP=4 (each rank reads its own experts)
-    main(TrainConfig(model=os.path.join(root, "ep2_z0", "final"), ep=4, zero_stage=2, max_steps=1, seq_len=32,
+    main(TrainConfig(model=os.path.join(root, "ep2_z0", "final"), ep_size=4, zero_stage=2, max_steps=1, seq_len=32,
                      micro_batch=2, lr=1e-3, progress=False, output_dir=os.path.join(root, "from_ep2"), seed=SEED))
     # A checkpoint written at EP=4 loads at EP=2 (replicated dispatch: same tokens on every rank) and gives
     # the logits the EP=1 checkpoint gives on one device.
@@ -68,7 +68,7 @@ def _train_lora(rank, root, tokens):
     base = os.path.join(root, "lora_base")
     save_pretrained(Mixtral(ModelArgs.from_name("tiny")).init_weights(seed=SEED), base, tokenizer_dir=DEFAULT_TOKENIZER)
     for name, ep, zero, extra in LORA_RUNS:
-        main(TrainConfig(model=base, ep=ep, zero_stage=zero, max_steps=3, seq_len=32, micro_batch=2, grad_accum=2,
+        main(TrainConfig(model=base, ep_size=ep, zero_stage=zero, max_steps=3, seq_len=32, micro_batch=2, grad_accum=2,
                          lr=1e-2, warmup_steps=0, grad_clip=0.15, progress=False, output_dir=os.path.join(root, name),
                          seed=SEED, **LORA, **extra))
     # resume lora_ep2_z0 from its step-2 checkpoint: the final adapters must come out the same
@@ -76,7 +76,7 @@ def _train_lora(rank, root, tokens):
     if rank == 0:
         shutil.move(os.path.join(run, "final"), os.path.join(run, "final_uninterrupted"))
     barrier()
-    main(TrainConfig(model=base, ep=2, zero_stage=0, max_steps=3, seq_len=32, micro_batch=2, grad_accum=2, lr=1e-2,
+    main(TrainConfig(model=base, ep_size=2, zero_stage=0, max_steps=3, seq_len=32, micro_batch=2, grad_accum=2, lr=1e-2,
                      warmup_steps=0, grad_clip=0.15, progress=False, output_dir=run, seed=SEED, save_every=2,
                      resume=True, **LORA))
     # the adapter saved at EP=2 loads at EP=4 (each rank reads its own experts' adapters) as at EP=1

@@ -19,7 +19,8 @@ import sys
 import time
 
 
-from ..config import read_recipe
+from ..settings import add_flags, from_flags, parse_flags, settings_parser
+from .config import EngineConfig
 from .sampling import SamplingParams
 
 DEFAULT_RUN_DIR = "outputs/default"
@@ -28,27 +29,21 @@ BUILTIN_TEXT = ["The capital of France is", "Mixture-of-experts models route eac
                 "Once upon a time", "The quick brown fox"]
 BUILTIN_IDS = [[1, 15, 27, 301, 42], [1, 99, 7], [1, 250, 251, 252, 253, 254, 255, 256], [1, 5]]
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
-ENGINE_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Serve a Mixtral checkpoint: JSONL prompts in, JSONL results out.")
-    p.add_argument("--config", default=None, help="YAML of defaults (configs/infer/default.yaml is read first)")
+def build_parser() -> argparse.ArgumentParser:
+    p = settings_parser("Serve a Mixtral checkpoint: JSONL prompts in, JSONL results out.")
     p.add_argument("--checkpoint", default=None, help="HF Mixtral dir (or a fine-tune run dir holding final/); "
                    f"default: {DEFAULT_RUN_DIR} if it exists, else --preset with random weights")
     p.add_argument("--lora", default=None, help="a LoRA adapter (PEFT directory, or a --lora-rank run dir holding "
                    "final/) to merge into --checkpoint at load (default --checkpoint: the adapter's base)")
     p.add_argument("--preset", default=None, help="serve this preset with seeded random weights (no checkpoint)")
-    p.add_argument("--ep", type=int, default=None, help="expert-parallel size (= number of launched ranks)")
+    p.add_argument("--random-seed", type=int, default=None, help="seed of the random weights (presets)")
     p.add_argument("--prompts", default=None, help="JSONL file, '-' for stdin (default: stdin if piped, else "
                    "built-in prompts)")
     p.add_argument("--output", default=None, help="JSONL results (default: stdout)")
-    p.add_argument("--device", default=None, help="cuda:N or cpu (default: this rank's GPU, else cpu)")
-    p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--kv-cache-mib", type=float, default=None, help="KV cache size (default: from GPU memory)")
-    p.add_argument("--random-seed", type=int, default=None, help="seed of the random weights (presets)")
-    for f in ENGINE_FLAGS:
-        p.add_argument("--" + f.replace("_", "-"), type=float if f == "gpu_memory_utilization" else int, default=None)
+    add_flags(p, EngineConfig)
     for f in SAMPLING_FLAGS:
         p.add_argument("--" + f.replace("_", "-"), type=float if f in ("temperature", "top_p") else int, default=None,
                        help="default for requests that do not set it")
@@ -56,16 +51,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compare", default=None, help="a previous JSONL result (e.g. from another EP size): report "
                    "whether every request's token_ids agree, exit 1 if not")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
-    args = p.parse_args(argv)
-    del args.local_rank
-    cfg = read_recipe(os.path.abspath(DEFAULT_CONFIG)) if os.path.isfile(DEFAULT_CONFIG) else {}
-    if args.config:
-        cfg.update(read_recipe(args.config))
-    for k, v in vars(args).items():
-        if v is not None or k not in cfg:
-            cfg[k] = v
-    return argparse.Namespace(**cfg)
+    return p
+
+
+def parse_args(argv=None) -> tuple[EngineConfig, argparse.Namespace]:
+    """(engine settings, the command's own settings); configs/infer/default.yaml, then --config, give defaults."""
+    recipes = (os.path.abspath(DEFAULT_CONFIG),) if os.path.isfile(DEFAULT_CONFIG) else ()
+    values = parse_flags(build_parser(), argv, recipes)
+    engine = from_flags(EngineConfig, values)
+    if values["kv_cache_mib"] is not None:
+        engine.kv_cache_memory = int(values["kv_cache_mib"] * (1 << 20))
+    engine.check()
+    return engine, argparse.Namespace(**values)
 
 
 def resolve_checkpoint(path: str | None) -> str | None:
@@ -100,46 +97,39 @@ def read_requests(source, defaults: dict) -> list[tuple[object, SamplingParams |
     return reqs
 
 
-def _dtype(name):
-    import torch
-    return {None: None, "auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def build_llm(cfg):
-    from ..config import ModelArgs
+def build_llm(engine: EngineConfig, cfg):
+    from ..args import ModelArgs
     from ..parallel import init_distributed
+    from ..tokenizer import embedded_tokenizer
     from .build import random_model
-    from .engine import LLM, _default_device
+    from .engine import LLM
     launched = int(os.environ.get("WORLD_SIZE", 1))
-    ep = cfg.ep or launched
+    ep = engine.resolve_ep_size()
     if ep != launched:
         raise ValueError(f"--ep {ep} but {launched} rank(s) were launched; launch exactly --ep ranks "
                          f"(e.g. deepspeed --num_gpus {ep}), or leave --ep out to use them all")
+    engine = engine.replace(ep_size=ep)
     import torch
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # NOTE: ranks sharing a CPU would otherwise each start one thread per core and contend.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    engine = {f: getattr(cfg, f) for f in ENGINE_FLAGS if getattr(cfg, f, None) is not None}
-    if cfg.kv_cache_mib is not None:
-        engine["kv_cache_memory"] = int(cfg.kv_cache_mib * (1 << 20))
-    lora = getattr(cfg, "lora", None)
+    lora = cfg.lora
     if lora is not None and cfg.preset:
         raise ValueError("--lora needs a base checkpoint (--checkpoint), not --preset")
     base = cfg.checkpoint if lora is None else lora_base(cfg.checkpoint, lora)
     ckpt = None if cfg.preset else resolve_checkpoint(base)
     if ckpt is not None:
-        llm = LLM(ckpt, ep=ep, device=cfg.device, dtype=_dtype(cfg.dtype), lora=lora, **engine)
+        llm = LLM(ckpt, engine, lora=lora)
         total = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
         return llm, (f"{ckpt}{f' + LoRA {lora}' if lora else ''} (rank 0 read "
                      f"{llm.load_report.bytes_read / 2 ** 20:.1f} of {total / 2 ** 20:.1f} MiB of weights)")
     init_distributed()
-    device = torch.device(cfg.device) if cfg.device else _default_device()
-    dtype = _dtype(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = engine.resolve_device()
     preset = cfg.preset or "tiny"
     args = ModelArgs.from_name(preset)
-    model = random_model(args, ep, device, dtype, seed=cfg.random_seed or 0, router_std=0.5)
-    tokenizer = _embedded_tokenizer(args.vocab_size)
-    return (LLM.from_model(model, tokenizer=tokenizer, **engine),
+    model = random_model(args, ep, device, engine.resolve_dtype(device), seed=cfg.random_seed or 0, router_std=0.5)
+    # presets are served with the shipped tokenizer (the default fine-tune's), if its ids fit the model
+    return (LLM.from_model(model, engine, tokenizer=embedded_tokenizer(args.vocab_size)),
             f"preset {preset} (random weights, seed {cfg.random_seed or 0})")
 
 
@@ -159,22 +149,14 @@ def lora_base(checkpoint: str | None, lora: str) -> str:
     return base
 
 
-def _embedded_tokenizer(vocab_size: int):
-    """The tokenizer shipped in epkit/assets (the one the default fine-tune uses), if its ids fit the model."""
-    from .engine import load_tokenizer
-    assets = os.path.join(os.path.dirname(__file__), "..", "assets")
-    tok = load_tokenizer(os.path.abspath(assets)) if os.path.isdir(assets) else None
-    return tok if tok is not None and len(tok) <= vocab_size else None
-
-
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
+    engine, cfg = parse_args(argv)
     if cfg.prompts not in (None, "-") and not os.path.isfile(cfg.prompts):  # before any rank joins a collective
         raise FileNotFoundError(f"--prompts {cfg.prompts}: no such file")
-    if getattr(cfg, "lora", None) is not None:
+    if cfg.lora is not None:
         from ..lora_io import adapter_dir
         adapter_dir(cfg.lora)  # raises FileNotFoundError on every rank alike
-    llm, source = build_llm(cfg)
+    llm, source = build_llm(engine, cfg)
     from ..parallel import world_rank
     leader = world_rank() == 0
     defaults = {f: getattr(cfg, f) for f in SAMPLING_FLAGS + ("ignore_eos",) if getattr(cfg, f, None) is not None}
@@ -189,7 +171,7 @@ def main(argv=None) -> int:
             builtin = BUILTIN_TEXT if llm.tokenizer is not None else BUILTIN_IDS
             reqs = [({"prompt_token_ids" if isinstance(b, list) else "prompt": b}, SamplingParams(**defaults), None)
                     for b in builtin]
-        print(f"serving {source} at EP={cfg.ep or int(os.environ.get('WORLD_SIZE', 1))}: {len(reqs)} request(s)",
+        print(f"serving {source} at EP={engine.resolve_ep_size()}: {len(reqs)} request(s)",
               file=sys.stderr, flush=True)
     good = [i for i, r in enumerate(reqs) if r[2] is None]
     t0 = time.perf_counter()

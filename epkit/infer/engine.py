@@ -1,6 +1,6 @@
 """`LLM`: the user-facing engine. Requests in, generated tokens and text out, in batches or streamed.
 
-    llm = LLM("outputs/default", ep=2)                 # inside `deepspeed --num_gpus 2 ...`
+    llm = LLM("outputs/default", ep_size=2)            # inside `deepspeed --num_gpus 2 ...`
     outs = llm.generate(["Hello", [1, 15, 27]], SamplingParams(temperature=0, max_tokens=32))
     for out in llm.stream(prompts, params): print(out.new_text, end="")
 
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..tokenizer import load_tokenizer
+from .config import EngineConfig
 from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget
 from .runner import MAX_BATCHES, Batch, StepRunner
 from .sampling import SamplingBatch, SamplingParams, sample
@@ -55,52 +57,33 @@ class RequestOutput:
         return d
 
 
-def load_tokenizer(path: str):
-    """The checkpoint's tokenizer (transformers' AutoTokenizer), or None if the directory has none."""
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 class LLM:
     """Batched inference over a (possibly expert-parallel) `epkit.model.Mixtral`.
 
-    Engine settings: `block_size` tokens per KV block; `kv_cache_memory` bytes of KV cache (default:
-    on GPU, what `gpu_memory_utilization` of the card leaves after the weights and a profiled forward;
-    on CPU 256 MiB); `max_num_seqs` rows and `max_num_batched_tokens` tokens per step (the prefill
-    chunk); `long_prefill_tokens` caps one prompt's chunk while others wait (default a quarter of the
-    budget); `strategy` places experts on EP ranks (`contiguous`, `round_robin`, or `balanced` from the
-    routing counts stored with the checkpoint); `max_model_len` caps prompt + output (default: the
-    model's max positions, and no more than the KV cache holds); `lora` (a PEFT adapter directory, e.g. a
-    `--lora-rank` run's final/) is merged into the weights at load, each rank merging only the experts it
-    holds; `seed` seeds the per-request seeds of
-    unseeded requests; `cuda_graphs` replays decode steps as CUDA graphs on GPUs (default on; False
-    or EPKIT_CUDA_GRAPHS=0: eager).
+    Settings are an `EngineConfig` (`config`), its fields also accepted as keywords that override it:
+    `ep_size` (alias `ep`), `device`, `dtype`, `strategy` (expert placement over EP ranks), `block_size`,
+    `kv_cache_memory`, `gpu_memory_utilization`, `max_num_seqs`, `max_num_batched_tokens`,
+    `long_prefill_tokens`, `max_model_len`, `cuda_graphs`, `seed`; see `epkit/infer/config.py`.
+    The tokenizer is the checkpoint's (`epkit.tokenizer.load_tokenizer`) unless one is given.
+    `lora` (a PEFT adapter directory, e.g. a `--lora-rank` run's final/) is merged into the weights at load,
+    each rank merging only the experts it holds.
     """
 
-    def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
-                 tokenizer=None, lora: str | None = None, **engine):
+    def __init__(self, checkpoint: str, config: EngineConfig | None = None, *, tokenizer=None, lora: str | None = None,
+                 **settings):
         from ..checkpoint import load_pretrained
         from ..parallel import init_distributed, world_size
-        if not isinstance(ep, int) or ep < 1:
-            raise ValueError(f"ep={ep!r} must be a positive integer")
+        cfg = (config or EngineConfig()).replace(**settings)
+        cfg.check()
+        ep = cfg.resolve_ep_size()
         if ep > 1:
             init_distributed()
             if world_size() != ep:
-                raise ValueError(f"ep={ep} needs exactly {ep} ranks, this run has {world_size()}; launch with "
+                raise ValueError(f"ep_size={ep} needs exactly {ep} ranks, this run has {world_size()}; launch with "
                                  f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
-        device = torch.device(device) if device is not None else _default_device()
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, strategy=strategy,
-                                        dispatch="replicated", return_report=True)
+        device = cfg.resolve_device()
+        model, report = load_pretrained(checkpoint, device=device, dtype=cfg.resolve_dtype(device), ep_size=ep,
+                                        strategy=cfg.strategy, dispatch="replicated", return_report=True)
         self.load_report = report
         if lora is not None:  # folded into the weights at load: each rank merges only the experts it holds
             from ..lora_io import adapter_dir, merge_adapter
@@ -108,41 +91,43 @@ class LLM:
             merge_adapter(model, lora)
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
             tokenizer = load_tokenizer(checkpoint) or (load_tokenizer(lora) if lora is not None else None)
-        self._setup(model.eval(), tokenizer, device, **engine)
+        self._setup(model.eval(), tokenizer, device, cfg)
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, **engine) -> "LLM":
-        """Serve an already-built model (e.g. one made on meta and sharded with `apply_expert_parallel`)."""
+    def from_model(cls, model, config: EngineConfig | None = None, *, tokenizer=None, **settings) -> "LLM":
+        """Serve an already-built model (e.g. `infer.build.random_model`); its device, dtype and plan stand."""
         self = cls.__new__(cls)
         self.load_report = None
-        self._setup(model.eval(), tokenizer, next(model.parameters()).device, **engine)
+        cfg = (config or EngineConfig()).replace(**settings)
+        cfg.check()
+        self._setup(model.eval(), tokenizer, next(model.parameters()).device, cfg)
         return self
 
-    def _setup(self, model, tokenizer, device, block_size: int = 16, kv_cache_memory: int | None = None,
-               gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-               max_model_len: int | None = None, seed: int = 0, cuda_graphs: bool | None = None,
-               long_prefill_tokens: int | None = None) -> None:
-        info = getattr(model, "expert_parallel", None)
+    def _setup(self, model, tokenizer, device, cfg: EngineConfig) -> None:
+        info = model.expert_parallel
         if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated":
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
                              f"the model uses {info.dispatch!r}")
+        self.config = cfg
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.args = model.args
         self.dtype = next(model.parameters()).dtype
+        kv_cache_memory = cfg.kv_cache_memory
         if kv_cache_memory is None:
-            kv_cache_memory = self._kv_budget(gpu_memory_utilization, max_num_batched_tokens)
-        num_blocks = blocks_for_budget(self.args, kv_cache_memory, block_size, self.dtype)
+            kv_cache_memory = self._kv_budget(cfg.gpu_memory_utilization, cfg.max_num_batched_tokens)
+        num_blocks = blocks_for_budget(self.args, kv_cache_memory, cfg.block_size, self.dtype)
         num_blocks = self._agree_min(num_blocks)
-        self.cache = PagedKVCache(self.args, num_blocks, block_size, self.device, self.dtype)
-        self.max_model_len = min(max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
-        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max_num_batched_tokens,
-                                   long_prefill_tokens)
+        self.cache = PagedKVCache(self.args, num_blocks, cfg.block_size, self.device, self.dtype)
+        self.max_model_len = min(cfg.max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), cfg.block_size, cfg.max_num_seqs,
+                                   cfg.max_num_batched_tokens, cfg.long_prefill_tokens)
+        cuda_graphs = cfg.cuda_graphs
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
         self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs)
         model.routing_stats.reset()  # the load report counts served tokens (not the profiling forward)
         self.is_leader = self.runner.is_leader
-        self._rng = random.Random(seed)
+        self._rng = random.Random(cfg.seed)
         self._ids = 0
         self._outputs: dict[str, RequestOutput] = {}  # every request not yet handed back finished
         self._seqs: dict[str, Sequence] = {}
@@ -154,8 +139,6 @@ class LLM:
     def _kv_budget(self, utilization: float, profile_tokens: int) -> int:
         if self.device.type != "cuda":
             return CPU_KV_BUDGET
-        if not 0 < utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization={utilization} must be in (0, 1]")
         # Profile the largest forward a step can run (every EP rank joins: the MoE all-reduces).
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
@@ -176,7 +159,7 @@ class LLM:
 
     def _agree_min(self, n: int) -> int:
         """Every EP rank must hold the same block ids: take the smallest pool any rank can afford."""
-        info = getattr(self.model, "expert_parallel", None)
+        info = self.model.expert_parallel
         if info is None or info.plan.ep_size == 1:
             return n
         import torch.distributed as dist

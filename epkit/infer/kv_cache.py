@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelArgs
+from ..args import ModelArgs
 
 SCRATCH_BLOCK = 0
 

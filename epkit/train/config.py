@@ -1,22 +1,17 @@
 """Training settings: one dataclass; YAML recipe values are defaults, command-line flags override them.
 
-`parse_config(argv)` builds the command line from the dataclass fields, so `launch/train.py --help`
-lists every setting with the recipe's default.
+`parse_config(argv)` builds the command line from the dataclass fields (`epkit.settings`), so
+`launch/train.py --help` lists every setting with the recipe's default.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
-from ..config import read_recipe
 from ..plan import STRATEGIES
+from ..settings import add_flags, flag_name, from_flags, parse_flags, settings_parser
+from ..settings import setting as _opt
 
 FREEZE_CHOICES = ("none", "attention", "router", "experts")
-
-
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -29,7 +24,7 @@ class TrainConfig:
     eval_data: str | None = _opt(None, "held-out data, same formats; evaluated every --eval-every steps and at the end")
     output_dir: str = _opt("outputs/default", "run directory: metrics, checkpoints, final/ (the served checkpoint)")
     # parallelism and precision
-    ep: int = _opt(1, "expert-parallel size; must divide the number of ranks")
+    ep_size: int = _opt(1, "expert-parallel size; must divide the number of ranks", flag="ep")
     plan_strategy: str = _opt("contiguous", "expert placement: contiguous, round_robin or balanced (by the "
                                             "tokens per expert --model's epkit_plan.json records)")
     zero_stage: int | None = _opt(None, "DeepSpeed ZeRO stage 0, 1 or 2 (default: the DeepSpeed/Accelerate config "
@@ -75,10 +70,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """Settings that are wrong whatever the model and data: one sentence naming the value."""
-        positive = ("max_steps", "seq_len", "micro_batch", "grad_accum", "ep", "log_every")
-        for name in positive:
+        flag = {f.name: "--" + flag_name(f).replace("_", "-") for f in fields(self)}
+        for name in ("max_steps", "seq_len", "micro_batch", "grad_accum", "ep_size", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be a positive integer")
+                raise ValueError(f"{flag[name]}={getattr(self, name)!r} must be a positive integer")
         if self.zero_stage not in (None, 0, 1, 2):
             raise ValueError(f"--zero-stage={self.zero_stage} is not supported; use 0, 1 or 2")
         if self.dtype not in ("auto", "fp32", "bf16"):
@@ -91,7 +86,7 @@ class TrainConfig:
             raise ValueError(f"--lr={self.lr!r} must be > 0")
         for name in ("warmup_steps", "save_every", "eval_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 0")
+                raise ValueError(f"{flag[name]}={getattr(self, name)!r} must be >= 0")
         if self.keep_last < 1:
             raise ValueError(f"--keep-last={self.keep_last!r} must be at least 1")
         if self.lora_rank is not None:
@@ -113,40 +108,16 @@ class TrainConfig:
         return LoraSpec.from_groups(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
 
-def load_yaml(path: str) -> dict:
-    return read_recipe(path, {f.name for f in dataclasses.fields(TrainConfig)})
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Fine-tune a Mixtral with expert parallelism (DeepSpeed or Accelerate).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="YAML recipe (configs/train/NAME.yaml); its values are the defaults")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        meta = dict(f.metadata)
-        help_ = meta.pop("help")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-            continue
-        kind = meta.pop("type", None) or {"int": int, "float": float}.get(f.type.split(" |")[0], str)
-        if "float | None" in str(f.type):
-            kind = float
-        if "int | None" in str(f.type):
-            kind = int
-        p.add_argument(flag, type=kind, default=f.default, help=help_, **meta)
+def build_parser():
+    p = settings_parser("Fine-tune a Mixtral with expert parallelism (DeepSpeed or Accelerate).")
+    add_flags(p, TrainConfig)
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    p = build_parser()
-    first, _ = p.parse_known_args(argv)
-    if first.config:
-        p.set_defaults(**load_yaml(first.config))
-    args = vars(p.parse_args(argv))
-    args.pop("config"), args.pop("local_rank")
-    if isinstance(args.get("betas"), list):
-        args["betas"] = tuple(args["betas"])
-    cfg = TrainConfig(**args)
+    values = parse_flags(build_parser(), argv)
+    if isinstance(values.get("betas"), list):
+        values["betas"] = tuple(values["betas"])
+    cfg = from_flags(TrainConfig, values)
     cfg.check()
     return cfg

@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as data_lib
+from ..tokenizer import EMBEDDED, Tokenizer, tokenizer_dir_for
 from ..moe import load_balancing_loss, router_z_loss
 from ..parallel import init_distributed, world_rank, world_size
 from . import state as ckpt
 from .config import TrainConfig
-from .engine import (build_model, check_plan_strategy, clip_exact, initialize, make_trainable, model_args_for,
-                     reduce_on_device, resolve_dtype, uses_exact_clip)
+from .optim import (check_plan_strategy, clip_exact, initialize, make_trainable, model_args_for, model_for,
+                    reduce_on_device, resolve_dtype, uses_exact_clip)
 from .metrics import Metrics
 
 
@@ -59,18 +60,18 @@ def check_inputs(cfg: TrainConfig):
     args = model_args_for(cfg)
     check_plan_strategy(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % cfg.ep:
-        raise ValueError(f"--ep {cfg.ep} does not divide the number of ranks ({world})")
-    if cfg.ep > args.num_experts:
-        raise ValueError(f"--ep {cfg.ep} is larger than the model's {args.num_experts} experts")
+    if world % cfg.ep_size:
+        raise ValueError(f"--ep {cfg.ep_size} does not divide the number of ranks ({world})")
+    if cfg.ep_size > args.num_experts:
+        raise ValueError(f"--ep {cfg.ep_size} is larger than the model's {args.num_experts} experts")
     if cfg.seq_len > args.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} is beyond the model's context (max_position_embeddings="
                          f"{args.max_position_embeddings})")
-    tok_dir = cfg.tokenizer or data_lib.tokenizer_dir_for(cfg.model)
+    tok_dir = cfg.tokenizer or tokenizer_dir_for(cfg.model)
     if tok_dir is None and os.path.isdir(cfg.model):
         raise ValueError(f"--model {cfg.model!r} has no tokenizer files; pass --tokenizer DIR (its tokenizer)")
-    tok_dir = tok_dir or data_lib.DEFAULT_TOKENIZER  # presets: the embedded tokenizer
-    tokenizer = data_lib.Tokenizer(tok_dir)
+    tok_dir = tok_dir or EMBEDDED  # presets: the embedded tokenizer
+    tokenizer = Tokenizer(tok_dir)
     pad = args.pad_token_id if args.pad_token_id is not None else (args.eos_token_id or 0)
     kw = dict(bos_id=args.bos_token_id if args.bos_token_id is not None else 1,
               eos_id=args.eos_token_id if args.eos_token_id is not None else 2,
@@ -135,7 +136,7 @@ def main(cfg: TrainConfig) -> str:
     _seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg)
     # a LoRA checkpoint holds only the adapters: the base comes from --model
-    model = build_model(cfg, args, device, dtype, checkpoint=None if cfg.lora_rank else resume_from)
+    model = model_for(cfg, args, device, dtype, checkpoint=None if cfg.lora_rank else resume_from)
     trainable = make_trainable(model, cfg, resume_from)
     engine, optimizer, scheduler = initialize(cfg, model, dtype, accelerator)
     exact_clip = uses_exact_clip(engine)
@@ -160,7 +161,7 @@ def main(cfg: TrainConfig) -> str:
         if cfg.resume and resume_from is None:
             where = f"--resume: no complete checkpoint in {cfg.output_dir}, starting from step 0"
         via = "accelerate" if accelerator is not None else "deepspeed"
-        metrics.write(f"epkit train ({via}): {world} rank(s), ep={cfg.ep}, zero={engine.zero_optimization_stage()}, "
+        metrics.write(f"epkit train ({via}): {world} rank(s), ep={cfg.ep_size}, zero={engine.zero_optimization_stage()}, "
                       f"{dtype}{' base, fp32 adapters' if cfg.lora_rank else ''}, "
                       f"{len(train)} rows x {cfg.seq_len} tokens, trainable {trainable}; {where}")
     aux_coef = args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef

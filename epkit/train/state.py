@@ -57,7 +57,7 @@ def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str 
     """Write a complete checkpoint into `directory` (call on every rank)."""
     rank = world_rank()
     step = {k: trainer_state[k] for k in ("step", "tokens_seen")}
-    if getattr(model, "lora", None) is not None:
+    if model.lora is not None:
         from ..lora_io import save_adapter
         base = trainer_state["config"]["model"]  # PEFT's base_model_name_or_path: a loadable base, not a preset
         save_adapter(model, directory, os.path.abspath(base) if os.path.isdir(base) else None, tokenizer_dir, step)
@@ -67,7 +67,7 @@ def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str 
     if rank == 0:
         os.makedirs(tmp)
     barrier()
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     torch.save({"optimizer": engine.optimizer.state_dict(),  # ZeRO: this rank's partition
                 "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
                 "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
@@ -107,7 +107,7 @@ def load_engine_state(engine, model, directory: str) -> dict:
     if not os.path.isfile(file):
         raise ValueError(f"--resume: {file} is missing (was the checkpoint written by {world} ranks?)")
     state = torch.load(file, map_location="cpu", weights_only=False)
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     now = {"world_size": world, "ep": info.plan.ep_size if info else 1, "zero_stage": engine.zero_optimization_stage()}
     for key, value in now.items():
         if state[key] != value:

@@ -1,10 +1,11 @@
-"""The model and the DeepSpeed engine a fine-tune runs on.
+"""The model, optimizer and DeepSpeed engine a fine-tune runs on, and the per-step gradient work (exact
+clipping, reductions on the run's device).
 
-Order (one place, one order):
-  1. build the model on the meta device and shard it, then materialise: a checkpoint loads with
-     `load_pretrained(ep_size=E, dispatch="all_to_all")` (each rank reads its own experts); a preset gets
-     `apply_expert_parallel` then `Mixtral.init_weights` (every tensor and expert drawn from its own seeded
-     generator, so every EP size starts from the same weights);
+Order:
+  1. `epkit.build.build_model` (meta, shard, materialise, retie, mark): a checkpoint loads through
+     `load_pretrained(ep_size=E, dispatch="all_to_all")` (each rank reads its own experts); a preset is then
+     filled by `Mixtral.init_weights` (every tensor and expert drawn from its own seeded generator, so every
+     EP size starts from the same weights);
   2. freeze what `--train-only` leaves out, or (`--lora-rank`) freeze the whole base and add LoRA adapters
      (`epkit.lora.apply_lora`; restored from the checkpoint when resuming: a LoRA checkpoint holds only them);
   3. AdamW over parameter groups where expert parameters form DeepSpeed's MoE groups
@@ -38,9 +39,10 @@ import os
 
 import torch
 
-from ..config import ModelArgs
+from ..args import ModelArgs
 from ..model import Mixtral
-from ..parallel import apply_expert_parallel, is_distributed, mark_expert_params, setup_expert_parallel, world_size
+from ..build import build_model
+from ..parallel import is_distributed, world_size
 from ..plan import ShardingPlan
 from .config import TrainConfig
 
@@ -72,41 +74,31 @@ def plan_loads(cfg: TrainConfig) -> list[list[int]] | None:
 
 def check_plan_strategy(cfg: TrainConfig) -> None:
     """`balanced` places experts by their measured load, which only a checkpoint that recorded routing has."""
-    if cfg.plan_strategy == "balanced" and cfg.ep > 1 and plan_loads(cfg) is None:
+    if cfg.plan_strategy == "balanced" and cfg.ep_size > 1 and plan_loads(cfg) is None:
         raise ValueError(f"--plan-strategy balanced places experts by their load (routed_tokens in the checkpoint's "
                          f"epkit_plan.json), and --model {cfg.model!r} records none; use a checkpoint written by "
                          f"epkit (e.g. a run's final/) or --plan-strategy contiguous/round_robin")
 
 
-def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = torch.float32,
-                checkpoint: str | None = None) -> Mixtral:
-    """The expert-parallel model on `device` in the training dtype (DeepSpeed's optimizer keeps fp32 masters).
-
-    Both paths build on the meta device and materialise only this rank's experts, so no rank ever
-    holds the whole model (Mixtral-8x7B at EP=2 fits where the full model would not)."""
+def model_for(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = torch.float32,
+              checkpoint: str | None = None) -> Mixtral:
+    """The expert-parallel model on `device` in the training dtype (DeepSpeed's optimizer keeps fp32 masters),
+    through `epkit.build.build_model` (a checkpoint: `load_pretrained`, which calls it), so no rank ever holds
+    the whole model (Mixtral-8x7B at EP=2 fits where the full model would not)."""
     source = checkpoint or (cfg.model if os.path.isdir(cfg.model) else None)
     # EP=1 keeps the plain model: its experts are ordinary data-parallel parameters.
     plan = None
-    if cfg.ep > 1 and os.path.isdir(cfg.model):  # placed from --model's manifest (see plan_loads)
+    if cfg.ep_size > 1 and os.path.isdir(cfg.model):  # placed from --model's manifest (see plan_loads)
         from ..checkpoint import checkpoint_plan
-        plan = checkpoint_plan(cfg.model, args, cfg.ep, cfg.plan_strategy)
-    elif cfg.ep > 1:
-        plan = ShardingPlan(args.num_experts, cfg.ep, strategy=cfg.plan_strategy, num_layers=args.num_layers)
+        plan = checkpoint_plan(cfg.model, args, cfg.ep_size, cfg.plan_strategy)
+    elif cfg.ep_size > 1:
+        plan = ShardingPlan(args.num_experts, cfg.ep_size, strategy=cfg.plan_strategy, num_layers=args.num_layers)
     if source is not None:
         from ..checkpoint import load_pretrained
-        model = load_pretrained(source, device=device, dtype=dtype, ep_size=cfg.ep, plan=plan,
+        model = load_pretrained(source, device=device, dtype=dtype, ep_size=cfg.ep_size, plan=plan,
                                 dispatch="all_to_all")
     else:
-        with torch.device("meta"):
-            model = Mixtral(args, dtype=dtype)
-        if plan is not None:
-            apply_expert_parallel(model, plan, setup_expert_parallel(cfg.ep), dispatch="all_to_all")
-        model.to_empty(device=device)
-        if args.tie_word_embeddings:  # to_empty made two tensors of the tied one
-            model.lm_head.weight = model.embed.weight
-        model.init_weights(seed=cfg.seed)
-    if plan is not None:
-        mark_expert_params(model)  # to_empty made new Parameters without DeepSpeed's expert markers
+        model = build_model(args, plan, "all_to_all", device, dtype).init_weights(seed=cfg.seed)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model
 
@@ -273,7 +265,7 @@ def clip_exact(model: Mixtral, max_norm: float) -> float:
         return torch.stack(norms).double().pow(2).sum().to(device)
 
     dense_sq, expert_sq = squared(dense), squared(expert)
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     if info is not None and info.plan.ep_size > 1:
         expert_sq = reduce_on_device(expert_sq.reshape(1), device, group=info.groups.ep_group)[0]
     norm = float((dense_sq + expert_sq).sqrt())  # the one device-to-host sync

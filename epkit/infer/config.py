@@ -1,0 +1,82 @@
+"""Inference engine settings: one dataclass, read by `LLM` and by `launch/infer.py`, whose flags are generated
+from its fields (`epkit.settings`); configs/infer/default.yaml gives the command line's defaults.
+
+    LLM(path, ep_size=2, max_num_seqs=64)                    # settings as keywords (`ep` is accepted too)
+    LLM(path, EngineConfig(block_size=32), seed=1)           # or a config, keywords overriding it
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import STRATEGIES
+from ..settings import setting
+
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class EngineConfig:
+    # where the model runs
+    ep_size: int | None = setting(1, "expert-parallel size, the number of launched ranks (null: all of them)",
+                                  flag="ep")
+    device: str | None = setting(None, "cuda:N or cpu (default: this rank's GPU, else cpu)")
+    dtype: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32", choices=tuple(DTYPES))
+    strategy: str = setting("contiguous", "expert placement over EP ranks: contiguous, round_robin or balanced "
+                                          "(by the routing counts stored with the checkpoint)", choices=STRATEGIES)
+    # memory and batching
+    block_size: int = setting(16, "tokens per KV-cache block")
+    kv_cache_memory: int | None = setting(None, "bytes of KV cache (default: what gpu_memory_utilization of the GPU "
+                                                "leaves after the weights and a profiled forward; 256 MiB on CPU)",
+                                          cli=False)
+    gpu_memory_utilization: float = setting(0.85, "share of the GPU the weights, activations and KV cache may use")
+    max_num_seqs: int = setting(256, "most sequences in one step")
+    max_num_batched_tokens: int = setting(2048, "most tokens in one step (the chunked-prefill budget)")
+    long_prefill_tokens: int | None = setting(None, "most tokens of one prompt's chunk while others wait (default: a "
+                                                    "quarter of the step budget)")
+    max_model_len: int | None = setting(None, "prompt + output cap (default: the model's max positions, within the "
+                                              "KV cache)")
+    cuda_graphs: bool | None = setting(None, "replay decode steps as CUDA graphs on GPUs (default on; "
+                                             "EPKIT_CUDA_GRAPHS=0 turns it off)")
+    seed: int = setting(0, "seeds the per-request seeds of requests that set none", cli=False)
+
+    def replace(self, **settings) -> "EngineConfig":
+        """A copy with `settings` changed (`ep` is accepted for `ep_size`); an unknown name is an error."""
+        if "ep" in settings:
+            settings["ep_size"] = settings.pop("ep")
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown engine setting(s) {', '.join(unknown)}; see epkit.infer.EngineConfig")
+        return dataclasses.replace(self, **settings)
+
+    def check(self) -> None:
+        """Settings that are wrong whatever the model: one sentence naming the value (the KV cache and the
+        scheduler check their own sizes)."""
+        if self.ep_size is not None and (not isinstance(self.ep_size, int) or self.ep_size < 1):
+            raise ValueError(f"ep_size={self.ep_size!r} must be a positive integer")
+        if not (isinstance(self.dtype, torch.dtype) or self.dtype in DTYPES):
+            raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+
+    def resolve_ep_size(self) -> int:
+        """`ep_size`, or the number of launched ranks when it is None."""
+        return self.ep_size or int(os.environ.get("WORLD_SIZE", 1))
+
+    def resolve_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        """`dtype` as a torch dtype; auto: bf16 on GPUs, fp32 on CPUs."""
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        return DTYPES[self.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
