@@ -38,8 +38,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_layer import _versions, gather, slug, sync  # noqa: E402
+from bench.moe_layer import gather, slug  # noqa: E402
+from bench.peers import versions  # noqa: E402
+from bench.timing import sync  # noqa: E402
 
 from epkit import data as data_lib  # noqa: E402
 from epkit.args import ModelArgs  # noqa: E402
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     report = {
         "benchmark": "lora", "created_utc": now.isoformat(timespec="seconds"), "gpu": gpu, "world_size": world,
-        "versions": _versions(),
+        "versions": versions(),
         "config": {"model": a.model, "layers": args.num_layers, "ep": world, "dtype": str(dtype), "seq_len": a.seq_len,
                    "micro_batch": a.micro_batch, "lora_rank": a.lora_rank, "lora_alpha": a.lora_alpha,
                    "lora_targets": a.lora_targets, "lr": a.lr, "zero_stage": engine.zero_optimization_stage(),

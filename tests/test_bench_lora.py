@@ -6,7 +6,6 @@ import glob
 import importlib.util
 import json
 import os
-import sys
 
 from distributed import run
 
@@ -15,7 +14,6 @@ SCRIPT = os.path.join(ROOT, "bench", "lora.py")
 
 
 def load_bench():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
     spec = importlib.util.spec_from_file_location("bench_lora", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
