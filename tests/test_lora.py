@@ -4,7 +4,7 @@
     in training are PEFT's (same loss, same adapter);
   - adapters PEFT makes (all targets, or a few) load into epkit with PEFT's logits; merged checkpoints load
     in transformers with them too;
-  - `LLM(base, lora=...)` greedy output equals `PeftModel.generate`;
+  - `LLM(base, lora=...)` greedy output equals `PeftModel.generate`, at EP=1 (launch/infer.py --lora) and EP=2;
   - the grouped-GEMM and loop expert paths agree with adapters;
   - bad input: one line naming the value (and file).
 Multi-rank training (EP x DP equality, resume, base unchanged) is in test_train_ep.py.
@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import hf_logits, hf_model, tiny_args
+from distributed import run
 from epkit import load_pretrained
 from epkit.checkpoint import CheckpointError
 from epkit.infer import LLM
@@ -125,18 +126,32 @@ def test_peft_adapter_loads_in_epkit_and_merges(base, tmp_path, targets):
     torch.testing.assert_close(hf_logits(hf_merged.eval(), tokens)[0], theirs, atol=1e-5, rtol=0)
 
 
-def test_generate_with_lora_equals_peft_generate(base, tmp_path):
-    save_adapter(_epkit_adapter(base, seed=3), str(tmp_path / "ad"), base)
-    peft_model = _peft(base, str(tmp_path / "ad"))
-    prompts = make_prompts(96, lengths=[1, 4, 9, 17])
-    outs = LLM(base, lora=str(tmp_path / "ad")).generate(prompts, GREEDY)
-    for i, (p, out) in enumerate(zip(prompts, outs)):
+def _peft_greedy(peft_model, prompts) -> list:
+    """PEFT's greedy generate, one prompt at a time: (tokens, top-two logit gap per step), as test_infer's
+    reference for transformers."""
+    refs = []
+    for p in prompts:
         ids = torch.tensor([p])
-        ref = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                   max_new_tokens=GREEDY.max_tokens, output_logits=True, return_dict_in_generate=True,
                                   pad_token_id=0)
-        gaps = [float(torch.topk(l[0].float(), 2).values.diff().abs()) for l in ref.logits]
-        assert_greedy_matches(out.token_ids, (ref.sequences[0, len(p):].tolist(), gaps), f"prompt {i}")
+        refs.append((out.sequences[0, len(p):].tolist(),
+                     [float(torch.topk(l[0].float(), 2).values.diff().abs()) for l in out.logits]))
+    return refs
+
+
+def _serve_at_ep2(rank, world, base, adapter, prompts):
+    outs = LLM(base, ep_size=2, lora=adapter).generate(prompts, GREEDY)
+    return [o.token_ids for o in outs] if rank == 0 else None
+
+
+def test_generate_with_lora_at_ep2_equals_peft_generate(base, tmp_path):
+    """Every rank merges only its experts' adapters at load; the two ranks serve what PEFT generates."""
+    save_adapter(_epkit_adapter(base, seed=5), str(tmp_path / "ad"), base)
+    prompts = make_prompts(96, lengths=[2, 7, 11])
+    ours = run(_serve_at_ep2, 2, base, str(tmp_path / "ad"), prompts, timeout=300)[0]
+    for i, (tokens, ref) in enumerate(zip(ours, _peft_greedy(_peft(base, str(tmp_path / "ad")), prompts))):
+        assert_greedy_matches(tokens, ref, f"prompt {i}")
 
 
 def test_expert_paths_agree_with_adapters(base):
@@ -200,5 +215,6 @@ def test_infer_cli_serves_an_adapter_over_the_base_it_records(base, tmp_path):
                  "--max-tokens", str(GREEDY.max_tokens),
                  "--no-progress"]) == 0  # run dir -> final/; base from adapter_config.json
     got = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
-    want = [o.token_ids for o in LLM(base, lora=str(tmp_path / "run" / "final")).generate(prompts, GREEDY)]
-    assert got == want and want != [o.token_ids for o in LLM(base).generate(prompts, GREEDY)]
+    for i, (tokens, ref) in enumerate(zip(got, _peft_greedy(_peft(base, str(tmp_path / "run" / "final")), prompts))):
+        assert_greedy_matches(tokens, ref, f"prompt {i}")  # EP=1: LLM(base, lora=...) equals PEFT
+    assert got != [o.token_ids for o in LLM(base).generate(prompts, GREEDY)]  # and the adapter matters
