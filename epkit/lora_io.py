@@ -105,10 +105,10 @@ def read_spec(path: str) -> LoraSpec:
     if legacy:
         raise CheckpointError(f"{file}: target {legacy[0]!r} is transformers 4's per-expert module; epkit reads "
                               f"PEFT's transformers 5 format (target_parameters mlp.experts.gate_up_proj/down_proj)")
-    by_param = {v: k for k, v in PEFT_TARGET_PARAMETERS.items()}
     targets = [m.rsplit(".", 1)[-1] if m.rsplit(".", 1)[-1] in ATTENTION else m for m in modules]
-    for p in cfg.get("target_parameters") or []:
-        targets.append(next((t for suffix, t in by_param.items() if p == suffix or p.endswith("." + suffix)), p))
+    for p in cfg.get("target_parameters") or []:  # "mlp.experts.down_proj", "experts.down_proj", "gate.weight", ...
+        targets.append(next((t for t in PEFT_TARGET_PARAMETERS if ("." + p).endswith(
+            "." + PEFT_TARGET_PARAMETERS[t].split(".", 1)[1])), p))
     spec = LoraSpec(cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout") or 0.0, tuple(targets),
                     bool(cfg.get("use_rslora", False)))
     try:
