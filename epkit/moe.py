@@ -96,7 +96,7 @@ class ComputeBackend:
 
     def kernel(self, rows: int, grad: bool) -> str:
         """"small_m", "grouped" or "loop" for a call of `rows` pairs (`grad`: the weights need gradients)."""
-        if not grad and rows <= self.small_m_max:
+        if not grad and 0 < self.small_m_max and rows <= self.small_m_max:
             return "small_m"
         if self.grouped == "train" or (self.grouped == "infer" and not grad):
             return "grouped"

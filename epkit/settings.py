@@ -53,10 +53,11 @@ def settings_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None, recipes: tuple[str, ...] = ()
-                ) -> dict:
-    """Flag values by name: defaults from the YAML `recipes`, then from `--config FILE`, then the flags."""
-    known = set(vars(parser.parse_known_args([])[0])) - {"config", "local_rank"}
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None, recipes: tuple[str, ...] = (),
+                strict: bool = True) -> dict:
+    """Flag values by name: defaults from the YAML `recipes`, then from `--config FILE`, then the flags.
+    `strict`: a recipe setting without a flag is an error naming it (else it is passed through)."""
+    known = set(vars(parser.parse_known_args([])[0])) - {"config", "local_rank"} if strict else None
     first, _ = parser.parse_known_args(argv)
     for path in [*recipes, *([first.config] if first.config else [])]:
         parser.set_defaults(**read_recipe(path, known))

@@ -31,19 +31,40 @@ BUILTIN_IDS = [[1, 15, 27, 301, 42], [1, 99, 7], [1, 250, 251, 252, 253, 254, 25
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = settings_parser("Serve a Mixtral checkpoint: JSONL prompts in, JSONL results out.")
+def model_flags(description: str) -> argparse.ArgumentParser:
+    """A parser with the model and engine flags (launch/infer.py and launch/serve.py); the engine's are
+    generated from `EngineConfig`'s fields."""
+    p = settings_parser(description)
     p.add_argument("--checkpoint", default=None, help="HF Mixtral dir (or a fine-tune run dir holding final/); "
                    f"default: {DEFAULT_RUN_DIR} if it exists, else --preset with random weights")
     p.add_argument("--lora", default=None, help="a LoRA adapter (PEFT directory, or a --lora-rank run dir holding "
                    "final/) to merge into --checkpoint at load (default --checkpoint: the adapter's base)")
     p.add_argument("--preset", default=None, help="serve this preset with seeded random weights (no checkpoint)")
     p.add_argument("--random-seed", type=int, default=None, help="seed of the random weights (presets)")
+    p.add_argument("--kv-cache-mib", type=float, default=None, help="KV cache size (default: from GPU memory)")
+    add_flags(p, EngineConfig)
+    p.set_defaults(ep=None)  # the command serves at the launched ranks' EP size unless told otherwise
+    return p
+
+
+def read_config(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse `argv`: configs/infer/default.yaml, then --config, give the defaults (a recipe may hold settings
+    this command has no flag for: the serving and the offline command share it). `engine` holds the
+    EngineConfig; the other settings are attributes."""
+    recipes = (os.path.abspath(DEFAULT_CONFIG),) if os.path.isfile(DEFAULT_CONFIG) else ()
+    values = parse_flags(p, argv, recipes, strict=False)
+    engine = from_flags(EngineConfig, values)
+    if values.get("kv_cache_mib") is not None:
+        engine.kv_cache_memory = int(values["kv_cache_mib"] * (1 << 20))
+    engine.check()
+    return argparse.Namespace(engine=engine, **values)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = model_flags("Serve a Mixtral checkpoint: JSONL prompts in, JSONL results out.")
     p.add_argument("--prompts", default=None, help="JSONL file, '-' for stdin (default: stdin if piped, else "
                    "built-in prompts)")
     p.add_argument("--output", default=None, help="JSONL results (default: stdout)")
-    p.add_argument("--kv-cache-mib", type=float, default=None, help="KV cache size (default: from GPU memory)")
-    add_flags(p, EngineConfig)
     for f in SAMPLING_FLAGS:
         p.add_argument("--" + f.replace("_", "-"), type=float if f in ("temperature", "top_p") else int, default=None,
                        help="default for requests that do not set it")
@@ -51,18 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compare", default=None, help="a previous JSONL result (e.g. from another EP size): report "
                    "whether every request's token_ids agree, exit 1 if not")
-    return p
-
-
-def parse_args(argv=None) -> tuple[EngineConfig, argparse.Namespace]:
-    """(engine settings, the command's own settings); configs/infer/default.yaml, then --config, give defaults."""
-    recipes = (os.path.abspath(DEFAULT_CONFIG),) if os.path.isfile(DEFAULT_CONFIG) else ()
-    values = parse_flags(build_parser(), argv, recipes)
-    engine = from_flags(EngineConfig, values)
-    if values["kv_cache_mib"] is not None:
-        engine.kv_cache_memory = int(values["kv_cache_mib"] * (1 << 20))
-    engine.check()
-    return engine, argparse.Namespace(**values)
+    return read_config(p, argv)
 
 
 def resolve_checkpoint(path: str | None) -> str | None:
@@ -97,13 +107,15 @@ def read_requests(source, defaults: dict) -> list[tuple[object, SamplingParams |
     return reqs
 
 
-def build_llm(engine: EngineConfig, cfg):
+def build_llm(cfg):
+    """(LLM, a description of what it serves) from read_config's settings; every rank calls it."""
     from ..args import ModelArgs
     from ..parallel import init_distributed
     from ..tokenizer import embedded_tokenizer
     from .build import random_model
     from .engine import LLM
     launched = int(os.environ.get("WORLD_SIZE", 1))
+    engine = cfg.engine
     ep = engine.resolve_ep_size()
     if ep != launched:
         raise ValueError(f"--ep {ep} but {launched} rank(s) were launched; launch exactly --ep ranks "
@@ -150,13 +162,13 @@ def lora_base(checkpoint: str | None, lora: str) -> str:
 
 
 def main(argv=None) -> int:
-    engine, cfg = parse_args(argv)
+    cfg = parse_args(argv)
     if cfg.prompts not in (None, "-") and not os.path.isfile(cfg.prompts):  # before any rank joins a collective
         raise FileNotFoundError(f"--prompts {cfg.prompts}: no such file")
     if cfg.lora is not None:
         from ..lora_io import adapter_dir
         adapter_dir(cfg.lora)  # raises FileNotFoundError on every rank alike
-    llm, source = build_llm(engine, cfg)
+    llm, source = build_llm(cfg)
     from ..parallel import world_rank
     leader = world_rank() == 0
     defaults = {f: getattr(cfg, f) for f in SAMPLING_FLAGS + ("ignore_eos",) if getattr(cfg, f, None) is not None}
@@ -171,7 +183,7 @@ def main(argv=None) -> int:
             builtin = BUILTIN_TEXT if llm.tokenizer is not None else BUILTIN_IDS
             reqs = [({"prompt_token_ids" if isinstance(b, list) else "prompt": b}, SamplingParams(**defaults), None)
                     for b in builtin]
-        print(f"serving {source} at EP={engine.resolve_ep_size()}: {len(reqs)} request(s)",
+        print(f"serving {source} at EP={cfg.engine.resolve_ep_size()}: {len(reqs)} request(s)",
               file=sys.stderr, flush=True)
     good = [i for i, r in enumerate(reqs) if r[2] is None]
     t0 = time.perf_counter()

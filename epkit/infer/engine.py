@@ -3,6 +3,11 @@
     llm = LLM("outputs/default", ep_size=2)            # inside `deepspeed --num_gpus 2 ...`
     outs = llm.generate(["Hello", [1, 15, 27]], SamplingParams(temperature=0, max_tokens=32))
     for out in llm.stream(prompts, params): print(out.new_text, end="")
+    outs = llm.chat([[{"role": "user", "content": "Hi"}]], params)      # the tokenizer's chat template
+
+A server drives the engine itself, one thread owning it: `add_request`, `step` while `has_unfinished`,
+`abort` (the request's KV blocks return to the pool at once), `occupancy` and `routed_tokens` for
+metrics.
 
 Under expert parallelism every rank builds the engine and calls the same method (`generate`,
 `stream`, `expert_load`); rank 0 reads the requests, schedules, samples and returns the outputs,
@@ -16,45 +21,16 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
 from ..tokenizer import load_tokenizer
 from .config import EngineConfig
-from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget
+from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget, profile_kv_budget
+from .request import RequestOutput, chat_prompt, next_text
 from .runner import MAX_BATCHES, Batch, StepRunner
-from .sampling import SamplingBatch, SamplingParams, sample
+from .sampling import SamplingBatch, SamplingParams, sample, token_logprobs
 from .scheduler import Scheduler, Sequence, group_rows
-
-CPU_KV_BUDGET = 256 << 20  # bytes of KV cache on CPU when no budget is given
-
-
-@dataclass
-class RequestOutput:
-    """A request's state as returned by `generate` (final) or `stream` / `step` (incremental)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)  # generated ids
-    text: str | None = None  # None when the checkpoint has no tokenizer
-    finish_reason: str | None = None  # "stop", "length", "error"; None while running
-    error: str | None = None
-    timings: dict = field(default_factory=dict)
-    new_token_ids: list[int] = field(default_factory=list)  # since the previous update (streaming)
-    new_text: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def to_dict(self) -> dict:
-        d = {"request_id": self.request_id, "text": self.text, "token_ids": self.token_ids,
-             "finish_reason": self.finish_reason, "timings": self.timings}
-        if self.error is not None:
-            d["error"] = self.error
-        return d
 
 
 class LLM:
@@ -114,7 +90,8 @@ class LLM:
         self.dtype = next(model.parameters()).dtype
         kv_cache_memory = cfg.kv_cache_memory
         if kv_cache_memory is None:
-            kv_cache_memory = self._kv_budget(cfg.gpu_memory_utilization, cfg.max_num_batched_tokens)
+            kv_cache_memory = profile_kv_budget(model, self.device, cfg.gpu_memory_utilization,
+                                                cfg.max_num_batched_tokens)
         num_blocks = blocks_for_budget(self.args, kv_cache_memory, cfg.block_size, self.dtype)
         num_blocks = self._agree_min(num_blocks)
         self.cache = PagedKVCache(self.args, num_blocks, cfg.block_size, self.device, self.dtype)
@@ -136,27 +113,6 @@ class LLM:
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "busy_s": 0.0}
 
     # ---- sizing -----------------------------------------------------------------------------
-    def _kv_budget(self, utilization: float, profile_tokens: int) -> int:
-        if self.device.type != "cuda":
-            return CPU_KV_BUDGET
-        # Profile the largest forward a step can run (every EP rank joins: the MoE all-reduces).
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        n = min(profile_tokens, self.args.max_position_embeddings)
-        tokens = torch.zeros(1, n, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            self.model(tokens, logits_rows=torch.tensor([n - 1], device=self.device))
-        activations = torch.cuda.max_memory_allocated(self.device) - base
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(utilization * total - (total - free) - activations)
-        if budget <= 0:
-            raise RuntimeError(f"no GPU memory left for the KV cache: {utilization=} of {total >> 20} MiB, "
-                               f"{(total - free) >> 20} MiB in use, {activations >> 20} MiB for activations")
-        return budget
-
     def _agree_min(self, n: int) -> int:
         """Every EP rank must hold the same block ids: take the smallest pool any rank can afford."""
         info = self.model.expert_parallel
@@ -169,14 +125,18 @@ class LLM:
 
     # ---- requests ---------------------------------------------------------------------------
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        """A prompt: text, a list of token ids, or a dict with "prompt" or "prompt_token_ids"."""
+        """A prompt: text, a list of token ids, or a dict with "prompt", "prompt_token_ids" or chat "messages"."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt and prompt["prompt_token_ids"] is not None:
                 prompt = prompt["prompt_token_ids"]
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
+            elif "messages" in prompt:
+                ids, text = chat_prompt(self.tokenizer, prompt["messages"])
+                return text, self._check_ids(ids)
             else:
-                raise ValueError(f"a request needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+                raise ValueError(f"a request needs 'prompt' or 'prompt_token_ids' (or chat 'messages'), got keys "
+                                 f"{sorted(prompt)}")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("empty prompt")
@@ -188,13 +148,16 @@ class LLM:
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)):
             raise ValueError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
-        if not prompt:
+        return None, self._check_ids(prompt)
+
+    def _check_ids(self, ids) -> list[int]:
+        if not ids:
             raise ValueError("empty prompt (no token ids)")
         V = self.args.vocab_size
-        for t in prompt:
+        for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
                 raise ValueError(f"token id {t!r} is outside the vocabulary (size {V})")
-        return None, list(prompt)
+        return list(ids)
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue one request (leader only); a bad one is finished at once with an error. Returns its id."""
@@ -237,6 +200,30 @@ class LLM:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
+    def output(self, request_id: str) -> RequestOutput | None:
+        """A request's current state, until `step()` has returned it finished (leader)."""
+        return self._outputs.get(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a running or waiting request (leader, between steps): its KV blocks return to the pool now,
+        and the next `step()` returns it with finish_reason "abort". False if it is not running or waiting."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        out = self._outputs[request_id]
+        out.new_token_ids, out.new_text = [], "" if out.text is not None else None
+        if out.text is not None and out.token_ids:  # text held back while streaming is final now
+            out.text, out.new_text, _ = next_text(self.tokenizer, out.token_ids, out.text, seq.params, final=True)
+        self._finish(seq, out, "abort", time.perf_counter())
+        self._pending.append(out)
+        return True
+
+    def occupancy(self) -> dict:
+        """Requests running and waiting, KV-cache blocks in use and in the pool (block 0 is scratch)."""
+        free, total = self.scheduler.allocator.num_free, self.scheduler.allocator.num_blocks - 1
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": total - free, "kv_blocks_total": total}
+
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step (leader). Returns the requests that changed, finished ones included."""
@@ -270,17 +257,31 @@ class LLM:
             logits = torch.cat(logits) if len(logits) > 1 else logits[0]
             sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
                                            [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
-            next_ids = sample(logits, sb).tolist()  # NOTE: host sync, once per step
+            next_ids = sample(logits, sb)
+            k = max((s.params.logprobs for s in sampled if s.params.logprobs is not None), default=None)
+            if k is None:
+                rows = [(t, None, None) for t in next_ids.tolist()]  # NOTE: host sync, once per step
+            else:  # ids, logprobs and the top k in one float64 copy (ids < 2^53 stay exact)
+                lp, top_ids, top_lp = token_logprobs(logits, next_ids, k)
+                packed = torch.cat([next_ids[:, None].double(), lp[:, None].double(), top_ids.double(),
+                                    top_lp.double()], dim=1).tolist()  # NOTE: host sync, once per step
+                rows = [(int(r[0]), r[1], list(zip(map(int, r[2: 2 + k]), r[2 + k:]))) for r in packed]
             now = time.perf_counter()
-            for seq, tok in zip(sampled, next_ids):
-                updates.append(self._append(seq, tok, now))
+            for seq, (tok, lp, top) in zip(sampled, rows):
+                updates.append(self._append(seq, tok, now, lp, top))
         self.stats["steps"] += 1
         self.stats["busy_s"] += time.perf_counter() - t0
+        for out in updates:  # handed back finished: forget it
+            if out.finished:
+                self._outputs.pop(out.request_id, None)
         return updates
 
-    def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
+    def _append(self, seq: Sequence, tok: int, now: float, logprob=None, top=None) -> RequestOutput:
         out, p = self._outputs[seq.request_id], seq.params
         seq.token_ids.append(tok)
+        if p.logprobs is not None:  # new lists: updates already handed out keep theirs
+            out.logprobs = (out.logprobs or []) + [logprob]
+            out.top_logprobs = (out.top_logprobs or []) + [top[: p.logprobs]]
         self.stats["generated_tokens"] += 1
         if seq.first_token is None:
             seq.first_token = now
@@ -292,32 +293,30 @@ class LLM:
         if reason is None and seq.num_tokens >= seq.max_len:
             reason = "length"
         # Text: every step only when someone reads it (streaming) or stop strings need it, else at the end.
-        # NOTE: a full decode of the output each time; O(n^2) over a long streamed output.
         if self.tokenizer is not None and (self._incremental_text or p.stop_strings or reason is not None):
-            old = out.text or ""
-            text = self.tokenizer.decode(out.token_ids, skip_special_tokens=p.skip_special_tokens)
-            if reason in (None, "length") and p.stop_strings:
-                hits = [i for i in (text.find(s, max(0, len(old) - len(s))) for s in p.stop_strings) if i >= 0]
-                if hits:
-                    text, reason = text[: min(hits)], "stop"
-            out.text = text
-            out.new_text = text[len(old):] if text.startswith(old) else text
+            out.text, out.new_text, stopped = next_text(self.tokenizer, out.token_ids, out.text or "", p,
+                                                        final=reason is not None)
+            reason = "stop" if stopped else reason
         if reason is not None:
-            self.scheduler.finish(seq, reason)
-            seq.finished_at = now
-            out.finish_reason = reason
-            out.timings = self._timings(seq)
-            del self._seqs[seq.request_id]
+            self._finish(seq, out, reason, now)
         return out
+
+    def _finish(self, seq: Sequence, out: RequestOutput, reason: str, now: float) -> None:
+        self.scheduler.finish(seq, reason)
+        seq.finished_at = now
+        out.finish_reason = reason
+        out.timings = self._timings(seq)
+        del self._seqs[seq.request_id]
 
     @staticmethod
     def _timings(seq: Sequence) -> dict:
+        def since(t0, t1):
+            return round(t1 - t0, 6) if t0 is not None and t1 is not None else None
         n = seq.num_tokens - seq.prompt_len
-        decode_s = seq.finished_at - seq.first_token
-        return {"queue_s": round(seq.first_scheduled - seq.arrival, 6),
-                "ttft_s": round(seq.first_token - seq.arrival, 6),
-                "total_s": round(seq.finished_at - seq.arrival, 6),
-                "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else None,
+        decode_s = since(seq.first_token, seq.finished_at)
+        return {"queue_s": since(seq.arrival, seq.first_scheduled), "ttft_s": since(seq.arrival, seq.first_token),
+                "total_s": since(seq.arrival, seq.finished_at),
+                "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s else None,
                 "prompt_tokens": seq.prompt_len, "generated_tokens": n, "preemptions": seq.num_preemptions}
 
     # ---- batch and streaming APIs -----------------------------------------------------------
@@ -343,14 +342,19 @@ class LLM:
         ids: set[str] = set()
         try:
             ids = set(self._add_all(prompts, params))
-            while any(not self._outputs[i].finished for i in ids):
+            running = set(ids)
+            while running:
                 for out in self.step():
                     if out.request_id in ids:
+                        if out.finished:
+                            running.discard(out.request_id)
                         yield dataclasses.replace(out)
         finally:
-            self.release_followers()
-            for i in ids:
+            for i in ids:  # a consumer that stopped early: free its requests' blocks
+                self.abort(i)
                 self._outputs.pop(i, None)
+            self._pending = [o for o in self._pending if o.request_id not in ids]
+            self.release_followers()
 
     def generate(self, prompts, params: SamplingParams | list | None = None, use_tqdm: bool = False
                  ) -> list[RequestOutput]:
@@ -358,26 +362,36 @@ class LLM:
         if not self.is_leader:
             self.follow()
             return []
-        bar, ids = None, []
+        bar, ids, done = None, [], {}
         self._incremental_text = False
         try:
             ids = self._add_all(prompts, params)
             if use_tqdm:
                 from tqdm import tqdm
                 bar = tqdm(total=len(ids), desc="generate", unit="req")
-            while any(not self._outputs[i].finished for i in ids):
-                done = sum(1 for out in self.step() if out.finished and out.request_id in ids)
+            wanted = set(ids)
+            while len(done) < len(ids):
+                new = {o.request_id: o for o in self.step() if o.finished and o.request_id in wanted}
+                done.update(new)
                 if bar is not None:
-                    bar.update(done)
+                    bar.update(len(new))
         finally:
             self._incremental_text = True
             self.release_followers()
             if bar is not None:
                 bar.close()
-        outs = [self._outputs.pop(i) for i in ids]
+        outs = [done[i] for i in ids]
         for out in outs:
             out.new_token_ids, out.new_text = [], None
         return outs
+
+    def chat(self, conversations, params: SamplingParams | list | None = None, use_tqdm: bool = False
+             ) -> list[RequestOutput]:
+        """`generate` for conversations (lists of {"role", "content"}), each rendered with the tokenizer's
+        chat template and ready for the assistant's reply."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([{"messages": c} for c in conversations], params, use_tqdm)
 
     # ---- lock-step helpers ------------------------------------------------------------------
     def follow(self) -> None:
@@ -389,8 +403,16 @@ class LLM:
 
     def expert_load(self) -> dict:
         """Routed real tokens per layer and expert, and per EP rank. Every rank must call it (collective)."""
-        from ..parallel import gather_routing_counts, rank_loads
-        counts = gather_routing_counts(self.model)
+        from ..parallel import gather_routing_counts
+        return self._load_report(gather_routing_counts(self.model))
+
+    def routed_tokens(self) -> dict:
+        """`expert_load()` as the leader alone counted it (leader; no collective: with replicated dispatch
+        every EP rank routes the same tokens). NOTE: host sync."""
+        return self._load_report(self.model.routing_stats.counts(self.device).tolist())
+
+    def _load_report(self, counts: list[list[int]]) -> dict:
+        from ..parallel import rank_loads
         loads = rank_loads(self.model, counts)
         per_rank = [sum(layer[r] for layer in loads) for r in range(len(loads[0]))]
         total = sum(per_rank) or 1.0

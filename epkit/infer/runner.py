@@ -7,12 +7,14 @@ the followers pass no `logits_rows` at all. Requests are validated on the leader
 enter a step, so a bad request never reaches the other ranks.
 
 Per step: two broadcasts (a fixed-size header, then the payload) and, on followers, one host sync
-to read the header. Nothing extra per layer.
+to read the header. Nothing extra per layer. An idle server pings (a header, then a one-element
+all-reduce): followers stay inside the collective timeout and a dead rank shows up as an error.
 
 Legend: B rows, T tokens per row, NB block-table width, R logits rows.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +24,7 @@ from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
 
 MAX_BATCHES = 4  # forwards per step: the decode rows, and prefill chunks grouped by length
-_STEP, _END = 1, 2
+_STEP, _END, _PING = 1, 2, 3
 _HEADER = 2 + 4 * MAX_BATCHES  # command, number of batches, then (B, T, NB, R) per batch
 
 
@@ -49,6 +51,7 @@ class StepRunner:
         self.group = info.groups.ep_group if info is not None and info.plan.ep_size > 1 else None
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
         self.is_leader = self.rank == 0
+        self.last_heard = time.monotonic()  # followers: when the leader's last header arrived
 
     # ---- leader -----------------------------------------------------------------------------
     def execute(self, batches: list[Batch]) -> list[torch.Tensor]:
@@ -71,10 +74,23 @@ class StepRunner:
 
     def end(self) -> None:
         """Release the followers from `follow()`."""
-        if self.group is not None and self.is_leader:
-            header = torch.zeros(_HEADER, dtype=torch.int64)
-            header[0] = _END
-            dist.broadcast(header.to(self.device), src=0, group=self.group)  # NOTE: collective
+        self._command(_END)
+
+    def ping(self) -> None:
+        """Leader: a round trip through every follower in `follow()` (returns once all of them answered)."""
+        if self._command(_PING):
+            self._answer_ping()
+
+    def _command(self, command: int) -> bool:
+        if self.group is None or not self.is_leader:
+            return False
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[0] = command
+        dist.broadcast(header.to(self.device), src=0, group=self.group)  # NOTE: collective
+        return True
+
+    def _answer_ping(self) -> None:
+        dist.all_reduce(torch.ones(1, device=self.device), group=self.group)  # NOTE: collective
 
     # ---- followers --------------------------------------------------------------------------
     def follow(self) -> None:
@@ -85,8 +101,12 @@ class StepRunner:
             header_t = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
             dist.broadcast(header_t, src=0, group=self.group)  # NOTE: collective
             header = header_t.tolist()  # NOTE: host sync, once per step
+            self.last_heard = time.monotonic()
             if header[0] == _END:
                 return
+            if header[0] == _PING:
+                self._answer_ping()
+                continue
             size = sum(h[0] * h[1] * 2 + h[0] * h[2] + h[3]
                        for h in (header[2 + 4 * i: 6 + 4 * i] for i in range(header[1])))
             payload = torch.empty(size, dtype=torch.int64, device=self.device)
