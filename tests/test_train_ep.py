@@ -84,7 +84,11 @@ def _train_lora(rank, root, tokens):
     ep4 = merge_adapter(load_pretrained(base, ep_size=4, dispatch="replicated"), adapter).eval()
     ref = merge_adapter(load_pretrained(base), adapter).eval()
     with torch.no_grad():
-        return (ep4(tokens)[0] - ref(tokens)[0]).abs().max().item()
+        diff = (ep4(tokens)[0] - ref(tokens)[0]).abs().max().item()
+    # bench/lora.py's CPU mode in this spawn (here EP=4), checked by tests/test_bench_lora.py
+    from tests.test_bench_lora import load_bench
+    load_bench().main(["--cpu", "--steps", "3", "--out", os.path.join(root, "bench_lora")])
+    return diff
 
 
 def _losses(root, name):
@@ -263,3 +267,9 @@ def test_lora_trains_only_the_adapters(trained):
         assert torch.equal(in_run[k], off[k]), f"{k}: the run's base moved during training"
         adapted = any(p in k for p in ("_proj.", ".gate.", ".experts."))
         assert torch.equal(in_run[k], base[k]) != adapted, f"{k}: adapted={adapted} but merged == base is the opposite"
+
+
+def test_bench_lora_cpu_run_writes_every_figure(trained):
+    from tests.test_bench_lora import check_cpu_result
+    root, _ = trained
+    check_cpu_result(os.path.join(root, "bench_lora"), ep=4)
