@@ -14,6 +14,7 @@ the tensors is a `Manifest` (plan and routing counts).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -33,7 +34,14 @@ INDEX_FILE = "model.safetensors.index.json"
 PLAN_FILE = "epkit_plan.json"
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+    """A checkpoint that cannot be loaded or written; the message names the file and the tensor."""
+
+
+def write_error(e: BaseException, file: str) -> CheckpointError:
+    """One line for a failed write (a full disk names the file; the previous checkpoint stays whole)."""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+        return CheckpointError(f"no space left while writing {file}")
+    return CheckpointError(f"could not write {file}: {getattr(e, 'strerror', None) or e}")
 
 
 @dataclass
@@ -122,6 +130,16 @@ def checkpoint_plan(path: str, args: ModelArgs, ep_size: int, strategy: str = "c
     return ShardingPlan.from_manifest(manifest, ep_size, strategy)
 
 
+def _safe_open(file: str):
+    """safe_open, with a damaged file (truncated, corrupt header) as one line naming it."""
+    try:
+        return safe_open(file, "pt")
+    except Exception as e:  # safetensors' SafetensorError, or an OSError
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{file}: not a readable safetensors file ({detail}); it may be truncated or "
+                              f"corrupt") from None
+
+
 class _Reader:
     """Memory-mapped access to every tensor of a checkpoint directory, by name."""
 
@@ -146,7 +164,7 @@ class _Reader:
                 raise CheckpointError(f"{path}: no *.safetensors files, so this is not a checkpoint directory")
             self.where = {}
             for file in files:
-                with safe_open(os.path.join(path, file), "pt") as f:
+                with _safe_open(os.path.join(path, file)) as f:
                     for name in f.keys():
                         self.where[name] = os.path.join(path, file)
         self._open: dict[str, object] = {}
@@ -158,7 +176,7 @@ class _Reader:
     def _file(self, name: str):
         file = self.where[name]
         if file not in self._open:
-            self._open[file] = safe_open(file, "pt")
+            self._open[file] = _safe_open(file)
         return self._open[file]
 
     def shape(self, name: str) -> list[int]:
@@ -266,12 +284,19 @@ def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, e
                     return_report: bool = False):
     """Load a Hugging Face Mixtral directory into epkit (built by `build.build_model`).
 
-    With ep_size > 1 (inside a distributed run) the model is expert-parallel: each rank builds and
-    reads only the experts that `plan` (default: a `strategy` plan from the checkpoint's manifest) gives it.
+    With ep_size > 1 (inside a `torchrun` or `deepspeed` launch, which it joins through `init_distributed`)
+    the model is expert-parallel: each rank builds and reads only the experts that `plan` (default: a
+    `strategy` plan from the checkpoint's manifest) gives it.
     """
     from .build import build_model
-    from .parallel import all_ranks_ok
+    from .parallel import all_ranks_ok, init_distributed
+    from .runtime import rank_device
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size={ep_size!r} must be an integer of at least 1")
+    device = rank_device(device)
     args = ModelArgs.load(path)
+    if ep_size > 1 or plan is not None:
+        init_distributed()  # inside `torchrun` / `deepspeed`: join the launch (no-op if joined or not launched)
     if plan is None and ep_size > 1:
         plan = checkpoint_plan(path, args, ep_size, strategy)
     elif plan is not None and (manifest := Manifest.read(path)) is not None:
@@ -327,12 +352,17 @@ def _write_shards(items, directory: str, prefix: str, max_shard_bytes: int) -> d
         nonlocal shard, size, k
         if shard:
             file = f"{prefix}-{k:05d}.safetensors"
-            save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+            try:
+                save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+            except Exception as e:
+                raise write_error(e, os.path.join(directory, file)) from None
             weight_map.update({n: file for n in shard})
             shard, size, k = {}, 0, k + 1
 
     for name, get in items:
         t = get().to("cpu").contiguous().clone()  # clone: safetensors refuses shared storage
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"refusing to save {directory}: tensor {name} holds NaN or inf values")
         if shard and size + t.numel() * t.element_size() > max_shard_bytes:
             flush()
         shard[name] = t
@@ -399,12 +429,17 @@ def write_directory(path: str, write_part, finish) -> None:
         failure = None
         try:
             step()
+        except CheckpointError as e:
+            failure = CheckpointError(str(e).replace(tmp, path))
+        except OSError as e:  # a full disk: one line naming the file
+            failure = write_error(e, str(getattr(e, "filename", None) or path).replace(tmp, path))
         except Exception as e:
             failure = e
         if not parallel.all_ranks_ok(failure is None):  # NOTE: collective
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
-            raise failure or RuntimeError(f"saving {path} failed on another rank; nothing was replaced")
+            raise failure or CheckpointError(f"saving {path} failed on another rank (see its error); nothing was "
+                                             f"replaced")
 
     everywhere(lambda: write_part(tmp))
     everywhere(lambda: (finish(tmp), _atomic_replace(tmp, path)) if rank == 0 else None)

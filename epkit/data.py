@@ -131,11 +131,13 @@ def tokenize(ds, tokenizer: Tokenizer, bos_id: int, eos_id: int, source: str) ->
     """Concatenate every record as <s> tokens (</s>): (ids, labels) streams, labels -100 where masked."""
     ids, labels = [], []
     chunk = 1000
+    has_text = False
     for start in range(0, len(ds), chunk):
         rows = ds[start:start + chunk]
         records = [{k: rows[k][i] for k in rows} for i in range(len(next(iter(rows.values()))))]
         pieces = [segments(r, start + i, source) for i, r in enumerate(records)]
         texts = [t for p in pieces for t, _ in p if t is not None]
+        has_text = has_text or any(t.strip() for t in texts)
         encoded = iter(tokenizer.encode(texts))
         for p in pieces:
             ids.append(bos_id)
@@ -144,6 +146,8 @@ def tokenize(ds, tokenizer: Tokenizer, bos_id: int, eos_id: int, source: str) ->
                 tok = [eos_id] if text is None else next(encoded)
                 ids += tok
                 labels += tok if trained else [IGNORE] * len(tok)
+    if not has_text:
+        raise DataError(f"data set {source!r} is empty (its records hold only whitespace)")
     return ids, labels
 
 

@@ -221,9 +221,12 @@ def save_adapter(model, path: str, base: str | None, tokenizer_dir: str | None =
                     tensors[f"{module}.lora_B|{e}"] = getattr(m, f"{w}_lora_B")[slot]
             elif rank == 0:
                 tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"] = m.lora_A, m.lora_B
+        tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()}
+        bad = next((k for k, v in tensors.items() if not bool(torch.isfinite(v).all())), None)
+        if bad is not None:  # as save_pretrained: a diverged adapter is not written over a good one
+            raise CheckpointError(f"refusing to save {path}: tensor {bad.split('|')[0]} holds NaN or inf values")
         if tensors:
-            save_file({k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()},
-                      os.path.join(tmp, _PART.format(rank=rank)))
+            save_file(tensors, os.path.join(tmp, _PART.format(rank=rank)))
 
     def finish(tmp: str) -> None:
         out, experts = {}, {}

@@ -54,10 +54,11 @@ def settings_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None, recipes: tuple[str, ...] = (),
-                strict: bool = True) -> dict:
+                strict: bool = True, allow: set[str] = frozenset()) -> dict:
     """Flag values by name: defaults from the YAML `recipes`, then from `--config FILE`, then the flags.
-    `strict`: a recipe setting without a flag is an error naming it (else it is passed through)."""
-    known = set(vars(parser.parse_known_args([])[0])) - {"config", "local_rank"} if strict else None
+    `strict`: a recipe setting without a flag (and not in `allow`) is an error naming it (else it is passed
+    through)."""
+    known = (set(vars(parser.parse_known_args([])[0])) | set(allow)) - {"config", "local_rank"} if strict else None
     first, _ = parser.parse_known_args(argv)
     for path in [*recipes, *([first.config] if first.config else [])]:
         parser.set_defaults(**read_recipe(path, known))

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from epkit.checkpoint import CheckpointError  # noqa: E402
 from epkit.infer.cli import main  # noqa: E402
+from epkit.runtime import comm_failure_message, is_comm_failure  # noqa: E402
 
 
 def run(argv=None) -> int:
@@ -25,6 +26,11 @@ def run(argv=None) -> int:
         rank = os.environ.get("RANK", "0")
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        if not is_comm_failure(e) or os.environ.get("EPKIT_DEBUG"):
+            raise
+        print(f"error (rank {os.environ.get('RANK', '0')}): {comm_failure_message(e)}", file=sys.stderr, flush=True)
+        return 4
 
 
 if __name__ == "__main__":

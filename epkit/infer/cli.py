@@ -48,20 +48,22 @@ def model_flags(description: str) -> argparse.ArgumentParser:
 
 
 def read_config(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse `argv`: configs/infer/default.yaml, then --config, give the defaults (a recipe may hold settings
-    this command has no flag for: the serving and the offline command share it). `engine` holds the
-    EngineConfig; the other settings are attributes."""
+    """Parse `argv`: configs/infer/default.yaml, then --config, give the defaults. A recipe may set this
+    command's flags and the request defaults the shipped recipe gives (launch/serve.py shares it); any other
+    setting is an error naming it. `engine` holds the EngineConfig; the other settings are attributes."""
     recipes = (os.path.abspath(DEFAULT_CONFIG),) if os.path.isfile(DEFAULT_CONFIG) else ()
-    values = parse_flags(p, argv, recipes, strict=False)
+    values = parse_flags(p, argv, recipes, allow=set(SAMPLING_FLAGS) | {"ignore_eos"})
     engine = from_flags(EngineConfig, values)
     if values.get("kv_cache_mib") is not None:
         engine.kv_cache_memory = int(values["kv_cache_mib"] * (1 << 20))
-    engine.check()
+    engine.check()  # a bad --device, --max-model-len, --dist-timeout: one line, before any work
     return argparse.Namespace(engine=engine, **values)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = model_flags("Serve a Mixtral checkpoint: JSONL prompts in, JSONL results out.")
+    p.epilog = ("exit status: 0 every request served; 1 --compare found requests that differ; 2 bad input (nothing "
+                "served); 3 some requests failed (their lines say why); 4 a rank stopped answering")
     p.add_argument("--prompts", default=None, help="JSONL file, '-' for stdin (default: stdin if piped, else "
                    "built-in prompts)")
     p.add_argument("--output", default=None, help="JSONL results (default: stdout)")
@@ -70,8 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="default for requests that do not set it")
     p.add_argument("--ignore-eos", action="store_true", default=None, help="do not stop at the EOS token")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", default=None, help="also show DeepSpeed's and torch's log lines "
+                   "and known warnings (hidden by default)")
     p.add_argument("--compare", default=None, help="a previous JSONL result (e.g. from another EP size): report "
-                   "whether every request's token_ids agree, exit 1 if not")
+                   "whether every request's token_ids agree and name those that differ; exit 1 if any does")
     return read_config(p, argv)
 
 
@@ -111,6 +115,7 @@ def build_llm(cfg):
     """(LLM, a description of what it serves) from read_config's settings; every rank calls it."""
     from ..args import ModelArgs
     from ..parallel import init_distributed
+    from ..runtime import cpu_threads_per_rank
     from ..tokenizer import embedded_tokenizer
     from .build import random_model
     from .engine import LLM
@@ -121,10 +126,8 @@ def build_llm(cfg):
         raise ValueError(f"--ep {ep} but {launched} rank(s) were launched; launch exactly --ep ranks "
                          f"(e.g. deepspeed --num_gpus {ep}), or leave --ep out to use them all")
     engine = engine.replace(ep_size=ep)
-    import torch
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        # NOTE: ranks sharing a CPU would otherwise each start one thread per core and contend.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    init_distributed(timeout_s=engine.dist_timeout)
+    cpu_threads_per_rank()
     lora = cfg.lora
     if lora is not None and cfg.preset:
         raise ValueError("--lora needs a base checkpoint (--checkpoint), not --preset")
@@ -135,7 +138,6 @@ def build_llm(cfg):
         total = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
         return llm, (f"{ckpt}{f' + LoRA {lora}' if lora else ''} (rank 0 read "
                      f"{llm.load_report.bytes_read / 2 ** 20:.1f} of {total / 2 ** 20:.1f} MiB of weights)")
-    init_distributed()
     device = engine.resolve_device()
     preset = cfg.preset or "tiny"
     args = ModelArgs.from_name(preset)
@@ -161,13 +163,100 @@ def lora_base(checkpoint: str | None, lora: str) -> str:
     return base
 
 
-def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    if cfg.prompts not in (None, "-") and not os.path.isfile(cfg.prompts):  # before any rank joins a collective
+def check_files(cfg) -> None:
+    """--prompts, --output and --compare, checked on every rank before any work or collective."""
+    if cfg.prompts not in (None, "-") and not os.path.isfile(cfg.prompts):
         raise FileNotFoundError(f"--prompts {cfg.prompts}: no such file")
+    if not cfg.output and "WORLD_SIZE" in os.environ:
+        raise ValueError("under a launcher the results would share stdout with its log lines; pass --output FILE")
+    if cfg.output:
+        out = os.path.abspath(cfg.output)
+        if os.path.isdir(out):
+            raise ValueError(f"--output {cfg.output} is a directory; give a file name")
+        if cfg.prompts not in (None, "-") and out == os.path.abspath(cfg.prompts):
+            raise ValueError(f"--output {cfg.output} is the --prompts file; the results would overwrite the prompts")
+        from ..runtime import check_writable_dir
+        check_writable_dir(os.path.dirname(out), "--output", cfg.output)  # the folder is created when missing
+        if os.path.exists(out) and not os.access(out, os.W_OK):
+            raise ValueError(f"--output {cfg.output} is not writable")
+    if cfg.compare:
+        read_results(cfg.compare)
     if cfg.lora is not None:
         from ..lora_io import adapter_dir
         adapter_dir(cfg.lora)  # raises FileNotFoundError on every rank alike
+
+
+def read_results(path: str) -> list[dict]:
+    """A previous run's JSONL results (for --compare); one line naming the file and line if it is not one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--compare {path}: no such file")
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                r = None
+            if not isinstance(r, dict) or not isinstance(r.get("token_ids", []), list):
+                raise ValueError(f"--compare {path}: line {n} is not a result line (a JSON object with token_ids)")
+            out.append(r)
+    if not out:
+        raise ValueError(f"--compare {path} holds no results")
+    return out
+
+
+def result_line(index: int, out=None, error: str | None = None) -> dict:
+    """One output line. Every line has the same keys; an error line adds "error" (finish_reason "error")."""
+    if out is not None and out.error is None:
+        return {"index": index, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                "timings": out.timings}
+    return {"index": index, "text": None, "token_ids": out.token_ids if out is not None else [],
+            "finish_reason": "error", "timings": out.timings if out is not None else {},
+            "error": error if error is not None else out.error}
+
+
+class ResultWriter:
+    """Results in input order. To a file: each result is appended to FILE.partial as it finishes (a dead rank
+    or a crash keeps every finished one there), and FILE is written whole, in order, at the end. To stdout:
+    each result is printed as soon as every earlier one has been."""
+
+    def __init__(self, path: str | None):
+        self.path, self.lines, self._next = path, {}, 0
+        self.partial = f"{path}.partial" if path else None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._file = open(self.partial, "w") if path else None
+
+    def add(self, line: dict) -> None:
+        self.lines[line["index"]] = line
+        if self._file is not None:
+            self._file.write(json.dumps(line) + "\n")
+            self._file.flush()
+            return
+        while self._next in self.lines:
+            sys.stdout.write(json.dumps(self.lines[self._next]) + "\n")
+            self._next += 1
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(self.lines[i]) + "\n" for i in sorted(self.lines))
+        os.replace(tmp, self.path)
+        os.remove(self.partial)
+
+
+def main(argv=None) -> int:
+    """Serve the requests; the exit status is in the --help epilog (0, 1 compare differs, 3 requests failed)."""
+    cfg = parse_args(argv)
+    from ..runtime import quiet
+    quiet(bool(cfg.verbose))  # before DeepSpeed is imported
+    check_files(cfg)  # before any rank joins a collective
     llm, source = build_llm(cfg)
     from ..parallel import world_rank
     leader = world_rank() == 0
@@ -186,26 +275,25 @@ def main(argv=None) -> int:
         print(f"serving {source} at EP={cfg.engine.resolve_ep_size()}: {len(reqs)} request(s)",
               file=sys.stderr, flush=True)
     good = [i for i, r in enumerate(reqs) if r[2] is None]
+    writer = ResultWriter(cfg.output) if leader else None
+    for i, (_, _, err) in enumerate(reqs):
+        if err is not None:
+            writer.add(result_line(i, error=err))
     t0 = time.perf_counter()
-    outs = llm.generate([reqs[i][0] for i in good], [reqs[i][1] for i in good],
-                        use_tqdm=leader and not cfg.no_progress)
+    try:
+        outs = llm.generate([reqs[i][0] for i in good], [reqs[i][1] for i in good],
+                            use_tqdm=leader and not cfg.no_progress,
+                            on_finish=lambda pos, out: writer.add(result_line(good[pos], out)))
+    except BaseException:
+        if writer is not None and writer.partial:
+            print(f"{len(writer.lines)} finished result(s) are in {writer.partial}", file=sys.stderr, flush=True)
+        raise
     elapsed = time.perf_counter() - t0
     load = llm.expert_load()  # collective: every rank
     if not leader:
         return 0
+    writer.close()
     by_index = dict(zip(good, outs))
-    out_file = open(cfg.output, "w") if cfg.output else sys.stdout
-    try:
-        for i, (prompt, _, err) in enumerate(reqs):
-            if err is not None:
-                line = {"index": i, "text": None, "token_ids": [], "finish_reason": "error", "error": err}
-            else:
-                line = {"index": i, **by_index[i].to_dict()}
-                line.pop("request_id")
-            out_file.write(json.dumps(line) + "\n")
-    finally:
-        if out_file is not sys.stdout:
-            out_file.close()
     n_tok = sum(len(o.token_ids) for o in outs)
     failed = sum(1 for r in reqs if r[2]) + sum(1 for o in outs if o.error)
     print(f"done: {len(reqs)} request(s), {failed} failed, {n_tok} generated tokens in {elapsed:.2f}s "
@@ -215,20 +303,23 @@ def main(argv=None) -> int:
     print(f"expert load (routed tokens per EP rank): {shares}", file=sys.stderr, flush=True)
     if cfg.compare:
         ok = {i: o.token_ids for i, o in by_index.items() if o.error is None}
-        return compare(cfg.compare, [ok.get(i) for i in range(len(reqs))])
-    return 0
+        if compare(cfg.compare, [ok.get(i) for i in range(len(reqs))]):
+            return 1
+    return 3 if failed else 0
 
 
 def compare(path: str, ours: list) -> int:
-    """Print whether `ours` (token ids per input line, None for a failed line) equals a previous result file."""
-    with open(path) as f:
-        theirs = [json.loads(line) for line in f if line.strip()]
+    """Print whether `ours` (token ids per input line, None for a failed line) equals a previous result file,
+    naming the requests that differ; 1 if any does."""
+    theirs = read_results(path)
     if len(theirs) != len(ours):
         print(f"compare: {path} has {len(theirs)} results, this run {len(ours)}", file=sys.stderr, flush=True)
         return 1
-    same = sum(1 for t, o in zip(theirs, ours)
-               if (None if t.get("finish_reason") == "error" else t.get("token_ids")) == o)
-    verdict = "agree" if same == len(ours) else "DIFFER"
+    differ = [i for i, (t, o) in enumerate(zip(theirs, ours))
+              if (None if t.get("finish_reason") == "error" else t.get("token_ids")) != o]
+    same = len(ours) - len(differ)
+    verdict = "agree" if not differ else "DIFFER in request(s) " + ", ".join(map(str, differ[:20])) + \
+        (f" and {len(differ) - 20} more" if len(differ) > 20 else "")
     print(f"compare: {same}/{len(ours)} requests token-identical to {path}: outputs {verdict}", file=sys.stderr,
           flush=True)
-    return 0 if same == len(ours) else 1
+    return 1 if differ else 0

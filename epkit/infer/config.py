@@ -42,6 +42,15 @@ class EngineConfig:
     cuda_graphs: bool | None = setting(None, "replay decode steps as CUDA graphs on GPUs (default on; "
                                              "EPKIT_CUDA_GRAPHS=0 turns it off)")
     seed: int = setting(0, "seeds the per-request seeds of requests that set none", cli=False)
+    dist_timeout: float = setting(120.0, "seconds a collective waits for the other EP ranks; then the job ends with "
+                                         "a line naming the rank that stopped answering")
+    # expert parallelism (README: Serving modes)
+    dp_attention: bool = setting(False, "with ep > 1: each rank serves its own requests (its own KV cache, attention "
+                                        "for its own tokens) and the experts exchange tokens by all-to-all; "
+                                        "max_num_seqs and max_num_batched_tokens are then per rank")
+    sync_free_max_tokens: int = setting(256, "dp attention: forwards of up to this many tokens per rank use the "
+                                             "fixed-capacity all-to-all (no host sync, CUDA graphs), larger ones "
+                                             "the uneven one")
 
     def replace(self, **settings) -> "EngineConfig":
         """A copy with `settings` changed (`ep` is accepted for `ep_size`); an unknown name is an error."""
@@ -61,17 +70,30 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.max_model_len is not None and (isinstance(self.max_model_len, bool)
+                                               or not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise ValueError(f"max_model_len={self.max_model_len!r} must be a positive integer")
+        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) \
+                or not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout={self.dist_timeout!r} must be a positive number of seconds")
+        if isinstance(self.sync_free_max_tokens, bool) or not isinstance(self.sync_free_max_tokens, int) \
+                or self.sync_free_max_tokens < 0:
+            raise ValueError(f"sync_free_max_tokens={self.sync_free_max_tokens!r} must be an integer >= 0")
+        self.resolve_device()  # a bad device name, or CUDA this machine lacks: one sentence
+
+    def check_model(self, args) -> None:
+        """Settings the model bounds (`args`: its ModelArgs), before its weights are read."""
+        if self.max_model_len is not None and self.max_model_len > args.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} is beyond the model's context "
+                             f"(max_position_embeddings={args.max_position_embeddings})")
 
     def resolve_ep_size(self) -> int:
         """`ep_size`, or the number of launched ranks when it is None."""
         return self.ep_size or int(os.environ.get("WORLD_SIZE", 1))
 
     def resolve_device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        from ..runtime import rank_device
+        return rank_device(self.device)
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         """`dtype` as a torch dtype; auto: bf16 on GPUs, fp32 on CPUs."""

@@ -42,7 +42,11 @@ class TrainConfig:
     weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to norms)")
     betas: tuple = _opt((0.9, 0.95), "AdamW betas", nargs=2, type=float)
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
+    skip_nonfinite: int = _opt(0, "steps with a non-finite loss or gradient norm to skip (their update is not "
+                                  "applied) before the run stops; 0: stop at the first")
     seed: int = _opt(0, "seeds model init, data order and every RNG")
+    dist_timeout: float = _opt(600.0, "seconds a collective waits for the other ranks; then the job ends with a "
+                                      "line naming the rank that stopped answering")
     # loss
     aux_loss_coef: float | None = _opt(None, "load-balancing loss coefficient (default: the model's "
                                               "router_aux_loss_coef, as transformers uses)")
@@ -67,6 +71,7 @@ class TrainConfig:
     log_every: int = _opt(1, "write metrics every N steps")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars to OUTPUT_DIR/tensorboard")
     progress: bool = _opt(True, "tqdm progress bar on rank 0")
+    verbose: bool = _opt(False, "also show DeepSpeed's and torch's log lines and known warnings (hidden by default)")
 
     def check(self) -> None:
         """Settings that are wrong whatever the model and data: one sentence naming the value."""
@@ -82,9 +87,11 @@ class TrainConfig:
             raise ValueError(f"--train-only={self.train_only!r} is not one of {', '.join(FREEZE_CHOICES)}")
         if self.plan_strategy not in STRATEGIES:
             raise ValueError(f"--plan-strategy={self.plan_strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout={self.dist_timeout!r} must be a positive number of seconds")
         if not self.lr > 0:
             raise ValueError(f"--lr={self.lr!r} must be > 0")
-        for name in ("warmup_steps", "save_every", "eval_every"):
+        for name in ("warmup_steps", "save_every", "eval_every", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag[name]}={getattr(self, name)!r} must be >= 0")
         if self.keep_last < 1:

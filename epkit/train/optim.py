@@ -284,8 +284,13 @@ def initialize(cfg: TrainConfig, model: Mixtral, dtype: torch.dtype, accelerator
         ds = deepspeed_config(cfg, dtype, base=plugin.deepspeed_config)
         plugin.deepspeed_config.clear()
         plugin.deepspeed_config.update(ds)
-        engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        return engine, optimizer, scheduler
+        engine, optimizer, prepared = accelerator.prepare(model, optimizer, scheduler)
+        # Accelerate hands DeepSpeed only DeepSpeed's own schedulers and wraps ours (its wrapper would step it
+        # once per process per call): give it to the engine, which steps it at each optimizer step and saves
+        # its state, exactly as on the deepspeed path.
+        if engine.lr_scheduler is None:
+            engine.lr_scheduler = getattr(prepared, "scheduler", prepared)
+        return engine, optimizer, engine.lr_scheduler
     ds = deepspeed_config(cfg, dtype)
     import deepspeed
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
