@@ -173,6 +173,7 @@ class Mixtral(nn.Module):
     """
 
     expert_parallel = None  # epkit.parallel.ExpertParallelInfo once apply_expert_parallel has run
+    lora = None  # epkit.lora.LoraSpec while LoRA adapters are applied (epkit.lora.apply_lora)
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()

@@ -152,6 +152,11 @@ class Experts(nn.Module):
         return len(self.expert_ids)
 
     @property
+    def trains(self) -> bool:
+        """Whether any of this module's parameters (weights, or adapters added by epkit.lora) is trained."""
+        return any(p.requires_grad for p in self.parameters())
+
+    @property
     def backend(self) -> ComputeBackend:
         """The compute backend for the weights' device and dtype, chosen on first use and kept."""
         key = (self.w13.device, self.w13.dtype, self.impl)
@@ -167,7 +172,7 @@ class Experts(nn.Module):
         for no expert here, or unused buffer) and come back undefined. Returns [M, D].
         """
         M = x.shape[0] if rows is None else rows.shape[0]
-        kernel = self.backend.kernel(M, torch.is_grad_enabled() and self.w13.requires_grad)
+        kernel = self.backend.kernel(M, torch.is_grad_enabled() and self.trains)
         if kernel == "small_m":
             rows = rows if rows is not None else torch.arange(M, device=x.device)
             return moe_kernels.experts_small_m(x, rows, counts, self.w13, self.w2)
@@ -178,8 +183,8 @@ class Experts(nn.Module):
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """torch's grouped GEMM: x [M, D] sorted, counts [L] -> [M, D]; no host sync."""
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        act = self._recomputed(self._up_grouped, x, offs)  # [M, I]
-        return _grouped_mm(act, self.w2.transpose(1, 2), offs)  # [M, D]
+        act = self._recomputed(self._up, x, offs)  # [M, I]
+        return self.project(act, "w2", offs=offs)  # [M, D]
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Reference: one readable loop over the local experts (also the fallback on CPUs and old GPUs).
@@ -195,15 +200,10 @@ class Experts(nn.Module):
         outs = [self._expert(slot, xs) for slot, xs in enumerate(pieces[:-1])]
         return torch.cat(outs + [torch.zeros_like(pieces[-1])])
 
-    def _swiglu(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.split(self.intermediate_size, dim=-1)  # [M, I] each
+    def _up(self, x: torch.Tensor, offs: torch.Tensor | None = None, slot: int | None = None) -> torch.Tensor:
+        """SwiGLU of the up-projection: x [M, D] -> silu(x w1^T) * (x w3^T) [M, I] (one `slot`, or grouped)."""
+        gate, up = self.project(x, "w13", offs=offs, slot=slot).split(self.intermediate_size, dim=-1)
         return F.silu(gate) * up
-
-    def _up_grouped(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        return self._swiglu(_grouped_mm(x, self.w13.transpose(1, 2), offs))  # [M, 2I] -> [M, I]
-
-    def _up_one(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        return self._swiglu(F.linear(x, self.w13[slot]))
 
     def _recomputed(self, fn, *args) -> torch.Tensor:
         """fn(*args); with `recompute_up` (and autograd on) its activations are recomputed in backward."""
@@ -212,7 +212,17 @@ class Experts(nn.Module):
         return fn(*args)
 
     def _expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._recomputed(self._up_one, x, slot), self.w2[slot])
+        return self.project(self._recomputed(self._up, x, None, slot), "w2", slot=slot)
+
+    def project(self, x: torch.Tensor, name: str, offs: torch.Tensor | None = None, slot: int | None = None
+                ) -> torch.Tensor:
+        """x @ W^T for the stacked weight `name` ("w13" or "w2"): rows of one local `slot`, or rows grouped by
+        slot with cumulative ends `offs` (grouped GEMM). The one place expert weights multiply activations
+        (epkit.lora.LoRAExperts adds its low-rank term here)."""
+        w = getattr(self, name)
+        if slot is not None:
+            return F.linear(x, w[slot])
+        return _grouped_mm(x, w.transpose(1, 2), offs)
 
 
 class LocalDispatch:

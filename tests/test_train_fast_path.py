@@ -176,8 +176,8 @@ def test_selective_checkpointing_recomputes_and_keeps_the_gradients(monkeypatch)
     from epkit.train.loop import lm_and_router_losses
     batch = _batch(7)
     ups, attns = [], []
-    real_up, real_attn = Experts._up_one, epkit.model.Attention.forward
-    monkeypatch.setattr(Experts, "_up_one", lambda self, *a: ups.append(1) or real_up(self, *a))
+    real_up, real_attn = Experts._up, epkit.model.Attention.forward
+    monkeypatch.setattr(Experts, "_up", lambda self, *a: ups.append(1) or real_up(self, *a))
     monkeypatch.setattr(epkit.model.Attention, "forward",
                         lambda self, *a, **k: attns.append(1) or real_attn(self, *a, **k))
     grads, calls = {}, {}

@@ -63,9 +63,12 @@ class LLM:
     own KV cache and the experts exchange tokens by all-to-all (`epkit.infer.dp`; `max_num_seqs` and
     `max_num_batched_tokens` are then per rank) instead of every rank running every token's attention.
     The tokenizer is the checkpoint's (`epkit.tokenizer.load_tokenizer`) unless one is given.
+    `lora` (a PEFT adapter directory, e.g. a `--lora-rank` run's final/) is merged into the weights at load,
+    each rank merging only the experts it holds.
     """
 
-    def __init__(self, checkpoint: str, config: EngineConfig | None = None, *, tokenizer=None, **settings):
+    def __init__(self, checkpoint: str, config: EngineConfig | None = None, *, tokenizer=None, lora: str | None = None,
+                 **settings):
         from ..args import ModelArgs
         from ..checkpoint import load_pretrained
         from ..parallel import init_distributed, world_size
@@ -83,9 +86,13 @@ class LLM:
                                         strategy=cfg.strategy, dispatch="all_to_all" if cfg.dp_attention else "replicated",
                                         return_report=True)
         self.load_report = report
-        _refuse_nonfinite(model, checkpoint)
+        if lora is not None:  # folded into the weights at load: each rank merges only the experts it holds
+            from ..lora_io import adapter_dir, merge_adapter
+            lora = adapter_dir(lora)
+            merge_adapter(model, lora)
+        _refuse_nonfinite(model, checkpoint if lora is None else f"{checkpoint} + LoRA {lora}")
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
-            tokenizer = load_tokenizer(checkpoint)
+            tokenizer = load_tokenizer(checkpoint) or (load_tokenizer(lora) if lora is not None else None)
         self._setup(model.eval(), tokenizer, device, cfg)
 
     @classmethod

@@ -63,6 +63,14 @@ class TrainConfig:
                                                  "layers) or selective (attention blocks and the experts' "
                                                  "up-projection: no collective runs twice); the bare flag means "
                                                  "layers", choices=CHECKPOINT_MODES, nargs="?", const="layers")
+    # LoRA (epkit.lora): a frozen base, adapters saved as a PEFT adapter directory
+    lora_rank: int | None = _opt(None, "train LoRA adapters of this rank on a frozen base (default: full fine-tune)")
+    lora_alpha: float | None = _opt(None, "LoRA alpha: updates are scaled by alpha / rank (default: the rank)")
+    lora_dropout: float = _opt(0.0, "dropout on the adapters' input (attention-only targets: PEFT's router and "
+                                    "expert LoRA has none)")
+    lora_targets: str = _opt("attention,experts", "what gets adapters: a comma list of attention, experts, router")
+    merge: bool = _opt(False, "with --lora-rank: also write OUTPUT_DIR/merged, the base with the adapters folded in "
+                              "(a Hugging Face checkpoint)")
     # checkpoints and metrics
     save_every: int = _opt(0, "save a checkpoint every N steps (0: only at the end)")
     keep_last: int = _opt(2, "keep the last K step checkpoints (final/ is always kept)")
@@ -106,6 +114,23 @@ class TrainConfig:
                 raise ValueError(f"{flag[name]}={getattr(self, name)!r} must be >= 0")
         if self.keep_last < 1:
             raise ValueError(f"--keep-last={self.keep_last!r} must be at least 1")
+        if self.lora_rank is not None:
+            self.lora_spec()
+            if self.train_only != "none":
+                raise ValueError(f"--train-only {self.train_only} and --lora-rank exclude each other: LoRA freezes the "
+                                 f"whole base and trains only adapters (choose them with --lora-targets)")
+        else:
+            given = [f for f in ("lora_alpha", "lora_dropout", "lora_targets", "merge")
+                     if getattr(self, f) != TrainConfig.__dataclass_fields__[f].default]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} needs --lora-rank (LoRA is off without it)")
+
+    def lora_spec(self):
+        """The adapters this run trains (epkit.lora.LoraSpec), or None for a full fine-tune."""
+        if self.lora_rank is None:
+            return None
+        from ..lora import LoraSpec
+        return LoraSpec.from_groups(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
 
 def build_parser():

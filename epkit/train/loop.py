@@ -27,8 +27,8 @@ from ..runtime import cpu_threads_per_rank, quiet
 from . import state as ckpt
 from .config import TrainConfig
 from .losses import linear_cross_entropy
-from .optim import (check_plan_strategy, clip_exact, freeze, initialize, model_args_for, model_for, reduce_on_device,
-                    resolve_dtype, uses_exact_clip)
+from .optim import (check_plan_strategy, clip_exact, initialize, make_trainable, model_args_for, model_for,
+                    reduce_on_device, resolve_dtype, uses_exact_clip)
 from .metrics import Metrics
 
 
@@ -180,8 +180,9 @@ def main(cfg: TrainConfig) -> str:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     _seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg)
-    model = model_for(cfg, args, device, dtype, checkpoint=resume_from)
-    trainable = freeze(model, cfg.train_only)
+    # a LoRA checkpoint holds only the adapters: the base comes from --model
+    model = model_for(cfg, args, device, dtype, checkpoint=None if cfg.lora_rank else resume_from)
+    trainable = make_trainable(model, cfg, resume_from)
     engine, optimizer, scheduler = initialize(cfg, model, dtype, accelerator)
     exact_clip = uses_exact_clip(engine)
 
@@ -209,7 +210,8 @@ def main(cfg: TrainConfig) -> str:
         via = "accelerate" if accelerator is not None else "deepspeed"
         cpu = f", {threads} CPU thread(s) per rank" if device.type == "cpu" else ""
         metrics.write(f"epkit train ({via}): {world} rank(s), ep={cfg.ep_size}, "
-                      f"zero={engine.zero_optimization_stage()}, {dtype}{cpu}, "
+                      f"zero={engine.zero_optimization_stage()}, {dtype}{' base, fp32 adapters' if cfg.lora_rank else ''}"
+                      f"{cpu}, "
                       f"{len(train)} rows x {cfg.seq_len} tokens, trainable {trainable}; {where}")
     aux_coef = args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
     nonfinite = 0  # steps skipped for a non-finite loss or gradient norm
@@ -270,6 +272,8 @@ def main(cfg: TrainConfig) -> str:
         trainer_state = {"step": cfg.max_steps, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
                          "run_id": run.run_id}
         ckpt.save(engine, model, final, trainer_state, tok_dir)
+    if cfg.merge:
+        ckpt.save_merged(model, os.path.join(cfg.output_dir, "merged"), tok_dir)
     metrics.close()
     if rank == 0:
         print(f"checkpoint: {final}", flush=True)
