@@ -130,6 +130,8 @@ class Experts(nn.Module):
         if self.impl == "loop":
             return self.forward_loop(x, weights, slots, out_dtype)
         K = slots.shape[1]
+        if self._use_small_m(x, slots.numel()):  # decoding: sort, experts and combine in four kernels
+            return moe_kernels.fused_experts_small(x, weights, slots, self.w13, self.w2).to(out_dtype or x.dtype)
         flat = slots.reshape(-1)  # [N*K]
         key = torch.where(flat < 0, self.num_local, flat)
         order = torch.argsort(key, stable=True)  # [N*K]
@@ -179,11 +181,13 @@ class MoE(nn.Module):
         if self.track_routing:
             with torch.no_grad():
                 self.routed_tokens += count_per_bucket(experts, self.num_experts)
+        return self.dispatch(x, weights, experts).reshape(shape), router_logits
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum for routed tokens x [N, D] (weights, expert ids [N, K]) -> [N, D]."""
         if self.dispatcher is None:
-            y = self.experts(x, weights, experts)
-        else:
-            y = self.dispatcher(self.experts, x, weights, experts)
-        return y.reshape(shape), router_logits
+            return self.experts(x, weights, experts)
+        return self.dispatcher(self.experts, x, weights, experts)
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int,

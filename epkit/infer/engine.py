@@ -21,11 +21,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget
-from .runner import MAX_BATCHES, Batch, StepRunner
-from .sampling import SamplingBatch, SamplingParams, sample
-from .scheduler import Scheduler, Sequence, group_rows
+from .runner import MAX_BATCHES, Batch, Launched, StepRunner
+from .sampling import SamplingBatch, SamplingParams
+from .scheduler import FINISHED, Scheduler, Sequence, group_rows
 
 CPU_KV_BUDGET = 256 << 20  # bytes of KV cache on CPU when no budget is given
+DEFAULT_BATCHED_TOKENS = {True: 8192, False: 2048}  # tokens per step (prefill chunk), on GPU / on CPU
+MIN_SIZED_CHUNK = 512  # the sized chunk is halved no further
+SEQ_TOKENS_FOR_SIZING, MIN_SEQS, MAX_SEQS = 1024, 16, 512  # max_num_seqs = KV capacity / 1024 tokens, clamped
 
 
 @dataclass
@@ -53,6 +56,14 @@ class RequestOutput:
         if self.error is not None:
             d["error"] = self.error
         return d
+
+
+@dataclass
+class _Step:
+    """A step on the device: the runner's handle, and (sequence, token index) for each row it samples."""
+
+    launched: Launched
+    sampled: list[tuple[Sequence, int]]
 
 
 def load_tokenizer(path: str):
@@ -99,7 +110,16 @@ class LLM:
     routing counts stored with the checkpoint); `max_model_len` caps prompt + output (default: the
     model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of
     unseeded requests; `cuda_graphs` replays decode steps as CUDA graphs on GPUs (default on; False
-    or EPKIT_CUDA_GRAPHS=0: eager).
+    or EPKIT_CUDA_GRAPHS=0: eager); `decode_kernels` picks the decode step's kernels (`epkit.infer.decode`:
+    auto, reference, torch, triton, compile); `overlap` plans each step while the previous one runs
+    (default on; off: every step waits for its own tokens).
+
+    Sizing from memory, when not given: the KV cache takes `gpu_memory_utilization` of the card minus
+    the weights and the activations of the largest step; `max_num_batched_tokens` is 8192 on a GPU
+    (2048 on CPU), halved while that step's activations would take more than a quarter of the memory
+    left after the weights; `max_num_seqs` is as many sequences as the KV cache holds at 1024 tokens
+    each, between 16 and 512 (a decode step reads every expert's weights from about 64 rows on, so more
+    rows cost little until the KV cache runs out and sequences get preempted).
     """
 
     def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
@@ -132,9 +152,10 @@ class LLM:
         return self
 
     def _setup(self, model, tokenizer, device, block_size: int = 16, kv_cache_memory: int | None = None,
-               gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-               max_model_len: int | None = None, seed: int = 0, cuda_graphs: bool | None = None,
-               long_prefill_tokens: int | None = None) -> None:
+               gpu_memory_utilization: float = 0.85, max_num_seqs: int | None = None,
+               max_num_batched_tokens: int | None = None, max_model_len: int | None = None, seed: int = 0,
+               cuda_graphs: bool | None = None, long_prefill_tokens: int | None = None,
+               decode_kernels: str | None = None, overlap: bool = True) -> None:
         info = getattr(model, "expert_parallel", None)
         if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated":
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
@@ -143,16 +164,22 @@ class LLM:
         self.args = model.args
         self.dtype = next(model.parameters()).dtype
         if kv_cache_memory is None:
-            kv_cache_memory = self._kv_budget(gpu_memory_utilization, max_num_batched_tokens)
+            kv_cache_memory, max_num_batched_tokens = self._kv_budget(gpu_memory_utilization, max_num_batched_tokens)
+        max_num_batched_tokens = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[self.device.type == "cuda"]
         num_blocks = blocks_for_budget(self.args, kv_cache_memory, block_size, self.dtype)
         num_blocks = self._agree_min(num_blocks)
         self.cache = PagedKVCache(self.args, num_blocks, block_size, self.device, self.dtype)
         self.max_model_len = min(max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
+        if max_num_seqs is None:
+            max_num_seqs = min(MAX_SEQS, max(MIN_SEQS, self.cache.capacity_tokens // SEQ_TOKENS_FOR_SIZING))
         self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max_num_batched_tokens,
                                    long_prefill_tokens)
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
-        self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs)
+        self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs,
+                                 decode_kernels=decode_kernels, max_rows=max_num_seqs)
+        self.overlap = overlap
+        self._inflight: _Step | None = None
         self.is_leader = self.runner.is_leader
         self._rng = random.Random(seed)
         self._ids = 0
@@ -163,28 +190,42 @@ class LLM:
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "busy_s": 0.0}
 
     # ---- sizing -----------------------------------------------------------------------------
-    def _kv_budget(self, utilization: float, profile_tokens: int) -> int:
+    def _kv_budget(self, utilization: float, chunk: int | None) -> tuple[int, int | None]:
+        """(KV cache bytes, prefill chunk) from the card's memory; CPU: a fixed budget."""
         if self.device.type != "cuda":
-            return CPU_KV_BUDGET
+            return CPU_KV_BUDGET, chunk
         if not 0 < utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={utilization} must be in (0, 1]")
-        # Profile the largest forward a step can run (every EP rank joins: the MoE all-reduces).
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        n = min(profile_tokens, self.args.max_position_embeddings)
-        tokens = torch.zeros(1, n, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            self.model(tokens, logits_rows=torch.tensor([n - 1], device=self.device))
-        activations = torch.cuda.max_memory_allocated(self.device) - base
+        free, total = torch.cuda.mem_get_info(self.device)
+        sized = chunk is None
+        chunk = chunk or DEFAULT_BATCHED_TOKENS[True]
+        while True:
+            activations = self._profile_forward(chunk)
+            # NOTE: every EP rank profiles the same sizes in the same order (the MoE all-reduces).
+            if not sized or chunk <= MIN_SIZED_CHUNK or activations <= free / 4:
+                break
+            chunk //= 2
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         budget = int(utilization * total - (total - free) - activations)
         if budget <= 0:
             raise RuntimeError(f"no GPU memory left for the KV cache: {utilization=} of {total >> 20} MiB, "
                                f"{(total - free) >> 20} MiB in use, {activations >> 20} MiB for activations")
-        return budget
+        return budget, chunk
+
+    def _profile_forward(self, tokens: int) -> int:
+        """Peak bytes the largest forward a step can run allocates (every EP rank joins: the all-reduces)."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        n = min(tokens, self.args.max_position_embeddings)
+        ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            self.model(ids, logits_rows=torch.tensor([n - 1], device=self.device))
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - base
 
     def _agree_min(self, n: int) -> int:
         """Every EP rank must hold the same block ids: take the smallest pool any rank can afford."""
@@ -264,61 +305,99 @@ class LLM:
         return request_id
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step (leader). Returns the requests that changed, finished ones included."""
+        """Run one scheduler step (leader). Returns the requests that changed, finished ones included.
+
+        With `overlap` (the default), a call queues the next step on the device and then reads back the
+        tokens of the step queued by the previous call, so the tokens a call returns are one step old
+        and the device is never idle while the host schedules."""
         updates, self._pending = self._pending, []
-        if not self.scheduler.has_unfinished():
-            return updates
+        launched = self._launch() if self.scheduler.has_unfinished() else None
+        if self._inflight is not None:
+            updates += self._resolve(self._inflight)
+        self._inflight = launched
+        if launched is not None and not self.overlap:
+            updates += self._resolve(launched)
+            self._inflight = None
+        return updates
+
+    def _launch(self) -> "_Step | None":
+        """Schedule a step and queue it on every rank; None when every running sequence waits for a token."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.rows:
-            raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
+            if self._inflight is None:
+                raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
+            return None
         batches, sampled = [], []
         bs = self.cache.block_size
         for rows in group_rows(plan.rows, MAX_BATCHES):
             B, T = len(rows), max(n for _, _, n in rows)
             NB = max(-(-(start + n) // bs) for _, start, n in rows)
-            tokens, positions, table, logits_rows = [], [], [], []
+            b = Batch(B, T, NB, [], [], [], [])
             for i, (seq, start, n) in enumerate(rows):
-                tokens += seq.token_ids[start: start + n] + [0] * (T - n)
-                positions += list(range(start, start + n)) + [-1] * (T - n)
-                table += seq.blocks[:NB] + [0] * (NB - min(NB, len(seq.blocks)))
+                b.tokens += seq.token_ids[start: start + n] + [0] * (T - n)
+                if seq.pending is not None and start + n > seq.pending[0]:  # its last token is still on the device
+                    b.tokens[i * T + seq.pending[0] - start] = 0
+                    b.from_sampled.append((i * T + seq.pending[0] - start, seq.pending[1]))
+                b.positions += list(range(start, start + n)) + [-1] * (T - n)
+                b.block_table += seq.blocks[:NB] + [0] * (NB - min(NB, len(seq.blocks)))
                 if start + n == seq.num_tokens:  # this chunk ends the known tokens: sample the next one
-                    logits_rows.append(i * T + n - 1)
+                    b.logits_rows.append(i * T + n - 1)
                     sampled.append(seq)
                 seq.num_computed = start + n
                 if seq.first_scheduled is None:
                     seq.first_scheduled = t0
-            batches.append(Batch(B, T, NB, tokens, positions, table, logits_rows))
+            batches.append(b)
         self.stats["prompt_tokens"] += sum(n for s, start, n in plan.rows if start < s.prompt_len)
-        logits = self.runner.execute(batches)
-        if sampled:
-            logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-            sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
-                                           [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
-            next_ids = sample(logits, sb).tolist()  # NOTE: host sync, once per step
-            now = time.perf_counter()
-            for seq, tok in zip(sampled, next_ids):
-                updates.append(self._append(seq, tok, now))
+        sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
+                                       [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
+        launched = self.runner.launch(batches, sb)
+        for slot, seq in enumerate(sampled):  # a placeholder until the step's ids reach the host
+            seq.pending = (seq.num_tokens, slot)
+            seq.token_ids.append(-1)
+        self.stats["busy_s"] += time.perf_counter() - t0
+        return _Step(launched, [(seq, seq.pending[0]) for seq in sampled])
+
+    def _resolve(self, step: "_Step") -> list[RequestOutput]:
+        """Read a launched step's sampled ids (NOTE: the one host sync of a step) and apply them."""
+        t0 = time.perf_counter()
+        ids = self.runner.wait(step.launched)
+        now = time.perf_counter()
+        updates = []
+        for (seq, index), tok in zip(step.sampled, ids):
+            if seq.status == FINISHED:  # stopped by the step before: this token was computed in vain
+                continue
+            seq.token_ids[index] = tok
+            if seq.pending is not None and seq.pending[0] == index:
+                seq.pending = None
+            updates.append(self._append(seq, index, now))
         self.stats["steps"] += 1
         self.stats["busy_s"] += time.perf_counter() - t0
         return updates
 
-    def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
+    def _drain(self) -> None:
+        """Apply the step still on its way (its updates wait in `_pending` for the next `step()`)."""
+        if self._inflight is not None:
+            step, self._inflight = self._inflight, None
+            self._pending += self._resolve(step)
+
+    def _append(self, seq: Sequence, index: int, now: float) -> RequestOutput:
+        """Token `index` of `seq` has arrived: update its output and finish it if it stops here."""
         out, p = self._outputs[seq.request_id], seq.params
-        seq.token_ids.append(tok)
+        tok = seq.token_ids[index]
         self.stats["generated_tokens"] += 1
         if seq.first_token is None:
             seq.first_token = now
-        out.token_ids = seq.output_ids
+        out.token_ids = seq.token_ids[seq.prompt_len: index + 1]
         out.new_token_ids, out.new_text = [tok], None  # a step adds at most one token per request
         reason = None
         if (not p.ignore_eos and tok == self.args.eos_token_id) or tok in p.stop_token_ids:
             reason = "stop"
-        if reason is None and seq.num_tokens >= seq.max_len:
+        if reason is None and index + 1 >= seq.max_len:
             reason = "length"
         # Text: every step only when someone reads it (streaming) or stop strings need it, else at the end.
         # NOTE: a full decode of the output each time; O(n^2) over a long streamed output.
@@ -332,6 +411,8 @@ class LLM:
             out.text = text
             out.new_text = text[len(old):] if text.startswith(old) else text
         if reason is not None:
+            del seq.token_ids[index + 1:]  # tokens a later step was already computing
+            seq.pending = None
             self.scheduler.finish(seq, reason)
             seq.finished_at = now
             out.finish_reason = reason
@@ -376,6 +457,7 @@ class LLM:
                 for out in self.step():
                     if out.request_id in ids:
                         yield dataclasses.replace(out)
+            self._drain()
         finally:
             self.release_followers()
             for i in ids:
@@ -398,6 +480,7 @@ class LLM:
                 done = sum(1 for out in self.step() if out.finished and out.request_id in ids)
                 if bar is not None:
                     bar.update(done)
+            self._drain()
         finally:
             self._incremental_text = True
             self.release_followers()

@@ -85,13 +85,18 @@ class PagedKVCache:
         """
         bs = self.block_size
         B, NB = block_table.shape
-        pos = positions.clamp(min=0)
-        slot = block_table.gather(1, pos // bs) * bs + pos % bs  # [B, T]
-        self._write = torch.where(positions >= 0, slot, SCRATCH_BLOCK * bs).reshape(-1)  # [B*T]
+        self._write = self.write_slots(block_table, positions).reshape(-1)  # [B*T]
         s = torch.arange(NB * bs, device=positions.device)  # [S]
         self._read = block_table[:, s // bs] * bs + s % bs  # [B, S]
         length = positions.amax(dim=1, keepdim=True) + 1  # [B, 1] keys held after this step
         self._key_pos = torch.where(s[None, :] < length, s[None, :], -1)  # [B, S]
+
+    def write_slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The pool slot of each token [B, T]; padding (position -1) goes to the scratch block."""
+        bs = self.block_size
+        pos = positions.clamp(min=0)
+        slot = block_table.gather(1, pos // bs) * bs + pos % bs
+        return torch.where(positions >= 0, slot, SCRATCH_BLOCK * bs)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """k, v [B, G, T, Dh] -> all keys/values of each row [B, G, S, Dh] and key positions [B, S]."""

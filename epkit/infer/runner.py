@@ -1,30 +1,42 @@
-"""Lock-step execution of a step's forwards on every expert-parallel rank.
+"""Lock-step execution of a step's forwards on every expert-parallel rank, without waiting for the GPU.
 
-Rank 0 (the leader) schedules. Each step it packs the model inputs of the step's batches into one
-int64 tensor and broadcasts it over the EP group; every rank then runs the same forwards, so the
-MoE layers' all-reduces (replicated dispatch) line up. Only the leader asks the LM head for logits:
-the followers pass no `logits_rows` at all. Requests are validated on the leader before they can
-enter a step, so a bad request never reaches the other ranks.
+Rank 0 (the leader) schedules. `launch` sends the step's host-built inputs (a fixed-size header and
+one int64 payload) to the other ranks over a CPU (gloo) group, then every rank copies them to its
+device and runs the same forwards, so the MoE layers' all-reduces (replicated dispatch) line up.
+Only the leader computes logits and samples; it broadcasts the sampled ids over the EP group in
+stream order, so every rank holds them on its device.
 
-Per step: two broadcasts (a fixed-size header, then the payload) and, on followers, one host sync
-to read the header. Nothing extra per layer.
+A token sampled in step n is an input of step n+1 before the host has seen it: the leader plans
+step n+1 while step n runs, and a row whose input token is still being sampled names its slot in
+step n's sampled ids (`Batch.from_sampled`); each rank fills it in on its device. The host reads
+step n's tokens (`wait`, the one host sync of a step) only after step n+1 is queued behind it, so
+the GPU never waits for scheduling, tensor building or sampling bookkeeping. Followers never sync
+with their device at all: they receive the next header while their GPU still runs.
 
-Legend: B rows, T tokens per row, NB block-table width, R logits rows, L layers, E experts, K top-k.
+Legend: B rows, T tokens per row, NB block-table width, R logits rows, S tokens taken from the
+previous step's samples, L layers, E experts, K top-k.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from ..moe import count_per_bucket, route
+from .decode import DecodeForward, choose_kernels
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
+from .sampling import SamplingBatch, sample, to_device
 
 MAX_BATCHES = 4  # forwards per step: the decode rows, and prefill chunks grouped by length
 _STEP, _END = 1, 2
-_HEADER = 2 + 4 * MAX_BATCHES  # command, number of batches, then (B, T, NB, R) per batch
+_PER_BATCH = 5  # B, T, NB, R, S
+_HEADER = 2 + _PER_BATCH * MAX_BATCHES  # command, number of batches, then the batches' sizes
+# Followers wait for the next step on the CPU group, however long the leader is idle (a server with no
+# requests); if the leader's process ends, the connection closes and they fail at once.
+CONTROL_TIMEOUT = datetime.timedelta(days=7)
 
 
 @dataclass
@@ -34,83 +46,155 @@ class Batch:
     B: int
     T: int
     NB: int
-    tokens: list[int]  # [B*T], 0 at padding
+    tokens: list[int]  # [B*T], 0 at padding and where from_sampled fills in
     positions: list[int]  # [B*T], -1 at padding
     block_table: list[int]  # [B*NB]
     logits_rows: list[int]  # [R] flattened B*T indices whose next token is sampled
+    from_sampled: list[tuple[int, int]] = field(default_factory=list)  # (token index, slot in last step's samples)
+
+    def sizes(self) -> list[int]:
+        return [self.B, self.T, self.NB, len(self.logits_rows), len(self.from_sampled)]
+
+    def flat(self) -> list[int]:
+        return (self.tokens + self.positions + self.block_table + self.logits_rows
+                + [i for i, _ in self.from_sampled] + [s for _, s in self.from_sampled])
+
+
+@dataclass
+class Launched:
+    """A step on its way: its sampled ids on the device and, once copied, on the host."""
+
+    num_sampled: int
+    host: torch.Tensor | None = None  # [R] int64, pinned on CUDA
+    done: torch.cuda.Event | None = None
+
+
+def _control_group(ep_group):
+    """A gloo group with the same ranks as `ep_group` (every rank of the world must call this)."""
+    mine = dist.get_process_group_ranks(ep_group)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)  # NOTE: collective, once at set-up
+    out = None
+    for ranks in sorted({tuple(r) for r in every}):
+        group = dist.new_group(list(ranks), backend="gloo", timeout=CONTROL_TIMEOUT)  # NOTE: collective
+        if dist.get_rank() in ranks:
+            out = group
+    return out
 
 
 class StepRunner:
-    def __init__(self, model, cache: PagedKVCache, device: torch.device, cuda_graphs: bool = True):
+    def __init__(self, model, cache: PagedKVCache, device: torch.device, cuda_graphs: bool = True,
+                 decode_kernels: str | None = None, max_rows: int = 256):
         self.model, self.cache, self.device = model, cache, torch.device(device)
+        self.decode_kernels = choose_kernels(decode_kernels, model, self.device)
+        self.decode = (DecodeForward(model, cache, self.decode_kernels) if self.decode_kernels != "reference"
+                       else None)
         # Decode steps replay CUDA graphs (graphs.py); prefill chunks and CPU runs stay eager.
-        self.graphs = DecodeGraphs(self._forward, self.device) if cuda_graphs and self.device.type == "cuda" else None
+        self.graphs = (DecodeGraphs(self._forward, self.device, max_rows) if cuda_graphs and self.device.type == "cuda"
+                       else None)
         self._sync_free_rows: dict[int, bool] = {}
         info = getattr(model, "expert_parallel", None)
         self.group = info.groups.ep_group if info is not None and info.plan.ep_size > 1 else None
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
         self.is_leader = self.rank == 0
+        if self.group is not None:
+            self.leader = dist.get_global_rank(self.group, 0)
+            self.control = _control_group(self.group)
         args = model.args
         self.top_k, self.num_experts = args.experts_per_token, args.num_experts
         # Routing counts of real tokens only (the model's own counter would also count padding).
         self.routed = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64, device=self.device)
         for moe in model.moe_layers():
             moe.track_routing = False
+        self.sampled = torch.zeros(1, dtype=torch.int64, device=self.device)  # the last step's samples
 
     # ---- leader -----------------------------------------------------------------------------
-    def execute(self, batches: list[Batch]) -> list[torch.Tensor]:
-        """Run the batches on every rank; return the leader's logits [R, V] per batch."""
+    def launch(self, batches: list[Batch], sampling: SamplingBatch | None) -> Launched:
+        """Queue the batches' forwards on every rank and sample the leader's logits rows, without waiting
+        for the device. `wait` returns the sampled ids."""
         if not self.is_leader:
-            raise RuntimeError("StepRunner.execute is for the leader rank; other ranks call follow()")
+            raise RuntimeError("StepRunner.launch is for the leader rank; other ranks call follow()")
         if not 1 <= len(batches) <= MAX_BATCHES:
             raise ValueError(f"a step holds 1 to {MAX_BATCHES} batches, got {len(batches)}")
-        header = [_STEP, len(batches)] + [0] * (4 * MAX_BATCHES)
+        header = [_STEP, len(batches)] + [0] * (_PER_BATCH * MAX_BATCHES)
         flat: list[int] = []
         for i, b in enumerate(batches):
-            header[2 + 4 * i: 6 + 4 * i] = [b.B, b.T, b.NB, len(b.logits_rows)]
-            flat += b.tokens + b.positions + b.block_table + b.logits_rows
-        payload = torch.tensor(flat, dtype=torch.int64).to(self.device, non_blocking=True)
+            header[2 + _PER_BATCH * i: 2 + _PER_BATCH * (i + 1)] = b.sizes()
+            flat += b.flat()
+        payload = torch.tensor(flat, dtype=torch.int64)
         if self.group is not None:
-            # NOTE: two broadcasts per step over the EP group.
-            dist.broadcast(torch.tensor(header, dtype=torch.int64).to(self.device), src=0, group=self.group)
-            dist.broadcast(payload, src=0, group=self.group)
-        return self._run(header, payload, with_logits=True)
+            # NOTE: two broadcasts per step on the CPU group; the host does not wait for any device.
+            dist.broadcast(torch.tensor(header, dtype=torch.int64), src=self.leader, group=self.control)
+            dist.broadcast(payload, src=self.leader, group=self.control)
+        logits = self._run(header, payload, with_logits=True)
+        R = sum(len(b.logits_rows) for b in batches)
+        step = Launched(R)
+        if R == 0:
+            return step
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        self.sampled = sample(logits, sampling)  # [R]
+        if self.group is not None:
+            dist.broadcast(self.sampled, src=self.leader, group=self.group)  # NOTE: collective, in stream order
+        if self.device.type == "cuda":
+            step.host = torch.empty(R, dtype=torch.int64, pin_memory=True)
+            step.host.copy_(self.sampled, non_blocking=True)
+            step.done = torch.cuda.Event()
+            step.done.record()
+        else:
+            step.host = self.sampled.clone()
+        return step
+
+    def wait(self, step: Launched) -> list[int]:
+        """The step's sampled ids on the host."""
+        if step.num_sampled == 0:
+            return []
+        if step.done is not None:
+            step.done.synchronize()  # NOTE: host sync, once per step (the queue holds the next step by now)
+        return step.host.tolist()
 
     def end(self) -> None:
         """Release the followers from `follow()`."""
         if self.group is not None and self.is_leader:
             header = torch.zeros(_HEADER, dtype=torch.int64)
             header[0] = _END
-            dist.broadcast(header.to(self.device), src=0, group=self.group)  # NOTE: collective
+            dist.broadcast(header, src=self.leader, group=self.control)  # NOTE: collective (CPU group)
 
     # ---- followers --------------------------------------------------------------------------
     def follow(self) -> None:
-        """Run every step the leader broadcasts, until it calls `end()`."""
+        """Run every step the leader launches, until it calls `end()`."""
         if self.group is None or self.is_leader:
             return
         while True:
-            header_t = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-            dist.broadcast(header_t, src=0, group=self.group)  # NOTE: collective
-            header = header_t.tolist()  # NOTE: host sync, once per step
+            header_t = torch.empty(_HEADER, dtype=torch.int64)
+            dist.broadcast(header_t, src=self.leader, group=self.control)  # NOTE: collective (CPU group)
+            header = header_t.tolist()
             if header[0] == _END:
                 return
-            size = sum(h[0] * h[1] * 2 + h[0] * h[2] + h[3]
-                       for h in (header[2 + 4 * i: 6 + 4 * i] for i in range(header[1])))
-            payload = torch.empty(size, dtype=torch.int64, device=self.device)
-            dist.broadcast(payload, src=0, group=self.group)
+            sizes = [header[2 + _PER_BATCH * i: 2 + _PER_BATCH * (i + 1)] for i in range(header[1])]
+            payload = torch.empty(sum(B * T * 2 + B * NB + R + 2 * S for B, T, NB, R, S in sizes), dtype=torch.int64)
+            dist.broadcast(payload, src=self.leader, group=self.control)
             self._run(header, payload, with_logits=False)
+            R = sum(s[3] for s in sizes)
+            if R:
+                self.sampled = torch.empty(R, dtype=torch.int64, device=self.device)
+                dist.broadcast(self.sampled, src=self.leader, group=self.group)  # NOTE: collective
 
     # ---- both -------------------------------------------------------------------------------
     @torch.no_grad()
     def _run(self, header: list[int], payload: torch.Tensor, with_logits: bool) -> list[torch.Tensor]:
+        payload = to_device(payload, torch.int64, self.device)
         out, o = [], 0
         for i in range(header[1]):
-            B, T, NB, R = header[2 + 4 * i: 6 + 4 * i]
+            B, T, NB, R, S = header[2 + _PER_BATCH * i: 2 + _PER_BATCH * (i + 1)]
             tokens = payload[o: o + B * T].view(B, T)
             positions = payload[o + B * T: o + 2 * B * T].view(B, T)
-            table = payload[o + 2 * B * T: o + 2 * B * T + B * NB].view(B, NB)
-            rows = payload[o + 2 * B * T + B * NB: o + 2 * B * T + B * NB + R]
-            o += 2 * B * T + B * NB + R
+            o += 2 * B * T
+            table = payload[o: o + B * NB].view(B, NB)
+            rows = payload[o + B * NB: o + B * NB + R]
+            o += B * NB + R
+            if S:  # tokens the previous step sampled: fill them in on the device
+                tokens.view(-1)[payload[o: o + S]] = self.sampled[payload[o + S: o + 2 * S]]
+            o += 2 * S
             if self.graphs is not None and self.graphs.eligible(B, T, R) and self._sync_free(B):
                 out.append(self.graphs.run(tokens, positions, table, with_logits))
             else:
@@ -127,9 +211,12 @@ class StepRunner:
         return self._sync_free_rows[rows]
 
     def _forward(self, tokens, positions, table, rows) -> torch.Tensor:
-        """One forward with the cache prepared for it; free of host syncs (CUDA graphs capture it)."""
-        self.cache.prepare(table, positions)
-        logits, router_logits = self.model(tokens, positions, self.cache, logits_rows=rows)
+        """One forward; free of host syncs (CUDA graphs capture it). One-token rows take the decode forward."""
+        if self.decode is not None and tokens.shape[1] == 1:
+            logits, router_logits = self.decode(tokens, positions, table, rows)
+        else:
+            self.cache.prepare(table, positions)
+            logits, router_logits = self.model(tokens, positions, self.cache, logits_rows=rows)
         self._count(router_logits, positions)
         return logits
 
