@@ -86,8 +86,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_ml = torch.empty(N, H, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
-    _decode_kernel[(N, G, splits)](q, k_cache, v_cache, table, seq_lens, out, part_acc, part_ml,
-                                   1.0 / math.sqrt(Dh), window or 0, NB, splits, per_split, **meta)
+    _decode_kernel[(N, G, splits)](q, k_cache, v_cache, table.contiguous(), seq_lens.contiguous(), out, part_acc,
+                                   part_ml, 1.0 / math.sqrt(Dh), window or 0, NB, splits, per_split, **meta)
     if splits > 1:
         _merge_kernel[(N, H)](part_acc, part_ml, out, splits, DH=Dh, SP=next_pow2(splits))
     return out

@@ -146,17 +146,16 @@ if HAS_TRITON:
         src = qkv_ptr + n * (H + 2 * G) * DH + j * DH
         o1, o2 = _rope_half(tl.load(src + i), tl.load(src + HALF + i), c1, c2, s1, s2, dt)
         if j < H:
-            dst = q_ptr + (n * H + j) * DH
-            tl.store(dst + i, o1)
-            tl.store(dst + HALF + i, o2)
+            q_dst = q_ptr + (n * H + j) * DH
+            tl.store(q_dst + i, o1)
+            tl.store(q_dst + HALF + i, o2)
         else:
-            g = j - H
-            dst = tl.load(slot_ptr + n) * G * DH + g * DH
-            tl.store(k_ptr + dst + i, o1)
-            tl.store(k_ptr + dst + HALF + i, o2)
+            kv = tl.load(slot_ptr + n) * G * DH + (j - H) * DH  # offset of (slot, KV head) in the pools
+            tl.store(k_ptr + kv + i, o1)
+            tl.store(k_ptr + kv + HALF + i, o2)
             v_src = src + G * DH
-            tl.store(v_ptr + dst + i, tl.load(v_src + i))
-            tl.store(v_ptr + dst + HALF + i, tl.load(v_src + HALF + i))
+            tl.store(v_ptr + kv + i, tl.load(v_src + i))
+            tl.store(v_ptr + kv + HALF + i, tl.load(v_src + HALF + i))
 
     @triton.jit
     def _route_kernel(logits_ptr, w_ptr, id_ptr, N, E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
