@@ -96,6 +96,7 @@ class DecodeForward:
         device_triton = triton_runs_on(dev) and paged.supported(a.head_dim, a.num_heads, a.num_kv_heads, dtype)
         self.attention = (paged.paged_decode_attention if kernels == "triton" or (kernels == "compile" and device_triton)
                           else paged.paged_decode_attention_torch)
+        self.reads_table = self.attention is paged.paged_decode_attention  # cost independent of the table width
         self.add_norm = fused.add_rms_norm if kernels == "triton" else fused.add_rms_norm_torch
         self.route = fused.route if kernels == "triton" else fused.route_torch
         self._pre, self._post = self._qkv_torch, self._post_attention

@@ -176,8 +176,8 @@ class LLM:
                                    long_prefill_tokens)
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
-        self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs,
-                                 decode_kernels=decode_kernels, max_rows=max_num_seqs)
+        self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs, decode_kernels=decode_kernels,
+                                 max_rows=max_num_seqs, max_table_width=-(-self.max_model_len // block_size))
         self.overlap = overlap
         self._inflight: _Step | None = None
         self.is_leader = self.runner.is_leader
@@ -490,6 +490,18 @@ class LLM:
         for out in outs:
             out.new_token_ids, out.new_text = [], None
         return outs
+
+    def warmup(self) -> None:
+        """Capture the decode CUDA graph of every rows bucket up to `max_num_seqs` (and compile the kernels)
+        now rather than on first use, as a server does at start-up: each bucket's rows run one step as
+        one-token prompts. Every rank calls it."""
+        n, sizes = 1, []
+        while n < self.scheduler.max_num_seqs:
+            sizes.append(n)
+            n *= 2
+        for b in sizes + [self.scheduler.max_num_seqs]:
+            self.generate([[self.args.bos_token_id or 1]] * b, SamplingParams(temperature=0, max_tokens=1,
+                                                                            ignore_eos=True))
 
     # ---- lock-step helpers ------------------------------------------------------------------
     def follow(self) -> None:

@@ -41,8 +41,10 @@ class DecodeGraphs:
     tensor the captured forward reads must outlive the graph, so the inputs live in `_Graph`.
     """
 
-    def __init__(self, forward: Callable, device: torch.device, max_rows: int = 256):
-        self.forward, self.device, self.max_rows = forward, device, max_rows
+    def __init__(self, forward: Callable, device: torch.device, max_rows: int = 256, min_table_width: int = 1):
+        # A forward that reads the block table directly costs nothing per unused column: a wide minimum
+        # table bucket then saves captures (one graph per rows bucket for most serving loads).
+        self.forward, self.device, self.max_rows, self.min_table_width = forward, device, max_rows, min_table_width
         self.pool = torch.cuda.graph_pool_handle() if torch.device(device).type == "cuda" else None
         self.graphs: dict[tuple[int, int, bool], _Graph] = {}
 
@@ -54,7 +56,7 @@ class DecodeGraphs:
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, with_logits: bool):
         B, NB = table.shape
-        key = (bucket(B), bucket(NB), with_logits)
+        key = (bucket(B), bucket(max(NB, self.min_table_width)), with_logits)
         g = self.graphs.get(key) or self._capture(*key)
         # NOTE: small device copies into the graph's static inputs; no host sync.
         g.tokens.zero_()

@@ -84,14 +84,17 @@ def _control_group(ep_group):
 
 class StepRunner:
     def __init__(self, model, cache: PagedKVCache, device: torch.device, cuda_graphs: bool = True,
-                 decode_kernels: str | None = None, max_rows: int = 256):
+                 decode_kernels: str | None = None, max_rows: int = 256, max_table_width: int = 1):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.decode_kernels = choose_kernels(decode_kernels, model, self.device)
         self.decode = (DecodeForward(model, cache, self.decode_kernels) if self.decode_kernels != "reference"
                        else None)
-        # Decode steps replay CUDA graphs (graphs.py); prefill chunks and CPU runs stay eager.
-        self.graphs = (DecodeGraphs(self._forward, self.device, max_rows) if cuda_graphs and self.device.type == "cuda"
-                       else None)
+        # Decode steps replay CUDA graphs (graphs.py); prefill chunks and CPU runs stay eager. Paged attention
+        # skips unused table columns, so its graphs take tables of up to 4096 tokens in one width bucket.
+        paged = self.decode is not None and self.decode.reads_table
+        min_width = min(max_table_width, -(-4096 // cache.block_size)) if paged else 1
+        self.graphs = (DecodeGraphs(self._forward, self.device, max_rows, min_width)
+                       if cuda_graphs and self.device.type == "cuda" else None)
         self._sync_free_rows: dict[int, bool] = {}
         info = getattr(model, "expert_parallel", None)
         self.group = info.groups.ep_group if info is not None and info.plan.ep_size > 1 else None
