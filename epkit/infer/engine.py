@@ -203,8 +203,8 @@ class LLM:
         chunk = chunk or DEFAULT_BATCHED_TOKENS[True]
         while True:
             activations = self._profile_forward(chunk)
-            # NOTE: every EP rank profiles the same sizes in the same order (the MoE all-reduces).
-            if not sized or chunk <= MIN_SIZED_CHUNK or activations <= free / 4:
+            # NOTE: every EP rank must profile the same sizes (the MoE all-reduces): the ranks agree on the answer.
+            if not sized or chunk <= MIN_SIZED_CHUNK or self._agree_min(int(activations <= free / 4)):
                 break
             chunk //= 2
         torch.cuda.empty_cache()
