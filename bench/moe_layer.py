@@ -119,7 +119,6 @@ def build_epkit(shape: Shape, w, ep_size: int, device, dtype):
     plan = epkit.ShardingPlan(shape.experts, ep_size)
     apply_expert_parallel(model, plan, setup_expert_parallel(ep_size), dispatch="replicated")
     moe = model.layers[0].moe.to_empty(device=device)
-    moe.routed_tokens.zero_()
     moe.gate.weight.copy_(w["gate"])
     local = moe.experts.expert_ids
     moe.experts.w13.copy_(w["w13"][local])

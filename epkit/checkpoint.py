@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from .config import ModelArgs
 from .model import Mixtral
+from .plan import ShardingPlan
 
 INDEX_FILE = "model.safetensors.index.json"
 PLAN_FILE = "epkit_plan.json"
@@ -74,6 +75,77 @@ class CheckpointError(ValueError):
 class LoadReport:
     bytes_read: int = 0
     tensors_read: int = 0
+
+
+@dataclass
+class Manifest:
+    """`epkit_plan.json`, written beside every checkpoint epkit saves: the sharding plan it was saved with,
+    the tokens routed to each expert of each layer over the run that saved it, and (training) the step.
+
+    `ShardingPlan.from_manifest` turns it into a plan for any EP size (the only way a plan comes from a
+    checkpoint); `launch/heatmap.py` and `--resume` read its routing counts.
+    """
+
+    plan: dict | None = None  # ShardingPlan.to_dict()
+    routed_tokens: list[list[int]] | None = None  # [layers][experts]
+    trainer_state: dict | None = None  # {"step", "tokens_seen"} of a training checkpoint
+    file: str | None = field(default=None, compare=False)  # where it was read from (for messages)
+
+    @classmethod
+    def read(cls, directory: str) -> "Manifest | None":
+        """The manifest of checkpoint `directory`, or None when it has none (e.g. a transformers checkpoint).
+        A file that is not a manifest raises CheckpointError naming it."""
+        file = os.path.join(directory, PLAN_FILE)
+        if not os.path.isfile(file):
+            return None
+        try:
+            with open(file) as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{file}: expected a JSON object, got {type(d).__name__}")
+        plan, routed = d.get("plan"), d.get("routed_tokens")
+        if plan is not None and not isinstance(plan, dict):
+            raise CheckpointError(f"{file}: 'plan' is not a JSON object")
+        if routed is not None and not (isinstance(routed, list) and all(
+                isinstance(row, list) and all(isinstance(c, int) for c in row) for row in routed)):
+            raise CheckpointError(f"{file}: 'routed_tokens' is not a list of per-layer lists of token counts")
+        return cls(plan, routed, d.get("trainer_state"), file)
+
+    @classmethod
+    def for_model(cls, args: ModelArgs, directory: str | None = None) -> "Manifest":
+        """What a checkpoint without a manifest amounts to: one device holds every expert, nothing recorded."""
+        plan = ShardingPlan(args.num_experts, 1, num_layers=args.num_layers).to_dict()
+        return cls(plan, file=os.path.join(directory, PLAN_FILE) if directory else None)
+
+    def write(self, directory: str) -> None:
+        d = {"plan": self.plan, "routed_tokens": self.routed_tokens}
+        if self.trainer_state is not None:
+            d["trainer_state"] = self.trainer_state
+        with open(os.path.join(directory, PLAN_FILE), "w") as f:
+            json.dump(d, f, indent=2)
+
+    def check_matches(self, args: ModelArgs) -> None:
+        """A saved plan that disagrees with config.json means the directory was tampered with or mixed up."""
+        if self.plan is None:
+            raise CheckpointError(f"{self.file}: has no 'plan' entry")
+        try:
+            ShardingPlan.from_dict(self.plan).check_matches(args.num_experts, args.num_layers, source=self.file)
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            raise CheckpointError(msg if msg.startswith(f"{self.file}:") else f"{self.file}: {msg}") from None
+
+
+def checkpoint_plan(path: str, args: ModelArgs, ep_size: int, strategy: str = "contiguous") -> ShardingPlan:
+    """The plan to load checkpoint `path` over `ep_size` ranks with `strategy`, from its manifest (checked
+    against config.json; `balanced` places experts by its routing counts)."""
+    manifest = Manifest.read(path)
+    if manifest is None:
+        manifest = Manifest.for_model(args, path)
+    else:
+        manifest.check_matches(args)
+    return ShardingPlan.from_manifest(manifest, ep_size, strategy)
 
 
 class _Reader:
@@ -230,10 +302,6 @@ def load_state_into(model: Mixtral, path: str, device=None, dtype=None) -> LoadR
     if getattr(model, "expert_parallel", None) is not None:
         from .parallel import mark_expert_params
         mark_expert_params(model)  # assign=True replaced the marked Parameters
-    # Buffers (routing counters) were on meta: make real ones.
-    for layer in model.layers:
-        moe = layer.moe
-        moe.routed_tokens = torch.zeros(moe.num_experts, dtype=torch.int64, device=moe.gate.weight.device)
     return report
 
 
@@ -250,10 +318,10 @@ def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, e
         model = Mixtral(args)
     if ep_size > 1 or plan is not None:
         from .parallel import apply_expert_parallel, setup_expert_parallel
-        from .plan import ShardingPlan
         if plan is None:
-            plan = ShardingPlan(args.num_experts, ep_size, strategy=strategy, num_layers=args.num_layers)
-        check_manifest(path, args)
+            plan = checkpoint_plan(path, args, ep_size, strategy)
+        elif (manifest := Manifest.read(path)) is not None:
+            manifest.check_matches(args)
         groups = setup_expert_parallel(plan.ep_size)
         apply_expert_parallel(model, plan, groups, dispatch=dispatch)
         from .parallel import all_ranks_ok
@@ -267,26 +335,6 @@ def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, e
     else:
         report = load_state_into(model, path, device, dtype)
     return (model, report) if return_report else model
-
-
-def check_manifest(path: str, args: ModelArgs) -> None:
-    """A saved plan that disagrees with config.json means the directory was tampered with or mixed up."""
-    file = os.path.join(path, PLAN_FILE)
-    if not os.path.isfile(file):
-        return
-    from .plan import ShardingPlan
-    with open(file) as f:
-        try:
-            manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or "plan" not in manifest:
-        raise CheckpointError(f"{file}: has no 'plan' entry")
-    try:
-        plan = ShardingPlan.from_dict(manifest["plan"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{file}: {e}") from None
-    plan.check_matches(args.num_experts, args.num_layers, source=file)
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -340,9 +388,10 @@ def _write_shards(items, directory: str, prefix: str, max_shard_bytes: int) -> d
     return weight_map
 
 
-def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, extra_manifest: dict | None = None,
+def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, trainer_state: dict | None = None,
                     tokenizer_dir: str | None = None) -> None:
-    """Write a Hugging Face Mixtral directory. Under expert parallelism call it on every rank."""
+    """Write a Hugging Face Mixtral directory and its `Manifest` (`trainer_state`: a training step's
+    record). Under expert parallelism call it on every rank."""
     from . import parallel  # collectives only when a distributed run is going
     info = getattr(model, "expert_parallel", None)
     rank, world = parallel.world_rank(), parallel.world_size()
@@ -366,7 +415,7 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
         raise failure or RuntimeError(f"saving {path} failed on another rank; nothing was replaced")
-    stats = parallel.gather_routing_counts(model) if info is not None else _routing_counts(model)
+    stats = parallel.gather_routing_counts(model)  # NOTE: collective (every rank is here)
     parallel.barrier()
     if rank == 0:
         weight_map = {}
@@ -380,11 +429,8 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
                       indent=2)
         model.args.save(tmp, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
-        from .plan import ShardingPlan
-        plan = info.plan if info else ShardingPlan(model.args.num_experts, 1, num_layers=model.args.num_layers)
-        manifest = {"plan": plan.to_dict(), "routed_tokens": stats, **(extra_manifest or {})}
-        with open(os.path.join(tmp, PLAN_FILE), "w") as f:
-            json.dump(manifest, f, indent=2)
+        plan = info.plan.to_dict() if info else Manifest.for_model(model.args).plan
+        Manifest(plan, stats, trainer_state).write(tmp)
         if tokenizer_dir:
             for name in os.listdir(tokenizer_dir):
                 if name.startswith("tokenizer") or name in ("special_tokens_map.json",):
@@ -426,6 +472,3 @@ def _atomic_replace(tmp: str, path: str) -> None:
     if old:
         shutil.rmtree(old)
 
-
-def _routing_counts(model: Mixtral) -> list[list[int]]:
-    return [layer.moe.routed_tokens.tolist() for layer in model.layers]

@@ -2,7 +2,11 @@
 sliding window, sparse-MoE decoder blocks and the LM head.
 
 This file never imports torch.distributed or deepspeed: expert parallelism is applied afterwards by
-`epkit.parallel.apply_expert_parallel`, which only swaps the MoE layers' dispatcher and experts.
+`epkit.parallel.apply_expert_parallel`, which only swaps the MoE layers' dispatcher and experts and sets
+`Mixtral.expert_parallel`.
+
+A forward returns the logits, the router logits and what every MoE layer routed, and counts the routed
+real tokens into `Mixtral.routing_stats` (the one routing counter; see `epkit.moe.RoutingStats`).
 
 Positions drive everything: a token at position p attends to keys at positions q <= p (and
 p - q < sliding_window). A position of -1 marks padding, which no token attends to.
@@ -20,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelArgs
-from .moe import MoE
+from .moe import MoE, Routed, RoutingStats
 
 
 class KVCache(Protocol):
@@ -35,6 +39,28 @@ class KVCache(Protocol):
 
 def _seeded(device: torch.device, seed: int, key: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
+
+
+class ModelOutput(tuple):
+    """(logits, router_logits) as a tuple, plus `routed`: what each MoE layer routed (`moe.Routed`:
+    router logits, expert ids, token mask), which the aux loss reuses."""
+
+    def __new__(cls, items, routed: list[Routed] | None = None):
+        self = super().__new__(cls, items)
+        self.routed = routed
+        return self
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def router_logits(self) -> list[torch.Tensor]:
+        return self[1]
+
+    @property
+    def expert_ids(self) -> list[torch.Tensor]:
+        return [r.expert_ids for r in self.routed]
 
 
 class RMSNorm(nn.Module):
@@ -111,18 +137,22 @@ class DecoderLayer(nn.Module):
         self.moe = MoE(args.hidden_size, args.intermediate_size, args.num_experts, args.experts_per_token,
                        args.router_jitter_noise, device, dtype)
 
-    def forward(self, x, positions, rope, cache=None):
+    def forward(self, x, positions, rope, cache=None, mask=None):
         x = x + self.attn(self.attn_norm(x), positions, rope, cache)
-        y, router_logits = self.moe(self.moe_norm(x))
-        return x + y, router_logits
+        y, routed = self.moe(self.moe_norm(x), mask)
+        return x + y, routed
 
 
 class Mixtral(nn.Module):
-    """forward(tokens [B, T], positions [B, T] | None, cache | None) -> (logits [B, T, V], router logits per layer)."""
+    """forward(tokens [B, T], positions [B, T] | None, cache | None) -> ModelOutput: (logits [B, T, V],
+    router logits per layer [B*T, E]) and what each layer routed."""
+
+    expert_parallel = None  # epkit.parallel.ExpertParallelInfo once apply_expert_parallel has run
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
         self.args = args
+        self.routing_stats = RoutingStats(args.num_layers, args.num_experts)
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(args, i, device, dtype) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
@@ -133,6 +163,11 @@ class Mixtral(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.layers]
+
+    def sync_free(self, tokens: int) -> bool:
+        """Whether an inference forward of `tokens` tokens runs without a host sync, so a CUDA graph can
+        capture it (attention never syncs; each MoE layer's dispatcher and expert backend decide)."""
+        return all(moe.sync_free(tokens) for moe in self.moe_layers())
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int = 0, router_std: float | None = None) -> "Mixtral":
@@ -151,26 +186,32 @@ class Mixtral(nn.Module):
                     p[slot].normal_(0.0, s, generator=_seeded(p.device, seed, f"{name}.{e}"))
             else:
                 p.normal_(0.0, s, generator=_seeded(p.device, seed, name))
-        for moe in self.moe_layers():
-            moe.routed_tokens.zero_()
+        self.routing_stats.reset()
         return self
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_rows: torch.Tensor | None = None):
-        """`logits_rows` (flattened B*T indices) limits the LM head to those rows: logits [R, V] then."""
+                logits_rows: torch.Tensor | None = None, count_routing: bool = True) -> ModelOutput:
+        """`logits_rows` (flattened B*T indices) limits the LM head to those rows: logits [R, V] then.
+        Routed real tokens (position >= 0) are added to `routing_stats` unless `count_routing` is False
+        (e.g. evaluation during training)."""
         B, T = tokens.shape
+        mask = None  # [B*T] real tokens; None: all
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
+        else:
+            mask = (positions >= 0).reshape(-1)
         h = self.embed(tokens)  # [B, T, D]
         rope = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
-        router_logits = []
+        routed = []
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h, r = checkpoint(layer, h, positions, rope, cache, use_reentrant=False)
+                h, r = checkpoint(layer, h, positions, rope, cache, mask, use_reentrant=False)
             else:
-                h, r = layer(h, positions, rope, cache)
-            router_logits.append(r)
+                h, r = layer(h, positions, rope, cache, mask)
+            routed.append(r)
+        if count_routing:  # here, outside the checkpointed layers: each token is counted once
+            self.routing_stats.add(routed)
         h = self.norm(h)
         if logits_rows is not None:
             h = h.reshape(B * T, -1)[logits_rows]
-        return self.lm_head(h), router_logits
+        return ModelOutput((self.lm_head(h), [r.logits for r in routed]), routed)

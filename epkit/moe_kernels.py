@@ -36,8 +36,9 @@ TILES = ((64, 128, 64, 128), {})
 FEW_PAIRS, FEW_PAIRS_DOWN_N = 32, 32
 
 
-def available(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or _interpreting())
+def available(device) -> bool:
+    """Whether the kernels can run on `device` (a CUDA device with Triton installed, or Triton's CPU interpreter)."""
+    return triton is not None and (torch.device(device).type == "cuda" or _interpreting())
 
 
 def _interpreting() -> bool:
@@ -188,8 +189,8 @@ def experts_small_m(x: torch.Tensor, token: torch.Tensor, counts: torch.Tensor, 
                     w2: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts over routed pairs sorted by local expert.
 
-    x [N, D] tokens (not gathered); token [P] the token of each sorted pair; counts [L] or [L+1]
-    pairs per local expert (a last entry counts pairs for no local expert: their rows stay undefined).
+    x [N, D] tokens (not gathered); token [P] the token of each sorted pair; counts [L] pairs per local
+    expert (rows past their sum are padding and stay undefined; a longer counts is cut to L).
     Returns [P, D].
     """
     L, two_i, D = w13.shape

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .moe import Experts, count_per_bucket
+from .moe import Experts, LocalDispatch, permute, unpermute
 from .plan import ShardingPlan
 
 DISPATCH_MODES = ("all_to_all", "replicated")
@@ -144,7 +144,8 @@ class _CopyToRanks(torch.autograd.Function):
 
 
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; its gradient travels the same way back."""
+    """all_to_all_single with uneven splits; its gradient travels the same way back. (Integer tensors,
+    e.g. slot ids, pass through without a gradient.)"""
 
     @staticmethod
     def forward(ctx, x, recv: list[int], send: list[int], group):
@@ -158,28 +159,60 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad.contiguous(), ctx.send, ctx.recv, ctx.group), None, None, None
 
 
-class ReplicatedDispatch:
-    """Every EP rank holds the same tokens: compute local experts, then sum over the EP group."""
+class ReplicatedDispatch(LocalDispatch):
+    """Every EP rank holds the same tokens: each computes the pairs its own experts own (a LocalDispatch
+    that drops the other ranks' experts), then one all-reduce sums the partial outputs over the EP group."""
+
+    sync_free = True  # the all-reduce runs on the device; NCCL's can be captured in a CUDA graph
 
     def __init__(self, slots: list[int], owners: list[int], ep_rank: int, group):
-        # slot of expert e on this rank, -1 where another rank owns it
-        self.table = torch.tensor([s if o == ep_rank else -1 for s, o in zip(slots, owners)])
+        super().__init__([s if o == ep_rank else -1 for s, o in zip(slots, owners)])
         self.group = group
 
     def __call__(self, experts: Experts, x, weights, ids):
-        if self.table.device != ids.device:
-            self.table = self.table.to(ids.device)
         if self.group is None:
-            return experts(x, weights, self.table[ids])
+            return super().__call__(experts, x, weights, ids)
         if torch.is_grad_enabled():
             x, weights = _CopyToRanks.apply(x, self.group), _CopyToRanks.apply(weights, self.group)
-        # [N, D] fp32, zeros where no local expert was chosen; summed in fp32 as one device would
-        y = experts(x, weights, self.table[ids], out_dtype=torch.promote_types(x.dtype, torch.float32))
+        y = self.partial(experts, x, weights, ids)  # [N, D] fp32, summed in fp32 as one device would
         return _SumOverRanks.apply(y, self.group).to(x.dtype)
 
 
+class _Exchange:
+    """One uneven all-to-all layout over the EP group: `send_counts` [R] rows go to each rank; the sizes
+    to receive are exchanged once, and every `send`/`send_back` reuses them (differentiable both ways).
+
+    NOTE: one collective for the sizes and one device-to-host sync per layer (split sizes are Python
+    ints). A fixed-capacity exchange (padded buffers, sizes kept on the device) can take this class's
+    place: Experts already ignore rows past their counts."""
+
+    def __init__(self, send_counts: torch.Tensor, group):
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)  # NOTE: collective
+        self.send_sizes, self.recv_sizes = send_counts.tolist(), recv_counts.tolist()  # NOTE: host sync
+        self.group = group
+
+    def send(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by destination rank -> the rows this rank receives, grouped by source rank."""
+        return _AllToAll.apply(t, self.recv_sizes, self.send_sizes, self.group)
+
+    def send_back(self, t: torch.Tensor) -> torch.Tensor:
+        """The reverse of `send`: received rows (in arrival order) back to the ranks they came from."""
+        return _AllToAll.apply(t, self.send_sizes, self.recv_sizes, self.group)
+
+
 class AllToAllDispatch:
-    """Ranks hold different tokens: send each (token, expert) pair to the expert's owner and back."""
+    """Ranks hold different tokens: each (token, expert) pair travels to the expert's owner and back.
+
+      dispatch  permute pairs by destination rank, exchange the rows and their local slots
+      experts   permute the arrived rows by local slot, Experts.forward
+      combine   rows back to arrival order, exchanged back, unpermute (weighted sum per token)
+
+    Autograd flows through both row exchanges. A rank that receives no rows still runs its experts (on
+    zero rows), so its backward joins every collective the other ranks wait on.
+    """
+
+    sync_free = False  # the exchange reads its split sizes on the host (see _Exchange)
 
     def __init__(self, slots: list[int], owners: list[int], ep_size: int, group):
         self.slot = torch.tensor(slots)
@@ -189,27 +222,16 @@ class AllToAllDispatch:
     def __call__(self, experts: Experts, x, weights, ids):
         if self.slot.device != ids.device:
             self.slot, self.owner = self.slot.to(ids.device), self.owner.to(ids.device)
-        N, K = ids.shape
-        dest = self.owner[ids].reshape(-1)  # [N*K] destination EP rank of each choice
-        order = torch.argsort(dest, stable=True)  # group the choices by destination
-        token = order // K
-        send_counts = count_per_bucket(dest, self.ep_size)  # [R]
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # NOTE: collective
-        # NOTE: split sizes are Python ints: one device-to-host sync per layer.
-        send, recv = send_counts.tolist(), recv_counts.tolist()
-        slot_recv = torch.empty(sum(recv), dtype=ids.dtype, device=ids.device)
-        dist.all_to_all_single(slot_recv, self.slot[ids].reshape(-1)[order].contiguous(), recv, send,
-                               group=self.group)
-        x_recv = _AllToAll.apply(x[token], recv, send, self.group)  # [M, D], differentiable
-        by_slot = torch.argsort(slot_recv, stable=True)
-        counts = count_per_bucket(slot_recv, experts.num_local)
-        out = experts.compute(x_recv, by_slot, counts)
-        out = torch.zeros_like(out).index_copy(0, by_slot, out)  # back to arrival order
-        back = _AllToAll.apply(out, send, recv, self.group)  # [N*K, D] in `order` order
-        back = back * weights.reshape(-1)[order, None]
-        y = torch.zeros(N, x.shape[1], dtype=back.dtype, device=x.device).index_add_(0, token, back)
-        return y.to(x.dtype)
+        K = ids.shape[1]
+        order, send_counts = permute(self.owner[ids], self.ep_size)  # [N*K] choices by destination EP rank
+        exchange = _Exchange(send_counts, self.group)
+        slot_recv = exchange.send(self.slot[ids].reshape(-1)[order])  # [M] local slot of each arriving row
+        x_recv = exchange.send(x[order // K])  # [M, D]
+        local, counts = permute(slot_recv, experts.num_local)
+        out = experts(x_recv, counts, rows=local)  # [M, D] grouped by local slot
+        out = torch.zeros_like(out).index_copy(0, local, out)  # back to arrival order
+        back = exchange.send_back(out)  # [N*K, D] in `order` order
+        return unpermute(back, order, weights).to(x.dtype)
 
 
 # ---- applying EP to a model ----------------------------------------------------------------------
@@ -314,9 +336,11 @@ def _dispatcher(dispatch: str, plan: ShardingPlan, groups: ExpertGroups, layer: 
 # ---- routing telemetry ----------------------------------------------------------------------------
 
 def gather_routing_counts(model) -> list[list[int]]:
-    """Tokens routed to each expert of each layer, summed over every rank that saw distinct tokens."""
-    counts = torch.stack([moe.routed_tokens for moe in model.moe_layers()]).clone()  # [layers, E]
-    info = getattr(model, "expert_parallel", None)
+    """`model.routing_stats` summed over every rank that saw distinct tokens: tokens routed to each expert
+    of each layer. NOTE: collective when distributed (every rank calls it), and one host read."""
+    device = next(model.parameters()).device
+    counts = model.routing_stats.counts(device).clone()  # [layers, E]
+    info = model.expert_parallel
     if is_distributed():
         dist.all_reduce(counts)  # NOTE: collective
         if info is not None and info.dispatch == "replicated":
@@ -324,14 +348,9 @@ def gather_routing_counts(model) -> list[list[int]]:
     return counts.tolist()
 
 
-def reset_routing_counts(model) -> None:
-    for moe in model.moe_layers():
-        moe.routed_tokens.zero_()
-
-
 def rank_loads(model, counts: list[list[int]] | None = None) -> list[list[float]]:
     """Per layer, the routed tokens each EP rank processed under the model's plan."""
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     counts = counts if counts is not None else gather_routing_counts(model)
     if info is None:
         return [[float(sum(row))] for row in counts]

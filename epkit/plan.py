@@ -156,6 +156,26 @@ class ShardingPlan:
         except KeyError as e:
             raise ValueError(f"sharding plan is missing the key {e}") from None
 
+    @classmethod
+    def from_manifest(cls, manifest, ep_size: int, strategy: str = "contiguous") -> "ShardingPlan":
+        """A plan over `ep_size` ranks for the checkpoint a `checkpoint.Manifest` describes: its saved plan's
+        experts and layers; `balanced` places them by the tokens per expert the manifest recorded. The only
+        way a plan comes from a checkpoint."""
+        source = manifest.file or "the checkpoint manifest"
+        loads = None
+        if strategy == "balanced":
+            loads = manifest.routed_tokens
+            if not loads:
+                raise ValueError(f"strategy='balanced' needs routing counts and {source} has none; use 'contiguous'")
+        if manifest.plan is None:
+            raise ValueError(f"{source}: has no 'plan' entry")
+        try:
+            saved = cls.from_dict(manifest.plan)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: {e}") from None
+        num_layers = saved.num_layers if saved.num_layers is not None else (len(loads) if loads else None)
+        return cls(saved.num_experts, ep_size, strategy, loads=loads, num_layers=num_layers)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 

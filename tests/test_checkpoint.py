@@ -171,3 +171,32 @@ def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
     epkit.save_pretrained(model, str(tmp_path / "ck"))
     epkit.save_pretrained(model, str(tmp_path / "ck"))  # replacing a checkpoint is fine
     epkit.save_pretrained(model, str(tmp_path / "empty_dir_is_fine"))
+
+
+def test_manifest_round_trip(tmp_path):
+    from epkit.checkpoint import PLAN_FILE, Manifest
+    plan = epkit.ShardingPlan(8, 2, num_layers=2)
+    routed = [[5, 1, 1, 1, 1, 1, 1, 9], [1, 2, 3, 4, 5, 6, 7, 8]]
+    written = Manifest(plan.to_dict(), routed, {"step": 3, "tokens_seen": 96})
+    written.write(str(tmp_path))
+    read = Manifest.read(str(tmp_path))
+    assert read == written and read.file == os.path.join(str(tmp_path), PLAN_FILE)
+    assert epkit.ShardingPlan.from_dict(read.plan) == plan
+    assert Manifest.read(str(tmp_path / "elsewhere")) is None  # no manifest (e.g. a transformers checkpoint)
+    # plans for other EP sizes come from it; balanced places by the recorded routing
+    assert epkit.ShardingPlan.from_manifest(read, 4) == epkit.ShardingPlan(8, 4, num_layers=2)
+    balanced = epkit.ShardingPlan.from_manifest(read, 2, "balanced")
+    assert balanced == epkit.ShardingPlan(8, 2, "balanced", loads=routed, num_layers=2)
+    with pytest.raises(ValueError, match=f"strategy='balanced' needs routing counts and {PLAN_FILE} has none"):
+        epkit.ShardingPlan.from_manifest(Manifest(plan.to_dict(), file=PLAN_FILE), 2, "balanced")
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"plan": 3}', '{"routed_tokens": [[1, "x"]]}'])
+def test_corrupt_manifest_is_one_line_naming_the_file(tmp_path, text):
+    from epkit.checkpoint import PLAN_FILE, Manifest, checkpoint_plan
+    file = tmp_path / PLAN_FILE
+    file.write_text(text)
+    for read in (lambda: Manifest.read(str(tmp_path)), lambda: checkpoint_plan(str(tmp_path), tiny_args(), 2)):
+        with pytest.raises(epkit.CheckpointError) as e:
+            read()
+        assert str(e.value).startswith(f"{file}: ") and "\n" not in str(e.value), str(e.value)

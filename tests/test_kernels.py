@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent('''
     from epkit import moe_kernels
     from epkit.kernels import attention as A, fused as F
     from epkit.model import apply_rope, rope_cos_sin
-    from epkit.moe import Experts
+    from epkit.moe import Experts, LocalDispatch
     torch.manual_seed(0)
 
     # paged attention: one and several key splits, GQA and MHA, a sliding window, padding rows
@@ -64,15 +64,18 @@ SCRIPT = textwrap.dedent('''
         assert torch.equal(i1, i2)
         torch.testing.assert_close(w1, w2, atol=1e-6, rtol=1e-6)
 
-    # the four-kernel small-batch MoE against the readable loop (choices owned by other ranks are -1)
+    # the four-kernel small-batch MoE against the readable loop, with two experts held by another rank
     for L, N, K, D, I in [(4, 5, 2, 32, 48), (3, 40, 2, 24, 40), (8, 1, 2, 16, 16), (2, 7, 3, 16, 32)]:
         ex = Experts(L, D, I)
+        ex.impl = "loop"
         torch.nn.init.normal_(ex.w13, std=0.3)
         torch.nn.init.normal_(ex.w2, std=0.3)
-        x, weights, slots = torch.randn(N, D), torch.rand(N, K), torch.randint(-1, L, (N, K))
+        table = list(range(L)) + [-1, -1]  # global expert -> local slot
+        x, weights, ids = torch.randn(N, D), torch.rand(N, K), torch.randint(0, L + 2, (N, K))
         with torch.no_grad():
-            y = moe_kernels.fused_experts_small(x, weights, slots, ex.w13, ex.w2)
-            torch.testing.assert_close(y, ex.forward_loop(x, weights, slots, torch.float32), atol=2e-5, rtol=1e-5)
+            y = moe_kernels.fused_experts_small(x, weights, torch.tensor(table)[ids], ex.w13, ex.w2)
+            ref = LocalDispatch(table).partial(ex, x, weights, ids)
+            torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-5)
     print("KERNELS OK")
 ''')
 

@@ -55,8 +55,8 @@ def _check_rank(rank, world, ckpt, save_to, ref_logits, ref_grads):
                 torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
     # replicated: same tokens everywhere
-    from epkit.parallel import gather_routing_counts, rank_loads, reset_routing_counts
-    reset_routing_counts(model)
+    from epkit.parallel import gather_routing_counts, rank_loads
+    model.routing_stats.reset()
     logits, _ = model(tokens)
     counts = gather_routing_counts(model)  # every EP rank saw the same tokens: counted once
     assert [sum(row) for row in counts] == [B * T * args.experts_per_token] * args.num_layers

@@ -20,7 +20,7 @@ Per layer, with x the normed input of a block and h the residual stream:
     q = rope_write_kv(x @ W_qkv)                        # k, v go straight to the paged pool
     o = paged_attention(q, pool, block table, lengths)
     h, x = add_norm(h, o @ W_o); weights, ids = route(x @ W_gate)
-    moe_out = moe.dispatch(x, weights, ids)             # experts (and the EP all-reduce)
+    moe_out = moe.dispatcher(moe.experts, x, weights, ids)   # experts (and the EP all-reduce)
 
 NOTE: setting up packs each layer's q, k and v projection weights into one tensor, in place (the
 three Linear weights become views of it), so one matrix product computes all three.
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..kernels import attention as paged, fused, triton_runs_on
 from ..model import rope_cos_sin
+from ..moe import Routed
 
 KERNEL_SETS = ("reference", "torch", "triton", "compile")
 
@@ -77,8 +78,9 @@ def packed_qkv(attn) -> torch.Tensor:
 
 
 class DecodeForward:
-    """forward(tokens [B, 1], positions [B, 1], table [B, NB], rows [R]) -> (logits [R, V], router logits
-    [B, E] per layer), writing the new keys and values into `cache`. Free of host syncs."""
+    """forward(tokens [B, 1], positions [B, 1], table [B, NB], rows [R]) -> logits [R, V], writing the new
+    keys and values into `cache` and counting the routed real tokens into `model.routing_stats`, as
+    `Mixtral.forward` does. Free of host syncs."""
 
     def __init__(self, model, cache, kernels: str, compile_backend: str = "inductor"):
         if kernels not in KERNEL_SETS[1:]:
@@ -145,14 +147,17 @@ class DecodeForward:
         pos = positions.reshape(-1)  # [N]
         slots = cache.write_slots(table, positions).reshape(-1)  # [N]
         lengths = torch.where(pos >= 0, pos + 1, 0)  # keys each row holds after this step
+        real = pos >= 0
         h = model.embed(tokens.reshape(-1))  # [N, D]
-        delta, router_logits = None, []
+        delta, routed = None, []
         for i, layer in enumerate(model.layers):
             h, q = self._attention_input(i, h, delta, layer, pos, slots)  # q [N, H, Dh]
             o = self.attention(q, cache.k[i], cache.v[i], table, lengths, cache.block_size, self.window)
             h, x, logits, weights, ids = self._post(h, o.reshape(N, -1), layer.attn.o_proj.weight,
                                                     layer.moe_norm.weight, layer.moe.gate.weight)
-            delta = layer.moe.dispatch(x, weights, ids)  # NOTE: an all-reduce per layer under EP (replicated)
-            router_logits.append(logits)
+            moe = layer.moe
+            delta = moe.dispatcher(moe.experts, x, weights, ids)  # NOTE: an all-reduce per layer under EP
+            routed.append(Routed(logits, ids, real))
+        model.routing_stats.add(routed)
         h, x = self.add_norm(h, delta, model.norm.weight, self.eps)
-        return model.lm_head(x[rows]), router_logits
+        return model.lm_head(x[rows])

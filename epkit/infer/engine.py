@@ -75,24 +75,6 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def balanced_plan(checkpoint: str, ep: int):
-    """A `balanced` plan for `ep` ranks from the routing counts the trainer stored in epkit_plan.json."""
-    import json
-
-    from ..checkpoint import PLAN_FILE
-    from ..config import ModelArgs
-    from ..plan import ShardingPlan
-    file = os.path.join(checkpoint, PLAN_FILE)
-    loads = None
-    if os.path.isfile(file):
-        with open(file) as f:
-            loads = json.load(f).get("routed_tokens")
-    if not loads:
-        raise ValueError(f"strategy='balanced' needs routing counts and {file} has none; use 'contiguous'")
-    args = ModelArgs.load(checkpoint)
-    return ShardingPlan(args.num_experts, ep, strategy="balanced", loads=loads, num_layers=args.num_layers)
-
-
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -135,9 +117,8 @@ class LLM:
                                  f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        plan = balanced_plan(checkpoint, ep) if strategy == "balanced" and ep > 1 else None
-        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, plan=plan,
-                                        strategy=strategy, dispatch="replicated", return_report=True)
+        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, strategy=strategy,
+                                        dispatch="replicated", return_report=True)
         self.load_report = report
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
             tokenizer = load_tokenizer(checkpoint)
@@ -178,6 +159,7 @@ class LLM:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
         self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs, decode_kernels=decode_kernels,
                                  max_rows=max_num_seqs, max_table_width=-(-self.max_model_len // block_size))
+        model.routing_stats.reset()  # the load report counts served tokens (not the profiling forward)
         self.overlap = overlap
         self._inflight: _Step | None = None
         self.is_leader = self.runner.is_leader
@@ -514,7 +496,6 @@ class LLM:
     def expert_load(self) -> dict:
         """Routed real tokens per layer and expert, and per EP rank. Every rank must call it (collective)."""
         from ..parallel import gather_routing_counts, rank_loads
-        self.runner.sync_routing_counts()
         counts = gather_routing_counts(self.model)
         loads = rank_loads(self.model, counts)
         per_rank = [sum(layer[r] for layer in loads) for r in range(len(loads[0]))]

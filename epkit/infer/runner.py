@@ -14,7 +14,7 @@ the GPU never waits for scheduling, tensor building or sampling bookkeeping. Fol
 with their device at all: they receive the next header while their GPU still runs.
 
 Legend: B rows, T tokens per row, NB block-table width, R logits rows, S tokens taken from the
-previous step's samples, L layers, E experts, K top-k.
+previous step's samples.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..moe import count_per_bucket, route
 from .decode import DecodeForward, choose_kernels
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
@@ -93,22 +92,15 @@ class StepRunner:
         # skips unused table columns, so its graphs take tables of up to 4096 tokens in one width bucket.
         paged = self.decode is not None and self.decode.reads_table
         min_width = min(max_table_width, -(-4096 // cache.block_size)) if paged else 1
-        self.graphs = (DecodeGraphs(self._forward, self.device, max_rows, min_width)
-                       if cuda_graphs and self.device.type == "cuda" else None)
-        self._sync_free_rows: dict[int, bool] = {}
-        info = getattr(model, "expert_parallel", None)
+        self.graphs = (DecodeGraphs(self._forward, self.device, max_rows, sync_free=model.sync_free,
+                                    min_table_width=min_width) if cuda_graphs and self.device.type == "cuda" else None)
+        info = model.expert_parallel
         self.group = info.groups.ep_group if info is not None and info.plan.ep_size > 1 else None
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
         self.is_leader = self.rank == 0
         if self.group is not None:
             self.leader = dist.get_global_rank(self.group, 0)
             self.control = _control_group(self.group)
-        args = model.args
-        self.top_k, self.num_experts = args.experts_per_token, args.num_experts
-        # Routing counts of real tokens only (the model's own counter would also count padding).
-        self.routed = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64, device=self.device)
-        for moe in model.moe_layers():
-            moe.track_routing = False
         self.sampled = torch.zeros(1, dtype=torch.int64, device=self.device)  # the last step's samples
 
     # ---- leader -----------------------------------------------------------------------------
@@ -198,40 +190,17 @@ class StepRunner:
             if S:  # tokens the previous step sampled: fill them in on the device
                 tokens.view(-1)[payload[o: o + S]] = self.sampled[payload[o + S: o + 2 * S]]
             o += 2 * S
-            if self.graphs is not None and self.graphs.eligible(B, T, R) and self._sync_free(B):
+            if self.graphs is not None and self.graphs.eligible(B, T, R):
                 out.append(self.graphs.run(tokens, positions, table, with_logits))
             else:
                 out.append(self._forward(tokens, positions, table, rows if with_logits else rows[:0]))
         return out
 
-    def _sync_free(self, rows: int) -> bool:
-        """Whether a decode forward of `rows` tokens has no host sync (else it cannot be graph-captured).
-        Asked once per row count: the answer depends only on shapes, dtype and device."""
-        if rows not in self._sync_free_rows:
-            probe = self.model.embed.weight[:1]
-            self._sync_free_rows[rows] = all(moe.experts.sync_free(probe, rows * self.top_k)
-                                             for moe in self.model.moe_layers())
-        return self._sync_free_rows[rows]
-
     def _forward(self, tokens, positions, table, rows) -> torch.Tensor:
-        """One forward; free of host syncs (CUDA graphs capture it). One-token rows take the decode forward."""
+        """One forward; free of host syncs (CUDA graphs capture it). One-token rows take the decode forward.
+        Both count the routed real tokens (positions >= 0) into `model.routing_stats`."""
         if self.decode is not None and tokens.shape[1] == 1:
-            logits, router_logits = self.decode(tokens, positions, table, rows)
-        else:
-            self.cache.prepare(table, positions)
-            logits, router_logits = self.model(tokens, positions, self.cache, logits_rows=rows)
-        self._count(router_logits, positions)
+            return self.decode(tokens, positions, table, rows)
+        self.cache.prepare(table, positions)
+        logits, _ = self.model(tokens, positions, self.cache, logits_rows=rows)
         return logits
-
-    def _count(self, router_logits: list[torch.Tensor], positions: torch.Tensor) -> None:
-        """Add this forward's real tokens to the per-layer expert counts (no host sync)."""
-        L, E = len(router_logits), self.num_experts
-        _, ids = route(torch.stack(router_logits), self.top_k)  # [L, N, K]
-        real = (positions.reshape(-1) >= 0)[None, :, None]  # [1, N, 1]
-        key = torch.where(real, ids + torch.arange(L, device=ids.device)[:, None, None] * E, L * E)
-        self.routed += count_per_bucket(key, L * E + 1)[: L * E].view(L, E)
-
-    def sync_routing_counts(self) -> None:
-        """Copy the real-token counts into the MoE layers' counters (for `epkit.parallel` telemetry)."""
-        for layer, moe in enumerate(self.model.moe_layers()):
-            moe.routed_tokens.copy_(self.routed[layer])

@@ -55,19 +55,13 @@ def model_args_for(cfg: TrainConfig) -> ModelArgs:
 
 def plan_loads(cfg: TrainConfig) -> list[list[int]] | None:
     """Tokens per expert per layer for `--plan-strategy balanced`: the `routed_tokens` that --model's
-    epkit_plan.json records (a training run's checkpoint). Always --model's, never a --resume checkpoint's,
+    manifest records (a training run's checkpoint). Always --model's, never a --resume checkpoint's,
     so a resumed run places the experts as the run it continues did. None for other strategies."""
-    if cfg.plan_strategy != "balanced":
+    if cfg.plan_strategy != "balanced" or not os.path.isdir(cfg.model):
         return None
-    import json
-
-    from ..checkpoint import PLAN_FILE
-    file = os.path.join(cfg.model, PLAN_FILE)
-    if not os.path.isfile(file):
-        return None
-    with open(file) as f:
-        loads = json.load(f).get("routed_tokens")
-    return loads or None
+    from ..checkpoint import Manifest
+    manifest = Manifest.read(cfg.model)
+    return (manifest.routed_tokens or None) if manifest is not None else None
 
 
 def check_plan_strategy(cfg: TrainConfig) -> None:
@@ -86,8 +80,12 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = 
     holds the whole model (Mixtral-8x7B at EP=2 fits where the full model would not)."""
     source = checkpoint or (cfg.model if os.path.isdir(cfg.model) else None)
     # EP=1 keeps the plain model: its experts are ordinary data-parallel parameters.
-    plan = ShardingPlan(args.num_experts, cfg.ep, strategy=cfg.plan_strategy, loads=plan_loads(cfg),
-                        num_layers=args.num_layers) if cfg.ep > 1 else None
+    plan = None
+    if cfg.ep > 1 and os.path.isdir(cfg.model):  # placed from --model's manifest (see plan_loads)
+        from ..checkpoint import checkpoint_plan
+        plan = checkpoint_plan(cfg.model, args, cfg.ep, cfg.plan_strategy)
+    elif cfg.ep > 1:
+        plan = ShardingPlan(args.num_experts, cfg.ep, strategy=cfg.plan_strategy, num_layers=args.num_layers)
     if source is not None:
         from ..checkpoint import load_pretrained
         model = load_pretrained(source, device=device, dtype=dtype, ep_size=cfg.ep, plan=plan,

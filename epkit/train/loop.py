@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import data as data_lib
 from ..moe import load_balancing_loss, router_z_loss
-from ..parallel import init_distributed, is_distributed, world_rank, world_size
+from ..parallel import init_distributed, world_rank, world_size
 from . import state as ckpt
 from .config import TrainConfig
 from .engine import (build_model, check_plan_strategy, clip_exact, freeze, initialize, model_args_for,
@@ -81,36 +81,25 @@ def check_inputs(cfg: TrainConfig):
     return args, tok_dir, train, evals
 
 
-@torch.no_grad()
-def count_routed(router_logits: list[torch.Tensor], real: torch.Tensor, k: int) -> torch.Tensor:
-    """Tokens per expert per layer, [L, E] int64, over the real tokens (mask real [B, T])."""
-    real = real.reshape(-1)  # [B*T]
-    out = []
-    for logits in router_logits:  # [B*T, E]
-        chosen = logits[real].topk(k, dim=-1).indices.reshape(-1)  # Mixtral's top-k (softmax keeps the order)
-        out.append(torch.zeros(logits.shape[-1], dtype=torch.int64, device=logits.device)
-                   .scatter_add_(0, chosen, torch.ones_like(chosen)))
-    return torch.stack(out)
+def lm_and_router_losses(model, batch: dict, aux_coef: float, z_coef: float, count_routing: bool = True):
+    """(total loss, [lm sum, trained tokens, aux, z]) for one micro-batch of this rank.
 
-
-def lm_and_router_losses(model, batch: dict, aux_coef: float, z_coef: float):
-    """(total loss, [lm sum, trained tokens, aux, z], tokens per expert [L, E]) for one micro-batch of this rank.
-
-    Routing is counted here from the router logits, over real tokens only: the MoE layers' own counters
-    would count padding, and count twice under activation checkpointing (the forward runs again)."""
+    The model counts the routed real tokens into its `routing_stats` (unless `count_routing` is False);
+    the aux loss reuses the expert ids the forward routed."""
     tokens, labels, positions = batch["tokens"], batch["labels"], batch["positions"]
-    logits, router_logits = model(tokens, positions)  # [B, T, V], per layer [B*T, E]
+    out = model(tokens, positions, count_routing=count_routing)
+    logits, router_logits = out  # [B, T, V], per layer [B*T, E]
     targets = labels[:, 1:]  # [B, T-1]: token t+1 is the target of position t
     lm_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                              ignore_index=data_lib.IGNORE, reduction="sum")
     count = (targets != data_lib.IGNORE).sum()
     lm = lm_sum / count.clamp(min=1)
     args = model.args if hasattr(model, "args") else model.module.args
-    aux = load_balancing_loss(router_logits, args.num_experts, args.experts_per_token, mask=positions >= 0)
+    aux = load_balancing_loss(router_logits, args.num_experts, args.experts_per_token, mask=positions >= 0,
+                              expert_ids=out.expert_ids)
     z = router_z_loss(router_logits) if z_coef > 0 else lm.new_zeros(())
     loss = lm + aux_coef * aux + z_coef * z
-    routed = count_routed(router_logits, positions >= 0, args.experts_per_token)
-    return loss, torch.stack([lm_sum.detach(), count.float(), aux.detach(), z.detach()]), routed
+    return loss, torch.stack([lm_sum.detach(), count.float(), aux.detach(), z.detach()])
 
 
 @torch.no_grad()
@@ -121,21 +110,12 @@ def evaluate(engine, model, evals: data_lib.PackedData, micro_batch: int, device
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for b in evals.eval_batches(micro_batch, world_rank(), world_size()):
         b = {k: v.to(device) for k, v in b.items()}
-        _, parts, _ = lm_and_router_losses(engine, b, 0.0, 0.0)
+        _, parts = lm_and_router_losses(engine, b, 0.0, 0.0, count_routing=False)
         sums += parts[:2].double()
     sums = reduce_on_device(sums, device).cpu()
     engine.train(was_training)
     loss = float(sums[0] / sums[1].clamp(min=1))
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(sums[1])}
-
-
-def _load_counters(model, routed: torch.Tensor) -> None:
-    """Put the run totals into the MoE counters for save_pretrained: under EP it sums every rank's counters;
-    a plain model's are read on rank 0 only, so that rank gets the world's sum. NOTE: collective (EP=1)."""
-    if getattr(model, "expert_parallel", None) is None and is_distributed():
-        routed = reduce_on_device(routed.clone(), next(model.parameters()).device)
-    for moe, row in zip(model.moe_layers(), routed):
-        moe.routed_tokens.copy_(row.to(moe.routed_tokens.device))
 
 
 def _seed_everything(seed: int) -> None:
@@ -155,17 +135,16 @@ def main(cfg: TrainConfig) -> str:
     _seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg)
     model = build_model(cfg, args, device, dtype, checkpoint=resume_from)
-    for moe in model.moe_layers():
-        moe.track_routing = False  # counted in lm_and_router_losses
     trainable = freeze(model, cfg.train_only)
     engine, optimizer, scheduler = initialize(cfg, model, dtype, accelerator)
     exact_clip = uses_exact_clip(engine)
 
     start_step, tokens_seen = 0, 0
-    # This rank's tokens per expert over the whole run; checkpoints record the world's sum (epkit_plan.json
-    # "routed_tokens"), which the inference engine's balanced placement reads.
-    # Kept on `device`: the collectives below must get tensors there (NCCL takes only CUDA tensors).
-    routed = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64, device=device)
+    # This rank's tokens per expert over the whole run (the model's one counter, counted in every training
+    # forward); checkpoints record the world's sum (epkit_plan.json "routed_tokens"), which the inference
+    # engine's balanced placement reads. On `device`: the collectives below need it there (NCCL: CUDA only).
+    model.routing_stats.reset()
+    routed = model.routing_stats.counts(device)
     if resume_from is not None:
         saved = ckpt.load_engine_state(engine, model, resume_from)
         start_step, tokens_seen = saved["step"], saved["tokens_seen"]
@@ -190,12 +169,11 @@ def main(cfg: TrainConfig) -> str:
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # lm mean, trained tokens, aux, z, tokens
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = None
-        step_routed = torch.zeros_like(routed)
+        routed_before = routed.clone()
         for micro in range(cfg.grad_accum):
             batch = train.batch(step * cfg.grad_accum + micro, cfg.micro_batch, rank, world)
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss, parts, micro_routed = lm_and_router_losses(engine, batch, aux_coef, cfg.z_loss_coef)
-            step_routed += micro_routed
+            loss, parts = lm_and_router_losses(engine, batch, aux_coef, cfg.z_loss_coef)
             engine.backward(loss)
             if exact_clip and engine.is_gradient_accumulation_boundary():
                 grad_norm = clip_exact(model, cfg.grad_clip)
@@ -205,10 +183,9 @@ def main(cfg: TrainConfig) -> str:
                                  (batch["positions"] >= 0).sum().to(parts.dtype)]).double()
         if grad_norm is None:
             grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        routed += step_routed
-        # NOTE: collectives: loss/token sums and routing counts over the world, on `device`
+        # NOTE: collectives: loss/token sums and this step's routing counts over the world, on `device`
         sums = reduce_on_device(sums, device).cpu()
-        step_routed = reduce_on_device(step_routed, device).cpu()
+        step_routed = reduce_on_device(routed - routed_before, device).cpu()
         lm, aux, z = (sums[i].item() / (world * cfg.grad_accum) for i in (0, 2, 3))
         step_tokens = int(sums[4])
         tokens_seen += step_tokens
@@ -226,14 +203,12 @@ def main(cfg: TrainConfig) -> str:
             metrics.write(f"step {step + 1}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
         trainer_state = {"step": step + 1, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)}
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not done:
-            _load_counters(model, routed)
             ckpt.save(engine, model, ckpt.step_dir(cfg.output_dir, step + 1), trainer_state, tok_dir)
             if rank == 0:
                 ckpt.prune(cfg.output_dir, cfg.keep_last)
     final = os.path.abspath(os.path.join(cfg.output_dir, "final"))
     if start_step < cfg.max_steps or resume_from is None or os.path.basename(resume_from) != "final":
         trainer_state = {"step": cfg.max_steps, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)}
-        _load_counters(model, routed)
         ckpt.save(engine, model, final, trainer_state, tok_dir)
     metrics.close()
     if rank == 0:

@@ -53,7 +53,7 @@ def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str 
     """Write a complete checkpoint into `directory` (call on every rank)."""
     rank = world_rank()
     save_pretrained(model, directory, tokenizer_dir=tokenizer_dir,
-                    extra_manifest={"trainer_state": {k: trainer_state[k] for k in ("step", "tokens_seen")}})
+                    trainer_state={k: trainer_state[k] for k in ("step", "tokens_seen")})
     tmp = broadcast_object(os.path.join(directory, f".{ENGINE_DIR}.tmp-{uuid.uuid4().hex[:8]}") if rank == 0 else None)
     if rank == 0:
         os.makedirs(tmp)
@@ -116,19 +116,17 @@ def load_engine_state(engine, model, directory: str) -> dict:
 
 
 def saved_routing_counts(directory: str, num_layers: int, num_experts: int) -> list[list[int]]:
-    """Run totals of tokens per expert per layer, as the checkpoint's epkit_plan.json records them.
+    """Run totals of tokens per expert per layer, as the checkpoint's manifest records them.
 
     Called on every rank, so every rank reaches the same verdict: a checkpoint without the record (written
     before epkit kept it, or by hand) resumes with zeros and a warning; a record of the wrong shape is an
     error naming it."""
     import warnings
 
-    from ..checkpoint import PLAN_FILE
+    from ..checkpoint import PLAN_FILE, Manifest
     file = os.path.join(directory, PLAN_FILE)
-    counts = None
-    if os.path.isfile(file):
-        with open(file) as f:
-            counts = json.load(f).get("routed_tokens")
+    manifest = Manifest.read(directory)
+    counts = manifest.routed_tokens if manifest is not None else None
     if counts is None:
         warnings.warn(f"--resume: {file} records no routed_tokens; the run's routing totals restart from zero",
                       stacklevel=2)
