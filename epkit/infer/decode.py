@@ -112,10 +112,11 @@ class DecodeForward:
             self._post = torch.compile(self._post_attention, fullgraph=True, backend=compile_backend)
 
     # ---- the per-layer pieces ----------------------------------------------------------------
-    def _qkv_torch(self, h, delta, norm_w, w_qkv, cos, sin):
+    def _qkv_torch(self, h, delta, norm_w, w_qkv, pos):
         """(h + delta, its norm) through the qkv projection and rotary: h [N, D], q [N, H, Dh], k, v [N, G, Dh]."""
         h, x = fused.add_rms_norm_torch(h, delta, norm_w, self.eps)
-        q, k, v = fused.split_qkv_rope(F.linear(x, w_qkv), cos, sin, self.H, self.G)
+        p = pos.clamp(min=0)  # padding rotates as position 0, as in the model
+        q, k, v = fused.split_qkv_rope(F.linear(x, w_qkv), self.cos[p][:, None], self.sin[p][:, None], self.H, self.G)
         return h, q, k, v
 
     def _post_attention(self, h, o, w_o, norm_w, w_gate):
@@ -132,9 +133,7 @@ class DecodeForward:
             h, x = fused.add_rms_norm(h, delta, layer.attn_norm.weight, self.eps)
             return h, fused.rope_write_kv(F.linear(x, self.w_qkv[i]), self.cos, self.sin, pos, slots, k_pool,
                                           v_pool, self.H, self.G)
-        p = pos.clamp(min=0)
-        h, q, k, v = self._pre(h, delta, layer.attn_norm.weight, self.w_qkv[i], self.cos[p][:, None],
-                               self.sin[p][:, None])
+        h, q, k, v = self._pre(h, delta, layer.attn_norm.weight, self.w_qkv[i], pos)
         k_pool.index_copy_(0, slots, k)
         v_pool.index_copy_(0, slots, v)
         return h, q
