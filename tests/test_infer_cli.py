@@ -73,7 +73,9 @@ def test_no_arguments_serves_default_and_imports_no_datasets(tmp_path):
     """`python launch/infer.py` with no arguments (no outputs/default here): the tiny preset, built-in prompts."""
     code = ("import sys, runpy; sys.argv = ['infer.py']; "
             f"r = runpy.run_path({os.path.join(ROOT, 'launch', 'infer.py')!r}, run_name='not_main')['run']([]); "
-            "assert r == 0, r; assert 'datasets' not in sys.modules, 'inference imported datasets'")
+            "assert r == 0, r; assert 'datasets' not in sys.modules, 'inference imported datasets'; "
+            "web = [m for m in ('fastapi', 'uvicorn', 'prometheus_client') if m in sys.modules]; "
+            "assert not web, f'offline inference imported {web}'")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        stdin=subprocess.DEVNULL, env=env)

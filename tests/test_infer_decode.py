@@ -101,17 +101,22 @@ def test_choose_kernels():
 
 
 class _Spy:
-    """Records the order in which the engine launches steps and waits for their tokens."""
+    """Records the order in which the engine launches steps and reads their tokens back."""
 
-    def __init__(self, runner):
-        self.events, self.runner = [], runner
-        launch, wait = runner.launch, runner.wait
-        runner.launch = lambda *a: self._log("launch", launch(*a))
-        runner.wait = lambda step: (self.events.append(("wait", step)), wait(step))[1]
+    def __init__(self, llm):
+        self.events = []
+        launch, resolve = llm._launch, llm._resolve
 
-    def _log(self, name, step):
-        self.events.append((name, step))
-        return step
+        def launched():
+            step = launch()
+            if step is not None:
+                self.events.append(("launch", step))
+            return step
+
+        def resolved(step):
+            self.events.append(("wait", step))
+            return resolve(step)
+        llm._launch, llm._resolve = launched, resolved
 
 
 def test_overlap_plans_next_step_before_reading_tokens():
@@ -129,7 +134,7 @@ def test_overlap_plans_next_step_before_reading_tokens():
     assert [o.token_ids for o in serial.generate(prompts, stops)] == expected
 
     llm = LLM.from_model(model, block_size=4)
-    spy = _Spy(llm.runner)
+    spy = _Spy(llm)
     outs = llm.generate(prompts, stops)
     assert [o.token_ids for o in outs] == expected
     assert all(o.finish_reason == "stop" for o in outs)
@@ -139,7 +144,7 @@ def test_overlap_plans_next_step_before_reading_tokens():
     assert len(ahead) == sum(1 for e in spy.events if e[0] == "launch") and llm._inflight is None
     # Only the last steps of each generate call (nothing left to plan) are waited for with an empty queue.
     assert sum(a == 0 for a in ahead) <= 4 < len(ahead) // 2, ahead
-    serial_spy = _Spy(serial.runner)
+    serial_spy = _Spy(serial)
     serial.generate(prompts, stops)
     assert set(_steps_queued_behind_each_wait(serial_spy.events)) == {0}
 

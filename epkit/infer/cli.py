@@ -30,30 +30,26 @@ SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 ENGINE_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Serve a Mixtral checkpoint: JSONL prompts in, JSONL results out.")
+def model_flags(description: str) -> argparse.ArgumentParser:
+    """A parser with the model, expert-parallel and engine flags (launch/infer.py and launch/serve.py)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default=None, help="YAML of defaults (configs/infer/default.yaml is read first)")
     p.add_argument("--checkpoint", default=None, help="HF Mixtral dir (or a fine-tune run dir holding final/); "
                    f"default: {DEFAULT_RUN_DIR} if it exists, else --preset with random weights")
     p.add_argument("--preset", default=None, help="serve this preset with seeded random weights (no checkpoint)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel size (= number of launched ranks)")
-    p.add_argument("--prompts", default=None, help="JSONL file, '-' for stdin (default: stdin if piped, else "
-                   "built-in prompts)")
-    p.add_argument("--output", default=None, help="JSONL results (default: stdout)")
     p.add_argument("--device", default=None, help="cuda:N or cpu (default: this rank's GPU, else cpu)")
     p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--kv-cache-mib", type=float, default=None, help="KV cache size (default: from GPU memory)")
     p.add_argument("--random-seed", type=int, default=None, help="seed of the random weights (presets)")
     for f in ENGINE_FLAGS:
         p.add_argument("--" + f.replace("_", "-"), type=float if f == "gpu_memory_utilization" else int, default=None)
-    for f in SAMPLING_FLAGS:
-        p.add_argument("--" + f.replace("_", "-"), type=float if f in ("temperature", "top_p") else int, default=None,
-                       help="default for requests that do not set it")
-    p.add_argument("--ignore-eos", action="store_true", default=None, help="do not stop at the EOS token")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--compare", default=None, help="a previous JSONL result (e.g. from another EP size): report "
-                   "whether every request's token_ids agree, exit 1 if not")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
+    return p
+
+
+def read_config(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse `argv`; settings not given on the command line come from --config, then the default recipe."""
     args = p.parse_args(argv)
     del args.local_rank
     cfg = read_recipe(os.path.abspath(DEFAULT_CONFIG)) if os.path.isfile(DEFAULT_CONFIG) else {}
@@ -63,6 +59,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         if v is not None or k not in cfg:
             cfg[k] = v
     return argparse.Namespace(**cfg)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = model_flags("Serve a Mixtral checkpoint: JSONL prompts in, JSONL results out.")
+    p.add_argument("--prompts", default=None, help="JSONL file, '-' for stdin (default: stdin if piped, else "
+                   "built-in prompts)")
+    p.add_argument("--output", default=None, help="JSONL results (default: stdout)")
+    for f in SAMPLING_FLAGS:
+        p.add_argument("--" + f.replace("_", "-"), type=float if f in ("temperature", "top_p") else int, default=None,
+                       help="default for requests that do not set it")
+    p.add_argument("--ignore-eos", action="store_true", default=None, help="do not stop at the EOS token")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compare", default=None, help="a previous JSONL result (e.g. from another EP size): report "
+                   "whether every request's token_ids agree, exit 1 if not")
+    return read_config(p, argv)
 
 
 def resolve_checkpoint(path: str | None) -> str | None:

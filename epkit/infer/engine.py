@@ -3,6 +3,11 @@
     llm = LLM("outputs/default", ep=2)                 # inside `deepspeed --num_gpus 2 ...`
     outs = llm.generate(["Hello", [1, 15, 27]], SamplingParams(temperature=0, max_tokens=32))
     for out in llm.stream(prompts, params): print(out.new_text, end="")
+    outs = llm.chat([[{"role": "user", "content": "Hi"}]], params)      # the tokenizer's chat template
+
+A server drives the engine itself, one thread owning it: `add_request`, `step` while `has_unfinished`,
+`abort` (the request's KV blocks return to the pool at once), `occupancy` and `routed_tokens` for
+metrics.
 
 Under expert parallelism every rank builds the engine and calls the same method (`generate`,
 `stream`, `expert_load`); rank 0 reads the requests, schedules, samples and returns the outputs,
@@ -16,54 +21,29 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget
-from .runner import MAX_BATCHES, Batch, Launched, StepRunner
-from .sampling import SamplingBatch, SamplingParams
+from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget, profile_activations, profile_kv_budget
+from .request import RequestOutput, chat_prompt, next_text
+from .runner import MAX_BATCHES, Batch, StepRunner
+from .sampling import HostCopy, SamplingBatch, SamplingParams, sample, token_logprobs
 from .scheduler import FINISHED, Scheduler, Sequence, group_rows
 
-CPU_KV_BUDGET = 256 << 20  # bytes of KV cache on CPU when no budget is given
 DEFAULT_BATCHED_TOKENS = {True: 8192, False: 2048}  # tokens per step (prefill chunk), on GPU / on CPU
 MIN_SIZED_CHUNK = 512  # the sized chunk is halved no further
 SEQ_TOKENS_FOR_SIZING, MIN_SEQS, MAX_SEQS = 1024, 16, 512  # max_num_seqs = KV capacity / 1024 tokens, clamped
 
 
 @dataclass
-class RequestOutput:
-    """A request's state as returned by `generate` (final) or `stream` / `step` (incremental)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)  # generated ids
-    text: str | None = None  # None when the checkpoint has no tokenizer
-    finish_reason: str | None = None  # "stop", "length", "error"; None while running
-    error: str | None = None
-    timings: dict = field(default_factory=dict)
-    new_token_ids: list[int] = field(default_factory=list)  # since the previous update (streaming)
-    new_text: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def to_dict(self) -> dict:
-        d = {"request_id": self.request_id, "text": self.text, "token_ids": self.token_ids,
-             "finish_reason": self.finish_reason, "timings": self.timings}
-        if self.error is not None:
-            d["error"] = self.error
-        return d
-
-
-@dataclass
 class _Step:
-    """A step on the device: the runner's handle, and (sequence, token index) for each row it samples."""
+    """A step on the device: its sampled ids (and log-probabilities) on their way to the host, and
+    (sequence, token index) for each row it samples."""
 
-    launched: Launched
+    copy: HostCopy | None
     sampled: list[tuple[Sequence, int]]
+    logprobs: int | None  # how many alternatives the copy holds per row (None: ids only)
 
 
 def load_tokenizer(path: str):
@@ -144,9 +124,10 @@ class LLM:
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.args = model.args
         self.dtype = next(model.parameters()).dtype
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = self._size_chunk()
         if kv_cache_memory is None:
-            kv_cache_memory, max_num_batched_tokens = self._kv_budget(gpu_memory_utilization, max_num_batched_tokens)
-        max_num_batched_tokens = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[self.device.type == "cuda"]
+            kv_cache_memory = profile_kv_budget(model, self.device, gpu_memory_utilization, max_num_batched_tokens)
         num_blocks = blocks_for_budget(self.args, kv_cache_memory, block_size, self.dtype)
         num_blocks = self._agree_min(num_blocks)
         self.cache = PagedKVCache(self.args, num_blocks, block_size, self.device, self.dtype)
@@ -172,42 +153,18 @@ class LLM:
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "busy_s": 0.0}
 
     # ---- sizing -----------------------------------------------------------------------------
-    def _kv_budget(self, utilization: float, chunk: int | None) -> tuple[int, int | None]:
-        """(KV cache bytes, prefill chunk) from the card's memory; CPU: a fixed budget."""
+    def _size_chunk(self) -> int:
+        """The default `max_num_batched_tokens`: 8192 on a GPU, halved while a step of that many tokens
+        would need more than a quarter of the memory left after the weights (2048 on CPU)."""
         if self.device.type != "cuda":
-            return CPU_KV_BUDGET, chunk
-        if not 0 < utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization={utilization} must be in (0, 1]")
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        sized = chunk is None
-        chunk = chunk or DEFAULT_BATCHED_TOKENS[True]
-        while True:
-            activations = self._profile_forward(chunk)
-            # NOTE: every EP rank must profile the same sizes (the MoE all-reduces): the ranks agree on the answer.
-            if not sized or chunk <= MIN_SIZED_CHUNK or self._agree_min(int(activations <= free / 4)):
-                break
+            return DEFAULT_BATCHED_TOKENS[False]
+        chunk = DEFAULT_BATCHED_TOKENS[True]
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # NOTE: every EP rank profiles the same sizes (the MoE all-reduces): the ranks agree on each answer.
+        while chunk > MIN_SIZED_CHUNK and not self._agree_min(int(profile_activations(self.model, self.device, chunk)
+                                                                    <= free / 4)):
             chunk //= 2
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(utilization * total - (total - free) - activations)
-        if budget <= 0:
-            raise RuntimeError(f"no GPU memory left for the KV cache: {utilization=} of {total >> 20} MiB, "
-                               f"{(total - free) >> 20} MiB in use, {activations >> 20} MiB for activations")
-        return budget, chunk
-
-    def _profile_forward(self, tokens: int) -> int:
-        """Peak bytes the largest forward a step can run allocates (every EP rank joins: the all-reduces)."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        n = min(tokens, self.args.max_position_embeddings)
-        ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            self.model(ids, logits_rows=torch.tensor([n - 1], device=self.device))
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device) - base
+        return chunk
 
     def _agree_min(self, n: int) -> int:
         """Every EP rank must hold the same block ids: take the smallest pool any rank can afford."""
@@ -221,14 +178,18 @@ class LLM:
 
     # ---- requests ---------------------------------------------------------------------------
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        """A prompt: text, a list of token ids, or a dict with "prompt" or "prompt_token_ids"."""
+        """A prompt: text, a list of token ids, or a dict with "prompt", "prompt_token_ids" or chat "messages"."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt and prompt["prompt_token_ids"] is not None:
                 prompt = prompt["prompt_token_ids"]
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
+            elif "messages" in prompt:
+                ids, text = chat_prompt(self.tokenizer, prompt["messages"])
+                return text, self._check_ids(ids)
             else:
-                raise ValueError(f"a request needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+                raise ValueError(f"a request needs 'prompt' or 'prompt_token_ids' (or chat 'messages'), got keys "
+                                 f"{sorted(prompt)}")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("empty prompt")
@@ -240,13 +201,16 @@ class LLM:
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)):
             raise ValueError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
-        if not prompt:
+        return None, self._check_ids(prompt)
+
+    def _check_ids(self, ids) -> list[int]:
+        if not ids:
             raise ValueError("empty prompt (no token ids)")
         V = self.args.vocab_size
-        for t in prompt:
+        for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
                 raise ValueError(f"token id {t!r} is outside the vocabulary (size {V})")
-        return None, list(prompt)
+        return list(ids)
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue one request (leader only); a bad one is finished at once with an error. Returns its id."""
@@ -289,6 +253,30 @@ class LLM:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
 
+    def output(self, request_id: str) -> RequestOutput | None:
+        """A request's current state, until `step()` has returned it finished (leader)."""
+        return self._outputs.get(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a running or waiting request (leader, between steps): its KV blocks return to the pool now,
+        and the next `step()` returns it with finish_reason "abort". False if it is not running or waiting."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        out = self._outputs[request_id]
+        out.new_token_ids, out.new_text = [], "" if out.text is not None else None
+        if out.text is not None and out.token_ids:  # text held back while streaming is final now
+            out.text, out.new_text, _ = next_text(self.tokenizer, out.token_ids, out.text, seq.params, final=True)
+        self._finish(seq, out, "abort", time.perf_counter())
+        self._pending.append(out)
+        return True
+
+    def occupancy(self) -> dict:
+        """Requests running and waiting, KV-cache blocks in use and in the pool (block 0 is scratch)."""
+        free, total = self.scheduler.allocator.num_free, self.scheduler.allocator.num_blocks - 1
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": total - free, "kv_blocks_total": total}
+
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step (leader). Returns the requests that changed, finished ones included.
@@ -304,9 +292,12 @@ class LLM:
         if launched is not None and not self.overlap:
             updates += self._resolve(launched)
             self._inflight = None
+        for out in updates:  # handed back finished: forget it
+            if out.finished:
+                self._outputs.pop(out.request_id, None)
         return updates
 
-    def _launch(self) -> "_Step | None":
+    def _launch(self) -> _Step | None:
         """Schedule a step and queue it on every rank; None when every running sequence waits for a token."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
@@ -335,28 +326,46 @@ class LLM:
                     seq.first_scheduled = t0
             batches.append(b)
         self.stats["prompt_tokens"] += sum(n for s, start, n in plan.rows if start < s.prompt_len)
-        sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
-                                       [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
-        launched = self.runner.launch(batches, sb)
+        logits = self.runner.launch(batches)
+        copy, k = None, None
+        if sampled:
+            logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+            sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
+                                           [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
+            next_ids = sample(logits, sb)
+            self.runner.share(next_ids)  # the next step's inputs, on every rank's device
+            k = max((s.params.logprobs for s in sampled if s.params.logprobs is not None), default=None)
+            if k is None:
+                copy = HostCopy(next_ids)
+            else:  # ids, logprobs and the top k in one float64 copy (ids < 2^53 stay exact)
+                lp, top_ids, top_lp = token_logprobs(logits, next_ids, k)
+                copy = HostCopy(torch.cat([next_ids[:, None].double(), lp[:, None].double(), top_ids.double(),
+                                           top_lp.double()], dim=1))
         for slot, seq in enumerate(sampled):  # a placeholder until the step's ids reach the host
             seq.pending = (seq.num_tokens, slot)
             seq.token_ids.append(-1)
         self.stats["busy_s"] += time.perf_counter() - t0
-        return _Step(launched, [(seq, seq.pending[0]) for seq in sampled])
+        return _Step(copy, [(seq, seq.pending[0]) for seq in sampled], k)
 
-    def _resolve(self, step: "_Step") -> list[RequestOutput]:
+    def _resolve(self, step: _Step) -> list[RequestOutput]:
         """Read a launched step's sampled ids (NOTE: the one host sync of a step) and apply them."""
         t0 = time.perf_counter()
-        ids = self.runner.wait(step.launched)
-        now = time.perf_counter()
         updates = []
-        for (seq, index), tok in zip(step.sampled, ids):
-            if seq.status == FINISHED:  # stopped by the step before: this token was computed in vain
-                continue
-            seq.token_ids[index] = tok
-            if seq.pending is not None and seq.pending[0] == index:
-                seq.pending = None
-            updates.append(self._append(seq, index, now))
+        if step.copy is not None:
+            values = step.copy.get()
+            if step.logprobs is None:
+                rows = [(t, None, None) for t in values]
+            else:
+                k = step.logprobs
+                rows = [(int(r[0]), r[1], list(zip(map(int, r[2: 2 + k]), r[2 + k:]))) for r in values]
+            now = time.perf_counter()
+            for (seq, index), (tok, lp, top) in zip(step.sampled, rows):
+                if seq.status == FINISHED:  # stopped or aborted meanwhile: this token was computed in vain
+                    continue
+                seq.token_ids[index] = tok
+                if seq.pending is not None and seq.pending[0] == index:
+                    seq.pending = None
+                updates.append(self._append(seq, index, now, lp, top))
         self.stats["steps"] += 1
         self.stats["busy_s"] += time.perf_counter() - t0
         return updates
@@ -367,10 +376,13 @@ class LLM:
             step, self._inflight = self._inflight, None
             self._pending += self._resolve(step)
 
-    def _append(self, seq: Sequence, index: int, now: float) -> RequestOutput:
+    def _append(self, seq: Sequence, index: int, now: float, logprob=None, top=None) -> RequestOutput:
         """Token `index` of `seq` has arrived: update its output and finish it if it stops here."""
         out, p = self._outputs[seq.request_id], seq.params
         tok = seq.token_ids[index]
+        if p.logprobs is not None:  # new lists: updates already handed out keep theirs
+            out.logprobs = (out.logprobs or []) + [logprob]
+            out.top_logprobs = (out.top_logprobs or []) + [top[: p.logprobs]]
         self.stats["generated_tokens"] += 1
         if seq.first_token is None:
             seq.first_token = now
@@ -382,34 +394,32 @@ class LLM:
         if reason is None and index + 1 >= seq.max_len:
             reason = "length"
         # Text: every step only when someone reads it (streaming) or stop strings need it, else at the end.
-        # NOTE: a full decode of the output each time; O(n^2) over a long streamed output.
         if self.tokenizer is not None and (self._incremental_text or p.stop_strings or reason is not None):
-            old = out.text or ""
-            text = self.tokenizer.decode(out.token_ids, skip_special_tokens=p.skip_special_tokens)
-            if reason in (None, "length") and p.stop_strings:
-                hits = [i for i in (text.find(s, max(0, len(old) - len(s))) for s in p.stop_strings) if i >= 0]
-                if hits:
-                    text, reason = text[: min(hits)], "stop"
-            out.text = text
-            out.new_text = text[len(old):] if text.startswith(old) else text
+            out.text, out.new_text, stopped = next_text(self.tokenizer, out.token_ids, out.text or "", p,
+                                                        final=reason is not None)
+            reason = "stop" if stopped else reason
         if reason is not None:
-            del seq.token_ids[index + 1:]  # tokens a later step was already computing
-            seq.pending = None
-            self.scheduler.finish(seq, reason)
-            seq.finished_at = now
-            out.finish_reason = reason
-            out.timings = self._timings(seq)
-            del self._seqs[seq.request_id]
+            self._finish(seq, out, reason, now)
         return out
+
+    def _finish(self, seq: Sequence, out: RequestOutput, reason: str, now: float) -> None:
+        del seq.token_ids[seq.prompt_len + len(out.token_ids):]  # tokens a later step was already computing
+        seq.pending = None
+        self.scheduler.finish(seq, reason)
+        seq.finished_at = now
+        out.finish_reason = reason
+        out.timings = self._timings(seq)
+        del self._seqs[seq.request_id]
 
     @staticmethod
     def _timings(seq: Sequence) -> dict:
+        def since(t0, t1):
+            return round(t1 - t0, 6) if t0 is not None and t1 is not None else None
         n = seq.num_tokens - seq.prompt_len
-        decode_s = seq.finished_at - seq.first_token
-        return {"queue_s": round(seq.first_scheduled - seq.arrival, 6),
-                "ttft_s": round(seq.first_token - seq.arrival, 6),
-                "total_s": round(seq.finished_at - seq.arrival, 6),
-                "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else None,
+        decode_s = since(seq.first_token, seq.finished_at)
+        return {"queue_s": since(seq.arrival, seq.first_scheduled), "ttft_s": since(seq.arrival, seq.first_token),
+                "total_s": since(seq.arrival, seq.finished_at),
+                "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s else None,
                 "prompt_tokens": seq.prompt_len, "generated_tokens": n, "preemptions": seq.num_preemptions}
 
     # ---- batch and streaming APIs -----------------------------------------------------------
@@ -435,15 +445,23 @@ class LLM:
         ids: set[str] = set()
         try:
             ids = set(self._add_all(prompts, params))
-            while any(not self._outputs[i].finished for i in ids):
+            running = set(ids)
+            while running:
                 for out in self.step():
                     if out.request_id in ids:
+                        if out.finished:
+                            running.discard(out.request_id)
                         yield dataclasses.replace(out)
             self._drain()
+        except GeneratorExit:  # the consumer stopped early: apply the step on its way, then abort below
+            self._drain()
+            raise
         finally:
-            self.release_followers()
-            for i in ids:
+            for i in ids:  # a consumer that stopped early: free its requests' blocks
+                self.abort(i)
                 self._outputs.pop(i, None)
+            self._pending = [o for o in self._pending if o.request_id not in ids]
+            self.release_followers()
 
     def generate(self, prompts, params: SamplingParams | list | None = None, use_tqdm: bool = False
                  ) -> list[RequestOutput]:
@@ -451,27 +469,37 @@ class LLM:
         if not self.is_leader:
             self.follow()
             return []
-        bar, ids = None, []
+        bar, ids, done = None, [], {}
         self._incremental_text = False
         try:
             ids = self._add_all(prompts, params)
             if use_tqdm:
                 from tqdm import tqdm
                 bar = tqdm(total=len(ids), desc="generate", unit="req")
-            while any(not self._outputs[i].finished for i in ids):
-                done = sum(1 for out in self.step() if out.finished and out.request_id in ids)
+            wanted = set(ids)
+            while len(done) < len(ids):
+                new = {o.request_id: o for o in self.step() if o.finished and o.request_id in wanted}
+                done.update(new)
                 if bar is not None:
-                    bar.update(done)
+                    bar.update(len(new))
             self._drain()
         finally:
             self._incremental_text = True
             self.release_followers()
             if bar is not None:
                 bar.close()
-        outs = [self._outputs.pop(i) for i in ids]
+        outs = [done[i] for i in ids]
         for out in outs:
             out.new_token_ids, out.new_text = [], None
         return outs
+
+    def chat(self, conversations, params: SamplingParams | list | None = None, use_tqdm: bool = False
+             ) -> list[RequestOutput]:
+        """`generate` for conversations (lists of {"role", "content"}), each rendered with the tokenizer's
+        chat template and ready for the assistant's reply."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([{"messages": c} for c in conversations], params, use_tqdm)
 
     def warmup(self) -> None:
         """Capture the decode CUDA graph of every rows bucket up to `max_num_seqs` (and compile the kernels)
@@ -495,8 +523,16 @@ class LLM:
 
     def expert_load(self) -> dict:
         """Routed real tokens per layer and expert, and per EP rank. Every rank must call it (collective)."""
-        from ..parallel import gather_routing_counts, rank_loads
-        counts = gather_routing_counts(self.model)
+        from ..parallel import gather_routing_counts
+        return self._load_report(gather_routing_counts(self.model))
+
+    def routed_tokens(self) -> dict:
+        """`expert_load()` as the leader alone counted it (leader; no collective: with replicated dispatch
+        every EP rank routes the same tokens). NOTE: host sync."""
+        return self._load_report(self.model.routing_stats.counts(self.device).tolist())
+
+    def _load_report(self, counts: list[list[int]]) -> dict:
+        from ..parallel import rank_loads
         loads = rank_loads(self.model, counts)
         per_rank = [sum(layer[r] for layer in loads) for r in range(len(loads[0]))]
         total = sum(per_rank) or 1.0

@@ -19,6 +19,7 @@ import torch
 from ..config import ModelArgs
 
 SCRATCH_BLOCK = 0
+CPU_KV_BUDGET = 256 << 20  # bytes of KV cache on CPU when no budget is given
 
 
 class BlockAllocator:
@@ -59,6 +60,38 @@ def blocks_for_budget(args: ModelArgs, budget_bytes: int, block_size: int, dtype
         raise ValueError(f"a KV cache budget of {budget_bytes} bytes holds {n} block(s) of {block_size} tokens; "
                          f"at least 2 are needed ({2 * bytes_per_block(args, block_size, dtype)} bytes)")
     return n
+
+
+def profile_activations(model, device: torch.device, tokens: int) -> int:
+    """Peak bytes a forward of `tokens` tokens (one prompt chunk) allocates on a GPU. Every EP rank must
+    call it at once (the MoE all-reduces)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    n = min(tokens, model.args.max_position_embeddings)
+    ids = torch.zeros(1, n, dtype=torch.long, device=device)
+    with torch.no_grad():
+        model(ids, logits_rows=torch.tensor([n - 1], device=device))
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def profile_kv_budget(model, device: torch.device, utilization: float, profile_tokens: int) -> int:
+    """Bytes of KV cache a GPU can hold: `utilization` of the card, less what is in use and the
+    activations of the largest forward a step can run (profiled here). On CPU, CPU_KV_BUDGET."""
+    if device.type != "cuda":
+        return CPU_KV_BUDGET
+    if not 0 < utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization={utilization} must be in (0, 1]")
+    activations = profile_activations(model, device, profile_tokens)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(utilization * total - (total - free) - activations)
+    if budget <= 0:
+        raise RuntimeError(f"no GPU memory left for the KV cache: {utilization=} of {total >> 20} MiB, "
+                           f"{(total - free) >> 20} MiB in use, {activations >> 20} MiB for activations")
+    return budget
 
 
 class PagedKVCache:

@@ -2,16 +2,16 @@
 
 Rank 0 (the leader) schedules. `launch` sends the step's host-built inputs (a fixed-size header and
 one int64 payload) to the other ranks over a CPU (gloo) group, then every rank copies them to its
-device and runs the same forwards, so the MoE layers' all-reduces (replicated dispatch) line up.
-Only the leader computes logits and samples; it broadcasts the sampled ids over the EP group in
-stream order, so every rank holds them on its device.
+device and runs the same forwards, so the MoE layers' all-reduces (replicated dispatch) line up. Only
+the leader asks the LM head for logits and samples; `share` broadcasts the sampled ids over the EP
+group in stream order, so every rank holds them on its device. Requests are validated on the leader
+before they can enter a step, so a bad request never reaches the other ranks.
 
-A token sampled in step n is an input of step n+1 before the host has seen it: the leader plans
-step n+1 while step n runs, and a row whose input token is still being sampled names its slot in
-step n's sampled ids (`Batch.from_sampled`); each rank fills it in on its device. The host reads
-step n's tokens (`wait`, the one host sync of a step) only after step n+1 is queued behind it, so
-the GPU never waits for scheduling, tensor building or sampling bookkeeping. Followers never sync
-with their device at all: they receive the next header while their GPU still runs.
+A token sampled in step n is an input of step n+1 before the host has seen it: the engine plans step
+n+1 while step n runs, and a row whose input token is still being sampled names its slot in step n's
+sampled ids (`Batch.from_sampled`); each rank fills it in on its device. Followers never wait for
+their device: they receive the next header while their GPU still runs. An idle server pings (a
+header, then a one-element all-reduce on the CPU group): a dead rank shows up as an error.
 
 Legend: B rows, T tokens per row, NB block-table width, R logits rows, S tokens taken from the
 previous step's samples.
@@ -19,6 +19,7 @@ previous step's samples.
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -27,14 +28,15 @@ import torch.distributed as dist
 from .decode import DecodeForward, choose_kernels
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
-from .sampling import SamplingBatch, sample, to_device
+from .sampling import to_device
 
 MAX_BATCHES = 4  # forwards per step: the decode rows, and prefill chunks grouped by length
-_STEP, _END = 1, 2
+_STEP, _END, _PING = 1, 2, 3
 _PER_BATCH = 5  # B, T, NB, R, S
 _HEADER = 2 + _PER_BATCH * MAX_BATCHES  # command, number of batches, then the batches' sizes
-# Followers wait for the next step on the CPU group, however long the leader is idle (a server with no
-# requests); if the leader's process ends, the connection closes and they fail at once.
+# Followers wait for the next step on the CPU group however long the leader is idle (a server's own
+# watchdog, `engine_loop.follow_leader`, decides when silence means death); if the leader's process
+# ends, the connection closes and they fail at once.
 CONTROL_TIMEOUT = datetime.timedelta(days=7)
 
 
@@ -57,15 +59,6 @@ class Batch:
     def flat(self) -> list[int]:
         return (self.tokens + self.positions + self.block_table + self.logits_rows
                 + [i for i, _ in self.from_sampled] + [s for _, s in self.from_sampled])
-
-
-@dataclass
-class Launched:
-    """A step on its way: its sampled ids on the device and, once copied, on the host."""
-
-    num_sampled: int
-    host: torch.Tensor | None = None  # [R] int64, pinned on CUDA
-    done: torch.cuda.Event | None = None
 
 
 def _control_group(ep_group):
@@ -102,11 +95,12 @@ class StepRunner:
             self.leader = dist.get_global_rank(self.group, 0)
             self.control = _control_group(self.group)
         self.sampled = torch.zeros(1, dtype=torch.int64, device=self.device)  # the last step's samples
+        self.last_heard = time.monotonic()  # followers: when the leader's last header arrived
 
     # ---- leader -----------------------------------------------------------------------------
-    def launch(self, batches: list[Batch], sampling: SamplingBatch | None) -> Launched:
-        """Queue the batches' forwards on every rank and sample the leader's logits rows, without waiting
-        for the device. `wait` returns the sampled ids."""
+    def launch(self, batches: list[Batch]) -> list[torch.Tensor]:
+        """Queue the batches' forwards on every rank; return the leader's logits [R, V] per batch (still
+        being computed: nothing here waits for the device)."""
         if not self.is_leader:
             raise RuntimeError("StepRunner.launch is for the leader rank; other ranks call follow()")
         if not 1 <= len(batches) <= MAX_BATCHES:
@@ -121,38 +115,33 @@ class StepRunner:
             # NOTE: two broadcasts per step on the CPU group; the host does not wait for any device.
             dist.broadcast(torch.tensor(header, dtype=torch.int64), src=self.leader, group=self.control)
             dist.broadcast(payload, src=self.leader, group=self.control)
-        logits = self._run(header, payload, with_logits=True)
-        R = sum(len(b.logits_rows) for b in batches)
-        step = Launched(R)
-        if R == 0:
-            return step
-        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-        self.sampled = sample(logits, sampling)  # [R]
-        if self.group is not None:
-            dist.broadcast(self.sampled, src=self.leader, group=self.group)  # NOTE: collective, in stream order
-        if self.device.type == "cuda":
-            step.host = torch.empty(R, dtype=torch.int64, pin_memory=True)
-            step.host.copy_(self.sampled, non_blocking=True)
-            step.done = torch.cuda.Event()
-            step.done.record()
-        else:
-            step.host = self.sampled.clone()
-        return step
+        return self._run(header, payload, with_logits=True)
 
-    def wait(self, step: Launched) -> list[int]:
-        """The step's sampled ids on the host."""
-        if step.num_sampled == 0:
-            return []
-        if step.done is not None:
-            step.done.synchronize()  # NOTE: host sync, once per step (the queue holds the next step by now)
-        return step.host.tolist()
+    def share(self, sampled: torch.Tensor) -> None:
+        """The step's sampled ids [R] (leader), for the next step's `from_sampled` on every rank."""
+        self.sampled = sampled
+        if self.group is not None:
+            dist.broadcast(sampled, src=self.leader, group=self.group)  # NOTE: collective, in stream order
 
     def end(self) -> None:
         """Release the followers from `follow()`."""
-        if self.group is not None and self.is_leader:
-            header = torch.zeros(_HEADER, dtype=torch.int64)
-            header[0] = _END
-            dist.broadcast(header, src=self.leader, group=self.control)  # NOTE: collective (CPU group)
+        self._command(_END)
+
+    def ping(self) -> None:
+        """Leader: a round trip through every follower in `follow()` (returns once all of them answered)."""
+        if self._command(_PING):
+            self._answer_ping()
+
+    def _command(self, command: int) -> bool:
+        if self.group is None or not self.is_leader:
+            return False
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[0] = command
+        dist.broadcast(header, src=self.leader, group=self.control)  # NOTE: collective (CPU group)
+        return True
+
+    def _answer_ping(self) -> None:
+        dist.all_reduce(torch.ones(1), group=self.control)  # NOTE: collective (CPU group)
 
     # ---- followers --------------------------------------------------------------------------
     def follow(self) -> None:
@@ -163,14 +152,18 @@ class StepRunner:
             header_t = torch.empty(_HEADER, dtype=torch.int64)
             dist.broadcast(header_t, src=self.leader, group=self.control)  # NOTE: collective (CPU group)
             header = header_t.tolist()
+            self.last_heard = time.monotonic()
             if header[0] == _END:
                 return
+            if header[0] == _PING:
+                self._answer_ping()
+                continue
             sizes = [header[2 + _PER_BATCH * i: 2 + _PER_BATCH * (i + 1)] for i in range(header[1])]
             payload = torch.empty(sum(B * T * 2 + B * NB + R + 2 * S for B, T, NB, R, S in sizes), dtype=torch.int64)
             dist.broadcast(payload, src=self.leader, group=self.control)
             self._run(header, payload, with_logits=False)
             R = sum(s[3] for s in sizes)
-            if R:
+            if R:  # the leader shares what it sampled (see `share`)
                 self.sampled = torch.empty(R, dtype=torch.int64, device=self.device)
                 dist.broadcast(self.sampled, src=self.leader, group=self.group)  # NOTE: collective
 

@@ -9,6 +9,7 @@ Legend: R rows to sample, V vocab.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import torch
 
 _M32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2^27, so products of 32-bit values stay inside int64
+MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs limit)
 
 
 @dataclass
@@ -25,6 +27,8 @@ class SamplingParams:
     temperature 0 is greedy. top_k 0 or -1 and top_p 1 switch those filters off. `seed` makes a sampled
     request reproducible. `stop` strings end the text (not included in it); `stop_token_ids` and the
     model's EOS (unless `ignore_eos`) end generation with the stop token kept in `token_ids`.
+    `logprobs` (None: off) returns each chosen token's log-probability under the model's distribution
+    (before temperature, top-k and top-p) and that many most likely alternatives with theirs.
     """
 
     max_tokens: int = 16
@@ -36,6 +40,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -65,11 +70,26 @@ class SamplingParams:
             if not isinstance(self.stop, (str, list, tuple)) or any(not isinstance(s, str) or not s
                                                                    for s in self.stop_strings):
                 raise ValueError(f"stop={self.stop!r} must be a non-empty string or a list of them")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs={self.logprobs!r} must be None or an integer in [0, {MAX_LOGPROBS}]")
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids")
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
                 raise ValueError(f"stop token id {t!r} is outside the vocabulary (size {vocab_size})")
+
+    def choices(self, n: int) -> list["SamplingParams"]:
+        """Settings of `n` completions of one prompt (OpenAI's `n`): a seeded request's choice i uses
+        seed + i (choice 0 is the request itself); unseeded choices each get their own random seed."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} must be a positive integer")
+        if self.seed is None:
+            return [self] * n
+        return [dataclasses.replace(self, seed=self.seed + i) for i in range(n)]
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
@@ -144,6 +164,25 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+class HostCopy:
+    """A device tensor on its way to the host: the copy is queued now, `get()` waits for it (and only it)
+    and returns it as a list."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = t.clone(), None
+
+    def get(self) -> list:
+        if self.done is not None:
+            self.done.synchronize()  # NOTE: host sync, on this copy only (later work stays queued)
+        return self.host.tolist()
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits [R, V] -> next token ids [R] (int64, on logits' device). No host sync inside."""
     R, V = logits.shape
@@ -164,3 +203,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     drawn = torch.argmax(probs.double() / -torch.log(u), dim=-1)
     is_greedy = to_device([t == 0 for t in batch.temperature], torch.bool, dev)
     return torch.where(is_greedy, greedy_tokens, drawn)
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """logits [R, V], chosen [R] -> the chosen tokens' log-probabilities [R] and the k most likely
+    tokens [R, k] with theirs [R, k], under the model's distribution. No host sync inside."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen_logp = logp.gather(1, chosen[:, None]).squeeze(1)
+    if k == 0:
+        return chosen_logp, chosen[:, None][:, :0], logp[:, :0]
+    top_logp, top_ids = torch.topk(logp, k, dim=-1)
+    return chosen_logp, top_ids, top_logp
