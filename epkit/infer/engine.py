@@ -25,14 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget, profile_activations, profile_kv_budget
-from .request import RequestOutput, chat_prompt, next_text
-from .runner import MAX_BATCHES, Batch, StepRunner
+from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget, profile_kv_budget, size_prefill_chunk
+from .request import RequestOutput, next_text, prompt_ids
+from .runner import MAX_BATCHES, StepRunner, make_batch
 from .sampling import HostCopy, SamplingBatch, SamplingParams, sample, token_logprobs
 from .scheduler import FINISHED, Scheduler, Sequence, group_rows
 
-DEFAULT_BATCHED_TOKENS = {True: 8192, False: 2048}  # tokens per step (prefill chunk), on GPU / on CPU
-MIN_SIZED_CHUNK = 512  # the sized chunk is halved no further
 SEQ_TOKENS_FOR_SIZING, MIN_SEQS, MAX_SEQS = 1024, 16, 512  # max_num_seqs = KV capacity / 1024 tokens, clamped
 
 
@@ -125,7 +123,7 @@ class LLM:
         self.args = model.args
         self.dtype = next(model.parameters()).dtype
         if max_num_batched_tokens is None:
-            max_num_batched_tokens = self._size_chunk()
+            max_num_batched_tokens = size_prefill_chunk(model, self.device, self._agree_min)
         if kv_cache_memory is None:
             kv_cache_memory = profile_kv_budget(model, self.device, gpu_memory_utilization, max_num_batched_tokens)
         num_blocks = blocks_for_budget(self.args, kv_cache_memory, block_size, self.dtype)
@@ -153,19 +151,6 @@ class LLM:
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "busy_s": 0.0}
 
     # ---- sizing -----------------------------------------------------------------------------
-    def _size_chunk(self) -> int:
-        """The default `max_num_batched_tokens`: 8192 on a GPU, halved while a step of that many tokens
-        would need more than a quarter of the memory left after the weights (2048 on CPU)."""
-        if self.device.type != "cuda":
-            return DEFAULT_BATCHED_TOKENS[False]
-        chunk = DEFAULT_BATCHED_TOKENS[True]
-        free, _ = torch.cuda.mem_get_info(self.device)
-        # NOTE: every EP rank profiles the same sizes (the MoE all-reduces): the ranks agree on each answer.
-        while chunk > MIN_SIZED_CHUNK and not self._agree_min(int(profile_activations(self.model, self.device, chunk)
-                                                                    <= free / 4)):
-            chunk //= 2
-        return chunk
-
     def _agree_min(self, n: int) -> int:
         """Every EP rank must hold the same block ids: take the smallest pool any rank can afford."""
         info = getattr(self.model, "expert_parallel", None)
@@ -177,41 +162,6 @@ class LLM:
         return int(t.item())
 
     # ---- requests ---------------------------------------------------------------------------
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        """A prompt: text, a list of token ids, or a dict with "prompt", "prompt_token_ids" or chat "messages"."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt and prompt["prompt_token_ids"] is not None:
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            elif "messages" in prompt:
-                ids, text = chat_prompt(self.tokenizer, prompt["messages"])
-                return text, self._check_ids(ids)
-            else:
-                raise ValueError(f"a request needs 'prompt' or 'prompt_token_ids' (or chat 'messages'), got keys "
-                                 f"{sorted(prompt)}")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("empty prompt")
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer and the checkpoint has no tokenizer; "
-                                 "send prompt_token_ids")
-            return prompt, list(self.tokenizer(prompt)["input_ids"])
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if not isinstance(prompt, (list, tuple)):
-            raise ValueError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
-        return None, self._check_ids(prompt)
-
-    def _check_ids(self, ids) -> list[int]:
-        if not ids:
-            raise ValueError("empty prompt (no token ids)")
-        V = self.args.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
-                raise ValueError(f"token id {t!r} is outside the vocabulary (size {V})")
-        return list(ids)
-
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue one request (leader only); a bad one is finished at once with an error. Returns its id."""
         if not self.is_leader:
@@ -226,7 +176,7 @@ class LLM:
         self._outputs[request_id] = out
         now = time.perf_counter()
         try:
-            text, ids = self._tokenize(prompt)
+            text, ids = prompt_ids(self.tokenizer, prompt, self.args.vocab_size)
             out.prompt, out.prompt_token_ids = text, ids
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
@@ -306,25 +256,13 @@ class LLM:
                 raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
             return None
         batches, sampled = [], []
-        bs = self.cache.block_size
         for rows in group_rows(plan.rows, MAX_BATCHES):
-            B, T = len(rows), max(n for _, _, n in rows)
-            NB = max(-(-(start + n) // bs) for _, start, n in rows)
-            b = Batch(B, T, NB, [], [], [], [])
-            for i, (seq, start, n) in enumerate(rows):
-                b.tokens += seq.token_ids[start: start + n] + [0] * (T - n)
-                if seq.pending is not None and start + n > seq.pending[0]:  # its last token is still on the device
-                    b.tokens[i * T + seq.pending[0] - start] = 0
-                    b.from_sampled.append((i * T + seq.pending[0] - start, seq.pending[1]))
-                b.positions += list(range(start, start + n)) + [-1] * (T - n)
-                b.block_table += seq.blocks[:NB] + [0] * (NB - min(NB, len(seq.blocks)))
-                if start + n == seq.num_tokens:  # this chunk ends the known tokens: sample the next one
-                    b.logits_rows.append(i * T + n - 1)
-                    sampled.append(seq)
-                seq.num_computed = start + n
-                if seq.first_scheduled is None:
-                    seq.first_scheduled = t0
-            batches.append(b)
+            batches.append(make_batch(rows, self.cache.block_size))
+            sampled += [seq for seq, start, n in rows if start + n == seq.num_tokens]  # in logits-row order
+        for seq, start, n in plan.rows:
+            seq.num_computed = start + n
+            if seq.first_scheduled is None:
+                seq.first_scheduled = t0
         self.stats["prompt_tokens"] += sum(n for s, start, n in plan.rows if start < s.prompt_len)
         logits = self.runner.launch(batches)
         copy, k = None, None

@@ -77,6 +77,19 @@ def profile_activations(model, device: torch.device, tokens: int) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def size_prefill_chunk(model, device: torch.device, agree_min) -> int:
+    """The default `max_num_batched_tokens`: 8192 on a GPU, halved (down to 512) while a step of that many
+    tokens would need more than a quarter of the memory left after the weights; 2048 on CPU.
+    `agree_min(int)` is the smallest value over the EP ranks, so that all of them profile the same sizes."""
+    if device.type != "cuda":
+        return 2048
+    chunk = 8192
+    free, _ = torch.cuda.mem_get_info(device)
+    while chunk > 512 and not agree_min(int(profile_activations(model, device, chunk) <= free / 4)):
+        chunk //= 2  # NOTE: a collective per size tried (agree_min)
+    return chunk
+
+
 def profile_kv_budget(model, device: torch.device, utilization: float, profile_tokens: int) -> int:
     """Bytes of KV cache a GPU can hold: `utilization` of the card, less what is in use and the
     activations of the largest forward a step can run (profiled here). On CPU, CPU_KV_BUDGET."""

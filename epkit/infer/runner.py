@@ -61,6 +61,25 @@ class Batch:
                 + [i for i, _ in self.from_sampled] + [s for _, s in self.from_sampled])
 
 
+def make_batch(rows, block_size: int) -> Batch:
+    """One forward's inputs from scheduled rows (sequence, first position, number of tokens): rows padded
+    to the longest, each row's block table to the widest; a row samples its next token when its chunk
+    ends the known tokens. A sequence's last token may still be on the device (`Sequence.pending`)."""
+    B, T = len(rows), max(n for _, _, n in rows)
+    NB = max(-(-(start + n) // block_size) for _, start, n in rows)
+    b = Batch(B, T, NB, [], [], [], [])
+    for i, (seq, start, n) in enumerate(rows):
+        b.tokens += seq.token_ids[start: start + n] + [0] * (T - n)
+        if seq.pending is not None and start + n > seq.pending[0]:
+            b.tokens[i * T + seq.pending[0] - start] = 0
+            b.from_sampled.append((i * T + seq.pending[0] - start, seq.pending[1]))
+        b.positions += list(range(start, start + n)) + [-1] * (T - n)
+        b.block_table += seq.blocks[:NB] + [0] * (NB - min(NB, len(seq.blocks)))
+        if start + n == seq.num_tokens:
+            b.logits_rows.append(i * T + n - 1)
+    return b
+
+
 def _control_group(ep_group):
     """A gloo group with the same ranks as `ep_group` (every rank of the world must call this)."""
     mine = dist.get_process_group_ranks(ep_group)
