@@ -3,10 +3,10 @@
     torchrun --nproc_per_node 2 bench/profile_decode.py            # Mixtral-8x7B shape, random bf16, EP=2
     python bench/profile_decode.py --preset tiny                    # CPU check (what the test runs)
 
-Per kernel set (`--variants`, default reference,torch,triton,compile: see epkit/infer/decode.py; plus
-`triton-serial`, the triton set with the engine's host overlap off) and per batch size B (`--batch-sizes`,
-default 1,16,64,256): B random prompts of `--prompt-len` tokens are prefilled, then the engine decodes
-in steady state (CUDA graphs on). It reports
+Per kernel set (`--variants`, default reference,triton,triton-serial,compile,torch: see
+epkit/infer/decode.py; `triton-serial` is the triton set with the engine's host overlap off) and per
+batch size B (`--batch-sizes`, default 1,16,64,256): B random prompts of `--prompt-len` tokens are
+prefilled, then the engine decodes in steady state (CUDA graphs on). It reports
   ms_per_step     wall time of `--steps` decode steps / steps (host overlap included, as served)
   kernels         a torch.profiler window of `--profile-steps` steps on rank 0: device kernels per step,
                   device ms per step, and the top 15 kernels by device time (on CPU: top ops by CPU time)
@@ -45,13 +45,14 @@ from epkit.parallel import broadcast_object, init_distributed, world_rank, world
 VARIANTS = {"reference": dict(decode_kernels="reference"), "torch": dict(decode_kernels="torch"),
             "triton": dict(decode_kernels="triton"), "compile": dict(decode_kernels="compile"),
             "triton-serial": dict(decode_kernels="triton", overlap=False)}
+GPU_DEFAULT = ["reference", "triton", "triton-serial", "compile", "torch"]  # most wanted first (JSON after each)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="mixtral-8x7b")
     p.add_argument("--variants", default=None, help="comma list of " + ",".join(VARIANTS)
-                   + " (default: reference,torch,triton,compile on GPU, reference,torch on CPU)")
+                   + f" (default: {','.join(GPU_DEFAULT)} on GPU, reference,torch on CPU)")
     p.add_argument("--batch-sizes", default="1,16,64,256")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
@@ -64,8 +65,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
     cuda = torch.cuda.is_available()
-    a.variants = a.variants.split(",") if a.variants else (["reference", "torch", "triton", "compile"] if cuda
-                                                           else ["reference", "torch"])
+    a.variants = a.variants.split(",") if a.variants else (GPU_DEFAULT if cuda else ["reference", "torch"])
     bad = [v for v in a.variants if v not in VARIANTS]
     if bad or min(a.batch_sizes) < 1 or a.steps < 1 or a.profile_steps < 1:
         p.error(f"variants {bad} unknown (known: {', '.join(VARIANTS)}), or a batch size / step count below 1")
@@ -102,7 +102,8 @@ def run_variant(model, margs, a, device, dtype, engine: dict) -> dict:
         outs = llm.generate(make_prompts(n, a.prompt_len, margs.vocab_size, 7),
                             SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
         out["greedy_tokens"] = [o.token_ids for o in outs]
-        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else 0
+        cuda = device.type == "cuda"
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if cuda else 0
         return out
     finally:
         del llm

@@ -14,7 +14,7 @@ after `LLM.warmup()` (graph captures, kernel compiles), as a server would start.
 The peer is transformers' continuous batching (`init_continuous_batching`, paged attention, its own
 warm-up) with the same random-weight model on rank 0's GPU (`--hf-gpus 1`: Mixtral-8x7B in bf16 fits
 one 141 GB H200; `--hf-gpus N` splits the layers over N GPUs, which its paged cache may refuse). It
-stops after `--hf-timeout` seconds and then reports what finished. If it fails, the error goes in the
+stops after `--hf-timeout` (240) seconds and then reports what finished. If it fails, the error goes in the
 JSON and epkit's figures still stand.
 
 Per engine: generated tokens/s (all generated tokens / time from the first arrival to the last token),
@@ -55,7 +55,8 @@ def parse_args(argv=None):
     for k in FULL:
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None,
                        help=f"default {FULL[k]} ({TINY[k]} for --preset tiny)")
-    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests per second (default: all at once)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="Poisson arrivals, requests per second (default: all at once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine setting (default: sized from memory)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine setting (default: sized)")
@@ -63,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--no-overlap", action="store_true", help="engine setting: no host overlap")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' continuous batching")
     p.add_argument("--hf-gpus", type=int, default=1)
-    p.add_argument("--hf-timeout", type=float, default=300.0)
+    p.add_argument("--hf-timeout", type=float, default=240.0)
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/serve-<gpu>-<time>.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -238,8 +239,8 @@ def run_hf(margs: ModelArgs, reqs: list[dict], a, devices: list) -> dict:
     res = summarise(reqs, first, {i: times[i] for i in done}, wall if not timed_out else a.hf_timeout)
     peaks = [round(torch.cuda.max_memory_allocated(d) / 2 ** 30, 2) if torch.device(d).type == "cuda" else 0.0
              for d in devices]
-    res.update(completed=not timed_out, setup_s=round(setup_s, 1), peak_memory_gib=peaks, devices=[str(d) for d in devices],
-               preemptions=None, attn_implementation=getattr(hf.config, "_attn_implementation", None))
+    res.update(completed=not timed_out, setup_s=round(setup_s, 1), peak_memory_gib=peaks,
+               devices=[str(d) for d in devices], preemptions=None, attn_implementation=getattr(hf.config, "_attn_implementation", None))
     del manager, hf
     gc.collect()
     log(f"transformers: {res['generated_tokens_per_s']:.0f} generated tok/s ({len(done)}/{len(reqs)} finished)")
@@ -327,7 +328,8 @@ def print_table(r: dict) -> None:
             continue
         f = lambda v, s=1: "-" if v is None else f"{v * s:.2f}"  # noqa: E731
         print(f"{name:>26} | {x['generated_tokens_per_s']:>8.0f} | {f(x['ttft_p50_s']):>8} | {f(x['ttft_p99_s']):>8} | "
-              f"{f(x['itl_p50_ms']):>8} | {f(x['itl_p99_ms']):>8} | {str(x['preemptions']):>7} | {x['peak_memory_gib']}")
+              f"{f(x['itl_p50_ms']):>8} | {f(x['itl_p99_ms']):>8} | {str(x['preemptions']):>7} | "
+              f"{x['peak_memory_gib']}")
     print("(TTFT in s, ITL in ms)")
 
 

@@ -96,8 +96,8 @@ class DecodeForward:
                                 a.rope_theta, dtype)  # the model's own numbers, [1, 1, positions, Dh]
         self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
         device_triton = triton_runs_on(dev) and paged.supported(a.head_dim, a.num_heads, a.num_kv_heads, dtype)
-        self.attention = (paged.paged_decode_attention if kernels == "triton" or (kernels == "compile" and device_triton)
-                          else paged.paged_decode_attention_torch)
+        use_paged = kernels == "triton" or (kernels == "compile" and device_triton)
+        self.attention = paged.paged_decode_attention if use_paged else paged.paged_decode_attention_torch
         self.reads_table = self.attention is paged.paged_decode_attention  # cost independent of the table width
         self.add_norm = fused.add_rms_norm if kernels == "triton" else fused.add_rms_norm_torch
         self.route = fused.route if kernels == "triton" else fused.route_torch

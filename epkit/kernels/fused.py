@@ -60,10 +60,11 @@ def rope_write_kv_torch(qkv, cos_table, sin_table, positions, slots, k_pool, v_p
 # ---- dispatch (the kernel where Triton runs, else the reference) ---------------------------------
 
 def add_rms_norm(h, delta, weight, eps):
+    h = h.contiguous()
     N, D = h.shape
     h_out = torch.empty_like(h) if delta is not None else h
     x = torch.empty_like(h)
-    d = delta if delta is not None else h
+    d = delta.contiguous() if delta is not None else h
     _add_rms_norm_kernel[(N,)](h, d, weight, h_out, x, eps, D, BLOCK=next_pow2(D), HAS_DELTA=delta is not None)
     return h_out, x
 
