@@ -240,7 +240,8 @@ def run_hf(margs: ModelArgs, reqs: list[dict], a, devices: list) -> dict:
     peaks = [round(torch.cuda.max_memory_allocated(d) / 2 ** 30, 2) if torch.device(d).type == "cuda" else 0.0
              for d in devices]
     res.update(completed=not timed_out, setup_s=round(setup_s, 1), peak_memory_gib=peaks,
-               devices=[str(d) for d in devices], preemptions=None, attn_implementation=getattr(hf.config, "_attn_implementation", None))
+               devices=[str(d) for d in devices], preemptions=None,
+               attn_implementation=getattr(hf.config, "_attn_implementation", None))
     del manager, hf
     gc.collect()
     log(f"transformers: {res['generated_tokens_per_s']:.0f} generated tok/s ({len(done)}/{len(reqs)} finished)")
