@@ -141,8 +141,10 @@ def profile_steps(llm, steps: int, device) -> dict:
         for _ in range(steps):
             llm.step()
         sync(device)
-    rows = []
+    rows, graph_launches = [], 0
     for e in prof.key_averages():
+        if e.key == "cudaGraphLaunch":  # a replay; its kernels appear as device events of their own
+            graph_launches += e.count
         dev_us = getattr(e, "self_device_time_total", None)
         if dev_us is None:
             dev_us = getattr(e, "self_cuda_time_total", 0)
@@ -157,6 +159,7 @@ def profile_steps(llm, steps: int, device) -> dict:
     rows.sort(key=lambda r: -r["ms_per_step"])
     return {"kernels_per_step": round(sum(r["calls_per_step"] for r in rows), 1),
             "device_ms_per_step": round(sum(r["ms_per_step"] for r in rows), 3),
+            "graph_launches_per_step": round(graph_launches / steps, 2),
             "profiled": "device kernels" if cuda else "CPU aten ops", "top": rows[:15]}
 
 
