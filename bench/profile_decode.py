@@ -14,7 +14,8 @@ prefilled, then the engine decodes in steady state (CUDA graphs on). It reports
   floor_ms        weight + KV bytes this rank must read per step (experts by uniform routing, busiest
                   rank) over the measured copy bandwidth
 On a GPU it also checks each Triton kernel against its torch reference at the full shape in bf16
-(`kernel_checks`) and times the small-batch expert kernels per down-projection tile (`moe_tiles`).
+(`kernel_checks`), times the small-batch expert kernels per down-projection tile (`moe_tiles`) and
+one rank's MoE share fused against the plain permute/experts/unpermute (`moe_fused_vs_plain`).
 A variant that fails is recorded under `errors` and the others still run.
 Writes bench/results/profile_decode-<gpu>-<time>.json and prints tables.
 """
@@ -279,6 +280,37 @@ def moe_tiles(device) -> list[dict]:
     return rows
 
 
+def moe_fused_vs_plain(device) -> list[dict]:
+    """One EP=2 rank's MoE share (4 local experts of 8, Mixtral shape) in a CUDA graph: the four-kernel
+    fused path against the plain permute -> Triton experts -> unpermute it replaces."""
+    from epkit.moe import Experts, LocalDispatch, permute, unpermute
+    ex = Experts(4, 4096, 14336, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ex.w13.normal_(0, 0.02)
+        ex.w2.normal_(0, 0.02)
+    dispatch = LocalDispatch([0, 1, 2, 3, -1, -1, -1, -1])
+    dispatch.slot = dispatch.slot.to(device)
+
+    def plain(x, w, ids):
+        slot = dispatch.slot[ids]
+        key = torch.where(slot < 0, 4, slot)
+        order, counts = permute(key, 5)
+        out = ex(x, counts[:4], rows=order // 2)
+        return unpermute(out, order, w, keep=key.reshape(-1)[order] < 4)
+
+    rows = []
+    for n in (1, 16, 64):
+        x = torch.randn(n, 4096, device=device, dtype=torch.bfloat16)
+        w = torch.rand(n, 2, device=device)
+        ids = torch.randint(0, 8, (n, 2), device=device)
+        with torch.no_grad():
+            fused = graphed_ms(lambda: dispatch.partial(ex, x, w, ids), device)
+            ref = graphed_ms(lambda: plain(x, w, ids), device)
+            same = torch.equal(dispatch.partial(ex, x, w, ids), plain(x, w, ids))
+        rows.append({"tokens": n, "fused_ms": round(fused, 4), "plain_ms": round(ref, 4), "bit_equal": bool(same)})
+    return rows
+
+
 def graphed_ms(fn, device, iters: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -325,7 +357,8 @@ def main(argv=None) -> int:
         result["copy_bandwidth_GBps"] = round(bw / 1e9, 1)
         result["floor_ms"] = {B: round(floor_ms(margs, ep, B, context, bw, dtype.itemsize), 3) for B in a.batch_sizes}
         if cuda:
-            for name, fn in (("kernel_checks", kernel_checks), ("moe_tiles", moe_tiles)):
+            for name, fn in (("kernel_checks", kernel_checks), ("moe_tiles", moe_tiles),
+                             ("moe_fused_vs_plain", moe_fused_vs_plain)):
                 log(name)
                 try:
                     result[name] = fn(device)
@@ -392,7 +425,7 @@ def print_tables(r: dict) -> None:
                 print(f"\ntop kernels, {v}, batch {row['batch']} ({row['profiled']}):")
                 for k in row["top"]:
                     print(f"  {k['ms_per_step']:>8.3f} ms  x{k['calls_per_step']:<6g} {k['name'][:90]}")
-    for name in ("kernel_checks", "moe_tiles"):
+    for name in ("kernel_checks", "moe_tiles", "moe_fused_vs_plain"):
         if name in r:
             print(f"\n{name}: {json.dumps(r[name])}")
     if r["errors"]:
