@@ -11,26 +11,20 @@ import json
 import os
 import time
 
+import sys
+
 import torch
 import torch.distributed as dist
 
-import epkit
-from epkit.parallel import init_distributed, set_dispatch, world_rank
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import epkit  # noqa: E402
+from bench.timing import copy_bandwidth, time_calls  # noqa: E402
+from epkit.parallel import init_distributed, set_dispatch, world_rank  # noqa: E402
 
 
 def cuda_ms(fn, iters=20, warmup=5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return time_calls(fn, torch.device("cuda", torch.cuda.current_device()), warmup, iters)["ms_median"]
 
 
 def main():
@@ -108,10 +102,7 @@ def main():
             timings[n] = row
         report["moe_layer_1gpu"] = timings
         gb = 8 * 3 * big.hidden_size * big.intermediate_size * 2 / 1e9
-        src = torch.empty(int(4e9) // 2, dtype=torch.bfloat16, device=dev)
-        dst = torch.empty_like(src)
-        ms = cuda_ms(lambda: dst.copy_(src), iters=10)
-        report["copy_bandwidth_GBps"] = 2 * 4 / (ms / 1e3)
+        report["copy_bandwidth_GBps"] = copy_bandwidth(dev, torch.bfloat16, int(4e9))
         report["expert_weights_GB"] = gb
         print(json.dumps(report, indent=1))
         os.makedirs(a.out, exist_ok=True)

@@ -33,11 +33,10 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from generate import RESULTS, log, make_prompts, sync  # noqa: E402
-
-from epkit.config import ModelArgs  # noqa: E402
+from bench.generate import RESULTS, log, make_prompts  # noqa: E402
+from bench.timing import copy_bandwidth, sync  # noqa: E402
+from epkit.args import ModelArgs  # noqa: E402
 from epkit.infer import LLM, SamplingParams  # noqa: E402
 from epkit.infer.build import random_model  # noqa: E402
 from epkit.infer.kv_cache import bytes_per_block  # noqa: E402
@@ -165,21 +164,6 @@ def profile_steps(llm, steps: int, device) -> dict:
 
 
 # ---- floors, kernel checks, expert tiles (rank 0, GPU) ----------------------------------------------
-
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a device-to-device copy (read + write); CPU: a memcpy."""
-    n = (1 << 28) if device.type == "cuda" else (1 << 24)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(2):
-        dst.copy_(src)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    sync(device)
-    return 2 * n * 10 / (time.perf_counter() - t0)
-
 
 def floor_ms(margs: ModelArgs, ep: int, B: int, context: int, bandwidth: float, elt: int) -> float:
     """Bytes one rank reads per decode step at batch B: shared weights, its experts (busiest rank, uniform
@@ -312,12 +296,9 @@ def moe_fused_vs_plain(device) -> list[dict]:
 
 
 def graphed_ms(fn, device, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
+    """ms per call of `fn` (free of host syncs), `iters` calls captured in one CUDA graph and replayed."""
+    from epkit.infer.graphs import record
+    graph, _ = record(lambda: [fn() for _ in range(iters)], device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()
@@ -352,7 +333,7 @@ def main(argv=None) -> int:
                          "cuda_graphs": cuda and not a.no_cuda_graphs},
               "variants": {}, "errors": {}}
     if world_rank() == 0:
-        bw = copy_bandwidth(device)
+        bw = copy_bandwidth(device, torch.uint8, (1 << 30) if cuda else (1 << 24)) * 1e9  # bytes/s
         context = a.prompt_len + a.warmup_steps + a.steps
         result["copy_bandwidth_GBps"] = round(bw / 1e9, 1)
         result["floor_ms"] = {B: round(floor_ms(margs, ep, B, context, bw, dtype.itemsize), 3) for B in a.batch_sizes}

@@ -36,11 +36,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from generate import RESULTS, build_hf, log, peak_memory_all_ranks, sync  # noqa: E402
+from bench.generate import RESULTS, build_hf, log, peak_memory_all_ranks  # noqa: E402
+from bench.scaling import percentile  # noqa: E402
+from bench.timing import sync  # noqa: E402
 
-from epkit.config import ModelArgs  # noqa: E402
+from epkit.args import ModelArgs  # noqa: E402
 from epkit.infer import LLM, SamplingParams  # noqa: E402
 from epkit.infer.build import random_model  # noqa: E402
 from epkit.parallel import init_distributed, world_rank, world_size  # noqa: E402
@@ -100,22 +101,12 @@ def summarise(reqs: list[dict], first_tokens: dict, token_times: dict, wall_s: f
     return {"requests_finished": sum(1 for i, v in token_times.items() if len(v) >= reqs[i]["max_tokens"]),
             "generated_tokens": generated, "wall_s": round(wall_s, 3),
             "generated_tokens_per_s": round(generated / max(wall_s, 1e-9), 1),
-            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-            "itl_p50_ms": _ms(pct(itl, 50)), "itl_p99_ms": _ms(pct(itl, 99))}
+            "ttft_p50_s": _round(percentile(ttft, 50), 6), "ttft_p99_s": _round(percentile(ttft, 99), 6),
+            "itl_p50_ms": _round(1000 * percentile(itl, 50), 3), "itl_p99_ms": _round(1000 * percentile(itl, 99), 3)}
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    x = (len(v) - 1) * q / 100
-    lo = int(x)
-    hi = min(lo + 1, len(v) - 1)
-    return round(v[lo] + (v[hi] - v[lo]) * (x - lo), 6)
-
-
-def _ms(s: float | None) -> float | None:
-    return None if s is None else round(1000 * s, 3)
+def _round(x: float, digits: int) -> float | None:
+    return None if x != x else round(x, digits)  # NaN (no samples): null in the JSON
 
 
 # ---- epkit ----------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelArgs
+from .args import ModelArgs
 from .moe import MoE, Routed, RoutingStats
 
 
@@ -148,6 +148,7 @@ class Mixtral(nn.Module):
     router logits per layer [B*T, E]) and what each layer routed."""
 
     expert_parallel = None  # epkit.parallel.ExpertParallelInfo once apply_expert_parallel has run
+    lora = None  # epkit.lora.LoraSpec while LoRA adapters are applied (epkit.lora.apply_lora)
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()

@@ -96,7 +96,7 @@ class ComputeBackend:
 
     def kernel(self, rows: int, grad: bool) -> str:
         """"small_m", "grouped" or "loop" for a call of `rows` pairs (`grad`: the weights need gradients)."""
-        if not grad and rows <= self.small_m_max:
+        if not grad and 0 < self.small_m_max and rows <= self.small_m_max:
             return "small_m"
         if self.grouped == "train" or (self.grouped == "infer" and not grad):
             return "grouped"
@@ -148,6 +148,11 @@ class Experts(nn.Module):
         return len(self.expert_ids)
 
     @property
+    def trains(self) -> bool:
+        """Whether any of this module's parameters (weights, or adapters added by epkit.lora) is trained."""
+        return any(p.requires_grad for p in self.parameters())
+
+    @property
     def backend(self) -> ComputeBackend:
         """The compute backend for the weights' device and dtype, chosen on first use and kept."""
         key = (self.w13.device, self.w13.dtype, self.impl)
@@ -163,7 +168,7 @@ class Experts(nn.Module):
         for no expert here, or unused buffer) and come back undefined. Returns [M, D].
         """
         M = x.shape[0] if rows is None else rows.shape[0]
-        kernel = self.backend.kernel(M, torch.is_grad_enabled() and self.w13.requires_grad)
+        kernel = self.backend.kernel(M, torch.is_grad_enabled() and self.trains)
         if kernel == "small_m":
             rows = rows if rows is not None else torch.arange(M, device=x.device)
             return moe_kernels.experts_small_m(x, rows, counts, self.w13, self.w2)
@@ -174,9 +179,8 @@ class Experts(nn.Module):
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """torch's grouped GEMM: x [M, D] sorted, counts [L] -> [M, D]; no host sync."""
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        h = _grouped_mm(x, self.w13.transpose(1, 2), offs)  # [M, 2I]
-        gate, up = h.split(self.intermediate_size, dim=-1)
-        return _grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs)  # [M, D]
+        gate, up = self.project(x, "w13", offs=offs).split(self.intermediate_size, dim=-1)  # [M, 2I]
+        return self.project(F.silu(gate) * up, "w2", offs=offs)  # [M, D]
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Reference: one readable loop over the local experts (also the fallback on CPUs and old GPUs).
@@ -193,8 +197,18 @@ class Experts(nn.Module):
         return torch.cat(outs + [torch.zeros_like(pieces[-1])])
 
     def _expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13[slot]).split(self.intermediate_size, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[slot])
+        gate, up = self.project(x, "w13", slot=slot).split(self.intermediate_size, dim=-1)
+        return self.project(F.silu(gate) * up, "w2", slot=slot)
+
+    def project(self, x: torch.Tensor, name: str, offs: torch.Tensor | None = None, slot: int | None = None
+                ) -> torch.Tensor:
+        """x @ W^T for the stacked weight `name` ("w13" or "w2"): rows of one local `slot`, or rows grouped by
+        slot with cumulative ends `offs` (grouped GEMM). The one place expert weights multiply activations
+        (epkit.lora.LoRAExperts adds its low-rank term here)."""
+        w = getattr(self, name)
+        if slot is not None:
+            return F.linear(x, w[slot])
+        return _grouped_mm(x, w.transpose(1, 2), offs)
 
 
 class LocalDispatch:

@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
-from epkit.config import ModelArgs
+from epkit.args import ModelArgs
 from epkit.infer import LLM, SamplingParams
 from epkit.infer.build import random_model
-from epkit.infer.cli import _embedded_tokenizer
+from epkit.tokenizer import embedded_tokenizer
 from epkit.infer.engine_loop import EngineLoop, Submission
 
 torch.set_num_threads(1)
@@ -21,7 +21,7 @@ SAMPLED = SamplingParams(temperature=0.9, seed=4, max_tokens=6, ignore_eos=True)
 
 def tiny_llm(**engine) -> LLM:
     args = ModelArgs.from_name("tiny")
-    return LLM.from_model(random_model(args, seed=0, router_std=0.5), tokenizer=_embedded_tokenizer(args.vocab_size),
+    return LLM.from_model(random_model(args, seed=0, router_std=0.5), tokenizer=embedded_tokenizer(args.vocab_size),
                           **engine)
 
 

@@ -23,7 +23,7 @@ def _train(rank, world, root):
     from epkit import load_pretrained
     from epkit.train import TrainConfig, main
     for name, ep in (("ep1", 1), ("ep8", 8)):
-        main(TrainConfig(model="tiny", ep=ep, zero_stage=0, max_steps=2, seq_len=16, micro_batch=1, lr=1e-2,
+        main(TrainConfig(model="tiny", ep_size=ep, zero_stage=0, max_steps=2, seq_len=16, micro_batch=1, lr=1e-2,
                          warmup_steps=0, grad_clip=0.5, progress=False, output_dir=os.path.join(root, name),
                          seed=SEED))
     # The EP=8 checkpoint at EP=2 (4 replicas of 2 ranks, replicated dispatch) vs the EP=1 one on one device.

@@ -173,6 +173,46 @@ def test_bad_requests_fail_alone(ckpt):
     assert out.finish_reason == "length" and len(out.token_ids) == 5
 
 
+def test_bad_request_types_and_tokenizer_failures_fail_alone(ckpt):
+    """Wrong types (a string of ids, "no" for a boolean), a lone surrogate, a detokeniser that throws: each
+    fails its own request with one line; the rest of the batch completes as if alone (issue 9 items 3, 5)."""
+    path, prompts, _ = ckpt
+    llm = LLM(path)
+    lone = "ab\ud800cd"  # what json.loads makes of "ab\\ud800cd"
+    bad = [({"prompt_token_ids": "5 6 7"}, GREEDY, "prompt_token_ids='5 6 7' must be a list of token ids"),
+           ({"prompt": [5, 6, 7]}, GREEDY, "prompt=[5, 6, 7] must be a string"),
+           (lone, GREEDY, "the prompt cannot be tokenised"),
+           (prompts[1], SamplingParams(max_tokens=4, skip_special_tokens="no"), "skip_special_tokens='no' must be"),
+           (prompts[1], SamplingParams(max_tokens=4, ignore_eos="false"), "ignore_eos='false' must be true or false")]
+    good = [prompts[0], "the quick brown fox"]
+    outs = llm.generate([good[0]] + [b[0] for b in bad] + [good[1]], [GREEDY] + [b[1] for b in bad] + [GREEDY])
+    for out, (_, _, msg) in zip(outs[1:-1], bad):
+        assert out.finish_reason == "error" and msg in out.error, (out.error, msg)
+    alone = llm.generate(good, GREEDY)
+    assert [o.token_ids for o in (outs[0], outs[-1])] == [o.token_ids for o in alone]
+    # A temperature that underflows (1e-40) decodes greedily instead of always drawing token 0.
+    tiny = llm.generate(good, SamplingParams(temperature=1e-40, max_tokens=MAX_NEW, seed=0))
+    assert [o.token_ids for o in tiny] == [o.token_ids for o in alone]
+    # A detokeniser failure mid-generation ends that request only, and its KV blocks return to the pool.
+    real, calls = llm.tokenizer.decode, []
+
+    def flaky(ids, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected decode failure")
+        return real(ids, **kw)
+
+    llm.tokenizer.decode = flaky
+    try:
+        outs = llm.generate(["the quick brown fox", "to be or"], GREEDY)
+    finally:
+        llm.tokenizer.decode = real
+    failed = [o for o in outs if o.finish_reason == "error"]
+    assert len(failed) == 1 and "cannot be detokenised (RuntimeError: injected decode failure)" in failed[0].error
+    assert [o.error for o in outs].count(None) == 1
+    assert llm.scheduler.allocator.num_free == llm.cache.num_blocks - 1  # all but the scratch block
+
+
 def test_text_stream_and_stop_strings(ckpt):
     path, _, _ = ckpt
     llm = LLM(path)

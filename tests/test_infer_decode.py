@@ -65,7 +65,7 @@ TRITON_ENGINE = textwrap.dedent('''
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     torch.set_num_threads(1)
-    from epkit.config import ModelArgs
+    from epkit.args import ModelArgs
     from epkit.infer import LLM, SamplingParams
     from epkit.infer.build import random_model
     from epkit.kernels.attention import paged_decode_attention

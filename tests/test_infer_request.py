@@ -8,7 +8,7 @@ from epkit import data as D
 from epkit.infer import LLM, SamplingParams
 from epkit.infer.build import random_model
 from epkit.infer.request import chat_prompt, next_text
-from epkit.config import ModelArgs
+from epkit.args import ModelArgs
 
 torch.set_num_threads(1)
 

@@ -92,6 +92,17 @@ def test_grouped_expert_path_equals_loop():
     torch.testing.assert_close(a, ref, atol=1e-6, rtol=1e-6)
 
 
+def test_a_forward_with_no_tokens():
+    """A rank can get no rows (all-to-all, serving): every backend must return an empty result, not fail."""
+    args = tiny_args()
+    moe = epkit.Mixtral(args).init_weights().layers[0].moe
+    for impl in ("grouped", "loop"):
+        moe.experts.impl = impl
+        with torch.no_grad():
+            y, routed = moe(torch.randn(1, 0, args.hidden_size))
+        assert y.shape == (1, 0, args.hidden_size) and routed.expert_ids.shape == (0, 2)
+
+
 def test_gradients_flow_through_grouped_path():
     args = tiny_args()
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """`LLM`: the user-facing engine. Requests in, generated tokens and text out, in batches or streamed.
 
-    llm = LLM("outputs/default", ep=2)                 # inside `deepspeed --num_gpus 2 ...`
+    llm = LLM("outputs/default", ep_size=2)            # inside `deepspeed --num_gpus 2 ...`
     outs = llm.generate(["Hello", [1, 15, 27]], SamplingParams(temperature=0, max_tokens=32))
     for out in llm.stream(prompts, params): print(out.new_text, end="")
     outs = llm.chat([[{"role": "user", "content": "Hi"}]], params)      # the tokenizer's chat template
@@ -25,13 +25,28 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tokenizer import load_tokenizer
+from .config import EngineConfig
 from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget, profile_kv_budget, size_prefill_chunk
 from .request import RequestOutput, next_text, prompt_ids
-from .runner import MAX_BATCHES, StepRunner, make_batch
+from .runner import MAX_BATCHES, Batch, StepRunner, make_batch
 from .sampling import HostCopy, SamplingBatch, SamplingParams, sample, token_logprobs
 from .scheduler import FINISHED, Scheduler, Sequence, group_rows
 
 SEQ_TOKENS_FOR_SIZING, MIN_SEQS, MAX_SEQS = 1024, 16, 512  # max_num_seqs = KV capacity / 1024 tokens, clamped
+
+
+def _refuse_nonfinite(model, checkpoint: str) -> None:
+    """A checkpoint with NaN or inf weights (a diverged run) would serve garbage: refuse it, naming the tensor.
+    NOTE: one host sync per tensor at load, and a collective so that every EP rank refuses together."""
+    from ..checkpoint import CheckpointError
+    from ..parallel import all_ranks_ok
+    bad = next((n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())),
+               None)
+    if not all_ranks_ok(bad is None):
+        raise CheckpointError(f"{checkpoint}: tensor {bad} holds NaN or inf values; refusing to serve it (was it "
+                              f"saved by a run that diverged?)" if bad else
+                              f"{checkpoint}: another rank's experts hold NaN or inf values (see its error)")
 
 
 @dataclass
@@ -44,116 +59,114 @@ class _Step:
     logprobs: int | None  # how many alternatives the copy holds per row (None: ids only)
 
 
-def load_tokenizer(path: str):
-    """The checkpoint's tokenizer (transformers' AutoTokenizer), or None if the directory has none."""
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 class LLM:
     """Batched inference over a (possibly expert-parallel) `epkit.model.Mixtral`.
 
-    Engine settings: `block_size` tokens per KV block; `kv_cache_memory` bytes of KV cache (default:
-    on GPU, what `gpu_memory_utilization` of the card leaves after the weights and a profiled forward;
-    on CPU 256 MiB); `max_num_seqs` rows and `max_num_batched_tokens` tokens per step (the prefill
-    chunk); `long_prefill_tokens` caps one prompt's chunk while others wait (default a quarter of the
-    budget); `strategy` places experts on EP ranks (`contiguous`, `round_robin`, or `balanced` from the
-    routing counts stored with the checkpoint); `max_model_len` caps prompt + output (default: the
-    model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of
-    unseeded requests; `cuda_graphs` replays decode steps as CUDA graphs on GPUs (default on; False
-    or EPKIT_CUDA_GRAPHS=0: eager); `decode_kernels` picks the decode step's kernels (`epkit.infer.decode`:
-    auto, reference, torch, triton, compile); `overlap` plans each step while the previous one runs
-    (default on; off: every step waits for its own tokens).
+    Settings are an `EngineConfig` (`config`), its fields also accepted as keywords that override it:
+    `ep_size` (alias `ep`), `device`, `dtype`, `strategy` (expert placement over EP ranks), `block_size`,
+    `kv_cache_memory`, `gpu_memory_utilization`, `max_num_seqs`, `max_num_batched_tokens`,
+    `long_prefill_tokens`, `max_model_len`, `cuda_graphs`, `seed`, `dp_attention`, `sync_free_max_tokens`;
+    see `epkit/infer/config.py`. With `dp_attention` (EP > 1) each rank serves its own requests with its
+    own KV cache and the experts exchange tokens by all-to-all (`epkit.infer.dp`; `max_num_seqs` and
+    `max_num_batched_tokens` are then per rank) instead of every rank running every token's attention.
+    The tokenizer is the checkpoint's (`epkit.tokenizer.load_tokenizer`) unless one is given.
+    `lora` (a PEFT adapter directory, e.g. a `--lora-rank` run's final/) is merged into the weights at load,
+    each rank merging only the experts it holds. `decode_kernels` picks the decode step's kernels
+    (`epkit.infer.decode`) and `overlap` plans each step while the previous one runs (replicated mode).
 
-    Sizing from memory, when not given: the KV cache takes `gpu_memory_utilization` of the card minus
-    the weights and the activations of the largest step; `max_num_batched_tokens` is 8192 on a GPU
-    (2048 on CPU), halved while that step's activations would take more than a quarter of the memory
-    left after the weights; `max_num_seqs` is as many sequences as the KV cache holds at 1024 tokens
-    each, between 16 and 512 (a decode step reads every expert's weights from about 64 rows on, so more
-    rows cost little until the KV cache runs out and sequences get preempted).
+    Sized from memory when left None: `max_num_batched_tokens` is 8192 on a GPU (2048 on CPU), halved
+    while a step that size would take over a quarter of the memory left after the weights; the KV cache
+    takes what `gpu_memory_utilization` leaves; `max_num_seqs` is as many sequences as it holds at 1024
+    tokens each, in 16..512 (a decode step reads every expert from about 64 rows on, so more rows cost
+    little until the KV cache runs out and sequences get preempted).
     """
 
-    def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
-                 tokenizer=None, **engine):
+    def __init__(self, checkpoint: str, config: EngineConfig | None = None, *, tokenizer=None, lora: str | None = None,
+                 **settings):
+        from ..args import ModelArgs
         from ..checkpoint import load_pretrained
         from ..parallel import init_distributed, world_size
-        if not isinstance(ep, int) or ep < 1:
-            raise ValueError(f"ep={ep!r} must be a positive integer")
+        cfg = (config or EngineConfig()).replace(**settings)
+        cfg.check()
+        ep = cfg.resolve_ep_size()
         if ep > 1:
-            init_distributed()
+            init_distributed(timeout_s=cfg.dist_timeout)
             if world_size() != ep:
-                raise ValueError(f"ep={ep} needs exactly {ep} ranks, this run has {world_size()}; launch with "
+                raise ValueError(f"ep_size={ep} needs exactly {ep} ranks, this run has {world_size()}; launch with "
                                  f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
-        device = torch.device(device) if device is not None else _default_device()
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, strategy=strategy,
-                                        dispatch="replicated", return_report=True)
+        cfg.check_model(ModelArgs.load(checkpoint))  # before the weights are read
+        device = cfg.resolve_device()
+        model, report = load_pretrained(checkpoint, device=device, dtype=cfg.resolve_dtype(device), ep_size=ep,
+                                        strategy=cfg.strategy, dispatch="all_to_all" if cfg.dp_attention else "replicated",
+                                        return_report=True)
         self.load_report = report
+        if lora is not None:  # folded into the weights at load: each rank merges only the experts it holds
+            from ..lora_io import adapter_dir, merge_adapter
+            lora = adapter_dir(lora)
+            merge_adapter(model, lora)
+        _refuse_nonfinite(model, checkpoint if lora is None else f"{checkpoint} + LoRA {lora}")
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
-            tokenizer = load_tokenizer(checkpoint)
-        self._setup(model.eval(), tokenizer, device, **engine)
+            tokenizer = load_tokenizer(checkpoint) or (load_tokenizer(lora) if lora is not None else None)
+        self._setup(model.eval(), tokenizer, device, cfg)
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, **engine) -> "LLM":
-        """Serve an already-built model (e.g. one made on meta and sharded with `apply_expert_parallel`)."""
+    def from_model(cls, model, config: EngineConfig | None = None, *, tokenizer=None, **settings) -> "LLM":
+        """Serve an already-built model (e.g. `infer.build.random_model`); its device, dtype and plan stand."""
         self = cls.__new__(cls)
         self.load_report = None
-        self._setup(model.eval(), tokenizer, next(model.parameters()).device, **engine)
+        cfg = (config or EngineConfig()).replace(**settings)
+        cfg.check()
+        self._setup(model.eval(), tokenizer, next(model.parameters()).device, cfg)
         return self
 
-    def _setup(self, model, tokenizer, device, block_size: int = 16, kv_cache_memory: int | None = None,
-               gpu_memory_utilization: float = 0.85, max_num_seqs: int | None = None,
-               max_num_batched_tokens: int | None = None, max_model_len: int | None = None, seed: int = 0,
-               cuda_graphs: bool | None = None, long_prefill_tokens: int | None = None,
-               decode_kernels: str | None = None, overlap: bool = True) -> None:
-        info = getattr(model, "expert_parallel", None)
-        if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated":
+    def _setup(self, model, tokenizer, device, cfg: EngineConfig) -> None:
+        cfg.check_model(model.args)
+        info = model.expert_parallel
+        dp_attention = cfg.dp_attention and info is not None and info.plan.ep_size > 1
+        if dp_attention and info.dispatch != "all_to_all":
+            from ..parallel import set_dispatch
+            set_dispatch(model, "all_to_all")
+        if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated" and not dp_attention:
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
                              f"the model uses {info.dispatch!r}")
+        self.config = cfg
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.args = model.args
         self.dtype = next(model.parameters()).dtype
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = size_prefill_chunk(model, self.device, self._agree_min)
+        chunk = cfg.max_num_batched_tokens or size_prefill_chunk(model, self.device, self._agree_min)
+        kv_cache_memory = cfg.kv_cache_memory
         if kv_cache_memory is None:
-            kv_cache_memory = profile_kv_budget(model, self.device, gpu_memory_utilization, max_num_batched_tokens)
-        num_blocks = blocks_for_budget(self.args, kv_cache_memory, block_size, self.dtype)
+            kv_cache_memory = profile_kv_budget(model, self.device, cfg.gpu_memory_utilization, chunk)
+        num_blocks = blocks_for_budget(self.args, kv_cache_memory, cfg.block_size, self.dtype)
         num_blocks = self._agree_min(num_blocks)
-        self.cache = PagedKVCache(self.args, num_blocks, block_size, self.device, self.dtype)
-        self.max_model_len = min(max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
-        if max_num_seqs is None:
-            max_num_seqs = min(MAX_SEQS, max(MIN_SEQS, self.cache.capacity_tokens // SEQ_TOKENS_FOR_SIZING))
-        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max_num_batched_tokens,
-                                   long_prefill_tokens)
+        self.cache = PagedKVCache(self.args, num_blocks, cfg.block_size, self.device, self.dtype)
+        self.max_model_len = min(cfg.max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
+        seqs = cfg.max_num_seqs or min(MAX_SEQS, max(MIN_SEQS, self.cache.capacity_tokens // SEQ_TOKENS_FOR_SIZING))
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), cfg.block_size, seqs, chunk, cfg.long_prefill_tokens)
+        cuda_graphs = cfg.cuda_graphs
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
-        self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs, decode_kernels=decode_kernels,
-                                 max_rows=max_num_seqs, max_table_width=-(-self.max_model_len // block_size))
+        self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs,
+                                 decode_kernels=cfg.decode_kernels, max_rows=seqs,
+                                 max_table_width=-(-self.max_model_len // cfg.block_size))
         model.routing_stats.reset()  # the load report counts served tokens (not the profiling forward)
-        self.overlap = overlap
+        self.overlap = cfg.overlap and not dp_attention
         self._inflight: _Step | None = None
         self.is_leader = self.runner.is_leader
-        self._rng = random.Random(seed)
+        self._rng = random.Random(cfg.seed)
         self._ids = 0
         self._outputs: dict[str, RequestOutput] = {}  # every request not yet handed back finished
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # updates not yet returned by step()
         self._incremental_text = True  # step()/stream() callers read text as it grows; generate() does not
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "busy_s": 0.0}
+        from .dp import DataParallelAttention
+        self.dp = DataParallelAttention(self) if dp_attention else None
 
     # ---- sizing -----------------------------------------------------------------------------
     def _agree_min(self, n: int) -> int:
         """Every EP rank must hold the same block ids: take the smallest pool any rank can afford."""
-        info = getattr(self.model, "expert_parallel", None)
+        info = self.model.expert_parallel
         if info is None or info.plan.ep_size == 1:
             return n
         import torch.distributed as dist
@@ -197,11 +210,12 @@ class LLM:
                        max_len=min(len(ids) + params.max_tokens, self.max_model_len), arrival=now)
         out.text = "" if self.tokenizer is not None else None
         self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        (self.dp.submit if self.dp is not None else self.scheduler.add)(seq)
         return request_id
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
+        busy = self.dp.has_unfinished() if self.dp is not None else self.scheduler.has_unfinished()
+        return busy or bool(self._pending) or self._inflight is not None
 
     def output(self, request_id: str) -> RequestOutput | None:
         """A request's current state, until `step()` has returned it finished (leader)."""
@@ -213,6 +227,8 @@ class LLM:
         seq = self._seqs.get(request_id)
         if seq is None:
             return False
+        if self.dp is not None:  # wherever it runs
+            self.dp.abort(request_id)
         out = self._outputs[request_id]
         out.new_token_ids, out.new_text = [], "" if out.text is not None else None
         if out.text is not None and out.token_ids:  # text held back while streaming is final now
@@ -234,14 +250,17 @@ class LLM:
         With `overlap` (the default), a call queues the next step on the device and then reads back the
         tokens of the step queued by the previous call, so the tokens a call returns are one step old
         and the device is never idle while the host schedules."""
-        updates, self._pending = self._pending, []
-        launched = self._launch() if self.scheduler.has_unfinished() else None
-        if self._inflight is not None:
-            updates += self._resolve(self._inflight)
-        self._inflight = launched
-        if launched is not None and not self.overlap:
-            updates += self._resolve(launched)
-            self._inflight = None
+        if self.dp is not None:
+            updates = self.dp.step()
+        else:
+            updates, self._pending = self._pending, []
+            launched = self._launch() if self.scheduler.has_unfinished() else None
+            if self._inflight is not None:
+                updates += self._resolve(self._inflight)
+            self._inflight = launched
+            if launched is not None and not self.overlap:
+                updates += self._resolve(launched)
+                self._inflight = None
         for out in updates:  # handed back finished: forget it
             if out.finished:
                 self._outputs.pop(out.request_id, None)
@@ -255,30 +274,10 @@ class LLM:
             if self._inflight is None:
                 raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
             return None
-        batches, sampled = [], []
-        for rows in group_rows(plan.rows, MAX_BATCHES):
-            batches.append(make_batch(rows, self.cache.block_size))
-            sampled += [seq for seq, start, n in rows if start + n == seq.num_tokens]  # in logits-row order
-        for seq, start, n in plan.rows:
-            seq.num_computed = start + n
-            if seq.first_scheduled is None:
-                seq.first_scheduled = t0
-        self.stats["prompt_tokens"] += sum(n for s, start, n in plan.rows if start < s.prompt_len)
+        batches, sampled = self._batches(plan)
+        self._commit(plan, t0)
         logits = self.runner.launch(batches)
-        copy, k = None, None
-        if sampled:
-            logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-            sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
-                                           [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
-            next_ids = sample(logits, sb)
-            self.runner.share(next_ids)  # the next step's inputs, on every rank's device
-            k = max((s.params.logprobs for s in sampled if s.params.logprobs is not None), default=None)
-            if k is None:
-                copy = HostCopy(next_ids)
-            else:  # ids, logprobs and the top k in one float64 copy (ids < 2^53 stay exact)
-                lp, top_ids, top_lp = token_logprobs(logits, next_ids, k)
-                copy = HostCopy(torch.cat([next_ids[:, None].double(), lp[:, None].double(), top_ids.double(),
-                                           top_lp.double()], dim=1))
+        copy, k = self._sample_on_device(logits, sampled) if sampled else (None, None)
         for slot, seq in enumerate(sampled):  # a placeholder until the step's ids reach the host
             seq.pending = (seq.num_tokens, slot)
             seq.token_ids.append(-1)
@@ -290,20 +289,14 @@ class LLM:
         t0 = time.perf_counter()
         updates = []
         if step.copy is not None:
-            values = step.copy.get()
-            if step.logprobs is None:
-                rows = [(t, None, None) for t in values]
-            else:
-                k = step.logprobs
-                rows = [(int(r[0]), r[1], list(zip(map(int, r[2: 2 + k]), r[2 + k:]))) for r in values]
-            now = time.perf_counter()
+            rows, now = self._rows(step.copy.get(), step.logprobs), time.perf_counter()
             for (seq, index), (tok, lp, top) in zip(step.sampled, rows):
                 if seq.status == FINISHED:  # stopped or aborted meanwhile: this token was computed in vain
                     continue
                 seq.token_ids[index] = tok
                 if seq.pending is not None and seq.pending[0] == index:
                     seq.pending = None
-                updates.append(self._append(seq, index, now, lp, top))
+                updates.append(self._apply(seq, index, now, lp, top))
         self.stats["steps"] += 1
         self.stats["busy_s"] += time.perf_counter() - t0
         return updates
@@ -314,7 +307,60 @@ class LLM:
             step, self._inflight = self._inflight, None
             self._pending += self._resolve(step)
 
-    def _append(self, seq: Sequence, index: int, now: float, logprob=None, top=None) -> RequestOutput:
+    def _batches(self, plan) -> tuple[list[Batch], list[Sequence]]:
+        """The step's forwards (the decode rows first, then prefill chunks grouped by length) and the
+        sequences whose next token they sample, in logits order. Changes no state."""
+        batches, sampled = [], []
+        for rows in group_rows(plan.rows, MAX_BATCHES):
+            batches.append(make_batch(rows, self.cache.block_size))
+            sampled += [seq for seq, start, n in rows if start + n == seq.num_tokens]
+        return batches, sampled
+
+    def _commit(self, plan, t0: float) -> None:
+        """The planned rows ran: their tokens are in the KV cache."""
+        for seq, start, n in plan.rows:
+            seq.num_computed = start + n
+            if seq.first_scheduled is None:
+                seq.first_scheduled = t0
+        self.stats["prompt_tokens"] += sum(n for s, start, n in plan.rows if start < s.prompt_len)
+
+    def _sample_on_device(self, logits: list[torch.Tensor], sampled: list[Sequence], share: bool = True
+                          ) -> tuple[HostCopy, int | None]:
+        """Sample the next token of each sequence in `sampled` (logits rows in that order), share the ids
+        with the other ranks (replicated mode), and start copying ids (and log-probabilities) to the host."""
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
+                                       [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
+        next_ids = sample(logits, sb)
+        if share:
+            self.runner.share(next_ids)  # the next step's inputs, on every rank's device
+        k = max((s.params.logprobs for s in sampled if s.params.logprobs is not None), default=None)
+        if k is None:
+            return HostCopy(next_ids), None
+        lp, top_ids, top_lp = token_logprobs(logits, next_ids, k)  # in one float64 copy (ids < 2^53 stay exact)
+        return HostCopy(torch.cat([next_ids[:, None].double(), lp[:, None].double(), top_ids.double(),
+                                   top_lp.double()], dim=1)), k
+
+    @staticmethod
+    def _rows(values: list, k: int | None) -> list[tuple]:
+        """(token, logprob, top-k) per sampled row from a HostCopy's values."""
+        if k is None:
+            return [(t, None, None) for t in values]
+        return [(int(r[0]), r[1], list(zip(map(int, r[2: 2 + k]), r[2 + k:]))) for r in values]
+
+    def _sample(self, logits: list[torch.Tensor], sampled: list[Sequence]) -> list[RequestOutput]:
+        """Sample and append the next tokens now (data-parallel attention's lock-step steps)."""
+        if not sampled:
+            return []
+        copy, k = self._sample_on_device(logits, sampled, share=False)  # every rank samples its own rows
+        rows, now = self._rows(copy.get(), k), time.perf_counter()  # NOTE: host sync, once per step
+        return [self._append(seq, tok, now, lp, top) for seq, (tok, lp, top) in zip(sampled, rows)]
+
+    def _append(self, seq: Sequence, tok: int, now: float, logprob=None, top=None) -> RequestOutput:
+        seq.token_ids.append(tok)
+        return self._apply(seq, seq.num_tokens - 1, now, logprob, top)
+
+    def _apply(self, seq: Sequence, index: int, now: float, logprob=None, top=None) -> RequestOutput:
         """Token `index` of `seq` has arrived: update its output and finish it if it stops here."""
         out, p = self._outputs[seq.request_id], seq.params
         tok = seq.token_ids[index]
@@ -333,8 +379,11 @@ class LLM:
             reason = "length"
         # Text: every step only when someone reads it (streaming) or stop strings need it, else at the end.
         if self.tokenizer is not None and (self._incremental_text or p.stop_strings or reason is not None):
-            out.text, out.new_text, stopped = next_text(self.tokenizer, out.token_ids, out.text or "", p,
-                                                        final=reason is not None)
+            try:
+                out.text, out.new_text, stopped = next_text(self.tokenizer, out.token_ids, out.text or "", p,
+                                                            final=reason is not None)
+            except Exception as e:  # this request fails, the others go on
+                return self._fail(seq, out, now, f"the output cannot be detokenised ({type(e).__name__}: {e})")
             reason = "stop" if stopped else reason
         if reason is not None:
             self._finish(seq, out, reason, now)
@@ -348,6 +397,12 @@ class LLM:
         out.finish_reason = reason
         out.timings = self._timings(seq)
         del self._seqs[seq.request_id]
+
+    def _fail(self, seq: Sequence, out: RequestOutput, now: float, error: str) -> RequestOutput:
+        """Finish a running request with an error (its blocks go back to the pool)."""
+        out.error = error
+        self._finish(seq, out, "error", now)
+        return out
 
     @staticmethod
     def _timings(seq: Sequence) -> dict:
@@ -401,9 +456,12 @@ class LLM:
             self._pending = [o for o in self._pending if o.request_id not in ids]
             self.release_followers()
 
-    def generate(self, prompts, params: SamplingParams | list | None = None, use_tqdm: bool = False
-                 ) -> list[RequestOutput]:
-        """All outputs, in prompt order (rank 0); other ranks run the steps and return []."""
+    def generate(self, prompts, params: SamplingParams | list | None = None, use_tqdm: bool = False,
+                 on_finish=None) -> list[RequestOutput]:
+        """All outputs, in prompt order (rank 0); other ranks run the steps and return [].
+
+        `on_finish(position, output)` is called as each request finishes (in finishing order), so a caller can
+        keep finished results even if a later step fails."""
         if not self.is_leader:
             self.follow()
             return []
@@ -414,10 +472,14 @@ class LLM:
             if use_tqdm:
                 from tqdm import tqdm
                 bar = tqdm(total=len(ids), desc="generate", unit="req")
-            wanted = set(ids)
+            wanted, position = set(ids), {rid: i for i, rid in enumerate(ids)}
             while len(done) < len(ids):
-                new = {o.request_id: o for o in self.step() if o.finished and o.request_id in wanted}
+                new = {o.request_id: o for o in self.step()
+                       if o.finished and o.request_id in wanted and o.request_id not in done}
                 done.update(new)
+                for rid, out in new.items():
+                    if on_finish is not None:
+                        on_finish(position[rid], out)
                 if bar is not None:
                     bar.update(len(new))
             self._drain()
@@ -443,10 +505,7 @@ class LLM:
         """Capture the decode CUDA graph of every rows bucket up to `max_num_seqs` (and compile the kernels)
         now rather than on first use, as a server does at start-up: each bucket's rows run one step as
         one-token prompts. Every rank calls it."""
-        n, sizes = 1, []
-        while n < self.scheduler.max_num_seqs:
-            sizes.append(n)
-            n *= 2
+        sizes = [1 << i for i in range(self.scheduler.max_num_seqs.bit_length()) if 1 << i < self.scheduler.max_num_seqs]
         for b in sizes + [self.scheduler.max_num_seqs]:
             self.generate([[self.args.bos_token_id or 1]] * b, SamplingParams(temperature=0, max_tokens=1,
                                                                             ignore_eos=True))
@@ -454,10 +513,14 @@ class LLM:
     # ---- lock-step helpers ------------------------------------------------------------------
     def follow(self) -> None:
         """Non-leader ranks: run the leader's steps until it calls `release_followers()`."""
-        self.runner.follow()
+        (self.dp or self.runner).follow()
 
     def release_followers(self) -> None:
-        self.runner.end()
+        (self.dp or self.runner).end()
+
+    def ping(self) -> None:
+        """Leader, idle: a round trip through every rank in `follow()` (keeps them inside the collective timeout)."""
+        (self.dp or self.runner).ping()
 
     def expert_load(self) -> dict:
         """Routed real tokens per layer and expert, and per EP rank. Every rank must call it (collective)."""
@@ -466,8 +529,10 @@ class LLM:
 
     def routed_tokens(self) -> dict:
         """`expert_load()` as the leader alone counted it (leader; no collective: with replicated dispatch
-        every EP rank routes the same tokens). NOTE: host sync."""
-        return self._load_report(self.model.routing_stats.counts(self.device).tolist())
+        every EP rank routes the same tokens; with data-parallel attention, every rank's counts as of the
+        last `ping`). NOTE: host sync."""
+        counts = self.dp.routed_counts() if self.dp is not None else self.model.routing_stats.counts(self.device)
+        return self._load_report(counts.tolist())
 
     def _load_report(self, counts: list[list[int]]) -> dict:
         from ..parallel import rank_loads

@@ -64,9 +64,12 @@ class DecodeGraphs:
             self._capturable[Bb] = self._sync_free is None or self._sync_free(Bb)
         return self._capturable[Bb]
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, with_logits: bool):
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, with_logits: bool,
+            rows: int | None = None, width: int | None = None):
+        """Replay the graph of bucket (rows, width) (default: the buckets of B and NB; data-parallel
+        attention passes the buckets all ranks agreed on, so their graphs hold the same collectives)."""
         B, NB = table.shape
-        key = (bucket(B), bucket(max(NB, self.min_table_width)), with_logits)
+        key = (rows or bucket(B), width or bucket(max(NB, self.min_table_width)), with_logits)
         g = self.graphs.get(key) or self._capture(*key)
         # NOTE: small device copies into the graph's static inputs; no host sync.
         g.tokens.zero_()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelArgs
+from ..args import ModelArgs
 
 SCRATCH_BLOCK = 0
 CPU_KV_BUDGET = 256 << 20  # bytes of KV cache on CPU when no budget is given

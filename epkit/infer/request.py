@@ -116,14 +116,24 @@ def next_text(tokenizer, token_ids: list[int], old: str, params, final: bool) ->
     return text, text[common:], stopped
 
 
+def _short(value) -> str:
+    """A request value for an error line, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def prompt_ids(tokenizer, prompt, vocab_size: int) -> tuple[str | None, list[int]]:
     """(text or None, token ids) of a prompt: text, a list of token ids, or a dict with "prompt",
     "prompt_token_ids" or chat "messages". A bad one raises ValueError naming what is wrong."""
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt and prompt["prompt_token_ids"] is not None:
             prompt = prompt["prompt_token_ids"]
+            if not isinstance(prompt, (list, tuple)):
+                raise ValueError(f"prompt_token_ids={_short(prompt)} must be a list of token ids")
         elif "prompt" in prompt:
             prompt = prompt["prompt"]
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt={_short(prompt)} must be a string (token ids go in prompt_token_ids)")
         elif "messages" in prompt:
             ids, text = chat_prompt(tokenizer, prompt["messages"])
             return text, _checked(ids, vocab_size)
@@ -136,7 +146,11 @@ def prompt_ids(tokenizer, prompt, vocab_size: int) -> tuple[str | None, list[int
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer and the checkpoint has no tokenizer; "
                              "send prompt_token_ids")
-        return prompt, list(tokenizer(prompt)["input_ids"])
+        try:
+            return prompt, list(tokenizer(prompt)["input_ids"])
+        except Exception as e:  # e.g. a lone surrogate: this request fails, not the batch
+            raise ValueError(f"the prompt cannot be tokenised ({type(e).__name__}: {e}); is it valid "
+                             f"Unicode?") from None
     if hasattr(prompt, "tolist"):  # a tensor
         prompt = prompt.tolist()
     if not isinstance(prompt, (list, tuple)):

@@ -17,6 +17,8 @@ import torch
 
 _M32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2^27, so products of 32-bit values stay inside int64
+# Temperatures below this decode greedily: logits / 1e-40 overflow to inf and the softmax to NaN (token 0).
+GREEDY_BELOW = 1e-5
 MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs limit)
 
 
@@ -24,7 +26,7 @@ MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logpr
 class SamplingParams:
     """How one request is decoded. Defaults follow vLLM: temperature 1 (sampling), 16 new tokens.
 
-    temperature 0 is greedy. top_k 0 or -1 and top_p 1 switch those filters off. `seed` makes a sampled
+    temperature 0 (or below 1e-5) is greedy. top_k 0 or -1 and top_p 1 switch those filters off. `seed` makes a sampled
     request reproducible. `stop` strings end the text (not included in it); `stop_token_ids` and the
     model's EOS (unless `ignore_eos`) end generation with the stop token kept in `token_ids`.
     `logprobs` (None: off) returns each chosen token's log-probability under the model's distribution
@@ -44,7 +46,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def stop_strings(self) -> list[str]:
@@ -188,10 +190,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     R, V = logits.shape
     logits = logits.float()
     greedy_tokens = torch.argmax(logits, dim=-1)
-    if all(t == 0 for t in batch.temperature):
+    if all(t < GREEDY_BELOW for t in batch.temperature):
         return greedy_tokens
     dev = logits.device
-    temp = to_device([t if t > 0 else 1.0 for t in batch.temperature], torch.float32, dev)
+    temp = to_device([t if t >= GREEDY_BELOW else 1.0 for t in batch.temperature], torch.float32, dev)
     scaled = logits / temp[:, None]
     if any(k < V for k in batch.top_k) or any(p < 1 for p in batch.top_p):
         scaled = filter_logits(scaled, to_device(batch.top_k, torch.int64, dev),
@@ -201,7 +203,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     u = uniform_noise(seeds, to_device(batch.counters, torch.int64, dev), V)
     # Exponential race (Gumbel-max): argmax p_i / E_i with E_i ~ Exp(1) is a draw from p.
     drawn = torch.argmax(probs.double() / -torch.log(u), dim=-1)
-    is_greedy = to_device([t == 0 for t in batch.temperature], torch.bool, dev)
+    is_greedy = to_device([t < GREEDY_BELOW for t in batch.temperature], torch.bool, dev)
     return torch.where(is_greedy, greedy_tokens, drawn)
 
 

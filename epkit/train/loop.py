@@ -21,30 +21,37 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as data_lib
+from ..tokenizer import EMBEDDED, Tokenizer, tokenizer_dir_for
 from ..moe import load_balancing_loss, router_z_loss
-from ..parallel import init_distributed, world_rank, world_size
+from ..parallel import broadcast_object, init_distributed, world_rank, world_size
+from ..runtime import cpu_threads_per_rank, quiet
 from . import state as ckpt
 from .config import TrainConfig
-from .engine import (build_model, check_plan_strategy, clip_exact, freeze, initialize, model_args_for,
-                     reduce_on_device, resolve_dtype, uses_exact_clip)
+from .optim import (check_plan_strategy, clip_exact, initialize, make_trainable, model_args_for, model_for,
+                    reduce_on_device, resolve_dtype, uses_exact_clip)
 from .metrics import Metrics
+
+
+class DivergedError(RuntimeError):
+    """The loss or the gradient norm stopped being finite; the run stops without saving the damage."""
 
 
 def using_accelerate() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
-def _join_world():
-    """Start or join the process group; `python launch/train.py` becomes a world of one."""
+def _join_world(timeout_s: float):
+    """Start or join the process group; `python launch/train.py` becomes a world of one. Under Accelerate the
+    group is joined here too (Accelerate then uses it), so both paths get the same --dist-timeout."""
     if "WORLD_SIZE" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_distributed(timeout_s=timeout_s)
     if using_accelerate():
         from accelerate import Accelerator
         return Accelerator()
-    init_distributed()
     return None
 
 
@@ -59,18 +66,18 @@ def check_inputs(cfg: TrainConfig):
     args = model_args_for(cfg)
     check_plan_strategy(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % cfg.ep:
-        raise ValueError(f"--ep {cfg.ep} does not divide the number of ranks ({world})")
-    if cfg.ep > args.num_experts:
-        raise ValueError(f"--ep {cfg.ep} is larger than the model's {args.num_experts} experts")
+    if world % cfg.ep_size:
+        raise ValueError(f"--ep {cfg.ep_size} does not divide the number of ranks ({world})")
+    if cfg.ep_size > args.num_experts:
+        raise ValueError(f"--ep {cfg.ep_size} is larger than the model's {args.num_experts} experts")
     if cfg.seq_len > args.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} is beyond the model's context (max_position_embeddings="
                          f"{args.max_position_embeddings})")
-    tok_dir = cfg.tokenizer or data_lib.tokenizer_dir_for(cfg.model)
+    tok_dir = cfg.tokenizer or tokenizer_dir_for(cfg.model)
     if tok_dir is None and os.path.isdir(cfg.model):
         raise ValueError(f"--model {cfg.model!r} has no tokenizer files; pass --tokenizer DIR (its tokenizer)")
-    tok_dir = tok_dir or data_lib.DEFAULT_TOKENIZER  # presets: the embedded tokenizer
-    tokenizer = data_lib.Tokenizer(tok_dir)
+    tok_dir = tok_dir or EMBEDDED  # presets: the embedded tokenizer
+    tokenizer = Tokenizer(tok_dir)
     pad = args.pad_token_id if args.pad_token_id is not None else (args.eos_token_id or 0)
     kw = dict(bos_id=args.bos_token_id if args.bos_token_id is not None else 1,
               eos_id=args.eos_token_id if args.eos_token_id is not None else 2,
@@ -78,7 +85,8 @@ def check_inputs(cfg: TrainConfig):
     train = data_lib.load_packed(cfg.data or data_lib.DEFAULT_DATA, tokenizer, cfg.seq_len, **kw)
     train.check_fits(cfg.micro_batch, world)
     evals = data_lib.load_packed(cfg.eval_data, tokenizer, cfg.seq_len, **kw) if cfg.eval_data else None
-    return args, tok_dir, train, evals
+    run = ckpt.check_run_dir(cfg)  # last: the other checks are cheaper to fix
+    return args, tok_dir, train, evals, run
 
 
 def lm_and_router_losses(model, batch: dict, aux_coef: float, z_coef: float, count_routing: bool = True):
@@ -118,6 +126,27 @@ def evaluate(engine, model, evals: data_lib.PackedData, micro_batch: int, device
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(sums[1])}
 
 
+@torch.no_grad()
+def _drop_gradients(model) -> None:
+    """Make the coming optimizer step a no-op for every parameter (AdamW skips parameters without a gradient)."""
+    for p in model.parameters():
+        p.grad = None
+
+
+def _check_nonfinite(cfg: TrainConfig, model, record: dict, count: int, last: str | None) -> None:
+    """After a step whose loss or gradient norm is not finite (the same verdict on every rank: both are global):
+    stop, unless --skip-nonfinite allows one more and the weights are still finite. NOTE: collective."""
+    from ..parallel import all_ranks_ok
+    where = f"the last checkpoint, {last}, is intact" if last else "no checkpoint was saved"
+    what = f"step {record['step']}: the loss is {record['loss']:.4g} and the gradient norm {record['grad_norm']:.4g}"
+    if count > cfg.skip_nonfinite:
+        raise DivergedError(f"{what}: training diverged; stopping without saving ({where}). Lower --lr, or pass "
+                            f"--skip-nonfinite N to skip up to N such steps")
+    # NOTE: one host sync per parameter, only after a non-finite step
+    if not all_ranks_ok(all(bool(torch.isfinite(p).all()) for p in model.parameters())):
+        raise DivergedError(f"{what} and the weights are no longer finite; stopping without saving ({where})")
+
+
 def _seed_everything(seed: int) -> None:
     import numpy as np
     random.seed(seed)
@@ -127,15 +156,21 @@ def _seed_everything(seed: int) -> None:
 
 def main(cfg: TrainConfig) -> str:
     """Train; return the path of the final checkpoint (a Hugging Face directory)."""
-    args, tok_dir, train, evals = check_inputs(cfg)
-    resume_from = ckpt.latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    accelerator = _join_world()
+    quiet(cfg.verbose)  # before DeepSpeed is imported
+    args, tok_dir, train, evals, run = check_inputs(cfg)
+    resume_from = run.resume_from
+    accelerator = _join_world(cfg.dist_timeout)
+    threads = cpu_threads_per_rank()
     rank, world = world_rank(), world_size()
+    run.run_id = broadcast_object(run.run_id)  # NOTE: collective: rank 0's id names the run
+    if rank == 0:
+        ckpt.write_run_file(cfg.output_dir, run)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     _seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg)
-    model = build_model(cfg, args, device, dtype, checkpoint=resume_from)
-    trainable = freeze(model, cfg.train_only)
+    # a LoRA checkpoint holds only the adapters: the base comes from --model
+    model = model_for(cfg, args, device, dtype, checkpoint=None if cfg.lora_rank else resume_from)
+    trainable = make_trainable(model, cfg, resume_from)
     engine, optimizer, scheduler = initialize(cfg, model, dtype, accelerator)
     exact_clip = uses_exact_clip(engine)
 
@@ -154,15 +189,20 @@ def main(cfg: TrainConfig) -> str:
             routed += torch.tensor(counts, dtype=torch.int64, device=device)
     metrics = Metrics(cfg.output_dir, cfg.max_steps, start_step, enabled=rank == 0, progress=cfg.progress,
                       tensorboard=cfg.tensorboard)
+    for note in run.notes:
+        metrics.write(note)
     if rank == 0:
         where = f"resuming from {resume_from} at step {start_step}" if resume_from else "starting from step 0"
         if cfg.resume and resume_from is None:
             where = f"--resume: no complete checkpoint in {cfg.output_dir}, starting from step 0"
         via = "accelerate" if accelerator is not None else "deepspeed"
-        metrics.write(f"epkit train ({via}): {world} rank(s), ep={cfg.ep}, zero={engine.zero_optimization_stage()}, "
-                      f"{dtype}, "
+        cpu = f", {threads} CPU thread(s) per rank" if device.type == "cpu" else ""
+        metrics.write(f"epkit train ({via}): {world} rank(s), ep={cfg.ep_size}, "
+                      f"zero={engine.zero_optimization_stage()}, {dtype}{' base, fp32 adapters' if cfg.lora_rank else ''}"
+                      f"{cpu}, "
                       f"{len(train)} rows x {cfg.seq_len} tokens, trainable {trainable}; {where}")
     aux_coef = args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
+    nonfinite = 0  # steps skipped for a non-finite loss or gradient norm
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         engine.train()
@@ -177,6 +217,8 @@ def main(cfg: TrainConfig) -> str:
             engine.backward(loss)
             if exact_clip and engine.is_gradient_accumulation_boundary():
                 grad_norm = clip_exact(model, cfg.grad_clip)
+                if not math.isfinite(grad_norm):
+                    _drop_gradients(model)  # never apply a non-finite update (ZeRO 1/2 skip such steps themselves)
             engine.step()
             # per micro-batch: lm mean, aux, z as the loss saw them; token count for throughput
             sums += torch.stack([parts[0] / parts[1].clamp(min=1), parts[1], parts[2], parts[3],
@@ -196,20 +238,29 @@ def main(cfg: TrainConfig) -> str:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             metrics.log(record)
         metrics.advance(record)
+        if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+            nonfinite += 1
+            _check_nonfinite(cfg, model, record, nonfinite, ckpt.latest_checkpoint(cfg.output_dir, run.run_id))
+            metrics.write(f"warning: step {step + 1}: loss {record['loss']:.4g}, gradient norm {grad_norm:.4g}: update "
+                          f"skipped ({nonfinite} of --skip-nonfinite {cfg.skip_nonfinite})")
         done = step + 1 == cfg.max_steps
         if evals is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
             result = {"step": step + 1, **evaluate(engine, model, evals, cfg.micro_batch, device)}
             metrics.log(result)
             metrics.write(f"step {step + 1}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
-        trainer_state = {"step": step + 1, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)}
+        trainer_state = {"step": step + 1, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
+                         "run_id": run.run_id}
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not done:
             ckpt.save(engine, model, ckpt.step_dir(cfg.output_dir, step + 1), trainer_state, tok_dir)
             if rank == 0:
-                ckpt.prune(cfg.output_dir, cfg.keep_last)
+                ckpt.prune(cfg.output_dir, cfg.keep_last, run.run_id)
     final = os.path.abspath(os.path.join(cfg.output_dir, "final"))
     if start_step < cfg.max_steps or resume_from is None or os.path.basename(resume_from) != "final":
-        trainer_state = {"step": cfg.max_steps, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg)}
+        trainer_state = {"step": cfg.max_steps, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
+                         "run_id": run.run_id}
         ckpt.save(engine, model, final, trainer_state, tok_dir)
+    if cfg.merge:
+        ckpt.save_merged(model, os.path.join(cfg.output_dir, "merged"), tok_dir)
     metrics.close()
     if rank == 0:
         print(f"checkpoint: {final}", flush=True)
