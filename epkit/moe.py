@@ -245,12 +245,15 @@ class LocalDispatch:
     def partial(self, experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """This device's share of the weighted expert sum, [N, D] fp32 (zero where no local expert was chosen)."""
         L, K = experts.num_local, ids.shape[1]
+        if self.slot is not None and self.slot.device != ids.device:
+            self.slot = self.slot.to(ids.device)
+        slot = ids if self.slot is None else self.slot[ids]
+        if experts.backend.kernel(ids.numel(), torch.is_grad_enabled() and experts.w13.requires_grad) == "small_m":
+            # decoding: permute, experts and the weighted combine in four kernels (moe_kernels.py)
+            return moe_kernels.fused_experts_small(x, weights, slot, experts.w13, experts.w2)
         if self.slot is None:
             order, counts = permute(ids, L)
             return unpermute(experts(x, counts, rows=order // K), order, weights)
-        if self.slot.device != ids.device:
-            self.slot = self.slot.to(ids.device)
-        slot = self.slot[ids]
         key = torch.where(slot < 0, L, slot)  # pairs for other ranks' experts sort last, as padding
         order, counts = permute(key, L + 1)
         out = experts(x, counts[:L], rows=order // K)  # [N*K, D]
