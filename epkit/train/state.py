@@ -48,7 +48,7 @@ MARKER_FILE = "epkit_checkpoint.json"
 _STEP_DIR = re.compile(r"^checkpoint-(\d{6,})$")  # epkit's names (transformers' Trainer writes checkpoint-500)
 # Settings a --resume may change: they do not change what the run computed up to its checkpoint.
 RESUMABLE = frozenset({"output_dir", "resume", "progress", "tensorboard", "log_every", "save_every", "keep_last",
-                       "eval_every", "eval_data", "max_steps", "dist_timeout", "skip_nonfinite", "verbose"})
+                       "eval_every", "eval_data", "max_steps", "dist_timeout", "skip_nonfinite", "verbose", "merge"})
 
 
 def rng_state() -> dict:
