@@ -3,6 +3,7 @@
 # priority order, each under its own time limit, copying every JSON to $OUT as soon as it exists.
 #   bash bench/run_gpu.sh infer    # decode profile, scaling EP=1 vs EP=2 (replicated, dp), serving vs transformers
 #   bash bench/run_gpu.sh train    # gpu_check, training vs peers, LoRA on the full 8x7B shape
+#   bash bench/run_gpu.sh peers    # serving vs transformers CB, training peers in fresh processes, decode vs generate
 # Needs the wheels of ../shared/gpu-wheels copied into .whl/ (carried) on the CUDA image.
 set -u
 part=${1:?infer or train}
@@ -35,6 +36,14 @@ train)
     step gpu_check 90 torchrun --nproc_per_node 2 bench/gpu_check.py
     step train 260 torchrun --nproc_per_node 2 bench/train.py --grad-accum 4 --steps 6 --out $R
     step lora 200 torchrun --nproc_per_node 2 bench/lora.py --steps 50 --activation-checkpointing --out $R
+    ;;
+peers)  # each training peer in a fresh process (in one process the earlier variants' memory starved them)
+    step serve 230 torchrun --nproc_per_node 2 bench/serve.py --hf-timeout 90 --out $R/serve-h200x2.json
+    step train_tf 100 torchrun --nproc_per_node 2 bench/train.py --grad-accum 4 --steps 6 --profile-steps 1 \
+        --variants epkit_ep2,transformers_zero2 --out $R
+    step train_ds 100 torchrun --nproc_per_node 2 bench/train.py --grad-accum 4 --steps 6 --profile-steps 1 \
+        --variants deepspeed_moe_ep2 --out $R
+    step generate 110 torchrun --nproc_per_node 2 bench/generate.py --batch-sizes 1,64 --new-tokens 32
     ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"
