@@ -92,6 +92,15 @@ class Manifest:
         plan = ShardingPlan(args.num_experts, 1, num_layers=args.num_layers).to_dict()
         return cls(plan, file=os.path.join(directory, PLAN_FILE) if directory else None)
 
+    @classmethod
+    def of_model(cls, model: Mixtral, trainer_state: dict | None = None) -> "Manifest":
+        """What saving `model` now records: its plan and the tokens routed to each expert, summed over every
+        rank. NOTE: collective (call on every rank)."""
+        from .parallel import gather_routing_counts
+        info = getattr(model, "expert_parallel", None)
+        plan = info.plan.to_dict() if info else cls.for_model(model.args).plan
+        return cls(plan, gather_routing_counts(model), trainer_state)
+
     def write(self, directory: str) -> None:
         d = {"plan": self.plan, "routed_tokens": self.routed_tokens}
         if self.trainer_state is not None:
@@ -369,6 +378,41 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, tr
     from . import parallel  # collectives only when a distributed run is going
     info = model.expert_parallel
     rank, world = parallel.world_rank(), parallel.world_size()
+    record = Manifest.of_model(model, trainer_state)  # NOTE: collective (every rank is here)
+
+    def finish(tmp: str) -> None:
+        weight_map = {}
+        for r in range(world):
+            part = os.path.join(tmp, f".part-{r}.json")
+            with open(part) as f:
+                weight_map.update(json.load(f))
+            os.remove(part)
+        total = sum(os.path.getsize(os.path.join(tmp, f)) for f in set(weight_map.values()))
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                      indent=2)
+        model.args.save(tmp, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+        record.write(tmp)
+        copy_tokenizer(tokenizer_dir, tmp)
+
+    write_directory(path, lambda tmp: _write_rank_files(model, tmp, info, rank, max_shard_size), finish)
+
+
+def copy_tokenizer(tokenizer_dir: str | None, directory: str) -> None:
+    if tokenizer_dir:
+        for name in os.listdir(tokenizer_dir):
+            if name.startswith("tokenizer") or name in ("special_tokens_map.json",):
+                shutil.copy(os.path.join(tokenizer_dir, name), directory)
+
+
+def write_directory(path: str, write_part, finish) -> None:
+    """The one way epkit writes a checkpoint or adapter directory from every rank (call on every rank).
+
+    Rank 0 makes a temporary directory beside `path`; every rank calls write_part(tmp); then rank 0 calls
+    finish(tmp) and moves it over `path`. A failure on any rank, in either step, fails every rank (no rank
+    waits forever in a collective) and leaves an existing `path` whole."""
+    from . import parallel
+    rank = parallel.world_rank()
     path = os.path.abspath(path)
     err = tmp = None
     if rank == 0:
@@ -377,45 +421,28 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, tr
         else:
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             os.makedirs(tmp)
-    err, tmp = parallel.broadcast_object((err, tmp))
+    err, tmp = parallel.broadcast_object((err, tmp))  # NOTE: collective
     if err:
         raise ValueError(err)
-    failure = None
-    try:
-        _write_rank_files(model, tmp, info, rank, max_shard_size)
-    except Exception as e:  # every rank learns of it below, so none waits forever in a collective
-        failure = CheckpointError(str(e).replace(tmp, path)) if isinstance(e, CheckpointError) else e
-    if not parallel.all_ranks_ok(failure is None):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
-        raise failure or RuntimeError(f"saving {path} failed on another rank; nothing was replaced")
-    stats = parallel.gather_routing_counts(model)  # NOTE: collective (every rank is here)
-    parallel.barrier()
-    if rank == 0:
+
+    def everywhere(step) -> None:  # run `step` on this rank; if it failed on any rank, fail on every rank
+        failure = None
         try:
-            weight_map = {}
-            for r in range(world):
-                part = os.path.join(tmp, f".part-{r}.json")
-                with open(part) as f:
-                    weight_map.update(json.load(f))
-                os.remove(part)
-            total = sum(os.path.getsize(os.path.join(tmp, f)) for f in set(weight_map.values()))
-            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
-                          indent=2)
-            model.args.save(tmp, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
-            plan = info.plan.to_dict() if info else Manifest.for_model(model.args).plan
-            Manifest(plan, stats, trainer_state).write(tmp)
-            if tokenizer_dir:
-                for name in os.listdir(tokenizer_dir):
-                    if name.startswith("tokenizer") or name in ("special_tokens_map.json",):
-                        shutil.copy(os.path.join(tokenizer_dir, name), tmp)
-            _atomic_replace(tmp, path)
-        except OSError as e:  # a full disk: one line, and the previous checkpoint at `path` stays whole
-            shutil.rmtree(tmp, ignore_errors=True)
+            step()
+        except CheckpointError as e:
+            failure = CheckpointError(str(e).replace(tmp, path))
+        except OSError as e:  # a full disk: one line naming the file
             failure = write_error(e, str(getattr(e, "filename", None) or path).replace(tmp, path))
-    if not parallel.all_ranks_ok(failure is None):  # NOTE: collective (was a barrier): rank 0's writes are done
-        raise failure or CheckpointError(f"saving {path} failed on rank 0 (see its error); nothing was replaced")
+        except Exception as e:
+            failure = e
+        if not parallel.all_ranks_ok(failure is None):  # NOTE: collective
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
+            raise failure or CheckpointError(f"saving {path} failed on another rank (see its error); nothing was "
+                                             f"replaced")
+
+    everywhere(lambda: write_part(tmp))
+    everywhere(lambda: (finish(tmp), _atomic_replace(tmp, path)) if rank == 0 else None)
 
 
 def _write_rank_files(model, tmp: str, info, rank: int, max_shard_size: int) -> None:
@@ -437,6 +464,9 @@ def _write_rank_files(model, tmp: str, info, rank: int, max_shard_size: int) -> 
 
 
 def _is_checkpoint(path: str) -> bool:
+    """A model checkpoint, or a LoRA adapter directory (epkit.lora_io)."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return True
     return os.path.isfile(os.path.join(path, "config.json")) and (
         os.path.isfile(os.path.join(path, INDEX_FILE)) or any(f.endswith(".safetensors") for f in os.listdir(path)))
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import moe_kernels
 
@@ -142,10 +143,18 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(L, D, I, device=device, dtype=dtype))
         self.impl = "grouped"  # the fastest backend available; "loop": the readable reference
         self._backend: tuple | None = None  # (device, dtype, impl) -> ComputeBackend, chosen once
+        # Selective activation checkpointing (Mixtral.activation_checkpointing == "selective"): drop the
+        # up-projection's [M, 2I] output and the SwiGLU intermediate after forward, recompute them in backward.
+        self.recompute_up = False
 
     @property
     def num_local(self) -> int:
         return len(self.expert_ids)
+
+    @property
+    def trains(self) -> bool:
+        """Whether any of this module's parameters (weights, or adapters added by epkit.lora) is trained."""
+        return any(p.requires_grad for p in self.parameters())
 
     @property
     def backend(self) -> ComputeBackend:
@@ -163,7 +172,7 @@ class Experts(nn.Module):
         for no expert here, or unused buffer) and come back undefined. Returns [M, D].
         """
         M = x.shape[0] if rows is None else rows.shape[0]
-        kernel = self.backend.kernel(M, torch.is_grad_enabled() and self.w13.requires_grad)
+        kernel = self.backend.kernel(M, torch.is_grad_enabled() and self.trains)
         if kernel == "small_m":
             rows = rows if rows is not None else torch.arange(M, device=x.device)
             return moe_kernels.experts_small_m(x, rows, counts, self.w13, self.w2)
@@ -174,9 +183,8 @@ class Experts(nn.Module):
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """torch's grouped GEMM: x [M, D] sorted, counts [L] -> [M, D]; no host sync."""
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        h = _grouped_mm(x, self.w13.transpose(1, 2), offs)  # [M, 2I]
-        gate, up = h.split(self.intermediate_size, dim=-1)
-        return _grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs)  # [M, D]
+        act = self._recomputed(self._up, x, offs)  # [M, I]
+        return self.project(act, "w2", offs=offs)  # [M, D]
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Reference: one readable loop over the local experts (also the fallback on CPUs and old GPUs).
@@ -192,9 +200,29 @@ class Experts(nn.Module):
         outs = [self._expert(slot, xs) for slot, xs in enumerate(pieces[:-1])]
         return torch.cat(outs + [torch.zeros_like(pieces[-1])])
 
+    def _up(self, x: torch.Tensor, offs: torch.Tensor | None = None, slot: int | None = None) -> torch.Tensor:
+        """SwiGLU of the up-projection: x [M, D] -> silu(x w1^T) * (x w3^T) [M, I] (one `slot`, or grouped)."""
+        gate, up = self.project(x, "w13", offs=offs, slot=slot).split(self.intermediate_size, dim=-1)
+        return F.silu(gate) * up
+
+    def _recomputed(self, fn, *args) -> torch.Tensor:
+        """fn(*args); with `recompute_up` (and autograd on) its activations are recomputed in backward."""
+        if self.recompute_up and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
     def _expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13[slot]).split(self.intermediate_size, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[slot])
+        return self.project(self._recomputed(self._up, x, None, slot), "w2", slot=slot)
+
+    def project(self, x: torch.Tensor, name: str, offs: torch.Tensor | None = None, slot: int | None = None
+                ) -> torch.Tensor:
+        """x @ W^T for the stacked weight `name` ("w13" or "w2"): rows of one local `slot`, or rows grouped by
+        slot with cumulative ends `offs` (grouped GEMM). The one place expert weights multiply activations
+        (epkit.lora.LoRAExperts adds its low-rank term here)."""
+        w = getattr(self, name)
+        if slot is not None:
+            return F.linear(x, w[slot])
+        return _grouped_mm(x, w.transpose(1, 2), offs)
 
 
 class LocalDispatch:
@@ -217,12 +245,15 @@ class LocalDispatch:
     def partial(self, experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """This device's share of the weighted expert sum, [N, D] fp32 (zero where no local expert was chosen)."""
         L, K = experts.num_local, ids.shape[1]
+        if self.slot is not None and self.slot.device != ids.device:
+            self.slot = self.slot.to(ids.device)
+        slot = ids if self.slot is None else self.slot[ids]
+        if experts.backend.kernel(ids.numel(), torch.is_grad_enabled() and experts.w13.requires_grad) == "small_m":
+            # decoding: permute, experts and the weighted combine in four kernels (moe_kernels.py)
+            return moe_kernels.fused_experts_small(x, weights, slot, experts.w13, experts.w2)
         if self.slot is None:
             order, counts = permute(ids, L)
             return unpermute(experts(x, counts, rows=order // K), order, weights)
-        if self.slot.device != ids.device:
-            self.slot = self.slot.to(ids.device)
-        slot = self.slot[ids]
         key = torch.where(slot < 0, L, slot)  # pairs for other ranks' experts sort last, as padding
         order, counts = permute(key, L + 1)
         out = experts(x, counts[:L], rows=order // K)  # [N*K, D]

@@ -199,8 +199,7 @@ class _Exchange:
     to receive are exchanged once, and every `send`/`send_back` reuses them (differentiable both ways).
 
     NOTE: one collective for the sizes and one device-to-host sync per layer (split sizes are Python
-    ints). A fixed-capacity exchange (padded buffers, sizes kept on the device) can take this class's
-    place: Experts already ignore rows past their counts."""
+    ints). `AllToAllDispatch._padded` is the fixed-capacity exchange that needs neither."""
 
     def __init__(self, send_counts: torch.Tensor, group):
         recv_counts = torch.empty_like(send_counts)
@@ -218,26 +217,41 @@ class _Exchange:
 
 
 class AllToAllDispatch:
-    """Ranks hold different tokens: each (token, expert) pair travels to the expert's owner and back.
+    """Ranks hold different tokens: each token's pairs travel to their experts' owners and back.
 
+    Two exchanges, chosen by `capacity` (set per forward by the caller, the same on every rank):
+
+    None (uneven, `_Exchange`): the exact pair counts travel first and are read on the host (one sync
+    per layer); moves only the routed pairs; differentiable (training) and best for large batches.
       dispatch  permute pairs by destination rank, exchange the rows and their local slots
       experts   permute the arrived rows by local slot, Experts.forward
       combine   rows back to arrival order, exchanged back, unpermute (weighted sum per token)
-
     Autograd flows through both row exchanges. A rank that receives no rows still runs its experts (on
     zero rows), so its backward joins every collective the other ranks wait on.
-    """
 
-    sync_free = False  # the exchange reads its split sizes on the host (see _Exchange)
+    C (fixed capacity, `_padded`): every rank pads its tokens to C rows and sends each rank a [C, D]
+    block; sizes come from shapes, nothing is read on the host, so a CUDA graph can capture it. Also
+    differentiable: training uses it with C = micro_batch x seq_len (`--all-to-all fixed_capacity`).
+    """
 
     def __init__(self, slots: list[int], owners: list[int], ep_size: int, group):
         self.slot = torch.tensor(slots)
         self.owner = torch.tensor(owners)
         self.ep_size, self.group = ep_size, group
+        self.capacity: int | None = None
+        rank = dist.get_rank(group)
+        # The experts' side of the fixed-capacity exchange: this rank's pairs only; id E marks filler rows.
+        self.local = LocalDispatch([s if o == rank else -1 for s, o in zip(slots, owners)] + [-1])
+
+    @property
+    def sync_free(self) -> bool:
+        return self.capacity is not None
 
     def __call__(self, experts: Experts, x, weights, ids):
         if self.slot.device != ids.device:
             self.slot, self.owner = self.slot.to(ids.device), self.owner.to(ids.device)
+        if self.capacity is not None:
+            return self._padded(experts, x, weights, ids, self.capacity)
         K = ids.shape[1]
         order, send_counts = permute(self.owner[ids], self.ep_size)  # [N*K] choices by destination EP rank
         exchange = _Exchange(send_counts, self.group)
@@ -248,6 +262,42 @@ class AllToAllDispatch:
         out = torch.zeros_like(out).index_copy(0, local, out)  # back to arrival order
         back = exchange.send_back(out)  # [N*K, D] in `order` order
         return unpermute(back, order, weights).to(x.dtype)
+
+    def _padded(self, experts: Experts, x, weights, ids, C: int):
+        """Fixed-capacity exchange, no host sync, differentiable. x [N, D] with N <= C on every rank.
+
+        A token travels at most once to each rank: block r of the send buffer [R, C, D] lists, in token
+        order, the tokens with an expert on rank r, then the other tokens and filler rows. With the rows
+        travel their router weights and expert ids [C, K] (id E on filler rows). Each rank computes the
+        weighted sum of its own experts per arrived row in fp32 (`LocalDispatch.partial`: choices of other
+        ranks' experts, and every choice of an unwanted or filler row, add 0) and sends the partial sums
+        back; each rank adds its tokens' R partials in fp32, as the replicated all-reduce does (with
+        top-2 routing the result is bit-equal to one device).
+        """
+        N, K = ids.shape
+        if N > C:
+            raise ValueError(f"{N} tokens exceed the all-to-all capacity of {C} rows per rank")
+        R, D, E, dev = self.ep_size, x.shape[1], self.owner.shape[0], x.device
+        need = (self.owner[ids][None] == torch.arange(R, device=dev)[:, None, None]).any(-1)  # [R, N]
+        if N < C:
+            x = torch.cat([x, x.new_zeros(C - N, D)])
+            weights = torch.cat([weights, weights.new_zeros(C - N, K)])
+            ids = torch.cat([ids, ids.new_full((C - N, K), E)])
+            need = torch.cat([need, need.new_zeros(R, C - N)], 1)
+        order = torch.argsort((~need).to(torch.int8), dim=1, stable=True)  # [R, C] wanted tokens first
+        send = x[order.reshape(-1)]  # [R*C, D]
+        meta = torch.cat([weights.float(), ids.float()], -1)[order].reshape(R * C, 2 * K)  # ids exact in fp32
+        # NOTE: three equal-split all-to-alls per layer (rows, metadata, partial sums); no host sync. Through
+        # _AllToAll, so gradients travel back the same way (to x, and to the router weights in `meta`).
+        blocks = [C] * R
+        recv = _AllToAll.apply(send, blocks, blocks, self.group)
+        recv_meta = _AllToAll.apply(meta, blocks, blocks, self.group)
+        part = self.local.partial(experts, recv, recv_meta[:, :K], recv_meta[:, K:].long())  # [R*C, D] fp32
+        back = _AllToAll.apply(part, blocks, blocks, self.group)
+        # block r of `back` holds rank r's partial sums of our tokens in `order` order: undo the order
+        at = torch.empty_like(order).scatter_(1, order, torch.arange(C, device=dev).expand(R, C))  # [R, C]
+        y = back.view(R, C, D).gather(1, at[..., None].expand(R, C, D)).sum(0)  # [C, D] fp32
+        return y[:N].to(x.dtype)
 
 
 # ---- applying EP to a model ----------------------------------------------------------------------
@@ -340,6 +390,14 @@ def set_dispatch(model, dispatch: str) -> None:
     for layer, moe in enumerate(model.moe_layers()):
         moe.dispatcher = _dispatcher(dispatch, info.plan, info.groups, layer)
     info.dispatch = dispatch
+
+
+def set_dispatch_capacity(model, capacity: int | None) -> None:
+    """Make the all-to-all layers of `model` use the fixed-capacity exchange with `capacity` rows per
+    rank (every rank must pass the same value for the same forward), or the uneven one (None)."""
+    for moe in model.moe_layers():
+        if isinstance(moe.dispatcher, AllToAllDispatch):
+            moe.dispatcher.capacity = capacity
 
 
 def _dispatcher(dispatch: str, plan: ShardingPlan, groups: ExpertGroups, layer: int):

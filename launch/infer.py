@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 launch/infer.py --ep 2 --checkpoint DIR --prompts FILE.jsonl
     python launch/infer.py --checkpoint DIR < prompts.jsonl > results.jsonl     # EP=1
+    deepspeed --num_gpus 2 launch/infer.py --checkpoint BASE --lora RUN/final  # LoRA adapter merged at load
     python launch/infer.py          # outputs/default (the default fine-tune) if there, else the tiny preset
 
 Settings: `--help` and configs/infer/default.yaml. Tokens/s and per-rank expert load go to stderr.

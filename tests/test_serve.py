@@ -384,9 +384,10 @@ def test_sigterm_drains_then_exits_0(tmp_path):
 
 # ---- EP=2 ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ep2(tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("ep2"), ["--ep", "2", "--rank-timeout-s", "20"], ranks=2)
+@pytest.fixture(scope="module", params=["replicated", "dp-attention"])
+def ep2(tmp_path_factory, request):
+    mode = ["--dp-attention"] if request.param == "dp-attention" else []
+    s = start_server(tmp_path_factory.mktemp("ep2"), ["--ep", "2", "--rank-timeout-s", "20", *mode], ranks=2)
     try:
         yield s
     finally:

@@ -133,6 +133,21 @@ def test_accelerate_path_matches_the_deepspeed_path(tmp_path):
     assert saved["scheduler"] is not None and saved["scheduler"]["last_epoch"] == 4
 
 
+def test_accelerate_path_trains_lora(tmp_path):
+    out = str(tmp_path / "acc_lora")
+    cmd = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "configs/accelerate/ep2.yaml"),
+           "--main_process_port", str(_free_port()), TRAIN, "--ep", "2", "--max-steps", "2", "--output-dir", out,
+           *SMALL, "--lora-rank", "4", "--lora-targets", "attention,experts,router"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "epkit train (accelerate): 2 rank(s), ep=2, zero=2" in p.stdout + p.stderr
+    assert "trainable {'lora_attention'" in p.stdout + p.stderr
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    from safetensors.torch import load_file  # a PEFT adapter directory; the adapters trained (B starts at 0)
+    adapter = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
+    assert len(adapter) == 2 * 7 * 2 and all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
 def test_short_finetune_lowers_the_loss(tmp_path):
     import importlib.util
     out = str(tmp_path / "ft")

@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 launch/infer.py --ep 2 --checkpoint DIR --prompts FILE.jsonl
     python launch/infer.py --checkpoint DIR < prompts.jsonl > results.jsonl
+    python launch/infer.py --checkpoint BASE --lora RUN/final   # a LoRA adapter merged at load
     python launch/infer.py          # outputs/default (the default fine-tune) if there, else the tiny preset
 
 An input line is {"prompt": "..."} or {"prompt_token_ids": [...]}, with optional max_tokens,
@@ -36,6 +37,8 @@ def model_flags(description: str) -> argparse.ArgumentParser:
     p = settings_parser(description)
     p.add_argument("--checkpoint", default=None, help="HF Mixtral dir (or a fine-tune run dir holding final/); "
                    f"default: {DEFAULT_RUN_DIR} if it exists, else --preset with random weights")
+    p.add_argument("--lora", default=None, help="a LoRA adapter (PEFT directory, or a --lora-rank run dir holding "
+                   "final/) to merge into --checkpoint at load (default --checkpoint: the adapter's base)")
     p.add_argument("--preset", default=None, help="serve this preset with seeded random weights (no checkpoint)")
     p.add_argument("--random-seed", type=int, default=None, help="seed of the random weights (presets)")
     p.add_argument("--kv-cache-mib", type=float, default=None, help="KV cache size (default: from GPU memory)")
@@ -125,12 +128,16 @@ def build_llm(cfg):
     engine = engine.replace(ep_size=ep)
     init_distributed(timeout_s=engine.dist_timeout)
     cpu_threads_per_rank()
-    ckpt = None if cfg.preset else resolve_checkpoint(cfg.checkpoint)
+    lora = cfg.lora
+    if lora is not None and cfg.preset:
+        raise ValueError("--lora needs a base checkpoint (--checkpoint), not --preset")
+    base = cfg.checkpoint if lora is None else lora_base(cfg.checkpoint, lora)
+    ckpt = None if cfg.preset else resolve_checkpoint(base)
     if ckpt is not None:
-        llm = LLM(ckpt, engine)
+        llm = LLM(ckpt, engine, lora=lora)
         total = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
-        return llm, (f"{ckpt} (rank 0 read {llm.load_report.bytes_read / 2 ** 20:.1f} of "
-                     f"{total / 2 ** 20:.1f} MiB of weights)")
+        return llm, (f"{ckpt}{f' + LoRA {lora}' if lora else ''} (rank 0 read "
+                     f"{llm.load_report.bytes_read / 2 ** 20:.1f} of {total / 2 ** 20:.1f} MiB of weights)")
     device = engine.resolve_device()
     preset = cfg.preset or "tiny"
     args = ModelArgs.from_name(preset)
@@ -138,6 +145,22 @@ def build_llm(cfg):
     # presets are served with the shipped tokenizer (the default fine-tune's), if its ids fit the model
     return (LLM.from_model(model, engine, tokenizer=embedded_tokenizer(args.vocab_size)),
             f"preset {preset} (random weights, seed {cfg.random_seed or 0})")
+
+
+def lora_base(checkpoint: str | None, lora: str) -> str:
+    """--checkpoint, or else the base the adapter records (adapter_config.json's base_model_name_or_path)."""
+    import json
+
+    from ..lora_io import ADAPTER_CONFIG, adapter_dir
+    if checkpoint is not None:
+        return checkpoint
+    file = os.path.join(adapter_dir(lora), ADAPTER_CONFIG)
+    with open(file) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        raise ValueError(f"--lora {lora}: pass --checkpoint BASE (the adapter records base {base!r}, which is not a "
+                         f"checkpoint directory here)")
+    return base
 
 
 def check_files(cfg) -> None:
@@ -158,6 +181,9 @@ def check_files(cfg) -> None:
             raise ValueError(f"--output {cfg.output} is not writable")
     if cfg.compare:
         read_results(cfg.compare)
+    if cfg.lora is not None:
+        from ..lora_io import adapter_dir
+        adapter_dir(cfg.lora)  # raises FileNotFoundError on every rank alike
 
 
 def read_results(path: str) -> list[dict]:

@@ -33,17 +33,32 @@ class EngineConfig:
                                                 "leaves after the weights and a profiled forward; 256 MiB on CPU)",
                                           cli=False)
     gpu_memory_utilization: float = setting(0.85, "share of the GPU the weights, activations and KV cache may use")
-    max_num_seqs: int = setting(256, "most sequences in one step")
-    max_num_batched_tokens: int = setting(2048, "most tokens in one step (the chunked-prefill budget)")
+    max_num_seqs: int | None = setting(None, "most sequences in one step (default: as many as the KV cache holds at "
+                                             "1024 tokens each, 16..512)")
+    max_num_batched_tokens: int | None = setting(None, "most tokens in one step, the chunked-prefill budget (default: "
+                                                       "8192 on a GPU, less if its activations would not fit a "
+                                                       "quarter of the memory after the weights; 2048 on CPU)")
     long_prefill_tokens: int | None = setting(None, "most tokens of one prompt's chunk while others wait (default: a "
                                                     "quarter of the step budget)")
     max_model_len: int | None = setting(None, "prompt + output cap (default: the model's max positions, within the "
                                               "KV cache)")
     cuda_graphs: bool | None = setting(None, "replay decode steps as CUDA graphs on GPUs (default on; "
                                              "EPKIT_CUDA_GRAPHS=0 turns it off)")
+    decode_kernels: str | None = setting(None, "the decode step's kernels: auto (triton on GPUs, torch on CPUs), "
+                                               "reference, torch, triton or compile (epkit/infer/decode.py; "
+                                               "default: EPKIT_DECODE_KERNELS, else auto)",
+                                         choices=("auto", "reference", "torch", "triton", "compile"))
+    overlap: bool = setting(True, "plan each step while the previous one runs on the GPU (replicated mode)")
     seed: int = setting(0, "seeds the per-request seeds of requests that set none", cli=False)
     dist_timeout: float = setting(120.0, "seconds a collective waits for the other EP ranks; then the job ends with "
                                          "a line naming the rank that stopped answering")
+    # expert parallelism (README: Serving modes)
+    dp_attention: bool = setting(False, "with ep > 1: each rank serves its own requests (its own KV cache, attention "
+                                        "for its own tokens) and the experts exchange tokens by all-to-all; "
+                                        "max_num_seqs and max_num_batched_tokens are then per rank")
+    sync_free_max_tokens: int = setting(256, "dp attention: forwards of up to this many tokens per rank use the "
+                                             "fixed-capacity all-to-all (no host sync, CUDA graphs), larger ones "
+                                             "the uneven one")
 
     def replace(self, **settings) -> "EngineConfig":
         """A copy with `settings` changed (`ep` is accepted for `ep_size`); an unknown name is an error."""
@@ -69,6 +84,9 @@ class EngineConfig:
         if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) \
                 or not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout={self.dist_timeout!r} must be a positive number of seconds")
+        if isinstance(self.sync_free_max_tokens, bool) or not isinstance(self.sync_free_max_tokens, int) \
+                or self.sync_free_max_tokens < 0:
+            raise ValueError(f"sync_free_max_tokens={self.sync_free_max_tokens!r} must be an integer >= 0")
         self.resolve_device()  # a bad device name, or CUDA this machine lacks: one sentence
 
     def check_model(self, args) -> None:

@@ -149,7 +149,7 @@ class EngineLoop:
                     break
                 elif time.monotonic() - last_collective >= self.ping_s:
                     self._busy_since = time.monotonic()
-                    self.llm.runner.ping()
+                    self.llm.ping()
                     last_collective, self._busy_since = time.monotonic(), None
                     self._take_snapshot(routing=True)
         except BaseException as e:  # a collective failed (a rank died), or a bug: nothing can run any more

@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     _warm_up(llm)
     if not llm.is_leader:
         return follow_leader(llm, cfg.rank_timeout_s + 2 * PING_S)
-    name = cfg.served_model_name or (cfg.preset or resolve_checkpoint(cfg.checkpoint) or "tiny")
+    name = cfg.served_model_name or (cfg.preset or cfg.lora or resolve_checkpoint(cfg.checkpoint) or "tiny")
     state, metrics = ServerState(cfg.drain_s), Metrics()
 
     def on_dead(message: str) -> None:

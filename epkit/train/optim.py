@@ -6,7 +6,8 @@ Order:
      `load_pretrained(ep_size=E, dispatch="all_to_all")` (each rank reads its own experts); a preset is then
      filled by `Mixtral.init_weights` (every tensor and expert drawn from its own seeded generator, so every
      EP size starts from the same weights);
-  2. freeze what `--train-only` leaves out;
+  2. freeze what `--train-only` leaves out, or (`--lora-rank`) freeze the whole base and add LoRA adapters
+     (`epkit.lora.apply_lora`; restored from the checkpoint when resuming: a LoRA checkpoint holds only them);
   3. AdamW over parameter groups where expert parameters form DeepSpeed's MoE groups
      (`split_params_into_different_moe_groups_for_optimizer`), warm-up + cosine LambdaLR;
   4. `deepspeed.initialize`, or Accelerate's `prepare` (its DeepSpeed plugin calls the same thing).
@@ -25,6 +26,11 @@ clipping is off. bf16 at ZeRO 0 (DeepSpeed 0.19.8): the engine wraps AdamW in FP
 (tests/test_train.py checks it on CPU). BF16_Optimizer, which accumulates `p.grad` into fp32 buffers
 during backward (before `clip_exact` could act), comes only with ZeRO 1 and fp32 gradient accumulation,
 where DeepSpeed clips; `uses_exact_clip` refuses it at ZeRO 0.
+
+LoRA: the adapters are fp32 Parameters (their own fp32 masters; AdamW state exists for them only) over a
+frozen base in the training dtype (bf16 on GPU). DeepSpeed's bf16 mode would cast them to bf16 and add
+masters of its own, so it is off for LoRA runs: the engine then sees a plain fp32 optimizer over fp32
+parameters, and leaves the frozen bf16 base as it is.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ import torch
 from ..args import ModelArgs
 from ..model import Mixtral
 from ..build import build_model
-from ..parallel import is_distributed, world_size
+from ..parallel import is_distributed, set_dispatch_capacity, world_size
 from ..plan import ShardingPlan
 from .config import TrainConfig
 
@@ -93,6 +99,9 @@ def model_for(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = to
                                 dispatch="all_to_all")
     else:
         model = build_model(args, plan, "all_to_all", device, dtype).init_weights(seed=cfg.seed)
+    if plan is not None and cfg.all_to_all == "fixed_capacity":
+        # every rank trains (and evaluates) micro-batches of one shape, micro_batch x seq_len tokens
+        set_dispatch_capacity(model, cfg.micro_batch * cfg.seq_len)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model
 
@@ -117,9 +126,23 @@ def freeze(model: Mixtral, train_only: str) -> dict[str, int]:
             counts[part(name)] = counts.get(part(name), 0) + p.numel()
     if not counts:
         raise ValueError(f"--train-only={train_only!r} leaves no parameter trainable")
-    if train_only not in ("none", "experts"):
-        # No expert trains, so no expert gradient needs reducing: DeepSpeed must see a dense model, or ZeRO
-        # asserts that MoE layers come with MoE optimizer groups. Drop the borrowed DeepSpeed MoE type
+    return counts
+
+
+def make_trainable(model: Mixtral, cfg: TrainConfig, resume_from: str | None = None) -> dict[str, int]:
+    """Freeze what `--train-only` leaves out, or freeze the base and add `--lora-rank` adapters (restored from
+    `resume_from`); returns trainable parameter counts by part."""
+    if cfg.lora_rank is not None:
+        from ..lora import apply_lora
+        counts = apply_lora(model, cfg.lora_spec(), seed=cfg.seed)
+        if resume_from is not None:
+            from ..lora_io import load_adapter
+            load_adapter(model, resume_from)
+    else:
+        counts = freeze(model, cfg.train_only)
+    if not any(p.requires_grad for moe in model.moe_layers() for p in moe.experts.parameters()):
+        # No expert parameter trains, so no expert gradient needs reducing: DeepSpeed must see a dense model,
+        # or ZeRO asserts that MoE layers come with MoE optimizer groups. Drop the borrowed DeepSpeed MoE type
         # (epkit.parallel._deepspeed_moe_class: epkit's MoE first in the MRO); forward is unchanged.
         from ..moe import MoE
         for moe in model.moe_layers():
@@ -165,6 +188,13 @@ def _merge(base: dict, user: dict) -> dict:
     return out
 
 
+# ZeRO 2: gradients reduce-scatter in 200M-element buckets (400 MB in bf16) on a side stream while backward
+# runs (overlap_comm), into one contiguous buffer. DeepSpeed's defaults are 500M-element buckets and no
+# overlap. configs/deepspeed/zero2.json spells the same values.
+ZERO2_DEFAULTS = {"overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
+                  "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000}
+
+
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, base: dict | None = None) -> dict:
     """The engine config from epkit's settings; a `--deepspeed-config` file (or Accelerate's, `base`) may add
     or override keys, except that clipping is always epkit's (see the module doc)."""
@@ -193,8 +223,12 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, base: dict | None = N
         ds["zero_optimization"]["stage"] = cfg.zero_stage
     if ds["zero_optimization"]["stage"] not in (0, 1, 2):
         raise ValueError(f"ZeRO stage {ds['zero_optimization']['stage']} is not supported; use 0, 1 or 2")
+    if ds["zero_optimization"]["stage"] == 2:  # what the files leave unset
+        ds["zero_optimization"] = {**ZERO2_DEFAULTS, **ds["zero_optimization"]}
     # ZeRO 0 clips in epkit (exact norm under EP); ZeRO 1/2 clip in DeepSpeed (exact there).
     ds["gradient_clipping"] = cfg.grad_clip if ds["zero_optimization"]["stage"] > 0 else 0.0
+    if cfg.lora_rank is not None:  # fp32 adapters are their own masters (module doc)
+        ds["bf16"], ds["fp16"] = {"enabled": False}, {"enabled": False}
     return ds
 
 
@@ -252,10 +286,17 @@ def clip_exact(model: Mixtral, max_norm: float) -> float:
     return norm
 
 
+def adamw(groups: list[dict], cfg: TrainConfig, device) -> torch.optim.AdamW:
+    """torch's AdamW; on CUDA its fused kernel (one launch for all tensors of a step, same update rule).
+    The CPU keeps the default implementation, which the CPU equality tests were written against."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=fused or None)
+
+
 def initialize(cfg: TrainConfig, model: Mixtral, dtype: torch.dtype, accelerator=None):
     """(engine, optimizer, scheduler) through DeepSpeed, or Accelerate's DeepSpeed plugin when given."""
     groups = param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
+    optimizer = adamw(groups, cfg, next(model.parameters()).device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if accelerator is not None:
         plugin = accelerator.state.deepspeed_plugin

@@ -15,6 +15,10 @@ run refuses a directory that holds an earlier run's checkpoints or a final/, and
 checkpoints belong to another run or were started with other settings. Directories that epkit did not write
 (a transformers Trainer `checkpoint-500/`) are left alone.
 
+LoRA runs (`--lora-rank`) write a PEFT adapter directory in place of the model (adapter_config.json,
+adapter_model.safetensors, epkit_plan.json: `epkit.lora_io.save_adapter`), with the same engine/ and
+trainer_state.json beside it; `--merge` adds OUTPUT_DIR/merged/, the base with the adapters folded in.
+
 DeepSpeed's `engine.save_checkpoint` is not used: with MoE layers it assumes DeepSpeed's own expert
 parameter names (`deepspeed_moe.experts.deepspeed_experts.N`). Each write is atomic: the model directory
 by `save_pretrained` (temporary name + rename), the engine folder and trainer_state.json likewise, so a
@@ -44,7 +48,7 @@ MARKER_FILE = "epkit_checkpoint.json"
 _STEP_DIR = re.compile(r"^checkpoint-(\d{6,})$")  # epkit's names (transformers' Trainer writes checkpoint-500)
 # Settings a --resume may change: they do not change what the run computed up to its checkpoint.
 RESUMABLE = frozenset({"output_dir", "resume", "progress", "tensorboard", "log_every", "save_every", "keep_last",
-                       "eval_every", "eval_data", "max_steps", "dist_timeout", "skip_nonfinite", "verbose"})
+                       "eval_every", "eval_data", "max_steps", "dist_timeout", "skip_nonfinite", "verbose", "merge"})
 
 
 def rng_state() -> dict:
@@ -65,15 +69,21 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, model, directory: str, trainer_state: dict, tokenizer_dir: str | None) -> None:
-    """Write a complete checkpoint of run `trainer_state["run_id"]` into `directory` (call on every rank).
+    """Write a complete checkpoint of run `trainer_state["run_id"]` into `directory` (call on every rank): the
+    model (`save_pretrained`), or a LoRA run's adapters (`epkit.lora_io.save_adapter`), then the engine state.
 
     A failed write on any rank (a full disk) fails every rank with one line naming the file; the checkpoint
     stays incomplete (no marker), so `--resume` skips it and the previous one is whole."""
     rank, run_id = world_rank(), trainer_state["run_id"]
     if os.path.isdir(directory) and os.listdir(directory) and _owner(directory) != run_id:
         raise ValueError(f"refusing to replace {directory}: this run did not write it (move it away)")
-    save_pretrained(model, directory, tokenizer_dir=tokenizer_dir,
-                    trainer_state={k: trainer_state[k] for k in ("step", "tokens_seen", "run_id")})
+    step = {k: trainer_state[k] for k in ("step", "tokens_seen", "run_id")}
+    if model.lora is not None:
+        from ..lora_io import save_adapter
+        base = trainer_state["config"]["model"]  # PEFT's base_model_name_or_path: a loadable base, not a preset
+        save_adapter(model, directory, os.path.abspath(base) if os.path.isdir(base) else None, tokenizer_dir, step)
+    else:
+        save_pretrained(model, directory, tokenizer_dir=tokenizer_dir, trainer_state=step)
     tmp = broadcast_object(os.path.join(directory, f".{ENGINE_DIR}.tmp-{uuid.uuid4().hex[:8]}") if rank == 0 else None)
     if rank == 0:
         os.makedirs(tmp)
@@ -120,6 +130,14 @@ def _file_sizes(directory: str) -> dict[str, int]:
             if rel != MARKER_FILE:
                 out[rel] = os.path.getsize(path)
     return dict(sorted(out.items()))
+
+
+def save_merged(model, directory: str, tokenizer_dir: str | None) -> None:
+    """`--merge`: fold the adapters into the base (in place: the run is over) and write a Hugging Face checkpoint;
+    every rank merges and writes only its experts."""
+    from ..lora import merge_lora
+    merge_lora(model)
+    save_pretrained(model, directory, tokenizer_dir=tokenizer_dir)
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
