@@ -162,6 +162,7 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
     res.update(steps=llm.stats["steps"] - steps0, preemptions=llm.scheduler.num_preemptions - preempt0,
                setup_s=round(setup_s, 1), peak_memory_gib=peaks,
                engine={"decode_kernels": llm.runner.decode_kernels, "overlap": llm.overlap,
+                       "expert_tiles": llm.runner.expert_tiles,
                        "max_num_seqs": llm.scheduler.max_num_seqs,
                        "max_num_batched_tokens": llm.scheduler.max_num_batched_tokens,
                        "kv_cache_blocks": llm.cache.num_blocks, "block_size": llm.cache.block_size,
