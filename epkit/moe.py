@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import moe_kernels
 
@@ -142,6 +143,9 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(L, D, I, device=device, dtype=dtype))
         self.impl = "grouped"  # the fastest backend available; "loop": the readable reference
         self._backend: tuple | None = None  # (device, dtype, impl) -> ComputeBackend, chosen once
+        # Selective activation checkpointing (Mixtral.activation_checkpointing == "selective"): drop the
+        # up-projection's [M, 2I] output and the SwiGLU intermediate after forward, recompute them in backward.
+        self.recompute_up = False
 
     @property
     def num_local(self) -> int:
@@ -179,8 +183,8 @@ class Experts(nn.Module):
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """torch's grouped GEMM: x [M, D] sorted, counts [L] -> [M, D]; no host sync."""
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        gate, up = self.project(x, "w13", offs=offs).split(self.intermediate_size, dim=-1)  # [M, 2I]
-        return self.project(F.silu(gate) * up, "w2", offs=offs)  # [M, D]
+        act = self._recomputed(self._up, x, offs)  # [M, I]
+        return self.project(act, "w2", offs=offs)  # [M, D]
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Reference: one readable loop over the local experts (also the fallback on CPUs and old GPUs).
@@ -196,9 +200,19 @@ class Experts(nn.Module):
         outs = [self._expert(slot, xs) for slot, xs in enumerate(pieces[:-1])]
         return torch.cat(outs + [torch.zeros_like(pieces[-1])])
 
+    def _up(self, x: torch.Tensor, offs: torch.Tensor | None = None, slot: int | None = None) -> torch.Tensor:
+        """SwiGLU of the up-projection: x [M, D] -> silu(x w1^T) * (x w3^T) [M, I] (one `slot`, or grouped)."""
+        gate, up = self.project(x, "w13", offs=offs, slot=slot).split(self.intermediate_size, dim=-1)
+        return F.silu(gate) * up
+
+    def _recomputed(self, fn, *args) -> torch.Tensor:
+        """fn(*args); with `recompute_up` (and autograd on) its activations are recomputed in backward."""
+        if self.recompute_up and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
     def _expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.project(x, "w13", slot=slot).split(self.intermediate_size, dim=-1)
-        return self.project(F.silu(gate) * up, "w2", slot=slot)
+        return self.project(self._recomputed(self._up, x, None, slot), "w2", slot=slot)
 
     def project(self, x: torch.Tensor, name: str, offs: torch.Tensor | None = None, slot: int | None = None
                 ) -> torch.Tensor:
@@ -231,12 +245,15 @@ class LocalDispatch:
     def partial(self, experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """This device's share of the weighted expert sum, [N, D] fp32 (zero where no local expert was chosen)."""
         L, K = experts.num_local, ids.shape[1]
+        if self.slot is not None and self.slot.device != ids.device:
+            self.slot = self.slot.to(ids.device)
+        slot = ids if self.slot is None else self.slot[ids]
+        if experts.backend.kernel(ids.numel(), torch.is_grad_enabled() and experts.w13.requires_grad) == "small_m":
+            # decoding: permute, experts and the weighted combine in four kernels (moe_kernels.py)
+            return moe_kernels.fused_experts_small(x, weights, slot, experts.w13, experts.w2)
         if self.slot is None:
             order, counts = permute(ids, L)
             return unpermute(experts(x, counts, rows=order // K), order, weights)
-        if self.slot.device != ids.device:
-            self.slot = self.slot.to(ids.device)
-        slot = self.slot[ids]
         key = torch.where(slot < 0, L, slot)  # pairs for other ranks' experts sort last, as padding
         order, counts = permute(key, L + 1)
         out = experts(x, counts[:L], rows=order // K)  # [N*K, D]

@@ -229,8 +229,9 @@ class AllToAllDispatch:
     Autograd flows through both row exchanges. A rank that receives no rows still runs its experts (on
     zero rows), so its backward joins every collective the other ranks wait on.
 
-    C (fixed capacity, inference, `_padded`): every rank pads its tokens to C rows and sends each rank a
-    [C, D] block; sizes come from shapes, nothing is read on the host, so a CUDA graph can capture it.
+    C (fixed capacity, `_padded`): every rank pads its tokens to C rows and sends each rank a [C, D]
+    block; sizes come from shapes, nothing is read on the host, so a CUDA graph can capture it. Also
+    differentiable: training uses it with C = micro_batch x seq_len (`--all-to-all fixed_capacity`).
     """
 
     def __init__(self, slots: list[int], owners: list[int], ep_size: int, group):
@@ -263,7 +264,7 @@ class AllToAllDispatch:
         return unpermute(back, order, weights).to(x.dtype)
 
     def _padded(self, experts: Experts, x, weights, ids, C: int):
-        """Fixed-capacity exchange, no host sync. x [N, D] with N <= C on every rank.
+        """Fixed-capacity exchange, no host sync, differentiable. x [N, D] with N <= C on every rank.
 
         A token travels at most once to each rank: block r of the send buffer [R, C, D] lists, in token
         order, the tokens with an expert on rank r, then the other tokens and filler rows. With the rows
@@ -273,8 +274,6 @@ class AllToAllDispatch:
         back; each rank adds its tokens' R partials in fp32, as the replicated all-reduce does (with
         top-2 routing the result is bit-equal to one device).
         """
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise ValueError("the fixed-capacity all-to-all is for inference; training uses capacity=None")
         N, K = ids.shape
         if N > C:
             raise ValueError(f"{N} tokens exceed the all-to-all capacity of {C} rows per rank")
@@ -288,13 +287,13 @@ class AllToAllDispatch:
         order = torch.argsort((~need).to(torch.int8), dim=1, stable=True)  # [R, C] wanted tokens first
         send = x[order.reshape(-1)]  # [R*C, D]
         meta = torch.cat([weights.float(), ids.float()], -1)[order].reshape(R * C, 2 * K)  # ids exact in fp32
-        recv, recv_meta = torch.empty_like(send), torch.empty_like(meta)
-        # NOTE: three equal-split all-to-alls per layer (rows, metadata, partial sums); no host sync.
-        dist.all_to_all_single(recv, send, group=self.group)
-        dist.all_to_all_single(recv_meta, meta, group=self.group)
+        # NOTE: three equal-split all-to-alls per layer (rows, metadata, partial sums); no host sync. Through
+        # _AllToAll, so gradients travel back the same way (to x, and to the router weights in `meta`).
+        blocks = [C] * R
+        recv = _AllToAll.apply(send, blocks, blocks, self.group)
+        recv_meta = _AllToAll.apply(meta, blocks, blocks, self.group)
         part = self.local.partial(experts, recv, recv_meta[:, :K], recv_meta[:, K:].long())  # [R*C, D] fp32
-        back = torch.empty_like(part)
-        dist.all_to_all_single(back, part, group=self.group)
+        back = _AllToAll.apply(part, blocks, blocks, self.group)
         # block r of `back` holds rank r's partial sums of our tokens in `order` order: undo the order
         at = torch.empty_like(order).scatter_(1, order, torch.arange(C, device=dev).expand(R, C))  # [R, C]
         y = back.view(R, C, D).gather(1, at[..., None].expand(R, C, D)).sum(0)  # [C, D] fp32

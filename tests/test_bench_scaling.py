@@ -16,9 +16,9 @@ FIGURES = ("gpus", "ep", "mode", "workload", "generated_tokens_per_s", "ttft_p50
            "itl_p99_ms")
 
 
-def _launch(ranks: int, out: str) -> str:
+def _launch(ranks: int, out: str, warmup: str) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           str(free_port()), SCRIPT, "--small", "--warmup", "none", "--out", out]
+           str(free_port()), SCRIPT, "--small", "--warmup", warmup, "--out", out]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -27,8 +27,8 @@ def _launch(ranks: int, out: str) -> str:
 
 def test_ep1_and_ep2_launches_merge_into_one_file(tmp_path):
     out = str(tmp_path / "scaling.json")
-    _launch(1, out)
-    table = _launch(2, out)
+    _launch(1, out, "none")
+    table = _launch(2, out, "server")  # LLM.warmup in both modes
     with open(out) as f:
         doc = json.load(f)
     rows = {(r["ep"], r["mode"], r["workload"]): r for r in doc["rows"]}

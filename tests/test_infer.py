@@ -339,8 +339,10 @@ def test_abort_frees_blocks_at_once_and_nothing_is_kept(ckpt):
     llm = LLM(path, block_size=4)
     long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     a, b = llm.add_request(prompts[6], long), llm.add_request(prompts[7], long)
+    got = 0  # tokens of `a` handed out so far (the engine may hand a step's tokens out one call later)
     for _ in range(3):
-        llm.step()
+        got += sum(len(o.new_token_ids) for o in llm.step() if o.request_id == a)
+    assert got >= 2
     occ = llm.occupancy()
     assert occ["running"] == 2 and occ["waiting"] == 0 and occ["kv_blocks_used"] > 0
     held = len(llm._seqs[a].blocks)
@@ -348,7 +350,7 @@ def test_abort_frees_blocks_at_once_and_nothing_is_kept(ckpt):
     assert llm.occupancy()["kv_blocks_used"] == occ["kv_blocks_used"] - held  # freed before the next step
     first = llm.step()
     aborted = [o for o in first if o.request_id == a]
-    assert len(aborted) == 1 and aborted[0].finish_reason == "abort" and len(aborted[0].token_ids) == 3
+    assert len(aborted) == 1 and aborted[0].finish_reason == "abort" and len(aborted[0].token_ids) == got
     outs = {}
     while llm.has_unfinished():
         outs.update({o.request_id: o for o in llm.step() if o.finished})
@@ -361,6 +363,7 @@ def test_abort_frees_blocks_at_once_and_nothing_is_kept(ckpt):
     next(it)
     it.close()
     assert llm.occupancy()["kv_blocks_used"] == 0 and not llm._outputs and not llm._pending
+    assert not llm.has_unfinished()
 
 
 def test_logprobs_of_chosen_tokens(ckpt):

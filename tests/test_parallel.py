@@ -183,7 +183,9 @@ def test_a_save_failing_on_one_rank_fails_everywhere_and_keeps_the_old_checkpoin
     dst = str(tmp_path / "ck")
     outs = run(_save_fails_on_one_rank, 2, src, dst, timeout=120)
     assert outs[0][0] == f"saving {dst} failed on another rank; nothing was replaced"
-    assert outs[1][0] == "disk full (simulated on rank 1)"
+    # one line naming the file as it would have been called (not the temporary directory)
+    assert outs[1][0] == (f"could not write {dst}/model-ep001-of-002-experts-00000.safetensors: "
+                          f"disk full (simulated on rank 1)")
     assert all(o[1] for o in outs) and outs[0][2] == ["ck"]  # old checkpoint whole, no temp dir left
 
 

@@ -63,10 +63,12 @@ def test_training_step_counts_real_tokens_once():
 
 
 def test_inference_steps_count_what_the_forwards_routed():
-    """Chunked prefill and decode batches pad rows (position -1); the load report counts real tokens."""
+    """Chunked prefill and decode batches pad rows (position -1); the load report counts real tokens.
+    Decode steps run Mixtral.forward here ("reference"), so a hook sees every forward; the engine's own
+    decode forward (epkit/infer/decode.py) must then report the same counts."""
     model = _model().eval()
     args = model.args
-    llm = LLM.from_model(model, block_size=4, max_num_batched_tokens=16)
+    llm = LLM.from_model(model, block_size=4, max_num_batched_tokens=16, decode_kernels="reference")
     forwards = _record_forwards(model)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, args.vocab_size, (n,), generator=g).tolist() for n in (2, 9, 5, 6, 3)]
@@ -75,3 +77,7 @@ def test_inference_steps_count_what_the_forwards_routed():
     direct = _direct_count(forwards, args.num_layers, args.num_experts, args.experts_per_token)
     assert llm.expert_load()["per_expert"] == direct.tolist()
     assert direct.sum() == 2 * args.num_layers * (2 + 9 + 5 + 6 + 3 + 5 * 3)  # prompts + all but the last new token
+    fused = LLM.from_model(model, block_size=4, max_num_batched_tokens=16)
+    assert fused.runner.decode is not None
+    fused.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert fused.expert_load()["per_expert"] == direct.tolist()

@@ -33,14 +33,22 @@ class EngineConfig:
                                                 "leaves after the weights and a profiled forward; 256 MiB on CPU)",
                                           cli=False)
     gpu_memory_utilization: float = setting(0.85, "share of the GPU the weights, activations and KV cache may use")
-    max_num_seqs: int = setting(256, "most sequences in one step")
-    max_num_batched_tokens: int = setting(2048, "most tokens in one step (the chunked-prefill budget)")
+    max_num_seqs: int | None = setting(None, "most sequences in one step (default: as many as the KV cache holds at "
+                                             "1024 tokens each, 16..512)")
+    max_num_batched_tokens: int | None = setting(None, "most tokens in one step, the chunked-prefill budget (default: "
+                                                       "8192 on a GPU, less if its activations would not fit a "
+                                                       "quarter of the memory after the weights; 2048 on CPU)")
     long_prefill_tokens: int | None = setting(None, "most tokens of one prompt's chunk while others wait (default: a "
                                                     "quarter of the step budget)")
     max_model_len: int | None = setting(None, "prompt + output cap (default: the model's max positions, within the "
                                               "KV cache)")
     cuda_graphs: bool | None = setting(None, "replay decode steps as CUDA graphs on GPUs (default on; "
                                              "EPKIT_CUDA_GRAPHS=0 turns it off)")
+    decode_kernels: str | None = setting(None, "the decode step's kernels: auto (triton on GPUs, torch on CPUs), "
+                                               "reference, torch, triton or compile (epkit/infer/decode.py; "
+                                               "default: EPKIT_DECODE_KERNELS, else auto)",
+                                         choices=("auto", "reference", "torch", "triton", "compile"))
+    overlap: bool = setting(True, "plan each step while the previous one runs on the GPU (replicated mode)")
     seed: int = setting(0, "seeds the per-request seeds of requests that set none", cli=False)
     dist_timeout: float = setting(120.0, "seconds a collective waits for the other EP ranks; then the job ends with "
                                          "a line naming the rank that stopped answering")

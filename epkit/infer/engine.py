@@ -21,22 +21,19 @@ import os
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from ..tokenizer import load_tokenizer
 from .config import EngineConfig
-from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget, profile_kv_budget
-from .request import RequestOutput, chat_prompt, next_text
-from .runner import MAX_BATCHES, Batch, StepRunner
-from .sampling import SamplingBatch, SamplingParams, sample, token_logprobs
-from .scheduler import Scheduler, Sequence, group_rows
+from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget, profile_kv_budget, size_prefill_chunk
+from .request import RequestOutput, next_text, prompt_ids
+from .runner import MAX_BATCHES, Batch, StepRunner, make_batch
+from .sampling import HostCopy, SamplingBatch, SamplingParams, sample, token_logprobs
+from .scheduler import FINISHED, Scheduler, Sequence, group_rows
 
-
-def _short(value) -> str:
-    """A request value for an error line, cut to a readable length."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+SEQ_TOKENS_FOR_SIZING, MIN_SEQS, MAX_SEQS = 1024, 16, 512  # max_num_seqs = KV capacity / 1024 tokens, clamped
 
 
 def _refuse_nonfinite(model, checkpoint: str) -> None:
@@ -52,6 +49,16 @@ def _refuse_nonfinite(model, checkpoint: str) -> None:
                               f"{checkpoint}: another rank's experts hold NaN or inf values (see its error)")
 
 
+@dataclass
+class _Step:
+    """A step on the device: its sampled ids (and log-probabilities) on their way to the host, and
+    (sequence, token index) for each row it samples."""
+
+    copy: HostCopy | None
+    sampled: list[tuple[Sequence, int]]
+    logprobs: int | None  # how many alternatives the copy holds per row (None: ids only)
+
+
 class LLM:
     """Batched inference over a (possibly expert-parallel) `epkit.model.Mixtral`.
 
@@ -64,7 +71,14 @@ class LLM:
     `max_num_batched_tokens` are then per rank) instead of every rank running every token's attention.
     The tokenizer is the checkpoint's (`epkit.tokenizer.load_tokenizer`) unless one is given.
     `lora` (a PEFT adapter directory, e.g. a `--lora-rank` run's final/) is merged into the weights at load,
-    each rank merging only the experts it holds.
+    each rank merging only the experts it holds. `decode_kernels` picks the decode step's kernels
+    (`epkit.infer.decode`) and `overlap` plans each step while the previous one runs (replicated mode).
+
+    Sized from memory when left None: `max_num_batched_tokens` is 8192 on a GPU (2048 on CPU), halved
+    while a step that size would take over a quarter of the memory left after the weights; the KV cache
+    takes what `gpu_memory_utilization` leaves; `max_num_seqs` is as many sequences as it holds at 1024
+    tokens each, in 16..512 (a decode step reads every expert from about 64 rows on, so more rows cost
+    little until the KV cache runs out and sequences get preempted).
     """
 
     def __init__(self, checkpoint: str, config: EngineConfig | None = None, *, tokenizer=None, lora: str | None = None,
@@ -119,21 +133,25 @@ class LLM:
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.args = model.args
         self.dtype = next(model.parameters()).dtype
+        chunk = cfg.max_num_batched_tokens or size_prefill_chunk(model, self.device, self._agree_min)
         kv_cache_memory = cfg.kv_cache_memory
         if kv_cache_memory is None:
-            kv_cache_memory = profile_kv_budget(model, self.device, cfg.gpu_memory_utilization,
-                                                cfg.max_num_batched_tokens)
+            kv_cache_memory = profile_kv_budget(model, self.device, cfg.gpu_memory_utilization, chunk)
         num_blocks = blocks_for_budget(self.args, kv_cache_memory, cfg.block_size, self.dtype)
         num_blocks = self._agree_min(num_blocks)
         self.cache = PagedKVCache(self.args, num_blocks, cfg.block_size, self.device, self.dtype)
         self.max_model_len = min(cfg.max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
-        self.scheduler = Scheduler(BlockAllocator(num_blocks), cfg.block_size, cfg.max_num_seqs,
-                                   cfg.max_num_batched_tokens, cfg.long_prefill_tokens)
+        seqs = cfg.max_num_seqs or min(MAX_SEQS, max(MIN_SEQS, self.cache.capacity_tokens // SEQ_TOKENS_FOR_SIZING))
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), cfg.block_size, seqs, chunk, cfg.long_prefill_tokens)
         cuda_graphs = cfg.cuda_graphs
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
-        self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs)
+        self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs,
+                                 decode_kernels=cfg.decode_kernels, max_rows=seqs,
+                                 max_table_width=-(-self.max_model_len // cfg.block_size))
         model.routing_stats.reset()  # the load report counts served tokens (not the profiling forward)
+        self.overlap = cfg.overlap and not dp_attention
+        self._inflight: _Step | None = None
         self.is_leader = self.runner.is_leader
         self._rng = random.Random(cfg.seed)
         self._ids = 0
@@ -157,49 +175,6 @@ class LLM:
         return int(t.item())
 
     # ---- requests ---------------------------------------------------------------------------
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        """A prompt: text, a list of token ids, or a dict with "prompt", "prompt_token_ids" or chat "messages"."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt and prompt["prompt_token_ids"] is not None:
-                prompt = prompt["prompt_token_ids"]
-                if not isinstance(prompt, (list, tuple)):
-                    raise ValueError(f"prompt_token_ids={_short(prompt)} must be a list of token ids")
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-                if not isinstance(prompt, str):
-                    raise ValueError(f"prompt={_short(prompt)} must be a string (token ids go in prompt_token_ids)")
-            elif "messages" in prompt:
-                ids, text = chat_prompt(self.tokenizer, prompt["messages"])
-                return text, self._check_ids(ids)
-            else:
-                raise ValueError(f"a request needs 'prompt' or 'prompt_token_ids' (or chat 'messages'), got keys "
-                                 f"{sorted(prompt)}")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("empty prompt")
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer and the checkpoint has no tokenizer; "
-                                 "send prompt_token_ids")
-            try:
-                return prompt, list(self.tokenizer(prompt)["input_ids"])
-            except Exception as e:  # e.g. a lone surrogate: this request fails, not the batch
-                raise ValueError(f"the prompt cannot be tokenised ({type(e).__name__}: {e}); is it valid "
-                                 f"Unicode?") from None
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if not isinstance(prompt, (list, tuple)):
-            raise ValueError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
-        return None, self._check_ids(prompt)
-
-    def _check_ids(self, ids) -> list[int]:
-        if not ids:
-            raise ValueError("empty prompt (no token ids)")
-        V = self.args.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
-                raise ValueError(f"token id {t!r} is outside the vocabulary (size {V})")
-        return list(ids)
-
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue one request (leader only); a bad one is finished at once with an error. Returns its id."""
         if not self.is_leader:
@@ -214,7 +189,7 @@ class LLM:
         self._outputs[request_id] = out
         now = time.perf_counter()
         try:
-            text, ids = self._tokenize(prompt)
+            text, ids = prompt_ids(self.tokenizer, prompt, self.args.vocab_size)
             out.prompt, out.prompt_token_ids = text, ids
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
@@ -240,7 +215,7 @@ class LLM:
 
     def has_unfinished(self) -> bool:
         busy = self.dp.has_unfinished() if self.dp is not None else self.scheduler.has_unfinished()
-        return busy or bool(self._pending)
+        return busy or bool(self._pending) or self._inflight is not None
 
     def output(self, request_id: str) -> RequestOutput | None:
         """A request's current state, until `step()` has returned it finished (leader)."""
@@ -270,44 +245,75 @@ class LLM:
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step (leader). Returns the requests that changed, finished ones included."""
+        """Run one scheduler step (leader). Returns the requests that changed, finished ones included.
+
+        With `overlap` (the default), a call queues the next step on the device and then reads back the
+        tokens of the step queued by the previous call, so the tokens a call returns are one step old
+        and the device is never idle while the host schedules."""
         if self.dp is not None:
             updates = self.dp.step()
         else:
             updates, self._pending = self._pending, []
-            if not self.scheduler.has_unfinished():
-                return updates
-            t0 = time.perf_counter()
-            plan = self.scheduler.schedule()
-            if not plan.rows:
-                raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
-            batches, sampled = self._batches(plan)
-            self._commit(plan, t0)
-            updates += self._sample(self.runner.execute(batches), sampled)
-            self.stats["steps"] += 1
-            self.stats["busy_s"] += time.perf_counter() - t0
+            launched = self._launch() if self.scheduler.has_unfinished() else None
+            if self._inflight is not None:
+                updates += self._resolve(self._inflight)
+            self._inflight = launched
+            if launched is not None and not self.overlap:
+                updates += self._resolve(launched)
+                self._inflight = None
         for out in updates:  # handed back finished: forget it
             if out.finished:
                 self._outputs.pop(out.request_id, None)
         return updates
 
+    def _launch(self) -> _Step | None:
+        """Schedule a step and queue it on every rank; None when every running sequence waits for a token."""
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan.rows:
+            if self._inflight is None:
+                raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
+            return None
+        batches, sampled = self._batches(plan)
+        self._commit(plan, t0)
+        logits = self.runner.launch(batches)
+        copy, k = self._sample_on_device(logits, sampled) if sampled else (None, None)
+        for slot, seq in enumerate(sampled):  # a placeholder until the step's ids reach the host
+            seq.pending = (seq.num_tokens, slot)
+            seq.token_ids.append(-1)
+        self.stats["busy_s"] += time.perf_counter() - t0
+        return _Step(copy, [(seq, seq.pending[0]) for seq in sampled], k)
+
+    def _resolve(self, step: _Step) -> list[RequestOutput]:
+        """Read a launched step's sampled ids (NOTE: the one host sync of a step) and apply them."""
+        t0 = time.perf_counter()
+        updates = []
+        if step.copy is not None:
+            rows, now = self._rows(step.copy.get(), step.logprobs), time.perf_counter()
+            for (seq, index), (tok, lp, top) in zip(step.sampled, rows):
+                if seq.status == FINISHED:  # stopped or aborted meanwhile: this token was computed in vain
+                    continue
+                seq.token_ids[index] = tok
+                if seq.pending is not None and seq.pending[0] == index:
+                    seq.pending = None
+                updates.append(self._apply(seq, index, now, lp, top))
+        self.stats["steps"] += 1
+        self.stats["busy_s"] += time.perf_counter() - t0
+        return updates
+
+    def _drain(self) -> None:
+        """Apply the step still on its way (its updates wait in `_pending` for the next `step()`)."""
+        if self._inflight is not None:
+            step, self._inflight = self._inflight, None
+            self._pending += self._resolve(step)
+
     def _batches(self, plan) -> tuple[list[Batch], list[Sequence]]:
         """The step's forwards (the decode rows first, then prefill chunks grouped by length) and the
         sequences whose next token they sample, in logits order. Changes no state."""
         batches, sampled = [], []
-        bs = self.cache.block_size
         for rows in group_rows(plan.rows, MAX_BATCHES):
-            B, T = len(rows), max(n for _, _, n in rows)
-            NB = max(-(-(start + n) // bs) for _, start, n in rows)
-            tokens, positions, table, logits_rows = [], [], [], []
-            for i, (seq, start, n) in enumerate(rows):
-                tokens += seq.token_ids[start: start + n] + [0] * (T - n)
-                positions += list(range(start, start + n)) + [-1] * (T - n)
-                table += seq.blocks[:NB] + [0] * (NB - min(NB, len(seq.blocks)))
-                if start + n == seq.num_tokens:  # this chunk ends the known tokens: sample the next one
-                    logits_rows.append(i * T + n - 1)
-                    sampled.append(seq)
-            batches.append(Batch(B, T, NB, tokens, positions, table, logits_rows))
+            batches.append(make_batch(rows, self.cache.block_size))
+            sampled += [seq for seq, start, n in rows if start + n == seq.num_tokens]
         return batches, sampled
 
     def _commit(self, plan, t0: float) -> None:
@@ -318,40 +324,58 @@ class LLM:
                 seq.first_scheduled = t0
         self.stats["prompt_tokens"] += sum(n for s, start, n in plan.rows if start < s.prompt_len)
 
-    def _sample(self, logits: list[torch.Tensor], sampled: list[Sequence]) -> list[RequestOutput]:
-        """Sample the next token of each sequence in `sampled` (logits rows in that order) and append it."""
-        if not sampled:
-            return []
+    def _sample_on_device(self, logits: list[torch.Tensor], sampled: list[Sequence], share: bool = True
+                          ) -> tuple[HostCopy, int | None]:
+        """Sample the next token of each sequence in `sampled` (logits rows in that order), share the ids
+        with the other ranks (replicated mode), and start copying ids (and log-probabilities) to the host."""
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
                                        [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
         next_ids = sample(logits, sb)
+        if share:
+            self.runner.share(next_ids)  # the next step's inputs, on every rank's device
         k = max((s.params.logprobs for s in sampled if s.params.logprobs is not None), default=None)
         if k is None:
-            rows = [(t, None, None) for t in next_ids.tolist()]  # NOTE: host sync, once per step
-        else:  # ids, logprobs and the top k in one float64 copy (ids < 2^53 stay exact)
-            lp, top_ids, top_lp = token_logprobs(logits, next_ids, k)
-            packed = torch.cat([next_ids[:, None].double(), lp[:, None].double(), top_ids.double(),
-                                top_lp.double()], dim=1).tolist()  # NOTE: host sync, once per step
-            rows = [(int(r[0]), r[1], list(zip(map(int, r[2: 2 + k]), r[2 + k:]))) for r in packed]
-        now = time.perf_counter()
+            return HostCopy(next_ids), None
+        lp, top_ids, top_lp = token_logprobs(logits, next_ids, k)  # in one float64 copy (ids < 2^53 stay exact)
+        return HostCopy(torch.cat([next_ids[:, None].double(), lp[:, None].double(), top_ids.double(),
+                                   top_lp.double()], dim=1)), k
+
+    @staticmethod
+    def _rows(values: list, k: int | None) -> list[tuple]:
+        """(token, logprob, top-k) per sampled row from a HostCopy's values."""
+        if k is None:
+            return [(t, None, None) for t in values]
+        return [(int(r[0]), r[1], list(zip(map(int, r[2: 2 + k]), r[2 + k:]))) for r in values]
+
+    def _sample(self, logits: list[torch.Tensor], sampled: list[Sequence]) -> list[RequestOutput]:
+        """Sample and append the next tokens now (data-parallel attention's lock-step steps)."""
+        if not sampled:
+            return []
+        copy, k = self._sample_on_device(logits, sampled, share=False)  # every rank samples its own rows
+        rows, now = self._rows(copy.get(), k), time.perf_counter()  # NOTE: host sync, once per step
         return [self._append(seq, tok, now, lp, top) for seq, (tok, lp, top) in zip(sampled, rows)]
 
     def _append(self, seq: Sequence, tok: int, now: float, logprob=None, top=None) -> RequestOutput:
-        out, p = self._outputs[seq.request_id], seq.params
         seq.token_ids.append(tok)
+        return self._apply(seq, seq.num_tokens - 1, now, logprob, top)
+
+    def _apply(self, seq: Sequence, index: int, now: float, logprob=None, top=None) -> RequestOutput:
+        """Token `index` of `seq` has arrived: update its output and finish it if it stops here."""
+        out, p = self._outputs[seq.request_id], seq.params
+        tok = seq.token_ids[index]
         if p.logprobs is not None:  # new lists: updates already handed out keep theirs
             out.logprobs = (out.logprobs or []) + [logprob]
             out.top_logprobs = (out.top_logprobs or []) + [top[: p.logprobs]]
         self.stats["generated_tokens"] += 1
         if seq.first_token is None:
             seq.first_token = now
-        out.token_ids = seq.output_ids
+        out.token_ids = seq.token_ids[seq.prompt_len: index + 1]
         out.new_token_ids, out.new_text = [tok], None  # a step adds at most one token per request
         reason = None
         if (not p.ignore_eos and tok == self.args.eos_token_id) or tok in p.stop_token_ids:
             reason = "stop"
-        if reason is None and seq.num_tokens >= seq.max_len:
+        if reason is None and index + 1 >= seq.max_len:
             reason = "length"
         # Text: every step only when someone reads it (streaming) or stop strings need it, else at the end.
         if self.tokenizer is not None and (self._incremental_text or p.stop_strings or reason is not None):
@@ -366,6 +390,8 @@ class LLM:
         return out
 
     def _finish(self, seq: Sequence, out: RequestOutput, reason: str, now: float) -> None:
+        del seq.token_ids[seq.prompt_len + len(out.token_ids):]  # tokens a later step was already computing
+        seq.pending = None
         self.scheduler.finish(seq, reason)
         seq.finished_at = now
         out.finish_reason = reason
@@ -419,6 +445,10 @@ class LLM:
                         if out.finished:
                             running.discard(out.request_id)
                         yield dataclasses.replace(out)
+            self._drain()
+        except GeneratorExit:  # the consumer stopped early: apply the step on its way, then abort below
+            self._drain()
+            raise
         finally:
             for i in ids:  # a consumer that stopped early: free its requests' blocks
                 self.abort(i)
@@ -452,6 +482,7 @@ class LLM:
                         on_finish(position[rid], out)
                 if bar is not None:
                     bar.update(len(new))
+            self._drain()
         finally:
             self._incremental_text = True
             self.release_followers()
@@ -469,6 +500,15 @@ class LLM:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         return self.generate([{"messages": c} for c in conversations], params, use_tqdm)
+
+    def warmup(self) -> None:
+        """Capture the decode CUDA graph of every rows bucket up to `max_num_seqs` (and compile the kernels)
+        now rather than on first use, as a server does at start-up: each bucket's rows run one step as
+        one-token prompts. Every rank calls it."""
+        sizes = [1 << i for i in range(self.scheduler.max_num_seqs.bit_length()) if 1 << i < self.scheduler.max_num_seqs]
+        for b in sizes + [self.scheduler.max_num_seqs]:
+            self.generate([[self.args.bos_token_id or 1]] * b, SamplingParams(temperature=0, max_tokens=1,
+                                                                            ignore_eos=True))
 
     # ---- lock-step helpers ------------------------------------------------------------------
     def follow(self) -> None:

@@ -43,8 +43,10 @@ class DecodeGraphs:
     """
 
     def __init__(self, forward: Callable, device: torch.device, max_rows: int = 256,
-                 sync_free: Callable[[int], bool] | None = None):
-        self.forward, self.device, self.max_rows = forward, device, max_rows
+                 sync_free: Callable[[int], bool] | None = None, min_table_width: int = 1):
+        # A forward that reads the block table directly costs nothing per unused column: a wide minimum
+        # table bucket then saves captures (one graph per rows bucket for most serving loads).
+        self.forward, self.device, self.max_rows, self.min_table_width = forward, device, max_rows, min_table_width
         self.pool = torch.cuda.graph_pool_handle() if torch.device(device).type == "cuda" else None
         self.graphs: dict[tuple[int, int, bool], _Graph] = {}
         self._sync_free = sync_free
@@ -67,7 +69,7 @@ class DecodeGraphs:
         """Replay the graph of bucket (rows, width) (default: the buckets of B and NB; data-parallel
         attention passes the buckets all ranks agreed on, so their graphs hold the same collectives)."""
         B, NB = table.shape
-        key = (rows or bucket(B), width or bucket(NB), with_logits)
+        key = (rows or bucket(B), width or bucket(max(NB, self.min_table_width)), with_logits)
         g = self.graphs.get(key) or self._capture(*key)
         # NOTE: small device copies into the graph's static inputs; no host sync.
         g.tokens.zero_()

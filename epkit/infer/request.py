@@ -1,6 +1,7 @@
 """A request's way in and out of the engine: chat prompts, `RequestOutput`, and output text that grows
 safely while streaming.
 
+    text, ids = prompt_ids(tokenizer, {"prompt_token_ids": [1, 15]}, vocab_size)   # any prompt form, checked
     ids, text = chat_prompt(tokenizer, [{"role": "user", "content": "Hi"}])   # template + generation prompt
     text, new_text, stopped = next_text(tokenizer, token_ids, old_text, params, final=False)
 
@@ -113,3 +114,54 @@ def next_text(tokenizer, token_ids: list[int], old: str, params, final: bool) ->
     # An earlier character changed (rare with byte-level BPE once partial characters are held back).
     common = next((i for i, (a, b) in enumerate(zip(old, text)) if a != b), min(len(old), len(text)))
     return text, text[common:], stopped
+
+
+def _short(value) -> str:
+    """A request value for an error line, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def prompt_ids(tokenizer, prompt, vocab_size: int) -> tuple[str | None, list[int]]:
+    """(text or None, token ids) of a prompt: text, a list of token ids, or a dict with "prompt",
+    "prompt_token_ids" or chat "messages". A bad one raises ValueError naming what is wrong."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt and prompt["prompt_token_ids"] is not None:
+            prompt = prompt["prompt_token_ids"]
+            if not isinstance(prompt, (list, tuple)):
+                raise ValueError(f"prompt_token_ids={_short(prompt)} must be a list of token ids")
+        elif "prompt" in prompt:
+            prompt = prompt["prompt"]
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt={_short(prompt)} must be a string (token ids go in prompt_token_ids)")
+        elif "messages" in prompt:
+            ids, text = chat_prompt(tokenizer, prompt["messages"])
+            return text, _checked(ids, vocab_size)
+        else:
+            raise ValueError(f"a request needs 'prompt' or 'prompt_token_ids' (or chat 'messages'), got keys "
+                             f"{sorted(prompt)}")
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("empty prompt")
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer and the checkpoint has no tokenizer; "
+                             "send prompt_token_ids")
+        try:
+            return prompt, list(tokenizer(prompt)["input_ids"])
+        except Exception as e:  # e.g. a lone surrogate: this request fails, not the batch
+            raise ValueError(f"the prompt cannot be tokenised ({type(e).__name__}: {e}); is it valid "
+                             f"Unicode?") from None
+    if hasattr(prompt, "tolist"):  # a tensor
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
+    return None, _checked(prompt, vocab_size)
+
+
+def _checked(ids, vocab_size: int) -> list[int]:
+    if not ids:
+        raise ValueError("empty prompt (no token ids)")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(f"token id {t!r} is outside the vocabulary (size {vocab_size})")
+    return list(ids)

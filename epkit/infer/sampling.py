@@ -157,6 +157,34 @@ class SamplingBatch:
                    [float(p.top_p) for p in params], seeds, counters)
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or CPU tensor) as a tensor on `device` without waiting for the device: through pinned
+    memory and an asynchronous copy (a plain copy from pageable memory first waits for every queued kernel)."""
+    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class HostCopy:
+    """A device tensor on its way to the host: the copy is queued now, `get()` waits for it (and only it)
+    and returns it as a list."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = t.clone(), None
+
+    def get(self) -> list:
+        if self.done is not None:
+            self.done.synchronize()  # NOTE: host sync, on this copy only (later work stays queued)
+        return self.host.tolist()
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits [R, V] -> next token ids [R] (int64, on logits' device). No host sync inside."""
     R, V = logits.shape
@@ -165,16 +193,17 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if all(t < GREEDY_BELOW for t in batch.temperature):
         return greedy_tokens
     dev = logits.device
-    temp = torch.tensor([t if t >= GREEDY_BELOW else 1.0 for t in batch.temperature], device=dev)
+    temp = to_device([t if t >= GREEDY_BELOW else 1.0 for t in batch.temperature], torch.float32, dev)
     scaled = logits / temp[:, None]
     if any(k < V for k in batch.top_k) or any(p < 1 for p in batch.top_p):
-        scaled = filter_logits(scaled, torch.tensor(batch.top_k, device=dev), torch.tensor(batch.top_p, device=dev))
+        scaled = filter_logits(scaled, to_device(batch.top_k, torch.int64, dev),
+                               to_device(batch.top_p, torch.float32, dev))
     probs = torch.softmax(scaled, dim=-1)
-    seeds = torch.tensor([s % (1 << 63) for s in batch.seeds], dtype=torch.int64, device=dev)
-    u = uniform_noise(seeds, torch.tensor(batch.counters, dtype=torch.int64, device=dev), V)
+    seeds = to_device([s % (1 << 63) for s in batch.seeds], torch.int64, dev)
+    u = uniform_noise(seeds, to_device(batch.counters, torch.int64, dev), V)
     # Exponential race (Gumbel-max): argmax p_i / E_i with E_i ~ Exp(1) is a draw from p.
     drawn = torch.argmax(probs.double() / -torch.log(u), dim=-1)
-    is_greedy = torch.tensor([t < GREEDY_BELOW for t in batch.temperature], device=dev)
+    is_greedy = to_device([t < GREEDY_BELOW for t in batch.temperature], torch.bool, dev)
     return torch.where(is_greedy, greedy_tokens, drawn)
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..model import CHECKPOINT_MODES
 from ..plan import STRATEGIES
 from ..settings import add_flags, flag_name, from_flags, parse_flags, settings_parser
 from ..settings import setting as _opt
 
 FREEZE_CHOICES = ("none", "attention", "router", "experts")
+ALL_TO_ALL = ("exact", "fixed_capacity")
 
 
 @dataclass
@@ -27,6 +29,9 @@ class TrainConfig:
     ep_size: int = _opt(1, "expert-parallel size; must divide the number of ranks", flag="ep")
     plan_strategy: str = _opt("contiguous", "expert placement: contiguous, round_robin or balanced (by the "
                                             "tokens per expert --model's epkit_plan.json records)")
+    all_to_all: str = _opt("exact", "how EP ranks exchange tokens: exact (pair counts read on the host, one sync per "
+                                    "layer) or fixed_capacity (every token to every EP rank in fixed-size blocks: "
+                                    "no host sync)", choices=ALL_TO_ALL)
     zero_stage: int | None = _opt(None, "DeepSpeed ZeRO stage 0, 1 or 2 (default: the DeepSpeed/Accelerate config "
                                          "file's, else 0)")
     dtype: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
@@ -54,7 +59,10 @@ class TrainConfig:
     # what trains
     train_only: str = _opt("none", "train only this part and freeze the rest: none, attention, router or experts",
                            choices=FREEZE_CHOICES)
-    activation_checkpointing: bool = _opt(False, "recompute decoder layers in backward to save memory")
+    activation_checkpointing: str = _opt("none", "recompute in backward to save memory: none, layers (whole decoder "
+                                                 "layers) or selective (attention blocks and the experts' "
+                                                 "up-projection: no collective runs twice); the bare flag means "
+                                                 "layers", choices=CHECKPOINT_MODES, nargs="?", const="layers")
     # LoRA (epkit.lora): a frozen base, adapters saved as a PEFT adapter directory
     lora_rank: int | None = _opt(None, "train LoRA adapters of this rank on a frozen base (default: full fine-tune)")
     lora_alpha: float | None = _opt(None, "LoRA alpha: updates are scaled by alpha / rank (default: the rank)")
@@ -73,6 +81,11 @@ class TrainConfig:
     progress: bool = _opt(True, "tqdm progress bar on rank 0")
     verbose: bool = _opt(False, "also show DeepSpeed's and torch's log lines and known warnings (hidden by default)")
 
+    def __post_init__(self):
+        # recipes and callers written when this was a bool
+        self.activation_checkpointing = {True: "layers", False: "none"}.get(self.activation_checkpointing,
+                                                                            self.activation_checkpointing)
+
     def check(self) -> None:
         """Settings that are wrong whatever the model and data: one sentence naming the value."""
         flag = {f.name: "--" + flag_name(f).replace("_", "-") for f in fields(self)}
@@ -85,6 +98,11 @@ class TrainConfig:
             raise ValueError(f"--dtype={self.dtype!r} is not one of auto, fp32, bf16")
         if self.train_only not in FREEZE_CHOICES:
             raise ValueError(f"--train-only={self.train_only!r} is not one of {', '.join(FREEZE_CHOICES)}")
+        if self.activation_checkpointing not in CHECKPOINT_MODES:
+            raise ValueError(f"--activation-checkpointing={self.activation_checkpointing!r} is not one of "
+                             f"{', '.join(CHECKPOINT_MODES)}")
+        if self.all_to_all not in ALL_TO_ALL:
+            raise ValueError(f"--all-to-all={self.all_to_all!r} is not one of {', '.join(ALL_TO_ALL)}")
         if self.plan_strategy not in STRATEGIES:
             raise ValueError(f"--plan-strategy={self.plan_strategy!r} is not one of {', '.join(STRATEGIES)}")
         if not self.dist_timeout > 0:

@@ -18,7 +18,6 @@ import socket
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .. import data as data_lib
 from ..tokenizer import EMBEDDED, Tokenizer, tokenizer_dir_for
@@ -27,6 +26,7 @@ from ..parallel import broadcast_object, init_distributed, world_rank, world_siz
 from ..runtime import cpu_threads_per_rank, quiet
 from . import state as ckpt
 from .config import TrainConfig
+from .losses import linear_cross_entropy
 from .optim import (check_plan_strategy, clip_exact, initialize, make_trainable, model_args_for, model_for,
                     reduce_on_device, resolve_dtype, uses_exact_clip)
 from .metrics import Metrics
@@ -89,20 +89,31 @@ def check_inputs(cfg: TrainConfig):
     return args, tok_dir, train, evals, run
 
 
-def lm_and_router_losses(model, batch: dict, aux_coef: float, z_coef: float, count_routing: bool = True):
+def unpadded(batch: dict) -> bool:
+    """True when every row of a (host-side) batch holds positions 0..T-1: the model may then attend with
+    the causal flag alone (no mask). Checked on the CPU before the batch moves, so no device sync."""
+    positions = batch["positions"]
+    return bool((positions == torch.arange(positions.shape[1], device=positions.device)).all())
+
+
+def lm_and_router_losses(model, batch: dict, aux_coef: float, z_coef: float, causal: bool = False,
+                         count_routing: bool = True):
     """(total loss, [lm sum, trained tokens, aux, z]) for one micro-batch of this rank.
 
+    `causal`: the batch is `unpadded`, so the model gets no positions and attends with SDPA's causal flag.
+    The LM head and cross-entropy run chunk by chunk (`linear_cross_entropy`: no [B*T, V] fp32 logits).
     The model counts the routed real tokens into its `routing_stats` (unless `count_routing` is False);
     the aux loss reuses the expert ids the forward routed."""
     tokens, labels, positions = batch["tokens"], batch["labels"], batch["positions"]
-    out = model(tokens, positions, count_routing=count_routing)
-    logits, router_logits = out  # [B, T, V], per layer [B*T, E]
-    targets = labels[:, 1:]  # [B, T-1]: token t+1 is the target of position t
-    lm_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=data_lib.IGNORE, reduction="sum")
+    module = model.module if hasattr(model, "module") else model  # the DeepSpeed engine wraps the model
+    out = model(tokens, None if causal else positions, count_routing=count_routing, return_hidden=True)
+    h, router_logits = out  # [B, T, D], per layer [B*T, E]
+    # token t+1 is the target of position t; the last position has none
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], data_lib.IGNORE)], dim=1)  # [B, T]
+    lm_sum = linear_cross_entropy(h, module.lm_head.weight, targets)
     count = (targets != data_lib.IGNORE).sum()
     lm = lm_sum / count.clamp(min=1)
-    args = model.args if hasattr(model, "args") else model.module.args
+    args = module.args
     aux = load_balancing_loss(router_logits, args.num_experts, args.experts_per_token, mask=positions >= 0,
                               expert_ids=out.expert_ids)
     z = router_z_loss(router_logits) if z_coef > 0 else lm.new_zeros(())
@@ -117,8 +128,9 @@ def evaluate(engine, model, evals: data_lib.PackedData, micro_batch: int, device
     engine.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for b in evals.eval_batches(micro_batch, world_rank(), world_size()):
+        causal = unpadded(b)
         b = {k: v.to(device) for k, v in b.items()}
-        _, parts = lm_and_router_losses(engine, b, 0.0, 0.0, count_routing=False)
+        _, parts = lm_and_router_losses(engine, b, 0.0, 0.0, causal, count_routing=False)
         sums += parts[:2].double()
     sums = reduce_on_device(sums, device).cpu()
     engine.train(was_training)
@@ -212,8 +224,9 @@ def main(cfg: TrainConfig) -> str:
         routed_before = routed.clone()
         for micro in range(cfg.grad_accum):
             batch = train.batch(step * cfg.grad_accum + micro, cfg.micro_batch, rank, world)
+            causal = unpadded(batch)
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss, parts = lm_and_router_losses(engine, batch, aux_coef, cfg.z_loss_coef)
+            loss, parts = lm_and_router_losses(engine, batch, aux_coef, cfg.z_loss_coef, causal)
             engine.backward(loss)
             if exact_clip and engine.is_gradient_accumulation_boundary():
                 grad_norm = clip_exact(model, cfg.grad_clip)

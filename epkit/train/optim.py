@@ -42,7 +42,7 @@ import torch
 from ..args import ModelArgs
 from ..model import Mixtral
 from ..build import build_model
-from ..parallel import is_distributed, world_size
+from ..parallel import is_distributed, set_dispatch_capacity, world_size
 from ..plan import ShardingPlan
 from .config import TrainConfig
 
@@ -99,6 +99,9 @@ def model_for(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = to
                                 dispatch="all_to_all")
     else:
         model = build_model(args, plan, "all_to_all", device, dtype).init_weights(seed=cfg.seed)
+    if plan is not None and cfg.all_to_all == "fixed_capacity":
+        # every rank trains (and evaluates) micro-batches of one shape, micro_batch x seq_len tokens
+        set_dispatch_capacity(model, cfg.micro_batch * cfg.seq_len)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model
 
@@ -185,6 +188,13 @@ def _merge(base: dict, user: dict) -> dict:
     return out
 
 
+# ZeRO 2: gradients reduce-scatter in 200M-element buckets (400 MB in bf16) on a side stream while backward
+# runs (overlap_comm), into one contiguous buffer. DeepSpeed's defaults are 500M-element buckets and no
+# overlap. configs/deepspeed/zero2.json spells the same values.
+ZERO2_DEFAULTS = {"overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
+                  "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000}
+
+
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, base: dict | None = None) -> dict:
     """The engine config from epkit's settings; a `--deepspeed-config` file (or Accelerate's, `base`) may add
     or override keys, except that clipping is always epkit's (see the module doc)."""
@@ -213,6 +223,8 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, base: dict | None = N
         ds["zero_optimization"]["stage"] = cfg.zero_stage
     if ds["zero_optimization"]["stage"] not in (0, 1, 2):
         raise ValueError(f"ZeRO stage {ds['zero_optimization']['stage']} is not supported; use 0, 1 or 2")
+    if ds["zero_optimization"]["stage"] == 2:  # what the files leave unset
+        ds["zero_optimization"] = {**ZERO2_DEFAULTS, **ds["zero_optimization"]}
     # ZeRO 0 clips in epkit (exact norm under EP); ZeRO 1/2 clip in DeepSpeed (exact there).
     ds["gradient_clipping"] = cfg.grad_clip if ds["zero_optimization"]["stage"] > 0 else 0.0
     if cfg.lora_rank is not None:  # fp32 adapters are their own masters (module doc)
@@ -274,10 +286,17 @@ def clip_exact(model: Mixtral, max_norm: float) -> float:
     return norm
 
 
+def adamw(groups: list[dict], cfg: TrainConfig, device) -> torch.optim.AdamW:
+    """torch's AdamW; on CUDA its fused kernel (one launch for all tensors of a step, same update rule).
+    The CPU keeps the default implementation, which the CPU equality tests were written against."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=fused or None)
+
+
 def initialize(cfg: TrainConfig, model: Mixtral, dtype: torch.dtype, accelerator=None):
     """(engine, optimizer, scheduler) through DeepSpeed, or Accelerate's DeepSpeed plugin when given."""
     groups = param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
+    optimizer = adamw(groups, cfg, next(model.parameters()).device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if accelerator is not None:
         plugin = accelerator.state.deepspeed_plugin
