@@ -13,9 +13,10 @@ prefilled, then the engine decodes in steady state (CUDA graphs on). It reports
   tokens_match_reference   greedy tokens of B=min(16, max B) requests equal the reference set's
   floor_ms        weight + KV bytes this rank must read per step (experts by uniform routing, busiest
                   rank) over the measured copy bandwidth
-On a GPU it also checks each Triton kernel against its torch reference at the full shape in bf16
-(`kernel_checks`), times the small-batch expert kernels per down-projection tile (`moe_tiles`) and
-one rank's MoE share fused against the plain permute/experts/unpermute (`moe_fused_vs_plain`).
+After the variants, on a GPU, rank 0 also checks each Triton kernel against its torch reference at the
+full shape in bf16 (`kernel_checks`), times one rank's MoE share fused against the plain
+permute/experts/unpermute (`moe_fused_vs_plain`) and the small-batch expert kernels per
+down-projection tile (`moe_tiles`). The JSON is rewritten after each variant and each check.
 A variant that fails is recorded under `errors` and the others still run.
 Writes bench/results/profile_decode-<gpu>-<time>.json and prints tables.
 """
@@ -40,7 +41,7 @@ from epkit.args import ModelArgs  # noqa: E402
 from epkit.infer import LLM, SamplingParams  # noqa: E402
 from epkit.infer.build import random_model  # noqa: E402
 from epkit.infer.kv_cache import bytes_per_block  # noqa: E402
-from epkit.parallel import broadcast_object, init_distributed, world_rank, world_size  # noqa: E402
+from epkit.parallel import init_distributed, world_rank, world_size  # noqa: E402
 
 VARIANTS = {"reference": dict(decode_kernels="reference"), "torch": dict(decode_kernels="torch"),
             "triton": dict(decode_kernels="triton"), "compile": dict(decode_kernels="compile"),
@@ -332,27 +333,15 @@ def main(argv=None) -> int:
                          "batch_sizes": a.batch_sizes, "block_size": a.block_size,
                          "cuda_graphs": cuda and not a.no_cuda_graphs},
               "variants": {}, "errors": {}}
+    out = a.out or os.path.join(RESULTS, f"profile_decode-{_tag(result['gpu'])}x{max(ep, 1)}-"
+                                         f"{time.strftime('%Y%m%d-%H%M%S')}.json")
     if world_rank() == 0:
         bw = copy_bandwidth(device, torch.uint8, (1 << 30) if cuda else (1 << 24)) * 1e9  # bytes/s
         context = a.prompt_len + a.warmup_steps + a.steps
         result["copy_bandwidth_GBps"] = round(bw / 1e9, 1)
         result["floor_ms"] = {B: round(floor_ms(margs, ep, B, context, bw, dtype.itemsize), 3) for B in a.batch_sizes}
-        if cuda:
-            for name, fn in (("kernel_checks", kernel_checks), ("moe_tiles", moe_tiles),
-                             ("moe_fused_vs_plain", moe_fused_vs_plain)):
-                log(name)
-                try:
-                    result[name] = fn(device)
-                except Exception as e:  # noqa: BLE001 - a broken check is reported, the profile still runs
-                    result["errors"][name] = f"{type(e).__name__}: {e}"
-                    log(traceback.format_exc())
-        if "kernel_checks" in result["errors"]:
-            dropped = [v for v in a.variants if VARIANTS[v]["decode_kernels"] in ("triton", "compile")]
-            result["errors"]["skipped"] = f"{dropped}: the Triton kernels failed their check"
-            a.variants = [v for v in a.variants if v not in dropped]
-    a.variants = broadcast_object(a.variants)  # every rank runs the same variants
-    out = a.out or os.path.join(RESULTS, f"profile_decode-{_tag(result['gpu'])}x{max(ep, 1)}-"
-                                         f"{time.strftime('%Y%m%d-%H%M%S')}.json")
+    # The variants first (what a time-limited run most needs), the JSON rewritten after each: a later
+    # hang, crash or time limit keeps what was measured. A failing variant is recorded, the next runs.
     for v in a.variants:
         log(f"variant {v}")
         try:
@@ -362,10 +351,27 @@ def main(argv=None) -> int:
             log(traceback.format_exc())
         if world_rank() == 0:
             result["wall_s"] = round(time.perf_counter() - t_start, 1)
-            write(result, out)  # after every variant: a later hang or crash keeps what was measured
+            write(result, out)
     if world_rank() != 0:
         return 0
     print_tables(result)
+    if cuda:  # rank 0 alone, after the others are done: kernel checks and expert-kernel timings
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        for name, fn in (("kernel_checks", kernel_checks), ("moe_fused_vs_plain", moe_fused_vs_plain),
+                         ("moe_tiles", moe_tiles)):
+            log(name)
+            try:
+                result[name] = fn(device)
+                print(f"\n{name}: {json.dumps(result[name])}", flush=True)
+            except Exception as e:  # noqa: BLE001 - a broken check is reported, the others still run
+                result["errors"][name] = f"{type(e).__name__}: {e}"
+                log(traceback.format_exc())
+            result["wall_s"] = round(time.perf_counter() - t_start, 1)
+            write(result, out)
+    if result["errors"]:
+        print(f"\nerrors: {json.dumps(result['errors'], indent=1)}")
     print(f"wrote {out}", flush=True)
     return 1 if any(k in result["errors"] for k in a.variants) else 0
 
@@ -406,11 +412,6 @@ def print_tables(r: dict) -> None:
                 print(f"\ntop kernels, {v}, batch {row['batch']} ({row['profiled']}):")
                 for k in row["top"]:
                     print(f"  {k['ms_per_step']:>8.3f} ms  x{k['calls_per_step']:<6g} {k['name'][:90]}")
-    for name in ("kernel_checks", "moe_tiles", "moe_fused_vs_plain"):
-        if name in r:
-            print(f"\n{name}: {json.dumps(r[name])}")
-    if r["errors"]:
-        print(f"\nerrors: {json.dumps(r['errors'], indent=1)}")
 
 
 if __name__ == "__main__":
