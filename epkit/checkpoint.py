@@ -425,7 +425,7 @@ def write_directory(path: str, write_part, finish) -> None:
     if err:
         raise ValueError(err)
 
-    def everywhere(step) -> None:  # run `step` on this rank; if it failed on any rank, fail on every rank
+    def everywhere(step, elsewhere: str) -> None:  # run `step` here; if it failed on any rank, fail on every rank
         failure = None
         try:
             step()
@@ -438,11 +438,11 @@ def write_directory(path: str, write_part, finish) -> None:
         if not parallel.all_ranks_ok(failure is None):  # NOTE: collective
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
-            raise failure or CheckpointError(f"saving {path} failed on another rank (see its error); nothing was "
-                                             f"replaced")
+            raise failure or CheckpointError(elsewhere)
 
-    everywhere(lambda: write_part(tmp))
-    everywhere(lambda: (finish(tmp), _atomic_replace(tmp, path)) if rank == 0 else None)
+    everywhere(lambda: write_part(tmp), f"saving {path} failed on another rank; nothing was replaced")
+    everywhere(lambda: (finish(tmp), _atomic_replace(tmp, path)) if rank == 0 else None,
+               f"saving {path} failed on rank 0 (see its error); nothing was replaced")
 
 
 def _write_rank_files(model, tmp: str, info, rank: int, max_shard_size: int) -> None:
