@@ -65,7 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--no-overlap", action="store_true", help="engine setting: no host overlap")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' continuous batching")
     p.add_argument("--hf-gpus", type=int, default=1)
-    p.add_argument("--hf-timeout", type=float, default=240.0)
+    p.add_argument("--hf-timeout", type=float, default=240.0, help="seconds the peer serves before it is cut off")
+    p.add_argument("--no-hf-warmup", action="store_true", help="skip the peer's own warm-up (its CUDA graph "
+                   "captures then fall inside the measured run)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/serve-<gpu>-<time>.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -160,6 +162,7 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
     res.update(steps=llm.stats["steps"] - steps0, preemptions=llm.scheduler.num_preemptions - preempt0,
                setup_s=round(setup_s, 1), peak_memory_gib=peaks,
                engine={"decode_kernels": llm.runner.decode_kernels, "overlap": llm.overlap,
+                       "expert_tiles": llm.runner.expert_tiles,
                        "max_num_seqs": llm.scheduler.max_num_seqs,
                        "max_num_batched_tokens": llm.scheduler.max_num_batched_tokens,
                        "kv_cache_blocks": llm.cache.num_blocks, "block_size": llm.cache.block_size,
@@ -187,7 +190,7 @@ def run_hf(margs: ModelArgs, reqs: list[dict], a, devices: list) -> dict:
         from transformers import ContinuousBatchingConfig
         cb = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=512)
     manager = hf.init_continuous_batching(generation_config=gen, continuous_batching_config=cb, workload_hints=hints)
-    if hasattr(manager, "warmup") and torch.device(devices[0]).type == "cuda":
+    if hasattr(manager, "warmup") and torch.device(devices[0]).type == "cuda" and not a.no_hf_warmup:
         manager.warmup()  # its CUDA graphs
     manager.start()
     setup_s = time.perf_counter() - t0
@@ -230,7 +233,7 @@ def run_hf(margs: ModelArgs, reqs: list[dict], a, devices: list) -> dict:
     res = summarise(reqs, first, {i: times[i] for i in done}, wall if not timed_out else a.hf_timeout)
     peaks = [round(torch.cuda.max_memory_allocated(d) / 2 ** 30, 2) if torch.device(d).type == "cuda" else 0.0
              for d in devices]
-    res.update(completed=not timed_out, setup_s=round(setup_s, 1), peak_memory_gib=peaks,
+    res.update(completed=not timed_out, warmed_up=not a.no_hf_warmup, setup_s=round(setup_s, 1), peak_memory_gib=peaks,
                devices=[str(d) for d in devices], preemptions=None,
                attn_implementation=getattr(hf.config, "_attn_implementation", None))
     del manager, hf
@@ -268,11 +271,17 @@ def main(argv=None) -> int:
                          "prompt_tokens": sum(len(r["prompt"]) for r in reqs),
                          "max_new_tokens_total": sum(r["max_tokens"] for r in reqs)},
               "errors": {}}
+    import transformers
+    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    tag = result["gpu"].replace(" ", "-").replace("/", "-")
+    out = a.out or os.path.join(RESULTS, f"serve-{tag}x{max(ep, 1)}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     try:
         result["epkit"] = run_epkit(model, reqs, a, device)
     except Exception as e:  # noqa: BLE001 - recorded below; the JSON is still written
         result["epkit"], result["errors"]["epkit"] = None, f"{type(e).__name__}: {e}"
         log(traceback.format_exc())
+    if world_rank() == 0:  # now, so that a time limit hit during the peer keeps epkit's figures
+        write(result, out, t_start)
     del model
     gc.collect()
     if cuda:
@@ -290,18 +299,19 @@ def main(argv=None) -> int:
         dist.barrier(group=waiters)
     if world_rank() != 0:
         return 0
-    import transformers
-    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
-    result["wall_s"] = round(time.perf_counter() - t_start, 1)
-    os.makedirs(RESULTS, exist_ok=True)
-    tag = result["gpu"].replace(" ", "-").replace("/", "-")
-    out = a.out or os.path.join(RESULTS, f"serve-{tag}x{max(ep, 1)}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    write(result, out, t_start)
     print_table(result)
     print(f"wrote {out}", flush=True)
     return 0 if "epkit" not in result["errors"] else 1
+
+
+def write(result: dict, path: str, t_start: float) -> None:
+    """Write the JSON atomically (a reader never sees half a file)."""
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def print_table(r: dict) -> None:

@@ -30,10 +30,16 @@ BLOCK_M = 16
 # CUDA graph: 0.134 ms for one token on one of 4 local experts (floor 0.082), 0.273 ms for 4 tokens
 # (floor 0.246), 0.352 ms for 32 (floor 0.328); narrower tiles and other stage counts were no faster.
 TILES = ((64, 128, 64, 128), {})
-# Up to this many pairs (a few 16-row blocks) the down projection takes narrower N tiles, so that one
-# block still spreads over every SM (D / 64 = 64 programs would leave half of an H200's 132 idle). The
-# K tiles stay as above, so each output is summed in the same order whatever the tile: the same bits.
-FEW_PAIRS, FEW_PAIRS_DOWN_N = 32, 32
+# Up to FEW_PAIRS pairs (a few 16-row blocks) the down projection takes one of these launch configurations,
+# (N tile, K tile, pipeline stages, warps): narrower N tiles spread one block over every SM (D / 64 = 64
+# programs would leave half of an H200's 132 idle), longer K tiles and more stages keep more weight bytes in
+# flight per SM. Every one of them sums each output over K in the same 16-wide steps, so they give the same
+# bits; `epkit.infer.decode.tune_expert_tiles` times them on the GPU at set-up, keeps the fastest whose output
+# is bit-equal to the first's, and records it here (measured on an H200: the first reads 117 MB in 49 us,
+# 2.4 TB/s, where the gate/up kernel reaches the 4.2 TB/s copy rate).
+FEW_PAIRS = 32
+FEW_PAIRS_DOWN = [(32, 128, 3, 4), (32, 256, 4, 4), (32, 512, 3, 4), (16, 1024, 3, 4), (64, 256, 4, 4)]
+few_pairs_down: dict[tuple, tuple] = {}  # (device, w2 shape) -> the chosen configuration
 
 
 def available(device) -> bool:
@@ -178,11 +184,15 @@ if triton is not None:
         tl.store(block_end + b, tl.cumsum((c + BM - 1) // BM, 0), mask=is_l)
 
 
-def _tiles(x: torch.Tensor, pairs: int):
+def _tiles(x: torch.Tensor, w2: torch.Tensor, pairs: int):
+    """((gate/up N tile, K tile), launch options), ((down N tile, K tile), launch options)."""
     if not x.is_cuda:
-        return (16, 16, 16, 16), {}
+        return ((16, 16), {}), ((16, 16), {})
     (bn1, bk1, bn2, bk2), kw = TILES
-    return (bn1, bk1, FEW_PAIRS_DOWN_N if pairs <= FEW_PAIRS else bn2, bk2), kw
+    if pairs > FEW_PAIRS:
+        return ((bn1, bk1), kw), ((bn2, bk2), kw)
+    bn, bk, stages, warps = few_pairs_down.get((w2.device, tuple(w2.shape)), FEW_PAIRS_DOWN[0])
+    return ((bn1, bk1), kw), ((bn, bk), dict(num_stages=stages, num_warps=warps))
 
 
 def experts_small_m(x: torch.Tensor, token: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
@@ -204,11 +214,11 @@ def experts_small_m(x: torch.Tensor, token: torch.Tensor, counts: torch.Tensor, 
     token = token.to(torch.int32).contiguous()
     h = torch.empty(P, I, dtype=x.dtype, device=x.device)
     out = torch.empty(P, D, dtype=x.dtype, device=x.device)
-    (bn1, bk1, bn2, bk2), kw = _tiles(x, P)
+    ((bn1, bk1), kw1), ((bn2, bk2), kw2) = _tiles(x, w2, P)
     _gate_up_kernel[(max_blocks, triton.cdiv(I, bn1))](x.contiguous(), token, w13, h, block_end, row_end, counts,
-                                                        D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn1, BK=bk1, **kw)
+                                                        D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn1, BK=bk1, **kw1)
     _down_kernel[(max_blocks, triton.cdiv(D, bn2))](h, w2, out, block_end, row_end, counts, D, I,
-                                                     L=L, LP=LP, BM=BLOCK_M, BN=bn2, BK=bk2, **kw)
+                                                     L=L, LP=LP, BM=BLOCK_M, BN=bn2, BK=bk2, **kw2)
     return out
 
 
@@ -235,9 +245,9 @@ def fused_experts_small(x: torch.Tensor, weights: torch.Tensor, slots: torch.Ten
     LP = triton.next_power_of_2(L)
     h = torch.empty(P, I, dtype=x.dtype, device=dev)
     y = torch.zeros(N, D, dtype=torch.float32, device=dev)
-    (bn1, bk1, bn2, bk2), kw = _tiles(x, P)
+    ((bn1, bk1), kw1), ((bn2, bk2), kw2) = _tiles(x, w2, P)
     _gate_up_kernel[(max_blocks, triton.cdiv(I, bn1))](x.contiguous(), token, w13, h, block_end, row_end, counts,
-                                                        D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn1, BK=bk1, **kw)
+                                                        D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn1, BK=bk1, **kw1)
     _down_combine_kernel[(max_blocks, triton.cdiv(D, bn2))](h, w2, y, token, pair_w, block_end, row_end, counts,
-                                                             D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn2, BK=bk2, **kw)
+                                                             D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn2, BK=bk2, **kw2)
     return y

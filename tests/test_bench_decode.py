@@ -86,7 +86,8 @@ def test_profile_decode_tiny(tmp_path):
     assert r["errors"] == {} and set(r["variants"]) == {"reference", "torch"}
     assert r["copy_bandwidth_GBps"] > 0 and all(v > 0 for v in r["floor_ms"].values())
     for name, v in r["variants"].items():
-        assert v["decode_kernels"] == name and v["tokens_match_reference"] == 1.0
+        assert v["decode_kernels"] == name and v["first_decode_top1_agree"] == 1.0 == v["greedy_16_tokens_match"]
+        assert v["first_decode_logprob_max_diff"] < 1e-4
         assert [row["batch"] for row in v["rows"]] == [1, 4]
         for row in v["rows"]:
             assert row["ms_per_step"] > 0 and row["kernels_per_step"] > 0 and 0 < len(row["top"]) <= 15

@@ -87,12 +87,14 @@ def test_kernels_match_torch_in_interpreter():
     assert "KERNELS OK" in out.stdout, out.stdout + out.stderr
 
 
-def _compile(fn, signature: dict, constants: dict):
+def _compile(fn, signature: dict, constants: dict, **options):
     import triton
     from triton.backends.compiler import GPUTarget
     src = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constants}},
                                     constexprs=constants)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert compiled.metadata.shared <= 227 * 1024, (fn.__name__, constants, options, compiled.metadata.shared)
+    return compiled
 
 
 def test_kernels_compile_for_hopper():
@@ -120,6 +122,8 @@ def test_kernels_compile_for_hopper():
     common = dict(block_end=i32, row_end=i32, counts=i32)
     shape = dict(D=4096, I=14336, L=4, LP=4, BM=M.BLOCK_M)
     _compile(M._gate_up_kernel, dict(x=bf, token=i32, w13=bf, h=bf, **common), dict(**shape, BN=bn1, BK=bk1))
-    for bn in (bn2, M.FEW_PAIRS_DOWN_N):
+    _compile(M._down_combine_kernel, dict(h=bf, w2=bf, y=f32, token=i32, pair_w=f32, **common),
+             dict(**shape, BN=bn2, BK=bk2))
+    for bn, bk, stages, warps in M.FEW_PAIRS_DOWN:  # each fits an H200's shared memory
         _compile(M._down_combine_kernel, dict(h=bf, w2=bf, y=f32, token=i32, pair_w=f32, **common),
-                 dict(**shape, BN=bn, BK=bk2))
+                 dict(**shape, BN=bn, BK=bk), num_stages=stages, num_warps=warps)

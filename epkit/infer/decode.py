@@ -35,6 +35,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .. import moe_kernels
 from ..kernels import attention as paged, fused, triton_runs_on
 from ..model import rope_cos_sin
 from ..moe import Routed
@@ -75,6 +76,45 @@ def packed_qkv(attn) -> torch.Tensor:
         attn.k_proj.weight.data = w[n_q: n_q + n_k]
         attn.v_proj.weight.data = w[n_q + n_k:]
     return w
+
+
+@torch.no_grad()
+def tune_expert_tiles(model, iters: int = 10) -> dict | None:
+    """Choose the down projection's launch configuration for few pairs (`moe_kernels.FEW_PAIRS_DOWN`) on
+    this GPU: time each with the first MoE layer's weights (one token, top-2, in a CUDA graph) and keep the
+    fastest whose output is bit-equal to the first configuration's. Once per device and weight shape; each
+    rank for itself (no collective). Returns {"chosen": config, "ms": {config: ms}} or None (nothing to do)."""
+    experts = model.moe_layers()[0].experts
+    w13, w2 = experts.w13, experts.w2
+    key = (w2.device, tuple(w2.shape))
+    if w2.device.type != "cuda" or experts.backend.small_m_max == 0 or key in moe_kernels.few_pairs_down:
+        return None
+    from .graphs import record
+    g = torch.Generator(device=w2.device).manual_seed(0)
+    x = torch.randn(1, w13.shape[2], device=w2.device, generator=g).to(w13.dtype)
+    weights = torch.full((1, 2), 0.5, device=w2.device)
+    slots = torch.tensor([[0, min(1, w13.shape[0] - 1)]], device=w2.device)
+    times, first = {}, None
+    for cfg in moe_kernels.FEW_PAIRS_DOWN:
+        moe_kernels.few_pairs_down[key] = cfg
+        try:
+            y = moe_kernels.fused_experts_small(x, weights, slots, w13, w2)
+            first = y if first is None else first
+            if not torch.equal(y, first):  # NOTE: host sync, at set-up; a configuration that rounds differently
+                continue
+            graph, _ = record(lambda: [moe_kernels.fused_experts_small(x, weights, slots, w13, w2)
+                                       for _ in range(iters)], w2.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()  # NOTE: host sync, at set-up
+            times[cfg] = round(start.elapsed_time(end) / iters, 4)
+        except Exception:  # noqa: BLE001 - a configuration this GPU cannot run (e.g. too much shared memory)
+            continue
+    chosen = min(times, key=times.get) if times else moe_kernels.FEW_PAIRS_DOWN[0]
+    moe_kernels.few_pairs_down[key] = chosen
+    return {"chosen": chosen, "ms": {str(c): t for c, t in times.items()}}
 
 
 class DecodeForward:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .decode import DecodeForward, choose_kernels
+from .decode import DecodeForward, choose_kernels, tune_expert_tiles
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
 from .sampling import to_device
@@ -98,6 +98,7 @@ class StepRunner:
                  decode_kernels: str | None = None, max_rows: int = 256, max_table_width: int = 1):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.decode_kernels = choose_kernels(decode_kernels, model, self.device)
+        self.expert_tiles = tune_expert_tiles(model)  # GPUs: the small-batch down projection's launch, timed
         self.decode = (DecodeForward(model, cache, self.decode_kernels) if self.decode_kernels != "reference"
                        else None)
         # Decode steps replay CUDA graphs (graphs.py); prefill chunks and CPU runs stay eager. Paged attention
