@@ -57,6 +57,9 @@ def test_readme_serve_examples_hold_together():
         if words[0] in ("deepspeed", "torchrun", "accelerate"):
             assert "--output" in words, f"{command}: results would share stdout with the launcher's log lines"
         assert all(w.startswith("outputs/") for w in written if "/" in w), written
+    for command in _commands(readme):  # every section: a launched launch/infer.py would be refused without it
+        if command.split()[0] in ("deepspeed", "torchrun", "accelerate") and "launch/infer.py" in command:
+            assert "--output" in command.split(), f"{command}: results would share stdout with the launcher's log"
     assert "runs/" not in readme, "one run path (outputs/default) throughout"
     assert re.search(r'strategy="balanced", loads=', readme), "the README must show that balanced needs loads="
     assert "download.pytorch.org/whl/cpu" in readme and "ninja" in readme
