@@ -11,7 +11,6 @@ import torch
 from conftest import hf_model, tiny_args
 from epkit.infer import LLM, SamplingParams
 from epkit.infer.kv_cache import BlockAllocator, blocks_for_budget, bytes_per_block
-from epkit.infer.sampling import SamplingBatch, filter_logits, sample
 
 torch.set_num_threads(1)  # tiny models: threads only contend on the shared cores
 
@@ -214,26 +213,6 @@ def test_checkpoint_without_tokenizer_serves_ids(tmp_path):
 
 
 # ---- units ----------------------------------------------------------------------------------------
-
-def test_filter_logits_top_k_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))
-    out = filter_logits(logits, torch.tensor([2, 4]), torch.tensor([1.0, 0.5]))
-    keep = torch.isfinite(out)
-    # row 0: top-2 keeps 0.5 and one of the 0.2s; row 1: top-p 0.5 keeps 0.4 and 0.3 (0.4 < 0.5).
-    assert keep[0].tolist().count(True) == 2 and keep[0, 0]
-    assert keep[1].tolist() == [False, False, True, True]
-
-
-def test_sampling_follows_the_distribution():
-    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    n = 20000
-    logits = torch.log(probs).expand(n, 4).contiguous()
-    batch = SamplingBatch([1.0] * n, [4] * n, [1.0] * n, [7] * n, list(range(n)))
-    freq = torch.bincount(sample(logits, batch), minlength=4).float() / n
-    assert torch.allclose(freq, probs, atol=0.015), freq
-    assert torch.equal(sample(logits[:50], SamplingBatch([1.0] * 50, [4] * 50, [1.0] * 50, [7] * 50, list(range(50)))),
-                       sample(logits, batch)[:50])
-
 
 def test_kv_budget_and_allocator_errors():
     args = tiny_args()
