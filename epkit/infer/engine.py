@@ -329,6 +329,9 @@ class LLM:
                 hits = [i for i in (text.find(s, max(0, len(old) - len(s))) for s in p.stop_strings) if i >= 0]
                 if hits:
                     text, reason = text[: min(hits)], "stop"
+            if reason is None and p.stop_strings:
+                # Hold back the tail that may be the start of a stop string: streamed text is never taken back.
+                text = text[: max(0, len(text) - (max(len(s) for s in p.stop_strings) - 1))]
             out.text = text
             out.new_text = text[len(old):] if text.startswith(old) else text
         if reason is not None:
