@@ -55,6 +55,29 @@ def hf_logits(hf, tokens, attention_mask=None, position_ids=None):
     return out.logits, out.router_logits
 
 
+def eval_loss_with_transformers(final, eval_file, seq_len):
+    """Mean next-token loss over the eval set's trained tokens, by transformers' own loss (labels -100
+    ignored), each packed row on its own: (loss, number of trained tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from epkit import data as data_lib
+    from epkit.config import ModelArgs
+    args = ModelArgs.load(final)
+    hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    packed = data_lib.load_packed(eval_file, data_lib.Tokenizer(final), seq_len, bos_id=args.bos_token_id,
+                                  eos_id=args.eos_token_id, pad_id=args.pad_token_id or 0,
+                                  vocab_size=args.vocab_size, seed=0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for tokens, labels, positions in zip(packed.tokens, packed.labels, packed.positions):
+            n = int((positions >= 0).sum())
+            k = int((labels[1:n] != data_lib.IGNORE).sum())
+            if k:
+                total += float(hf(input_ids=tokens[None, :n], labels=labels[None, :n]).loss) * k
+                count += k
+    return total / count, count
+
+
 @pytest.fixture
 def tmp_ckpt(tmp_path):
     return str(tmp_path / "ckpt")

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from epkit.train.config import TrainConfig
+from conftest import eval_loss_with_transformers
 from test_train_engine import schedule_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,35 +178,12 @@ def test_short_finetune_lowers_the_loss(tmp_path):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["lr"] for r in train_rows] == pytest.approx([schedule_lr(cfg, s) for s in range(30)], rel=1e-9)
     # the eval loss of the final checkpoint, recomputed by transformers from final/ alone
-    want, tokens = _eval_loss_with_transformers(os.path.join(out, "final"), evals_file, 64)
+    want, tokens = eval_loss_with_transformers(os.path.join(out, "final"), evals_file, 64)
     assert evals[1]["eval_tokens"] == tokens
     assert evals[1]["eval_loss"] == pytest.approx(want, rel=1e-4), (evals[1], want)
     if tensorboard:
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard")))
     _check_heatmap(out, train_rows, tmp_path)
-
-
-def _eval_loss_with_transformers(final, eval_file, seq_len):
-    """Mean next-token loss over the eval set's trained tokens, by transformers' own loss (labels -100
-    ignored), each packed row on its own: (loss, number of trained tokens)."""
-    from transformers import AutoModelForCausalLM
-
-    from epkit import data as data_lib
-    from epkit.config import ModelArgs
-    args = ModelArgs.load(final)
-    hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
-    packed = data_lib.load_packed(eval_file, data_lib.Tokenizer(final), seq_len, bos_id=args.bos_token_id,
-                                  eos_id=args.eos_token_id, pad_id=args.pad_token_id or 0,
-                                  vocab_size=args.vocab_size, seed=0)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for tokens, labels, positions in zip(packed.tokens, packed.labels, packed.positions):
-            n = int((positions >= 0).sum())
-            k = int((labels[1:n] != data_lib.IGNORE).sum())
-            if k:
-                total += float(hf(input_ids=tokens[None, :n], labels=labels[None, :n]).loss) * k
-                count += k
-    return total / count, count
 
 
 def _check_heatmap(out, train_rows, tmp_path):
