@@ -305,15 +305,3 @@ def test_long_prompt_does_not_hold_back_short_ones(ckpt):
     alone = LLM(path, max_num_batched_tokens=256)
     assert finished[long_id].token_ids == alone.generate([long_prompt], long_params)[0].token_ids
     assert finished[short_id].token_ids == alone.generate([prompts[2]], short_params)[0].token_ids
-
-
-def test_group_rows_bounds_padding():
-    from epkit.infer.scheduler import group_rows
-    rows = [(object(), 0, n) for n in (1, 30, 2, 28, 1, 3, 16)]
-    groups = group_rows(rows, max_groups=4)
-    assert [r[2] for r in groups[0]] == [1, 1]  # decode rows together
-    assert sorted(r[2] for g in groups for r in g) == sorted(r[2] for r in rows)
-    for g in groups[1:]:
-        T, real = max(r[2] for r in g), sum(r[2] for r in g)
-        assert len(g) * T <= 2 * real, [r[2] for r in g]
-    assert len(group_rows(rows, max_groups=2)) == 2  # a cap on forwards per step wins over padding
