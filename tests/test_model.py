@@ -79,6 +79,7 @@ def test_grouped_expert_path_equals_loop():
     # some slots owned by "another rank" (-1): the grouped path must drop exactly those
     w, ids = epkit.moe.route(moe.gate(x.reshape(-1, args.hidden_size)), 2)
     slots = torch.where(ids % 2 == 0, ids, -1)
+    moe.experts.impl = "grouped"  # (the loop above left "loop" set)
     with torch.no_grad():
         a = moe.experts(x.reshape(-1, args.hidden_size), w, slots)
         b = moe.experts.forward_loop(x.reshape(-1, args.hidden_size), w, slots)
