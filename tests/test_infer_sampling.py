@@ -163,3 +163,80 @@ def test_params_from_requests():
     assert SamplingParams(temperature=0).greedy and not SamplingParams(temperature=0.01).greedy
     assert SamplingParams(stop="x").stop_strings == ["x"] and SamplingParams(stop=["a", "b"]).stop_strings == ["a", "b"]
     assert SamplingParams().stop_strings == []
+
+
+def test_filter_boundaries():
+    """top_p is reached, not exceeded: with four equal tokens, top_p 0.5 keeps exactly two. top_p 1 with top_k:
+    when the kept tokens' float32 mass sums to just under 1, the top-k cut must still hold."""
+    out = filter_logits(torch.zeros(1, 4), torch.tensor([4]), torch.tensor([0.5]))
+    assert int(torch.isfinite(out).sum()) == 2
+    out = filter_logits(torch.zeros(1, 4), torch.tensor([4]), torch.tensor([0.5000001]))
+    assert int(torch.isfinite(out).sum()) == 3
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):  # find logits whose top-3 probabilities sum below 1 in float32
+        logits = torch.randn(1, 8, generator=g) * 2
+        p = torch.softmax(logits.sort(descending=True).values[:, :3], -1)
+        if float(p.cumsum(-1)[0, -1]) < 1.0:
+            break
+    else:
+        raise AssertionError("no case found")
+    out = filter_logits(logits, torch.tensor([3]), torch.tensor([1.0]))
+    assert int(torch.isfinite(out).sum()) == 3 and torch.equal(torch.isfinite(out[0]), logits[0] >= logits.topk(3).values[0, -1])
+
+
+def test_noise_values_differ_across_a_large_vocabulary():
+    """Each vocab id gets its own draw: no two ids of a row share a noise value (a hash that lost bits would
+    repeat values across a 32000-token vocabulary and tie their draws)."""
+    u = uniform_noise(torch.tensor([3, 2**40 + 1]), torch.tensor([0, 17]), 32000)
+    for row in u:
+        assert len(torch.unique(row)) == 32000
+
+
+def test_large_and_negative_seeds():
+    probs = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]])).expand(64, 4).contiguous()
+
+    def draw(seed):
+        return sample(probs, SamplingBatch([1.0] * 64, [4] * 64, [1.0] * 64, [seed] * 64, list(range(64)))).tolist()
+    assert draw(2**63 + 5) == draw(5) and draw(2**64 + 5) == draw(5)  # seeds count modulo 2^63
+    assert draw(-1) == draw(2**63 - 1) and draw(5) != draw(6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(max_tokens=True), "max_tokens=True must be a positive integer"),
+    (dict(max_tokens=2.0), "max_tokens=2.0 must be a positive integer"),
+    (dict(max_tokens=0), "max_tokens=0 must be a positive integer"),
+    (dict(temperature=True), "temperature=True must be a finite number >= 0"),
+    (dict(temperature="1"), "temperature='1' must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature=inf must be a finite number >= 0"),
+    (dict(temperature=-0.1), "temperature=-0.1 must be a finite number >= 0"),
+    (dict(top_p=True), "top_p=True must be in"),
+    (dict(top_p="0.5"), "top_p='0.5' must be in"),
+    (dict(top_p=0), "top_p=0 must be in"),
+    (dict(top_k=True), "top_k=True must be an integer >= -1"),
+    (dict(top_k=1.0), "top_k=1.0 must be an integer >= -1"),
+    (dict(top_k=-2), "top_k=-2 must be an integer >= -1"),
+    (dict(seed=True), "seed=True must be an integer or None"),
+    (dict(stop=3), "stop=3 must be a non-empty string or a list of them"),
+    (dict(stop=["a", ""]), "stop=\\['a', ''\\] must be a non-empty string"),
+    (dict(stop=["a", 3]), "stop=\\['a', 3\\] must be a non-empty string"),
+    (dict(stop_token_ids="x"), "stop_token_ids='x' must be a list of token ids"),
+    (dict(stop_token_ids=[True]), "stop token id True is outside the vocabulary \\(size 50\\)"),
+    (dict(stop_token_ids=[50]), "stop token id 50 is outside the vocabulary \\(size 50\\)"),
+    (dict(stop_token_ids=[-1]), "stop token id -1 is outside the vocabulary"),
+    (dict(stop_token_ids=[1.0]), "stop token id 1.0 is outside the vocabulary"),
+])
+def test_validate_names_the_bad_value(bad, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        SamplingParams(**bad).validate(50)
+
+
+def test_validate_accepts_the_edges():
+    for ok in (dict(max_tokens=1), dict(temperature=0), dict(temperature=2), dict(top_p=1.0), dict(top_p=1e-9),
+               dict(top_k=-1), dict(top_k=0), dict(top_k=50), dict(seed=-3), dict(seed=None), dict(stop="x"),
+               dict(stop=("a", "b")), dict(stop_token_ids=[0, 49]), dict(stop_token_ids=(2,))):
+        SamplingParams(**ok).validate(50)
+    with pytest.raises(ValueError, match=r"^unknown sampling field\(s\) temprature, topp; known: ignore_eos, "
+                                         r"max_tokens, seed, skip_special_tokens, stop, stop_token_ids, temperature, "
+                                         r"top_k, top_p$"):
+        SamplingParams.from_dict({"topp": 1, "temprature": 1, "seed": 2})
+    assert SamplingParams.from_dict({"seed": 2, "stop": ["x"]}) == SamplingParams(seed=2, stop=["x"])
