@@ -151,7 +151,8 @@ def check_cuda_graph_decode(path: str, device, ep: int = 1, name: str = "cuda_gr
     """Teacher-forced: each graph replay is preceded by the eager forward of the same step, which writes the
     same keys into the same cache slots, so both see identical inputs and cache."""
     from epkit.infer import LLM, SamplingParams
-    llm = LLM(path, ep=ep, device=device, dtype=torch.bfloat16, cuda_graphs=True, block_size=16)
+    llm = LLM(path, ep=ep, device=device, dtype=torch.bfloat16, cuda_graphs=True, block_size=16,
+              kv_cache_memory=256 << 20)
     graphs = llm.runner.graphs
     if graphs is None:
         return Result(name, "FAIL", "the engine built no CUDA graphs")
@@ -167,7 +168,9 @@ def check_cuda_graph_decode(path: str, device, ep: int = 1, name: str = "cuda_gr
     graphs.run = run
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (5, 17, 33, 9, 64, 3, 21)]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    # requests end at different steps, so the batch shrinks through several row buckets
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+                                  for n in (24, 6, 16, 24, 3, 12, 20)])
     if not llm.is_leader:
         return Result(name, "PASS", "follower")
     if not pairs or len(graphs.graphs) < 2:
@@ -202,6 +205,11 @@ def _guarded(name: str, fn, *args, **kw) -> Result:
     except Exception as e:  # a crash is a failed check, reported with the others
         traceback.print_exc()
         return Result(name, "FAIL", f"{type(e).__name__}: {e}")
+    finally:
+        import gc
+        gc.collect()  # engines hold graphs and KV caches in reference cycles: free them before the next check
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -238,7 +246,7 @@ def main(argv=None) -> int:
         graphs2 = _guarded("cuda_graph_decode_ep2", check_cuda_graph_decode, path, dev, 2, "cuda_graph_decode_ep2")
         results += [ep2, graphs2] if rank == 0 else []
         # a follower's failure must reach the table
-        for r in broadcast_object([ep2, graphs2] if rank == 1 else None):
+        for r in broadcast_object([ep2, graphs2] if rank == 1 else None, src=1):
             if r.status == "FAIL":
                 results.append(Result(r.name + "[rank1]", r.status, r.detail, r.data))
     elif rank == 0:
