@@ -25,7 +25,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from epkit.config import ModelArgs  # noqa: E402
+from bench.peers import versions  # noqa: E402
+from bench.timing import sync  # noqa: E402
+from epkit.args import ModelArgs  # noqa: E402
 from epkit.infer import LLM, SamplingParams  # noqa: E402
 from epkit.infer.build import random_model  # noqa: E402
 from epkit.infer.kv_cache import bytes_per_block  # noqa: E402
@@ -37,7 +39,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="mixtral-8x7b")
-    p.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: the number of ranks)")
+    p.add_argument("--ep", dest="ep_size", type=int, default=None, help="expert-parallel size (default: the number of "
+                   "ranks)")
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -56,11 +59,6 @@ def parse_args(argv=None):
 def log(msg: str) -> None:
     if world_rank() == 0:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -82,10 +80,10 @@ def peak_memory_all_ranks(device) -> list[float]:
 
 def bench_epkit(margs: ModelArgs, a, device, dtype) -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
-    model = random_model(margs, a.ep, device, dtype, seed=0)
+    model = random_model(margs, a.ep_size, device, dtype, seed=0)
     sync(device)
     build_s = time.perf_counter() - t0
-    log(f"epkit: built {margs.num_parameters() / 1e9:.1f}B-parameter model at EP={a.ep} in {build_s:.1f}s")
+    log(f"epkit: built {margs.num_parameters() / 1e9:.1f}B-parameter model at EP={a.ep_size} in {build_s:.1f}s")
     B, L = max(a.batch_sizes), a.prompt_len + a.new_tokens
     blocks = B * -(-L // a.block_size) + 2
     llm = LLM.from_model(model, block_size=a.block_size, max_num_seqs=B, max_num_batched_tokens=B * a.prompt_len,
@@ -223,9 +221,9 @@ def bench_hf(margs: ModelArgs, a, devices: list, dtype) -> tuple[list[dict], dic
 def main(argv=None) -> int:
     a = parse_args(argv)
     init_distributed()
-    a.ep = a.ep or world_size()
-    if a.ep != world_size():
-        raise SystemExit(f"--ep {a.ep} needs exactly {a.ep} ranks, this run has {world_size()}")
+    a.ep_size = a.ep_size or world_size()
+    if a.ep_size != world_size():
+        raise SystemExit(f"--ep {a.ep_size} needs exactly {a.ep_size} ranks, this run has {world_size()}")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(a.dtype) or (torch.bfloat16 if cuda else torch.float32)
@@ -239,20 +237,19 @@ def main(argv=None) -> int:
         dist.barrier(group=waiters)
     theirs, theirs_extra = None, None
     if world_rank() == 0 and not a.skip_hf:
-        devices = [f"cuda:{i}" for i in range(max(a.ep, 1))] if cuda else ["cpu"]
+        devices = [f"cuda:{i}" for i in range(max(a.ep_size, 1))] if cuda else ["cpu"]
         theirs, theirs_extra = bench_hf(margs, a, devices, dtype)
     if waiters is not None:
         dist.barrier(group=waiters)
     if world_rank() != 0:
         return 0
-    import transformers
     result = {
         "benchmark": "decode throughput, epkit LLM vs transformers generate (same run)",
         "gpu": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "num_gpus": torch.cuda.device_count() if cuda else 0,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "config": {"preset": a.preset, "parameters_b": round(margs.num_parameters() / 1e9, 2), "ep": a.ep,
+        "versions": versions(),
+        "config": {"preset": a.preset, "parameters_b": round(margs.num_parameters() / 1e9, 2), "ep": a.ep_size,
                    "dtype": str(dtype).replace("torch.", ""), "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                    "batch_sizes": a.batch_sizes, "greedy": True, "ignore_eos": True, "block_size": a.block_size,
                    "model": margs.to_hf_config()},

@@ -18,7 +18,7 @@ import datetime
 import json
 import os
 import re
-import statistics
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -26,11 +26,15 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
-import epkit
-from epkit.moe import route
-from epkit.parallel import apply_expert_parallel, init_distributed, set_dispatch, setup_expert_parallel, world_rank
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import epkit  # noqa: E402
+from bench.peers import build_deepspeed, build_transformers, versions  # noqa: E402
+from bench.timing import copy_bandwidth, matmul_tflops, sync, time_calls  # noqa: E402
+from epkit.infer.graphs import record  # noqa: E402
+from epkit.moe import route  # noqa: E402
+from epkit.parallel import init_distributed, set_dispatch, setup_expert_parallel, world_rank  # noqa: E402
 
 IMPLS = ("epkit_replicated", "epkit_replicated_graph", "epkit_all_to_all", "transformers_eager",
          "transformers_grouped_mm", "deepspeed")
@@ -55,11 +59,6 @@ SMALL = Shape(hidden=32, intermediate=64, experts=8, top_k=2)
 
 
 # ---- small helpers --------------------------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def gather(obj) -> list:
     """Every rank's `obj`, in rank order (NOTE: collective)."""
@@ -110,16 +109,14 @@ def make_tokens(n: int, shape: Shape, seed: int, device, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def build_epkit(shape: Shape, w, ep_size: int, device, dtype):
-    """A 1-layer epkit.Mixtral on meta, sharded by `apply_expert_parallel` (the product path); only its
-    MoE layer is materialised on `device` and loaded. Returns (model shell, MoE layer)."""
+    """A 1-layer epkit.Mixtral built as the product builds every model (`epkit.build.build_model`: meta,
+    expert parallelism, materialise), its MoE layer loaded with `w`. Returns (model, MoE layer)."""
+    from epkit.build import build_model
     args = epkit.ModelArgs(vocab_size=8, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                            num_layers=1, num_heads=1, num_kv_heads=1, num_experts=shape.experts,
                            experts_per_token=shape.top_k)
-    model = epkit.Mixtral(args, device="meta", dtype=dtype)
-    plan = epkit.ShardingPlan(shape.experts, ep_size)
-    apply_expert_parallel(model, plan, setup_expert_parallel(ep_size), dispatch="replicated")
-    moe = model.layers[0].moe.to_empty(device=device)
-    moe.routed_tokens.zero_()
+    model = build_model(args, epkit.ShardingPlan(shape.experts, ep_size), "replicated", device, dtype)
+    moe = model.layers[0].moe
     moe.gate.weight.copy_(w["gate"])
     local = moe.experts.expert_ids
     moe.experts.w13.copy_(w["w13"][local])
@@ -127,127 +124,7 @@ def build_epkit(shape: Shape, w, ep_size: int, device, dtype):
     return model.eval(), moe.eval()
 
 
-@torch.no_grad()
-def build_transformers(shape: Shape, w, device, dtype):
-    """transformers' own MixtralSparseMoeBlock holding all experts (fused gate_up_proj / down_proj)."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    cfg = MixtralConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                        num_local_experts=shape.experts, num_experts_per_tok=shape.top_k, router_jitter_noise=0.0)
-    cfg._experts_implementation = "eager"
-    with torch.device("meta"):
-        block = MixtralSparseMoeBlock(cfg)
-    block = block.to(dtype).to_empty(device=device)
-    block.gate.weight.copy_(w["gate"])
-    block.experts.gate_up_proj.copy_(w["w13"])
-    block.experts.down_proj.copy_(w["w2"])
-    return block.eval()
-
-
-class SwiGLU(nn.Module):
-    """Mixtral's expert MLP (w1 gate, w3 up, w2 down), as DeepSpeed's MoE wants one expert module."""
-
-    def __init__(self, hidden: int, intermediate: int, device=None, dtype=None):
-        super().__init__()
-        self.w1 = nn.Linear(hidden, intermediate, bias=False, device=device, dtype=dtype)
-        self.w3 = nn.Linear(hidden, intermediate, bias=False, device=device, dtype=dtype)
-        self.w2 = nn.Linear(intermediate, hidden, bias=False, device=device, dtype=dtype)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-@torch.no_grad()
-def build_deepspeed(shape: Shape, w, ep_size: int, ep_rank: int, device, dtype):
-    """deepspeed.moe.layer.MoE with Mixtral's routing: top-2, no capacity drops, no sampled second
-    expert, no random token selection. DeepSpeed places experts contiguously: rank r holds r*L..r*L+L-1."""
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
-    D, I = shape.hidden, shape.intermediate
-    layer = DeepSpeedMoE(D, SwiGLU(D, I, device="meta", dtype=dtype), num_experts=shape.experts, ep_size=ep_size,
-                         k=shape.top_k, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
-    layer = layer.to("meta").to(dtype).to_empty(device=device)
-    layer.set_deepspeed_parallelism()  # joins the "ep_size_{ep}" group that setup_expert_parallel built
-    layer.deepspeed_moe.gate.wg.weight.copy_(w["gate"])
-    L = layer.num_local_experts
-    for slot, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
-        e = ep_rank * L + slot
-        expert.w1.weight.copy_(w["w13"][e, :I])
-        expert.w3.weight.copy_(w["w13"][e, I:])
-        expert.w2.weight.copy_(w["w2"][e])
-    return layer.eval()
-
-
-class GraphedCall:
-    """`fn(x)` captured once in a CUDA graph for x's shape, replayed with new inputs copied in: what a
-    decode loop gets without Python and kernel-launch overhead. Needs a host-sync-free `fn`.
-    `keep` holds objects whose tensors the graph reads (e.g. a dispatcher's lookup table)."""
-
-    def __init__(self, fn, x: torch.Tensor, keep=None):
-        self.keep = keep
-        self.x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up off the capture stream (lazy inits, Triton compiles)
-            for _ in range(3):
-                fn(self.x)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: NCCL's watchdog thread polls events while we capture; that must not void the capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.out = fn(self.x)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(x)
-        self.graph.replay()
-        return self.out
-
-
-# ---- timing ---------------------------------------------------------------------------------------
-
-def bench(fn, device, warmup: int, iters: int) -> dict:
-    """Median of per-iteration times (CUDA events on GPU, perf_counter on CPU) and the mean wall time."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        t0 = time.perf_counter()
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        sync(device)
-        wall = time.perf_counter() - t0
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        times = []
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        wall = time.perf_counter() - t0
-    return {"ms_median": statistics.median(times), "ms_min": min(times), "wall_ms_mean": wall * 1e3 / iters}
-
-
-def copy_bandwidth(device, dtype, nbytes: int, iters: int = 10) -> float:
-    """Device memory bandwidth in GB/s from a big device-to-device copy (bytes read + bytes written)."""
-    n = nbytes // torch.tensor([], dtype=dtype).element_size()
-    src = torch.ones(n, device=device, dtype=dtype)
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src), device, warmup=3, iters=iters)
-    del src, dst
-    return 2 * nbytes / (t["ms_median"] * 1e-3) / 1e9
-
-
-def matmul_tflops(device, dtype, n: int, iters: int = 10) -> float:
-    """Dense matmul throughput in TFLOP/s from an n x n x n product: the compute roof for the floor."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    t = bench(lambda: a @ b, device, warmup=3, iters=iters)
-    del a, b
-    return 2 * n ** 3 / (t["ms_median"] * 1e-3) / 1e12
-
+# ---- floors ---------------------------------------------------------------------------------------
 
 def floors(work, expert_bytes: int, pair_flops: int, bandwidth_gbps: float, tflops: float) -> dict:
     """Lower bounds for one layer call from `work` = per rank (experts read, (token, expert) pairs computed):
@@ -373,14 +250,20 @@ def main(argv=None) -> int:
                 set_dispatch(model, mode)
             return moe(x)[0]
 
-        graphs = {}
+        graphs = {}  # x's shape -> (graph, static input, static output, the dispatcher the graph reads)
 
         def run_epkit_graph(x):
+            """The layer captured once per shape (epkit's CUDA-graph helper) and replayed with x copied in."""
             if x.shape not in graphs:
                 run_epkit("replicated", x)  # sets the dispatcher (and moves its table) outside the capture
-                fn = lambda t: built["epkit"][1](t)[0]  # noqa: E731
-                graphs[x.shape] = GraphedCall(fn, x, keep=built["epkit"][1].dispatcher)
-            return graphs[x.shape](x)
+                moe, static = built["epkit"][1], x.clone()
+                graph, out = record(lambda: moe(static)[0], device, warmup=3)
+                # keep the dispatcher: set_dispatch replaces it, and the graph reads its slot table
+                graphs[x.shape] = (graph, static, out, moe.dispatcher)
+            graph, static, out, _ = graphs[x.shape]
+            static.copy_(x)
+            graph.replay()
+            return out
 
         def run_transformers(impl, x):
             block = built["transformers"]
@@ -388,7 +271,7 @@ def main(argv=None) -> int:
             if cfg is not None:
                 cfg._experts_implementation = impl
             elif impl != "eager":
-                raise RuntimeError(f"transformers {_versions()['transformers']} has no experts implementation switch")
+                raise RuntimeError(f"transformers {versions()['transformers']} has no experts implementation switch")
             return block(x)
 
         def run_deepspeed(x):
@@ -450,7 +333,7 @@ def main(argv=None) -> int:
                 active = collective or rank == 0
                 sync(device)
                 dist.barrier()
-                t = attempt(impl, lambda: bench(lambda: fn(x_rep, x_own), device, a.warmup, a.iters) if active
+                t = attempt(impl, lambda: time_calls(lambda: fn(x_rep, x_own), device, a.warmup, a.iters) if active
                             else None)
                 sync(device)
                 dist.barrier()
@@ -485,7 +368,7 @@ def main(argv=None) -> int:
             "device": str(device.type),
             "backend": dist.get_backend(),
             "world_size": world,
-            "versions": _versions(),
+            "versions": versions(),
             "config": {**asdict(shape), "ep_size": ep, "dtype": str(dtype).replace("torch.", ""), "small": a.small,
                        "tokens_per_rank": a.tokens, "warmup": a.warmup, "iters": a.iters, "seed": a.seed,
                        "correctness_tol_of_ref_max": tol},
@@ -529,22 +412,6 @@ def _work(counts_all, local_sets, key: str, collective: bool, ep: int):
         return None
     counts = counts_all[0][key] if key == "rep" else [sum(c) for c in zip(*(x[key] for x in counts_all))]
     return [({e for e in local_sets[r] if counts[e]}, sum(counts[e] for e in local_sets[r])) for r in range(ep)]
-
-
-def _versions() -> dict:
-    v = {"torch": torch.__version__, "epkit": getattr(epkit, "__version__", "?"),
-         "cuda": torch.version.cuda, "nccl": None}
-    if torch.cuda.is_available():
-        try:
-            v["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception:
-            pass
-    for name in ("deepspeed", "transformers"):
-        try:
-            v[name] = __import__(name).__version__
-        except Exception as e:
-            v[name] = f"unavailable ({type(e).__name__})"
-    return v
 
 
 def _ms(v) -> str:

@@ -2,78 +2,142 @@
 
 Reading: a directory with `config.json` and safetensors (one file, or sharded with
 `model.safetensors.index.json`), tensors named as the hub spells them or as transformers 5 fuses
-them in memory. The model is built on the meta device, each tensor is read memory-mapped and
-assigned, so peak RAM is about one copy of the model. Under expert parallelism each rank reads only
-the experts its plan gives it. Everything is checked before anything is assigned, so a bad
-checkpoint loads nothing half-way.
+them in memory (the tables in `hub_names`). The model is built on the meta device (`build.build_model`),
+each tensor is read memory-mapped and assigned, so peak RAM is about one copy of the model. Under
+expert parallelism each rank reads only the experts its plan gives it. Everything is checked before
+anything is assigned, so a bad checkpoint loads nothing half-way.
 
 Writing: hub names, sharded by size, an index over all files. Under expert parallelism every rank
 writes the experts it owns into its own files, rank 0 writes the shared tensors, config and plan.
-The directory is written under a temporary name and renamed when whole.
+The directory is written under a temporary name and renamed when whole. `epkit_plan.json` beside
+the tensors is a `Manifest` (plan and routing counts).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelArgs
+from .args import ModelArgs
+from .hub_names import IGNORED, dense_sources, expert_pieces, fill, is_expert_tensor
 from .model import Mixtral
+from .plan import ShardingPlan
 
 INDEX_FILE = "model.safetensors.index.json"
 PLAN_FILE = "epkit_plan.json"
 
-# epkit parameter -> checkpoint tensor names that may hold it (first found wins).
-DENSE_NAMES: list[tuple[str, list[str]]] = [
-    ("embed.weight", ["model.embed_tokens.weight"]),
-    ("norm.weight", ["model.norm.weight"]),
-    ("lm_head.weight", ["lm_head.weight"]),
-    ("layers.{l}.attn_norm.weight", ["model.layers.{l}.input_layernorm.weight"]),
-    ("layers.{l}.moe_norm.weight", ["model.layers.{l}.post_attention_layernorm.weight"]),
-    ("layers.{l}.attn.{p}_proj.weight", ["model.layers.{l}.self_attn.{p}_proj.weight"]),
-    ("layers.{l}.moe.gate.weight", ["model.layers.{l}.block_sparse_moe.gate.weight",
-                                    "model.layers.{l}.mlp.gate.weight"]),
-]
-
-# Stacked expert parameters, one row per piece:
-# (epkit parameter, half of its rows or None, hub per-expert name, fused name, half of the fused rows)
-EXPERT_PIECES: list[tuple[str, int | None, str, str, int | None]] = [
-    ("layers.{l}.moe.experts.w13", 0, "model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight",
-     "model.layers.{l}.mlp.experts.gate_up_proj", 0),
-    ("layers.{l}.moe.experts.w13", 1, "model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight",
-     "model.layers.{l}.mlp.experts.gate_up_proj", 1),
-    ("layers.{l}.moe.experts.w2", None, "model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight",
-     "model.layers.{l}.mlp.experts.down_proj", None),
-]
-
-IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{l\}", r"(?P<l>\d+)").replace(r"\{p\}", r"(?P<p>[qkvo])")
-                      .replace(r"\{e\}", r"(?P<e>\d+)") + "$")
-
-
-_DENSE = [(_pattern(ours), theirs) for ours, theirs in DENSE_NAMES]
-_EXPERT_PARAMS = {_pattern(p[0]) for p in EXPERT_PIECES}
-_HUB_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w[123]\.weight$")
-
-
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+    """A checkpoint that cannot be loaded or written; the message names the file and the tensor."""
+
+
+def write_error(e: BaseException, file: str) -> CheckpointError:
+    """One line for a failed write (a full disk names the file; the previous checkpoint stays whole)."""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+        return CheckpointError(f"no space left while writing {file}")
+    return CheckpointError(f"could not write {file}: {getattr(e, 'strerror', None) or e}")
 
 
 @dataclass
 class LoadReport:
     bytes_read: int = 0
     tensors_read: int = 0
+
+
+@dataclass
+class Manifest:
+    """`epkit_plan.json`, written beside every checkpoint epkit saves: the sharding plan it was saved with,
+    the tokens routed to each expert of each layer over the run that saved it, and (training) the step.
+
+    `ShardingPlan.from_manifest` turns it into a plan for any EP size (the only way a plan comes from a
+    checkpoint); `launch/heatmap.py` and `--resume` read its routing counts.
+    """
+
+    plan: dict | None = None  # ShardingPlan.to_dict()
+    routed_tokens: list[list[int]] | None = None  # [layers][experts]
+    trainer_state: dict | None = None  # {"step", "tokens_seen"} of a training checkpoint
+    file: str | None = field(default=None, compare=False)  # where it was read from (for messages)
+
+    @classmethod
+    def read(cls, directory: str) -> "Manifest | None":
+        """The manifest of checkpoint `directory`, or None when it has none (e.g. a transformers checkpoint).
+        A file that is not a manifest raises CheckpointError naming it."""
+        file = os.path.join(directory, PLAN_FILE)
+        if not os.path.isfile(file):
+            return None
+        try:
+            with open(file) as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{file}: expected a JSON object, got {type(d).__name__}")
+        plan, routed = d.get("plan"), d.get("routed_tokens")
+        if plan is not None and not isinstance(plan, dict):
+            raise CheckpointError(f"{file}: 'plan' is not a JSON object")
+        if routed is not None and not (isinstance(routed, list) and all(
+                isinstance(row, list) and all(isinstance(c, int) for c in row) for row in routed)):
+            raise CheckpointError(f"{file}: 'routed_tokens' is not a list of per-layer lists of token counts")
+        return cls(plan, routed, d.get("trainer_state"), file)
+
+    @classmethod
+    def for_model(cls, args: ModelArgs, directory: str | None = None) -> "Manifest":
+        """What a checkpoint without a manifest amounts to: one device holds every expert, nothing recorded."""
+        plan = ShardingPlan(args.num_experts, 1, num_layers=args.num_layers).to_dict()
+        return cls(plan, file=os.path.join(directory, PLAN_FILE) if directory else None)
+
+    @classmethod
+    def of_model(cls, model: Mixtral, trainer_state: dict | None = None) -> "Manifest":
+        """What saving `model` now records: its plan and the tokens routed to each expert, summed over every
+        rank. NOTE: collective (call on every rank)."""
+        from .parallel import gather_routing_counts
+        info = getattr(model, "expert_parallel", None)
+        plan = info.plan.to_dict() if info else cls.for_model(model.args).plan
+        return cls(plan, gather_routing_counts(model), trainer_state)
+
+    def write(self, directory: str) -> None:
+        d = {"plan": self.plan, "routed_tokens": self.routed_tokens}
+        if self.trainer_state is not None:
+            d["trainer_state"] = self.trainer_state
+        with open(os.path.join(directory, PLAN_FILE), "w") as f:
+            json.dump(d, f, indent=2)
+
+    def check_matches(self, args: ModelArgs) -> None:
+        """A saved plan that disagrees with config.json means the directory was tampered with or mixed up."""
+        if self.plan is None:
+            raise CheckpointError(f"{self.file}: has no 'plan' entry")
+        try:
+            ShardingPlan.from_dict(self.plan).check_matches(args.num_experts, args.num_layers, source=self.file)
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            raise CheckpointError(msg if msg.startswith(f"{self.file}:") else f"{self.file}: {msg}") from None
+
+
+def checkpoint_plan(path: str, args: ModelArgs, ep_size: int, strategy: str = "contiguous") -> ShardingPlan:
+    """The plan to load checkpoint `path` over `ep_size` ranks with `strategy`, from its manifest (checked
+    against config.json; `balanced` places experts by its routing counts)."""
+    manifest = Manifest.read(path)
+    if manifest is None:
+        manifest = Manifest.for_model(args, path)
+    else:
+        manifest.check_matches(args)
+    return ShardingPlan.from_manifest(manifest, ep_size, strategy)
+
+
+def _safe_open(file: str):
+    """safe_open, with a damaged file (truncated, corrupt header) as one line naming it."""
+    try:
+        return safe_open(file, "pt")
+    except Exception as e:  # safetensors' SafetensorError, or an OSError
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{file}: not a readable safetensors file ({detail}); it may be truncated or "
+                              f"corrupt") from None
 
 
 class _Reader:
@@ -100,7 +164,7 @@ class _Reader:
                 raise CheckpointError(f"{path}: no *.safetensors files, so this is not a checkpoint directory")
             self.where = {}
             for file in files:
-                with safe_open(os.path.join(path, file), "pt") as f:
+                with _safe_open(os.path.join(path, file)) as f:
                     for name in f.keys():
                         self.where[name] = os.path.join(path, file)
         self._open: dict[str, object] = {}
@@ -112,7 +176,7 @@ class _Reader:
     def _file(self, name: str):
         file = self.where[name]
         if file not in self._open:
-            self._open[file] = safe_open(file, "pt")
+            self._open[file] = _safe_open(file)
         return self._open[file]
 
     def shape(self, name: str) -> list[int]:
@@ -125,10 +189,6 @@ class _Reader:
         self.report.bytes_read += t.numel() * t.element_size()
         self.report.tensors_read += 1
         return t
-
-
-def _fill(template: str, groups: dict) -> str:
-    return template.format(**groups)
 
 
 def read_state_dict(path: str, model: Mixtral, device=None, dtype=None) -> tuple[dict, LoadReport]:
@@ -150,31 +210,23 @@ def read_state_dict(path: str, model: Mixtral, device=None, dtype=None) -> tuple
     for name, p in params.items():
         if args.tie_word_embeddings and name == "lm_head.weight":
             continue
-        dense = next(((m, theirs) for pat, theirs in _DENSE if (m := pat.match(name))), None)
+        dense = dense_sources(name)
         if dense is not None:
-            m, theirs = dense
-            src = next((s for s in (_fill(t, m.groupdict()) for t in theirs) if s in reader), None)
+            src = next((s for s in dense if s in reader), None)
             if src is None:
-                raise CheckpointError(f"{path}: tensor {_fill(theirs[0], m.groupdict())} is missing")
+                raise CheckpointError(f"{path}: tensor {dense[0]} is missing")
             check(name, src, reader.shape(src), p.shape)
             used.add(src)
             out[name] = convert(reader.read(src))
             continue
-        if not any(pat.match(name) for pat in _EXPERT_PARAMS):
+        if not expert_pieces(name):
             raise CheckpointError(f"internal: no checkpoint name is known for parameter {name}")
         out[name] = _read_experts(reader, name, p, args, used, check, convert)
 
     leftovers = [n for n in reader.where if n not in used and not IGNORED.match(n)]
     if args.tie_word_embeddings:
         leftovers = [n for n in leftovers if n != "lm_head.weight"]
-    experts_elsewhere = []
-    for n in leftovers:
-        m = _HUB_EXPERT.match(n)
-        if m and int(m.group(1)) < args.num_layers and int(m.group(2)) < args.num_experts:
-            experts_elsewhere.append(n)  # another rank's expert
-        elif re.match(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$", n):
-            experts_elsewhere.append(n)
-    unknown = sorted(set(leftovers) - set(experts_elsewhere))
+    unknown = sorted(n for n in leftovers if not is_expert_tensor(n, args.num_layers, args.num_experts))
     if unknown:
         raise CheckpointError(f"{reader.where[unknown[0]]}: tensor {unknown[0]} is not described by config.json "
                               f"({len(unknown)} such tensor(s); does config.json match the weights?)")
@@ -185,13 +237,11 @@ def _read_experts(reader, name, p, args, used, check, convert) -> torch.Tensor:
     """Assemble a stacked expert parameter [L, ...] for the experts this module holds."""
     layer = int(name.split(".")[1])
     module_ids = p._epkit_expert_ids  # set by _tag_expert_params
-    pieces = [piece for piece in EXPERT_PIECES if _pattern(piece[0]).match(name)]
     slots = []
     for e in module_ids:
         parts = []
-        for _, half, hub, fused, fused_half in pieces:
-            g = {"l": layer, "e": e}
-            hub_name, fused_name = _fill(hub, g), _fill(fused, g)
+        for _, half, hub, fused, fused_half in expert_pieces(name):
+            hub_name, fused_name = fill(hub, l=layer, e=e), fill(fused, l=layer, e=e)
             rows = p.shape[1] // (2 if half is not None else 1)
             want = [rows, p.shape[2]]
             if hub_name in reader:
@@ -218,75 +268,54 @@ def _tag_expert_params(model: Mixtral) -> None:
 
 
 def load_state_into(model: Mixtral, path: str, device=None, dtype=None) -> LoadReport:
-    """Fill a (meta or real) model from a checkpoint directory with assign=True."""
+    """Read a checkpoint directory's tensors for a meta (possibly expert-sharded) model and assign them
+    (assign=True): only reads and assigns; `build.build_model` reties and marks afterwards."""
     _tag_expert_params(model)
     sd, report = read_state_dict(path, model, device, dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [m for m in missing if not (model.args.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: internal name mismatch, missing {missing[:3]} unexpected {unexpected[:3]}")
-    if model.args.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    if getattr(model, "expert_parallel", None) is not None:
-        from .parallel import mark_expert_params
-        mark_expert_params(model)  # assign=True replaced the marked Parameters
-    # Buffers (routing counters) were on meta: make real ones.
-    for layer in model.layers:
-        moe = layer.moe
-        moe.routed_tokens = torch.zeros(moe.num_experts, dtype=torch.int64, device=moe.gate.weight.device)
     return report
 
 
 def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, ep_size: int = 1,
                     plan=None, strategy: str = "contiguous", dispatch: str = "replicated",
                     return_report: bool = False):
-    """Load a Hugging Face Mixtral directory into epkit.
+    """Load a Hugging Face Mixtral directory into epkit (built by `build.build_model`).
 
-    With ep_size > 1 (inside a distributed run) the model is expert-parallel: each rank builds and
-    reads only the experts that `plan` (default: a `strategy` plan over ep_size ranks) gives it.
+    With ep_size > 1 (inside a `torchrun` or `deepspeed` launch, which it joins through `init_distributed`)
+    the model is expert-parallel: each rank builds and reads only the experts that `plan` (default: a
+    `strategy` plan from the checkpoint's manifest) gives it.
     """
+    from .build import build_model
+    from .parallel import all_ranks_ok, init_distributed
+    from .runtime import rank_device
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size={ep_size!r} must be an integer of at least 1")
+    device = rank_device(device)
     args = ModelArgs.load(path)
-    with torch.device("meta"):
-        model = Mixtral(args)
     if ep_size > 1 or plan is not None:
-        from .parallel import apply_expert_parallel, setup_expert_parallel
-        from .plan import ShardingPlan
-        if plan is None:
-            plan = ShardingPlan(args.num_experts, ep_size, strategy=strategy, num_layers=args.num_layers)
-        check_manifest(path, args)
-        groups = setup_expert_parallel(plan.ep_size)
-        apply_expert_parallel(model, plan, groups, dispatch=dispatch)
-        from .parallel import all_ranks_ok
+        init_distributed()  # inside `torchrun` / `deepspeed`: join the launch (no-op if joined or not launched)
+    if plan is None and ep_size > 1:
+        plan = checkpoint_plan(path, args, ep_size, strategy)
+    elif plan is not None and (manifest := Manifest.read(path)) is not None:
+        manifest.check_matches(args)
+    reports = []
+
+    def read_and_assign(model: Mixtral) -> None:
         failure = None
         try:  # a rank may miss only its own experts' tensors: every rank must hear of it
-            report = load_state_into(model, path, device, dtype)
+            reports.append(load_state_into(model, path, device, dtype))
         except (CheckpointError, OSError, ValueError) as e:
             failure = e
-        if not all_ranks_ok(failure is None):
+        if plan is not None and not all_ranks_ok(failure is None):  # NOTE: collective under EP
             raise failure or CheckpointError(f"{path}: another rank could not load its experts (see its error)")
-    else:
-        report = load_state_into(model, path, device, dtype)
-    return (model, report) if return_report else model
+        if failure is not None:
+            raise failure
 
-
-def check_manifest(path: str, args: ModelArgs) -> None:
-    """A saved plan that disagrees with config.json means the directory was tampered with or mixed up."""
-    file = os.path.join(path, PLAN_FILE)
-    if not os.path.isfile(file):
-        return
-    from .plan import ShardingPlan
-    with open(file) as f:
-        try:
-            manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or "plan" not in manifest:
-        raise CheckpointError(f"{file}: has no 'plan' entry")
-    try:
-        plan = ShardingPlan.from_dict(manifest["plan"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{file}: {e}") from None
-    plan.check_matches(args.num_experts, args.num_layers, source=file)
+    model = build_model(args, plan, dispatch, device, dtype, load=read_and_assign)
+    return (model, reports[0]) if return_report else model
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -297,24 +326,21 @@ def hub_tensors(model: Mixtral, shared: bool = True, experts: bool = True):
     for name, p in model.named_parameters(remove_duplicate=True):
         if args.tie_word_embeddings and name == "lm_head.weight":
             continue
-        dense = next(((m, theirs) for pat, theirs in _DENSE if (m := pat.match(name))), None)
+        dense = dense_sources(name)
         if dense is not None:
             if shared:
-                m, theirs = dense
-                yield _fill(theirs[0], m.groupdict()), (lambda p=p: p.detach())
+                yield dense[0], (lambda p=p: p.detach())
             continue
         if not experts:
             continue
         layer = int(name.split(".")[1])
         ids = model.layers[layer].moe.experts.expert_ids
-        for ours, half, hub, _, _ in EXPERT_PIECES:
-            if not _pattern(ours).match(name):
-                continue
+        for _, half, hub, _, _ in expert_pieces(name):
             for slot, e in enumerate(ids):
                 def get(p=p, slot=slot, half=half):
                     t = p.detach()[slot]
                     return t if half is None else t.chunk(2, 0)[half]
-                yield _fill(hub, {"l": layer, "e": e}), get
+                yield fill(hub, l=layer, e=e), get
 
 
 def _write_shards(items, directory: str, prefix: str, max_shard_bytes: int) -> dict[str, str]:
@@ -326,12 +352,17 @@ def _write_shards(items, directory: str, prefix: str, max_shard_bytes: int) -> d
         nonlocal shard, size, k
         if shard:
             file = f"{prefix}-{k:05d}.safetensors"
-            save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+            try:
+                save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+            except Exception as e:
+                raise write_error(e, os.path.join(directory, file)) from None
             weight_map.update({n: file for n in shard})
             shard, size, k = {}, 0, k + 1
 
     for name, get in items:
         t = get().to("cpu").contiguous().clone()  # clone: safetensors refuses shared storage
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"refusing to save {directory}: tensor {name} holds NaN or inf values")
         if shard and size + t.numel() * t.element_size() > max_shard_bytes:
             flush()
         shard[name] = t
@@ -340,35 +371,16 @@ def _write_shards(items, directory: str, prefix: str, max_shard_bytes: int) -> d
     return weight_map
 
 
-def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, extra_manifest: dict | None = None,
+def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, trainer_state: dict | None = None,
                     tokenizer_dir: str | None = None) -> None:
-    """Write a Hugging Face Mixtral directory. Under expert parallelism call it on every rank."""
+    """Write a Hugging Face Mixtral directory and its `Manifest` (`trainer_state`: a training step's
+    record). Under expert parallelism call it on every rank."""
     from . import parallel  # collectives only when a distributed run is going
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     rank, world = parallel.world_rank(), parallel.world_size()
-    path = os.path.abspath(path)
-    err = tmp = None
-    if rank == 0:
-        if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path) or _is_checkpoint(path))):
-            err = f"{path} exists and is not a checkpoint directory; refusing to replace it (pick another path)"
-        else:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            os.makedirs(tmp)
-    err, tmp = parallel.broadcast_object((err, tmp))
-    if err:
-        raise ValueError(err)
-    failure = None
-    try:
-        _write_rank_files(model, tmp, info, rank, max_shard_size)
-    except Exception as e:  # every rank learns of it below, so none waits forever in a collective
-        failure = e
-    if not parallel.all_ranks_ok(failure is None):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
-        raise failure or RuntimeError(f"saving {path} failed on another rank; nothing was replaced")
-    stats = parallel.gather_routing_counts(model) if info is not None else _routing_counts(model)
-    parallel.barrier()
-    if rank == 0:
+    record = Manifest.of_model(model, trainer_state)  # NOTE: collective (every rank is here)
+
+    def finish(tmp: str) -> None:
         weight_map = {}
         for r in range(world):
             part = os.path.join(tmp, f".part-{r}.json")
@@ -380,17 +392,57 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, ex
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
                       indent=2)
         model.args.save(tmp, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
-        from .plan import ShardingPlan
-        plan = info.plan if info else ShardingPlan(model.args.num_experts, 1, num_layers=model.args.num_layers)
-        manifest = {"plan": plan.to_dict(), "routed_tokens": stats, **(extra_manifest or {})}
-        with open(os.path.join(tmp, PLAN_FILE), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if tokenizer_dir:
-            for name in os.listdir(tokenizer_dir):
-                if name.startswith("tokenizer") or name in ("special_tokens_map.json",):
-                    shutil.copy(os.path.join(tokenizer_dir, name), tmp)
-        _atomic_replace(tmp, path)
-    parallel.barrier()
+        record.write(tmp)
+        copy_tokenizer(tokenizer_dir, tmp)
+
+    write_directory(path, lambda tmp: _write_rank_files(model, tmp, info, rank, max_shard_size), finish)
+
+
+def copy_tokenizer(tokenizer_dir: str | None, directory: str) -> None:
+    if tokenizer_dir:
+        for name in os.listdir(tokenizer_dir):
+            if name.startswith("tokenizer") or name in ("special_tokens_map.json",):
+                shutil.copy(os.path.join(tokenizer_dir, name), directory)
+
+
+def write_directory(path: str, write_part, finish) -> None:
+    """The one way epkit writes a checkpoint or adapter directory from every rank (call on every rank).
+
+    Rank 0 makes a temporary directory beside `path`; every rank calls write_part(tmp); then rank 0 calls
+    finish(tmp) and moves it over `path`. A failure on any rank, in either step, fails every rank (no rank
+    waits forever in a collective) and leaves an existing `path` whole."""
+    from . import parallel
+    rank = parallel.world_rank()
+    path = os.path.abspath(path)
+    err = tmp = None
+    if rank == 0:
+        if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path) or _is_checkpoint(path))):
+            err = f"{path} exists and is not a checkpoint directory; refusing to replace it (pick another path)"
+        else:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            os.makedirs(tmp)
+    err, tmp = parallel.broadcast_object((err, tmp))  # NOTE: collective
+    if err:
+        raise ValueError(err)
+
+    def everywhere(step, elsewhere: str) -> None:  # run `step` here; if it failed on any rank, fail on every rank
+        failure = None
+        try:
+            step()
+        except CheckpointError as e:
+            failure = CheckpointError(str(e).replace(tmp, path))
+        except OSError as e:  # a full disk: one line naming the file
+            failure = write_error(e, str(getattr(e, "filename", None) or path).replace(tmp, path))
+        except Exception as e:
+            failure = e
+        if not parallel.all_ranks_ok(failure is None):  # NOTE: collective
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint at `path` is untouched
+            raise failure or CheckpointError(elsewhere)
+
+    everywhere(lambda: write_part(tmp), f"saving {path} failed on another rank; nothing was replaced")
+    everywhere(lambda: (finish(tmp), _atomic_replace(tmp, path)) if rank == 0 else None,
+               f"saving {path} failed on rank 0 (see its error); nothing was replaced")
 
 
 def _write_rank_files(model, tmp: str, info, rank: int, max_shard_size: int) -> None:
@@ -412,6 +464,9 @@ def _write_rank_files(model, tmp: str, info, rank: int, max_shard_size: int) -> 
 
 
 def _is_checkpoint(path: str) -> bool:
+    """A model checkpoint, or a LoRA adapter directory (epkit.lora_io)."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return True
     return os.path.isfile(os.path.join(path, "config.json")) and (
         os.path.isfile(os.path.join(path, INDEX_FILE)) or any(f.endswith(".safetensors") for f in os.listdir(path)))
 
@@ -426,6 +481,3 @@ def _atomic_replace(tmp: str, path: str) -> None:
     if old:
         shutil.rmtree(old)
 
-
-def _routing_counts(model: Mixtral) -> list[list[int]]:
-    return [layer.moe.routed_tokens.tolist() for layer in model.layers]

@@ -25,55 +25,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .tokenizer import EMBEDDED, Tokenizer
+
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_DATA = os.path.join(ASSETS, "corpus.txt")
-DEFAULT_TOKENIZER = ASSETS
+DEFAULT_TOKENIZER = EMBEDDED
 IGNORE = -100
 _FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
 
 class DataError(ValueError):
     """Bad training data; the message names the file, the record and the field."""
-
-
-# ---- tokenizer ------------------------------------------------------------------------------------
-
-class Tokenizer:
-    """The few operations training needs, over a `tokenizers` file or a transformers tokenizer."""
-
-    def __init__(self, path: str):
-        self.path = path
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if os.path.isfile(file):
-            from tokenizers import Tokenizer as Fast
-            self._fast = Fast.from_file(file)
-            self.vocab_size = self._fast.get_vocab_size(with_added_tokens=True)
-            self._hf = None
-        elif os.path.isdir(path):
-            from transformers import AutoTokenizer
-            self._hf = AutoTokenizer.from_pretrained(path)
-            self._fast = None
-            self.vocab_size = len(self._hf)
-        else:
-            raise DataError(f"tokenizer {path!r}: no such file or directory")
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, without special tokens."""
-        if self._fast is not None:
-            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
-        return self._hf(texts, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        if self._fast is not None:
-            return self._fast.decode(ids)
-        return self._hf.decode(ids)
-
-
-def tokenizer_dir_for(model: str) -> str | None:
-    """The tokenizer that travels with a checkpoint directory, or None (a preset or a bare checkpoint)."""
-    if os.path.isdir(model) and any(f.startswith("tokenizer") for f in os.listdir(model)):
-        return model
-    return None
 
 
 # ---- records --------------------------------------------------------------------------------------
@@ -169,11 +131,13 @@ def tokenize(ds, tokenizer: Tokenizer, bos_id: int, eos_id: int, source: str) ->
     """Concatenate every record as <s> tokens (</s>): (ids, labels) streams, labels -100 where masked."""
     ids, labels = [], []
     chunk = 1000
+    has_text = False
     for start in range(0, len(ds), chunk):
         rows = ds[start:start + chunk]
         records = [{k: rows[k][i] for k in rows} for i in range(len(next(iter(rows.values()))))]
         pieces = [segments(r, start + i, source) for i, r in enumerate(records)]
         texts = [t for p in pieces for t, _ in p if t is not None]
+        has_text = has_text or any(t.strip() for t in texts)
         encoded = iter(tokenizer.encode(texts))
         for p in pieces:
             ids.append(bos_id)
@@ -182,6 +146,8 @@ def tokenize(ds, tokenizer: Tokenizer, bos_id: int, eos_id: int, source: str) ->
                 tok = [eos_id] if text is None else next(encoded)
                 ids += tok
                 labels += tok if trained else [IGNORE] * len(tok)
+    if not has_text:
+        raise DataError(f"data set {source!r} is empty (its records hold only whitespace)")
     return ids, labels
 
 

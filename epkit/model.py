@@ -2,10 +2,16 @@
 sliding window, sparse-MoE decoder blocks and the LM head.
 
 This file never imports torch.distributed or deepspeed: expert parallelism is applied afterwards by
-`epkit.parallel.apply_expert_parallel`, which only swaps the MoE layers' dispatcher and experts.
+`epkit.parallel.apply_expert_parallel`, which only swaps the MoE layers' dispatcher and experts and sets
+`Mixtral.expert_parallel`.
+
+A forward returns the logits, the router logits and what every MoE layer routed, and counts the routed
+real tokens into `Mixtral.routing_stats` (the one routing counter; see `epkit.moe.RoutingStats`).
 
 Positions drive everything: a token at position p attends to keys at positions q <= p (and
-p - q < sliding_window). A position of -1 marks padding, which no token attends to.
+p - q < sliding_window). A position of -1 marks padding, which no token attends to. When the caller
+gives no positions (every row is 0..T-1), no cache and no window shorter than T, attention runs SDPA
+with `is_causal=True` and no materialised mask (the flash kernel on GPU): the same mask, not built.
 
 Legend: B batch, T tokens, S keys, D hidden, H query heads, G KV heads, Dh head dim, V vocab, E experts.
 """
@@ -19,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelArgs
-from .moe import MoE
+from .args import ModelArgs
+from .moe import MoE, Routed, RoutingStats
 
 
 class KVCache(Protocol):
@@ -35,6 +41,28 @@ class KVCache(Protocol):
 
 def _seeded(device: torch.device, seed: int, key: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
+
+
+class ModelOutput(tuple):
+    """(logits, router_logits) as a tuple, plus `routed`: what each MoE layer routed (`moe.Routed`:
+    router logits, expert ids, token mask), which the aux loss reuses."""
+
+    def __new__(cls, items, routed: list[Routed] | None = None):
+        self = super().__new__(cls, items)
+        self.routed = routed
+        return self
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def router_logits(self) -> list[torch.Tensor]:
+        return self[1]
+
+    @property
+    def expert_ids(self) -> list[torch.Tensor]:
+        return [r.expert_ids for r in self.routed]
 
 
 class RMSNorm(nn.Module):
@@ -87,18 +115,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, self.n_kv * Dh, **kw)
         self.o_proj = nn.Linear(self.n_heads * Dh, D, **kw)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache | None = None):
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache | None = None,
+                causal: bool = False):
+        """`causal`: positions are 0..T-1 in every row and nothing else restricts attention (no cache,
+        no window shorter than T), so SDPA applies the causal mask itself."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_pos = positions
-        if cache is not None:
-            k, v, k_pos = cache.update(self.layer, k, v, positions)
-        mask = attention_mask(positions, k_pos, self.window)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        gqa = self.n_kv != self.n_heads
+        if causal:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k_pos = positions
+            if cache is not None:
+                k, v, k_pos = cache.update(self.layer, k, v, positions)
+            mask = attention_mask(positions, k_pos, self.window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -111,28 +146,54 @@ class DecoderLayer(nn.Module):
         self.moe = MoE(args.hidden_size, args.intermediate_size, args.num_experts, args.experts_per_token,
                        args.router_jitter_noise, device, dtype)
 
-    def forward(self, x, positions, rope, cache=None):
-        x = x + self.attn(self.attn_norm(x), positions, rope, cache)
-        y, router_logits = self.moe(self.moe_norm(x))
-        return x + y, router_logits
+    def attention(self, x, positions, rope, cache=None, causal=False):
+        return self.attn(self.attn_norm(x), positions, rope, cache, causal)
+
+    def forward(self, x, positions, rope, cache=None, mask=None, causal=False, recompute_attention=False):
+        """`recompute_attention`: keep only the block's input and recompute norm + attention in backward
+        (selective activation checkpointing: no collective runs twice)."""
+        if recompute_attention:
+            x = x + checkpoint(self.attention, x, positions, rope, cache, causal, use_reentrant=False)
+        else:
+            x = x + self.attention(x, positions, rope, cache, causal)
+        y, routed = self.moe(self.moe_norm(x), mask)
+        return x + y, routed
+
+
+CHECKPOINT_MODES = ("none", "layers", "selective")
 
 
 class Mixtral(nn.Module):
-    """forward(tokens [B, T], positions [B, T] | None, cache | None) -> (logits [B, T, V], router logits per layer)."""
+    """forward(tokens [B, T], positions [B, T] | None, cache | None) -> ModelOutput: (logits [B, T, V],
+    router logits per layer [B*T, E]) and what each layer routed.
+
+    `activation_checkpointing` (training only): "none"; "layers" recomputes whole decoder layers in backward
+    (the MoE's collectives run again); "selective" recomputes each layer's attention block and its experts'
+    up-projection (w13 and SwiGLU), so only the activations that are cheap to recompute are dropped.
+    """
+
+    expert_parallel = None  # epkit.parallel.ExpertParallelInfo once apply_expert_parallel has run
+    lora = None  # epkit.lora.LoraSpec while LoRA adapters are applied (epkit.lora.apply_lora)
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
         self.args = args
+        self.routing_stats = RoutingStats(args.num_layers, args.num_experts)
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(args, i, device, dtype) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device=device, dtype=dtype)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.activation_checkpointing = False
+        self.activation_checkpointing = "none"  # one of CHECKPOINT_MODES (True/False mean "layers"/"none")
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.layers]
+
+    def sync_free(self, tokens: int) -> bool:
+        """Whether an inference forward of `tokens` tokens runs without a host sync, so a CUDA graph can
+        capture it (attention never syncs; each MoE layer's dispatcher and expert backend decide)."""
+        return all(moe.sync_free(tokens) for moe in self.moe_layers())
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int = 0, router_std: float | None = None) -> "Mixtral":
@@ -151,26 +212,47 @@ class Mixtral(nn.Module):
                     p[slot].normal_(0.0, s, generator=_seeded(p.device, seed, f"{name}.{e}"))
             else:
                 p.normal_(0.0, s, generator=_seeded(p.device, seed, name))
-        for moe in self.moe_layers():
-            moe.routed_tokens.zero_()
+        self.routing_stats.reset()
         return self
 
+    def checkpoint_mode(self) -> str:
+        mode = self.activation_checkpointing
+        mode = {True: "layers", False: "none"}.get(mode, mode)
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"activation_checkpointing={mode!r} is not one of {', '.join(CHECKPOINT_MODES)}")
+        return mode if self.training and torch.is_grad_enabled() else "none"
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_rows: torch.Tensor | None = None):
-        """`logits_rows` (flattened B*T indices) limits the LM head to those rows: logits [R, V] then."""
+                logits_rows: torch.Tensor | None = None, count_routing: bool = True,
+                return_hidden: bool = False) -> ModelOutput:
+        """`logits_rows` (flattened B*T indices) limits the LM head to those rows: logits [R, V] then.
+        Routed real tokens (position >= 0) are added to `routing_stats` unless `count_routing` is False
+        (e.g. evaluation during training). `return_hidden`: skip the LM head; the output's first item is
+        then the final normed hidden states [B, T, D] (a loss that applies the head chunk by chunk,
+        epkit.train.losses, takes it from there)."""
         B, T = tokens.shape
+        mask = None  # [B*T] real tokens; None: all
+        window = self.args.sliding_window
+        causal = positions is None and cache is None and (window is None or T <= window)
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
+        else:
+            mask = (positions >= 0).reshape(-1)
         h = self.embed(tokens)  # [B, T, D]
         rope = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
-        router_logits = []
+        mode = self.checkpoint_mode()
+        for moe in self.moe_layers():
+            moe.experts.recompute_up = mode == "selective"
+        routed = []
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h, r = checkpoint(layer, h, positions, rope, cache, use_reentrant=False)
+            if mode == "layers":
+                h, r = checkpoint(layer, h, positions, rope, cache, mask, causal, use_reentrant=False)
             else:
-                h, r = layer(h, positions, rope, cache)
-            router_logits.append(r)
+                h, r = layer(h, positions, rope, cache, mask, causal, recompute_attention=mode == "selective")
+            routed.append(r)
+        if count_routing:  # here, outside the checkpointed layers: each token is counted once
+            self.routing_stats.add(routed)
         h = self.norm(h)
         if logits_rows is not None:
             h = h.reshape(B * T, -1)[logits_rows]
-        return self.lm_head(h), router_logits
+        return ModelOutput((h if return_hidden else self.lm_head(h), [r.logits for r in routed]), routed)

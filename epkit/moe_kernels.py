@@ -7,7 +7,13 @@ one 16-row block of one expert against one N-tile of its weights, and every weig
 per block. Block bookkeeping is done on the device, so the call has no host sync and a fixed launch
 size (CUDA-graph friendly).
 
-Legend: P routed (token, expert) pairs sorted by local expert, L local experts, D hidden, I intermediate.
+`fused_experts_small` is the whole local MoE of a decode step in three kernels: a one-program counting
+sort of the (token, expert) pairs by local expert (with the block bookkeeping), gate/up, and a down
+projection that weights each row and adds it into its token's output (fp32 atomics: with top-2 a
+token gets at most two adds into zero, which commute, so the sum does not depend on their order).
+
+Legend: N tokens, K choices per token, P routed (token, expert) pairs sorted by local expert, L local
+experts, D hidden, I intermediate.
 """
 from __future__ import annotations
 
@@ -24,10 +30,21 @@ BLOCK_M = 16
 # CUDA graph: 0.134 ms for one token on one of 4 local experts (floor 0.082), 0.273 ms for 4 tokens
 # (floor 0.246), 0.352 ms for 32 (floor 0.328); narrower tiles and other stage counts were no faster.
 TILES = ((64, 128, 64, 128), {})
+# Up to FEW_PAIRS pairs (a few 16-row blocks) the down projection takes one of these launch configurations,
+# (N tile, K tile, pipeline stages, warps): narrower N tiles spread one block over every SM (D / 64 = 64
+# programs would leave half of an H200's 132 idle), longer K tiles and more stages keep more weight bytes in
+# flight per SM. Every one of them sums each output over K in the same 16-wide steps, so they give the same
+# bits; `epkit.infer.decode.tune_expert_tiles` times them on the GPU at set-up, keeps the fastest whose output
+# is bit-equal to the first's, and records it here (measured on an H200: the first reads 117 MB in 49 us,
+# 2.4 TB/s, where the gate/up kernel reaches the 4.2 TB/s copy rate).
+FEW_PAIRS = 32
+FEW_PAIRS_DOWN = [(32, 128, 3, 4), (32, 256, 4, 4), (32, 512, 3, 4), (16, 1024, 3, 4), (64, 256, 4, 4)]
+few_pairs_down: dict[tuple, tuple] = {}  # (device, w2 shape) -> the chosen configuration
 
 
-def available(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or _interpreting())
+def available(device) -> bool:
+    """Whether the kernels can run on `device` (a CUDA device with Triton installed, or Triton's CPU interpreter)."""
+    return triton is not None and (torch.device(device).type == "cuda" or _interpreting())
 
 
 def _interpreting() -> bool:
@@ -112,12 +129,78 @@ if triton is not None:
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
+    @triton.jit
+    def _down_combine_kernel(h, w2, y, token, pair_w, block_end, row_end, counts, D: tl.constexpr,
+                             I: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             BK: tl.constexpr):
+        """y[token[rows], n-tile] += pair_w[rows] * round(h[rows] @ w2[e].T): the down projection and the
+        weighted combine (the rounding to h's dtype is where the unfused path stores its output)."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        e, row0, rows = _block_of(pid_m, block_end, row_end, counts, L, LP, BM)
+        if rows <= 0:
+            return
+        offs_m = tl.arange(0, BM)
+        m_mask = offs_m < rows
+        rows_idx = (row0 + offs_m).to(tl.int64)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_mask = offs_n < D
+        offs_k = tl.arange(0, BK)
+        w_base = w2 + e.to(tl.int64) * D * I
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, I, BK):
+            k = k0 + offs_k
+            k_mask = k < I
+            ha = tl.load(h + rows_idx[:, None] * I + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wd = tl.load(w_base + offs_n[None, :].to(tl.int64) * I + k[:, None],
+                         mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            acc = tl.dot(ha, wd, acc)
+        tok = tl.load(token + rows_idx, mask=m_mask, other=0).to(tl.int64)
+        wt = tl.load(pair_w + rows_idx, mask=m_mask, other=0.0)
+        out = acc.to(h.dtype.element_ty).to(tl.float32) * wt[:, None]
+        tl.atomic_add(y + tok[:, None] * D + offs_n[None, :], out, mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _permute_kernel(slots, weights, token, pair_w, counts, row_end, block_end, PK, K: tl.constexpr,
+                        L: tl.constexpr, LB: tl.constexpr, BLOCK_P: tl.constexpr, BM: tl.constexpr):
+        """One program: a stable counting sort of the PK (token, choice) pairs by local slot (-1, another
+        rank's expert, sorts last and is dropped), with the per-expert row and block ends."""
+        p = tl.arange(0, BLOCK_P)
+        ok = p < PK
+        s = tl.load(slots + p, mask=ok, other=-1)
+        key = tl.where(s < 0, L, s)
+        b = tl.arange(0, LB)
+        onehot = ((key[:, None] == b[None, :]) & ok[:, None]).to(tl.int32)  # [BLOCK_P, LB]
+        n_b = tl.sum(onehot, 0)  # [LB] pairs per bucket
+        before = tl.cumsum(onehot, 0) - onehot  # earlier pairs in the same bucket
+        start = tl.cumsum(n_b, 0) - n_b
+        dest = tl.sum(onehot * (before + start[None, :]), 1)  # [BLOCK_P] sorted position
+        local = ok & (key < L)
+        tl.store(token + dest, (p // K).to(tl.int32), mask=local)
+        tl.store(pair_w + dest, tl.load(weights + p, mask=ok, other=0.0), mask=local)
+        is_l = b < L
+        c = tl.where(is_l, n_b, 0)
+        tl.store(counts + b, c, mask=is_l)
+        tl.store(row_end + b, tl.cumsum(c, 0), mask=is_l)
+        tl.store(block_end + b, tl.cumsum((c + BM - 1) // BM, 0), mask=is_l)
+
+
+def _tiles(x: torch.Tensor, w2: torch.Tensor, pairs: int):
+    """((gate/up N tile, K tile), launch options), ((down N tile, K tile), launch options)."""
+    if not x.is_cuda:
+        return ((16, 16), {}), ((16, 16), {})
+    (bn1, bk1, bn2, bk2), kw = TILES
+    if pairs > FEW_PAIRS:
+        return ((bn1, bk1), kw), ((bn2, bk2), kw)
+    bn, bk, stages, warps = few_pairs_down.get((w2.device, tuple(w2.shape)), FEW_PAIRS_DOWN[0])
+    return ((bn1, bk1), kw), ((bn, bk), dict(num_stages=stages, num_warps=warps))
+
+
 def experts_small_m(x: torch.Tensor, token: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts over routed pairs sorted by local expert.
 
-    x [N, D] tokens (not gathered); token [P] the token of each sorted pair; counts [L] or [L+1]
-    pairs per local expert (a last entry counts pairs for no local expert: their rows stay undefined).
+    x [N, D] tokens (not gathered); token [P] the token of each sorted pair; counts [L] pairs per local
+    expert (rows past their sum are padding and stay undefined; a longer counts is cut to L).
     Returns [P, D].
     """
     L, two_i, D = w13.shape
@@ -131,9 +214,40 @@ def experts_small_m(x: torch.Tensor, token: torch.Tensor, counts: torch.Tensor, 
     token = token.to(torch.int32).contiguous()
     h = torch.empty(P, I, dtype=x.dtype, device=x.device)
     out = torch.empty(P, D, dtype=x.dtype, device=x.device)
-    (bn1, bk1, bn2, bk2), kw = TILES if x.is_cuda else ((16, 16, 16, 16), {})
+    ((bn1, bk1), kw1), ((bn2, bk2), kw2) = _tiles(x, w2, P)
     _gate_up_kernel[(max_blocks, triton.cdiv(I, bn1))](x.contiguous(), token, w13, h, block_end, row_end, counts,
-                                                        D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn1, BK=bk1, **kw)
+                                                        D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn1, BK=bk1, **kw1)
     _down_kernel[(max_blocks, triton.cdiv(D, bn2))](h, w2, out, block_end, row_end, counts, D, I,
-                                                     L=L, LP=LP, BM=BLOCK_M, BN=bn2, BK=bk2, **kw)
+                                                     L=L, LP=LP, BM=BLOCK_M, BN=bn2, BK=bk2, **kw2)
     return out
+
+
+def fused_experts_small(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor,
+                        w2: torch.Tensor) -> torch.Tensor:
+    """This rank's weighted expert sum for every token, [N, D] fp32, as `Experts.forward` computes it.
+
+    x [N, D]; weights [N, K] fp32; slots [N, K] local slot of each choice, -1 where another rank owns it.
+    Four kernels, no host sync: sort pairs, zero the output, gate/up, down + combine.
+    """
+    L, two_i, D = w13.shape
+    I = two_i // 2
+    N, K = slots.shape
+    P = N * K
+    dev = x.device
+    token = torch.empty(P, dtype=torch.int32, device=dev)
+    pair_w = torch.empty(P, dtype=torch.float32, device=dev)
+    meta = torch.empty(3, L, dtype=torch.int32, device=dev)  # counts, row ends, block ends
+    counts, row_end, block_end = meta[0], meta[1], meta[2]
+    _permute_kernel[(1,)](slots.reshape(-1).contiguous(), weights.reshape(-1).float().contiguous(), token, pair_w,
+                          counts, row_end, block_end, P, K=K, L=L, LB=triton.next_power_of_2(L + 1),
+                          BLOCK_P=triton.next_power_of_2(P), BM=BLOCK_M)
+    max_blocks = triton.cdiv(P, BLOCK_M) + L
+    LP = triton.next_power_of_2(L)
+    h = torch.empty(P, I, dtype=x.dtype, device=dev)
+    y = torch.zeros(N, D, dtype=torch.float32, device=dev)
+    ((bn1, bk1), kw1), ((bn2, bk2), kw2) = _tiles(x, w2, P)
+    _gate_up_kernel[(max_blocks, triton.cdiv(I, bn1))](x.contiguous(), token, w13, h, block_end, row_end, counts,
+                                                        D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn1, BK=bk1, **kw1)
+    _down_combine_kernel[(max_blocks, triton.cdiv(D, bn2))](h, w2, y, token, pair_w, block_end, row_end, counts,
+                                                             D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn2, BK=bk2, **kw2)
+    return y

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .moe import Experts, count_per_bucket
+from .moe import Experts, LocalDispatch, permute, unpermute
 from .plan import ShardingPlan
 
 DISPATCH_MODES = ("all_to_all", "replicated")
@@ -60,17 +60,33 @@ def all_ranks_ok(ok: bool) -> bool:
     return all(flags)
 
 
-def init_distributed(backend: str | None = None, timeout_s: int = 600) -> None:
-    """Join the run started by `deepspeed`, `torchrun` or `accelerate` (no-op without one)."""
+def init_distributed(backend: str | None = None, timeout_s: float = 600) -> None:
+    """Join the run started by `deepspeed`, `torchrun` or `accelerate` (no-op without one).
+
+    Every collective then waits at most `timeout_s` for the other ranks: the world group gets it, and so does
+    every group created afterwards (DeepSpeed's expert and data-parallel groups pass no timeout of their own,
+    so torch gives them its module default, which is set here). On GPUs NCCL's watchdog ends the job when a
+    collective times out (TORCH_NCCL_ASYNC_ERROR_HANDLING=1); on CPU (gloo) the collective raises, and the
+    launchers turn that into one line naming the rank that stopped answering
+    (`runtime.comm_failure_message`)."""
     if is_distributed() or "WORLD_SIZE" not in os.environ:
         return
     import datetime
 
     import deepspeed
+    import torch.distributed.distributed_c10d as c10d
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout  # groups created later (new_group)
+    from . import runtime
+    runtime.dist_timeout_s = timeout_s  # for the error line if a collective times out
+    from .runtime import note_cpu_op_build, quiet_stdout
+    note_cpu_op_build()
+    with quiet_stdout():  # DeepSpeed prints "... built successfully" on every rank at every start
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 @dataclass
@@ -144,7 +160,8 @@ class _CopyToRanks(torch.autograd.Function):
 
 
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; its gradient travels the same way back."""
+    """all_to_all_single with uneven splits; its gradient travels the same way back. (Integer tensors,
+    e.g. slot ids, pass through without a gradient.)"""
 
     @staticmethod
     def forward(ctx, x, recv: list[int], send: list[int], group):
@@ -158,58 +175,129 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad.contiguous(), ctx.send, ctx.recv, ctx.group), None, None, None
 
 
-class ReplicatedDispatch:
-    """Every EP rank holds the same tokens: compute local experts, then sum over the EP group."""
+class ReplicatedDispatch(LocalDispatch):
+    """Every EP rank holds the same tokens: each computes the pairs its own experts own (a LocalDispatch
+    that drops the other ranks' experts), then one all-reduce sums the partial outputs over the EP group."""
+
+    sync_free = True  # the all-reduce runs on the device; NCCL's can be captured in a CUDA graph
 
     def __init__(self, slots: list[int], owners: list[int], ep_rank: int, group):
-        # slot of expert e on this rank, -1 where another rank owns it
-        self.table = torch.tensor([s if o == ep_rank else -1 for s, o in zip(slots, owners)])
+        super().__init__([s if o == ep_rank else -1 for s, o in zip(slots, owners)])
         self.group = group
 
     def __call__(self, experts: Experts, x, weights, ids):
-        if self.table.device != ids.device:
-            self.table = self.table.to(ids.device)
         if self.group is None:
-            return experts(x, weights, self.table[ids])
+            return super().__call__(experts, x, weights, ids)
         if torch.is_grad_enabled():
             x, weights = _CopyToRanks.apply(x, self.group), _CopyToRanks.apply(weights, self.group)
-        # [N, D] fp32, zeros where no local expert was chosen; summed in fp32 as one device would
-        y = experts(x, weights, self.table[ids], out_dtype=torch.promote_types(x.dtype, torch.float32))
+        y = self.partial(experts, x, weights, ids)  # [N, D] fp32, summed in fp32 as one device would
         return _SumOverRanks.apply(y, self.group).to(x.dtype)
 
 
+class _Exchange:
+    """One uneven all-to-all layout over the EP group: `send_counts` [R] rows go to each rank; the sizes
+    to receive are exchanged once, and every `send`/`send_back` reuses them (differentiable both ways).
+
+    NOTE: one collective for the sizes and one device-to-host sync per layer (split sizes are Python
+    ints). `AllToAllDispatch._padded` is the fixed-capacity exchange that needs neither."""
+
+    def __init__(self, send_counts: torch.Tensor, group):
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)  # NOTE: collective
+        self.send_sizes, self.recv_sizes = send_counts.tolist(), recv_counts.tolist()  # NOTE: host sync
+        self.group = group
+
+    def send(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by destination rank -> the rows this rank receives, grouped by source rank."""
+        return _AllToAll.apply(t, self.recv_sizes, self.send_sizes, self.group)
+
+    def send_back(self, t: torch.Tensor) -> torch.Tensor:
+        """The reverse of `send`: received rows (in arrival order) back to the ranks they came from."""
+        return _AllToAll.apply(t, self.send_sizes, self.recv_sizes, self.group)
+
+
 class AllToAllDispatch:
-    """Ranks hold different tokens: send each (token, expert) pair to the expert's owner and back."""
+    """Ranks hold different tokens: each token's pairs travel to their experts' owners and back.
+
+    Two exchanges, chosen by `capacity` (set per forward by the caller, the same on every rank):
+
+    None (uneven, `_Exchange`): the exact pair counts travel first and are read on the host (one sync
+    per layer); moves only the routed pairs; differentiable (training) and best for large batches.
+      dispatch  permute pairs by destination rank, exchange the rows and their local slots
+      experts   permute the arrived rows by local slot, Experts.forward
+      combine   rows back to arrival order, exchanged back, unpermute (weighted sum per token)
+    Autograd flows through both row exchanges. A rank that receives no rows still runs its experts (on
+    zero rows), so its backward joins every collective the other ranks wait on.
+
+    C (fixed capacity, `_padded`): every rank pads its tokens to C rows and sends each rank a [C, D]
+    block; sizes come from shapes, nothing is read on the host, so a CUDA graph can capture it. Also
+    differentiable: training uses it with C = micro_batch x seq_len (`--all-to-all fixed_capacity`).
+    """
 
     def __init__(self, slots: list[int], owners: list[int], ep_size: int, group):
         self.slot = torch.tensor(slots)
         self.owner = torch.tensor(owners)
         self.ep_size, self.group = ep_size, group
+        self.capacity: int | None = None
+        rank = dist.get_rank(group)
+        # The experts' side of the fixed-capacity exchange: this rank's pairs only; id E marks filler rows.
+        self.local = LocalDispatch([s if o == rank else -1 for s, o in zip(slots, owners)] + [-1])
+
+    @property
+    def sync_free(self) -> bool:
+        return self.capacity is not None
 
     def __call__(self, experts: Experts, x, weights, ids):
         if self.slot.device != ids.device:
             self.slot, self.owner = self.slot.to(ids.device), self.owner.to(ids.device)
+        if self.capacity is not None:
+            return self._padded(experts, x, weights, ids, self.capacity)
+        K = ids.shape[1]
+        order, send_counts = permute(self.owner[ids], self.ep_size)  # [N*K] choices by destination EP rank
+        exchange = _Exchange(send_counts, self.group)
+        slot_recv = exchange.send(self.slot[ids].reshape(-1)[order])  # [M] local slot of each arriving row
+        x_recv = exchange.send(x[order // K])  # [M, D]
+        local, counts = permute(slot_recv, experts.num_local)
+        out = experts(x_recv, counts, rows=local)  # [M, D] grouped by local slot
+        out = torch.zeros_like(out).index_copy(0, local, out)  # back to arrival order
+        back = exchange.send_back(out)  # [N*K, D] in `order` order
+        return unpermute(back, order, weights).to(x.dtype)
+
+    def _padded(self, experts: Experts, x, weights, ids, C: int):
+        """Fixed-capacity exchange, no host sync, differentiable. x [N, D] with N <= C on every rank.
+
+        A token travels at most once to each rank: block r of the send buffer [R, C, D] lists, in token
+        order, the tokens with an expert on rank r, then the other tokens and filler rows. With the rows
+        travel their router weights and expert ids [C, K] (id E on filler rows). Each rank computes the
+        weighted sum of its own experts per arrived row in fp32 (`LocalDispatch.partial`: choices of other
+        ranks' experts, and every choice of an unwanted or filler row, add 0) and sends the partial sums
+        back; each rank adds its tokens' R partials in fp32, as the replicated all-reduce does (with
+        top-2 routing the result is bit-equal to one device).
+        """
         N, K = ids.shape
-        dest = self.owner[ids].reshape(-1)  # [N*K] destination EP rank of each choice
-        order = torch.argsort(dest, stable=True)  # group the choices by destination
-        token = order // K
-        send_counts = count_per_bucket(dest, self.ep_size)  # [R]
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # NOTE: collective
-        # NOTE: split sizes are Python ints: one device-to-host sync per layer.
-        send, recv = send_counts.tolist(), recv_counts.tolist()
-        slot_recv = torch.empty(sum(recv), dtype=ids.dtype, device=ids.device)
-        dist.all_to_all_single(slot_recv, self.slot[ids].reshape(-1)[order].contiguous(), recv, send,
-                               group=self.group)
-        x_recv = _AllToAll.apply(x[token], recv, send, self.group)  # [M, D], differentiable
-        by_slot = torch.argsort(slot_recv, stable=True)
-        counts = count_per_bucket(slot_recv, experts.num_local)
-        out = experts.compute(x_recv, by_slot, counts)
-        out = torch.zeros_like(out).index_copy(0, by_slot, out)  # back to arrival order
-        back = _AllToAll.apply(out, send, recv, self.group)  # [N*K, D] in `order` order
-        back = back * weights.reshape(-1)[order, None]
-        y = torch.zeros(N, x.shape[1], dtype=back.dtype, device=x.device).index_add_(0, token, back)
-        return y.to(x.dtype)
+        if N > C:
+            raise ValueError(f"{N} tokens exceed the all-to-all capacity of {C} rows per rank")
+        R, D, E, dev = self.ep_size, x.shape[1], self.owner.shape[0], x.device
+        need = (self.owner[ids][None] == torch.arange(R, device=dev)[:, None, None]).any(-1)  # [R, N]
+        if N < C:
+            x = torch.cat([x, x.new_zeros(C - N, D)])
+            weights = torch.cat([weights, weights.new_zeros(C - N, K)])
+            ids = torch.cat([ids, ids.new_full((C - N, K), E)])
+            need = torch.cat([need, need.new_zeros(R, C - N)], 1)
+        order = torch.argsort((~need).to(torch.int8), dim=1, stable=True)  # [R, C] wanted tokens first
+        send = x[order.reshape(-1)]  # [R*C, D]
+        meta = torch.cat([weights.float(), ids.float()], -1)[order].reshape(R * C, 2 * K)  # ids exact in fp32
+        # NOTE: three equal-split all-to-alls per layer (rows, metadata, partial sums); no host sync. Through
+        # _AllToAll, so gradients travel back the same way (to x, and to the router weights in `meta`).
+        blocks = [C] * R
+        recv = _AllToAll.apply(send, blocks, blocks, self.group)
+        recv_meta = _AllToAll.apply(meta, blocks, blocks, self.group)
+        part = self.local.partial(experts, recv, recv_meta[:, :K], recv_meta[:, K:].long())  # [R*C, D] fp32
+        back = _AllToAll.apply(part, blocks, blocks, self.group)
+        # block r of `back` holds rank r's partial sums of our tokens in `order` order: undo the order
+        at = torch.empty_like(order).scatter_(1, order, torch.arange(C, device=dev).expand(R, C))  # [R, C]
+        y = back.view(R, C, D).gather(1, at[..., None].expand(R, C, D)).sum(0)  # [C, D] fp32
+        return y[:N].to(x.dtype)
 
 
 # ---- applying EP to a model ----------------------------------------------------------------------
@@ -304,6 +392,14 @@ def set_dispatch(model, dispatch: str) -> None:
     info.dispatch = dispatch
 
 
+def set_dispatch_capacity(model, capacity: int | None) -> None:
+    """Make the all-to-all layers of `model` use the fixed-capacity exchange with `capacity` rows per
+    rank (every rank must pass the same value for the same forward), or the uneven one (None)."""
+    for moe in model.moe_layers():
+        if isinstance(moe.dispatcher, AllToAllDispatch):
+            moe.dispatcher.capacity = capacity
+
+
 def _dispatcher(dispatch: str, plan: ShardingPlan, groups: ExpertGroups, layer: int):
     owners, slots = plan.owners(layer), plan.slots(layer)
     if groups.ep_group is None or dispatch == "replicated":
@@ -314,9 +410,11 @@ def _dispatcher(dispatch: str, plan: ShardingPlan, groups: ExpertGroups, layer: 
 # ---- routing telemetry ----------------------------------------------------------------------------
 
 def gather_routing_counts(model) -> list[list[int]]:
-    """Tokens routed to each expert of each layer, summed over every rank that saw distinct tokens."""
-    counts = torch.stack([moe.routed_tokens for moe in model.moe_layers()]).clone()  # [layers, E]
-    info = getattr(model, "expert_parallel", None)
+    """`model.routing_stats` summed over every rank that saw distinct tokens: tokens routed to each expert
+    of each layer. NOTE: collective when distributed (every rank calls it), and one host read."""
+    device = next(model.parameters()).device
+    counts = model.routing_stats.counts(device).clone()  # [layers, E]
+    info = model.expert_parallel
     if is_distributed():
         dist.all_reduce(counts)  # NOTE: collective
         if info is not None and info.dispatch == "replicated":
@@ -324,14 +422,9 @@ def gather_routing_counts(model) -> list[list[int]]:
     return counts.tolist()
 
 
-def reset_routing_counts(model) -> None:
-    for moe in model.moe_layers():
-        moe.routed_tokens.zero_()
-
-
 def rank_loads(model, counts: list[list[int]] | None = None) -> list[list[float]]:
     """Per layer, the routed tokens each EP rank processed under the model's plan."""
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     counts = counts if counts is not None else gather_routing_counts(model)
     if info is None:
         return [[float(sum(row))] for row in counts]

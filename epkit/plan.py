@@ -6,6 +6,7 @@ construction, checkpoint save and load, and the dispatchers all ask it.
 from __future__ import annotations
 
 import json
+import math
 
 STRATEGIES = ("contiguous", "round_robin", "balanced")
 
@@ -36,6 +37,26 @@ def _place(num_experts: int, ep_size: int, strategy: str, loads) -> list[int]:
     return owner
 
 
+def _load_rows(loads, num_experts: int) -> list[list]:
+    """`loads` (per expert, or per layer and expert) as rows of finite, non-negative numbers."""
+    if loads is None:
+        raise ValueError("strategy='balanced' needs loads=[tokens per expert] (or one list per layer)")
+    if not isinstance(loads, (list, tuple)) or not loads:
+        raise ValueError(f"loads={loads!r} must be a non-empty list of tokens per expert (or one list per layer)")
+    rows = [list(r) if isinstance(r, (list, tuple)) else r for r in loads] \
+        if isinstance(loads[0], (list, tuple)) else [list(loads)]
+    for row in rows:
+        if not isinstance(row, list):
+            raise ValueError(f"loads mixes per-layer lists and numbers ({row!r})")
+        if len(row) != num_experts:
+            raise ValueError(f"loads has {len(row)} entries, expected one per expert ({num_experts})")
+        bad = [x for x in row if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
+               or x < 0]
+        if bad:
+            raise ValueError(f"loads entry {bad[0]!r} must be a finite number >= 0 (tokens routed to an expert)")
+    return rows
+
+
 class ShardingPlan:
     """expert -> (EP rank, local slot), per layer.
 
@@ -46,10 +67,12 @@ class ShardingPlan:
 
     def __init__(self, num_experts: int, ep_size: int, strategy: str = "contiguous", loads=None,
                  num_layers: int | None = None, owners=None):
-        if not isinstance(ep_size, int) or ep_size < 1:
-            raise ValueError(f"ep_size={ep_size!r} must be an integer of at least 1")
-        if num_experts < 1:
-            raise ValueError(f"num_experts={num_experts} must be at least 1")
+        for name, value in (("num_experts", num_experts), ("ep_size", ep_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer of at least 1")
+        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
+                                       or num_layers < 1):
+            raise ValueError(f"num_layers={num_layers!r} must be None or an integer of at least 1")
         if ep_size > num_experts:
             raise ValueError(f"ep_size={ep_size} is larger than num_experts={num_experts}: every expert-parallel "
                              f"rank must hold at least one expert")
@@ -61,13 +84,7 @@ class ShardingPlan:
             per_layer = [list(o) for o in owners] if owners and isinstance(owners[0], (list, tuple)) else None
             self._owners = per_layer or [list(owners)]
         elif strategy == "balanced":
-            if loads is None:
-                raise ValueError("strategy='balanced' needs loads=[tokens per expert] (or one list per layer)")
-            per_layer = isinstance(loads[0], (list, tuple))
-            rows = loads if per_layer else [loads]
-            for row in rows:
-                if len(row) != num_experts:
-                    raise ValueError(f"loads has {len(row)} entries, expected one per expert ({num_experts})")
+            rows = _load_rows(loads, num_experts)
             self._owners = [_place(num_experts, ep_size, strategy, row) for row in rows]
         else:
             self._owners = [_place(num_experts, ep_size, strategy, None)]
@@ -155,6 +172,26 @@ class ShardingPlan:
                        num_layers=d.get("num_layers"), owners=d["owners"])
         except KeyError as e:
             raise ValueError(f"sharding plan is missing the key {e}") from None
+
+    @classmethod
+    def from_manifest(cls, manifest, ep_size: int, strategy: str = "contiguous") -> "ShardingPlan":
+        """A plan over `ep_size` ranks for the checkpoint a `checkpoint.Manifest` describes: its saved plan's
+        experts and layers; `balanced` places them by the tokens per expert the manifest recorded. The only
+        way a plan comes from a checkpoint."""
+        source = manifest.file or "the checkpoint manifest"
+        loads = None
+        if strategy == "balanced":
+            loads = manifest.routed_tokens
+            if not loads:
+                raise ValueError(f"strategy='balanced' needs routing counts and {source} has none; use 'contiguous'")
+        if manifest.plan is None:
+            raise ValueError(f"{source}: has no 'plan' entry")
+        try:
+            saved = cls.from_dict(manifest.plan)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: {e}") from None
+        num_layers = saved.num_layers if saved.num_layers is not None else (len(loads) if loads else None)
+        return cls(saved.num_experts, ep_size, strategy, loads=loads, num_layers=num_layers)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

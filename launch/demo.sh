@@ -10,7 +10,7 @@ RUN=${EPKIT_RUN_DIR:-outputs/default}
 free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 echo "== 1/3 fine-tune at EP=2 -> $RUN"
-deepspeed --master_port "$(free_port)" --num_gpus 2 launch/train.py --ep 2 --output-dir "$RUN"
+deepspeed --master_port "$(free_port)" --num_gpus 2 launch/train.py --ep 2 --output-dir "$RUN" --resume  # a re-run continues it
 
 echo "== 2/3 serve $RUN/final at EP=2"
 deepspeed --master_port "$(free_port)" --num_gpus 2 launch/infer.py --ep 2 --checkpoint "$RUN/final" \

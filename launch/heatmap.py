@@ -6,7 +6,6 @@ Reads OUTPUT_DIR/metrics.jsonl (or a checkpoint's epkit_plan.json) and sums the 
 expert of each layer over the run (or its last N logged steps). Needs matplotlib.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -15,13 +14,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 def load_counts(source: str, last: int | None) -> tuple[list[list[float]], str]:
     """[layer][expert] token counts and a description of where they come from."""
-    plan = os.path.join(source, "epkit_plan.json")
-    if os.path.isfile(plan):
-        with open(plan) as f:
-            counts = json.load(f).get("routed_tokens")
-        if not counts:
-            raise ValueError(f"{plan}: no routed_tokens recorded")
-        return counts, f"{source} (checkpoint routing statistics)"
+    from epkit.checkpoint import Manifest
+    manifest = Manifest.read(source) if os.path.isdir(source) else None
+    if manifest is not None:
+        if not manifest.routed_tokens:
+            raise ValueError(f"{manifest.file}: no routed_tokens recorded")
+        return manifest.routed_tokens, f"{source} (checkpoint routing statistics)"
     from epkit.train.metrics import read_metrics
     rows = [r for r in read_metrics(source) if "expert_tokens" in r]
     if not rows:

@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 launch/infer.py --ep 2 --checkpoint DIR --prompts FILE.jsonl
     python launch/infer.py --checkpoint DIR < prompts.jsonl > results.jsonl     # EP=1
+    deepspeed --num_gpus 2 launch/infer.py --checkpoint BASE --lora RUN/final  # LoRA adapter merged at load
     python launch/infer.py          # outputs/default (the default fine-tune) if there, else the tiny preset
 
 Settings: `--help` and configs/infer/default.yaml. Tokens/s and per-rank expert load go to stderr.
@@ -13,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from epkit.checkpoint import CheckpointError  # noqa: E402
 from epkit.infer.cli import main  # noqa: E402
+from epkit.runtime import comm_failure_message, is_comm_failure  # noqa: E402
 
 
 def run(argv=None) -> int:
@@ -24,6 +26,11 @@ def run(argv=None) -> int:
         rank = os.environ.get("RANK", "0")
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        if not is_comm_failure(e) or os.environ.get("EPKIT_DEBUG"):
+            raise
+        print(f"error (rank {os.environ.get('RANK', '0')}): {comm_failure_message(e)}", file=sys.stderr, flush=True)
+        return 4
 
 
 if __name__ == "__main__":

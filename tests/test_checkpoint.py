@@ -1,6 +1,8 @@
 """Hugging Face checkpoint round trips and clear errors on bad checkpoints."""
+import errno
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -180,14 +182,15 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     def crash(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise OSError("disk full (simulated)")
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
         return real(*a, **k)
     monkeypatch.setattr(ck, "save_file", crash)
     with torch.no_grad():
         model.embed.weight.add_(1.0)
         for moe in model.moe_layers():
             moe.experts.w2.mul_(2.0)
-    with pytest.raises(OSError, match="simulated"):
+    # one line naming the file as it would have been called (not the temporary directory)
+    with pytest.raises(epkit.CheckpointError, match=f"^no space left while writing {path}/model-00001.safetensors$"):
         epkit.save_pretrained(model, path, max_shard_size=20_000)
     assert calls["n"] == 2, "the crash should come after a first shard was written"
     assert sorted(os.listdir(path)) == files
@@ -201,6 +204,23 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
         assert torch.equal(p, weights[name]), name
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage_header", "tiny"])
+def test_damaged_safetensors_is_one_line_naming_the_file(tmp_path, hf_dir, damage):
+    """A truncated or corrupt file, with an index (epkit's save) or without (one transformers file)."""
+    ours = str(tmp_path / "ours")
+    epkit.save_pretrained(epkit.Mixtral(tiny_args()).init_weights(), ours)
+    theirs = str(tmp_path / "theirs")
+    shutil.copytree(hf_dir[1], theirs)
+    for file in (os.path.join(ours, "model-experts-00000.safetensors"), os.path.join(theirs, "model.safetensors")):
+        data = open(file, "rb").read()
+        bad = {"truncated": data[: len(data) // 2], "garbage_header": data[:8] + b"{not json" + data[17:],
+               "tiny": data[:5]}[damage]
+        open(file, "wb").write(bad)
+        with pytest.raises(epkit.CheckpointError) as e:
+            epkit.load_pretrained(os.path.dirname(file))
+        assert str(e.value).startswith(f"{file}: not a readable safetensors file") and "\n" not in str(e.value)
+
+
 def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
     model = epkit.Mixtral(tiny_args()).init_weights()
     (tmp_path / "notes.txt").write_text("precious")
@@ -210,3 +230,71 @@ def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
     epkit.save_pretrained(model, str(tmp_path / "ck"))
     epkit.save_pretrained(model, str(tmp_path / "ck"))  # replacing a checkpoint is fine
     epkit.save_pretrained(model, str(tmp_path / "empty_dir_is_fine"))
+
+
+def test_manifest_round_trip(tmp_path):
+    from epkit.checkpoint import PLAN_FILE, Manifest
+    plan = epkit.ShardingPlan(8, 2, num_layers=2)
+    routed = [[5, 1, 1, 1, 1, 1, 1, 9], [1, 2, 3, 4, 5, 6, 7, 8]]
+    written = Manifest(plan.to_dict(), routed, {"step": 3, "tokens_seen": 96})
+    written.write(str(tmp_path))
+    read = Manifest.read(str(tmp_path))
+    assert read == written and read.file == os.path.join(str(tmp_path), PLAN_FILE)
+    assert epkit.ShardingPlan.from_dict(read.plan) == plan
+    assert Manifest.read(str(tmp_path / "elsewhere")) is None  # no manifest (e.g. a transformers checkpoint)
+    # plans for other EP sizes come from it; balanced places by the recorded routing
+    assert epkit.ShardingPlan.from_manifest(read, 4) == epkit.ShardingPlan(8, 4, num_layers=2)
+    balanced = epkit.ShardingPlan.from_manifest(read, 2, "balanced")
+    assert balanced == epkit.ShardingPlan(8, 2, "balanced", loads=routed, num_layers=2)
+    with pytest.raises(ValueError, match=f"strategy='balanced' needs routing counts and {PLAN_FILE} has none"):
+        epkit.ShardingPlan.from_manifest(Manifest(plan.to_dict(), file=PLAN_FILE), 2, "balanced")
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"plan": 3}', '{"routed_tokens": [[1, "x"]]}'])
+def test_corrupt_manifest_is_one_line_naming_the_file(tmp_path, text):
+    from epkit.checkpoint import PLAN_FILE, Manifest, checkpoint_plan
+    file = tmp_path / PLAN_FILE
+    file.write_text(text)
+    for read in (lambda: Manifest.read(str(tmp_path)), lambda: checkpoint_plan(str(tmp_path), tiny_args(), 2)):
+        with pytest.raises(epkit.CheckpointError) as e:
+            read()
+        assert str(e.value).startswith(f"{file}: ") and "\n" not in str(e.value), str(e.value)
+
+
+_README_EP2 = """
+import sys, torch, epkit
+model = epkit.load_pretrained(sys.argv[1], ep_size=2, dispatch="replicated")   # as the README shows it
+tokens = torch.tensor([[1, 15, 27, 3, 8, 60]])
+with torch.no_grad():
+    logits = model(tokens)[0]
+experts = model.layers[0].moe.experts.expert_ids
+torch.save({"logits": logits, "experts": experts}, f"{sys.argv[2]}.{torch.distributed.get_rank()}")
+"""
+
+
+def test_load_pretrained_joins_a_torchrun_launch(tmp_path):
+    """epkit.load_pretrained(path, ep_size=2) inside `torchrun --nproc_per_node 2` joins the launch itself
+    (it failed with "ep_size=2 is larger than the world size 1"); each rank holds half the experts and the
+    logits equal one device's (issue 9 item 13)."""
+    import subprocess
+    import sys
+
+    from tests.distributed import free_port
+    path = str(tmp_path / "ck")
+    model = epkit.Mixtral(tiny_args()).init_weights()
+    epkit.save_pretrained(model, path)
+    script = tmp_path / "readme_ep2.py"
+    script.write_text(_README_EP2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(script), path, str(tmp_path / "out")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    outs = [torch.load(f"{tmp_path / 'out'}.{r}") for r in (0, 1)]
+    assert [o["experts"] for o in outs] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with torch.no_grad():
+        ref = epkit.load_pretrained(path)(torch.tensor([[1, 15, 27, 3, 8, 60]]))[0]
+    for o in outs:
+        torch.testing.assert_close(o["logits"], ref, atol=1e-5, rtol=1e-5)
+    assert "init_distributed" in epkit.__all__

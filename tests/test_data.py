@@ -116,6 +116,9 @@ def test_eval_batches_cover_every_row_once_with_equal_counts(tok, tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda p: str(p / "missing.jsonl"), "does not exist"),
     (lambda p: _write(p / "empty.jsonl", ""), "is empty"),
+    (lambda p: _write(p / "blank.txt", "   \n\n  \t \n\n \n"), "is empty (its records hold only whitespace)"),
+    (lambda p: _jsonl(p / "blank.jsonl", [{"text": "   "}, {"text": "\n\t"}]), "is empty (its records hold only "
+                                                                              "whitespace)"),
     (lambda p: _jsonl(p / "bad.jsonl", [{"body": "x"}]), "record 0 has fields ['body']"),
     (lambda p: _jsonl(p / "noresp.jsonl", [{"prompt": "q", "response": "a"}, {"prompt": "q2"}]),
      "record 1 has no 'response'"),

@@ -201,6 +201,46 @@ def test_bad_requests_fail_alone(ckpt):
     assert out.finish_reason == "length" and len(out.token_ids) == 5
 
 
+def test_bad_request_types_and_tokenizer_failures_fail_alone(ckpt):
+    """Wrong types (a string of ids, "no" for a boolean), a lone surrogate, a detokeniser that throws: each
+    fails its own request with one line; the rest of the batch completes as if alone (issue 9 items 3, 5)."""
+    path, prompts, _ = ckpt
+    llm = LLM(path)
+    lone = "ab\ud800cd"  # what json.loads makes of "ab\\ud800cd"
+    bad = [({"prompt_token_ids": "5 6 7"}, GREEDY, "prompt_token_ids='5 6 7' must be a list of token ids"),
+           ({"prompt": [5, 6, 7]}, GREEDY, "prompt=[5, 6, 7] must be a string"),
+           (lone, GREEDY, "the prompt cannot be tokenised"),
+           (prompts[1], SamplingParams(max_tokens=4, skip_special_tokens="no"), "skip_special_tokens='no' must be"),
+           (prompts[1], SamplingParams(max_tokens=4, ignore_eos="false"), "ignore_eos='false' must be true or false")]
+    good = [prompts[0], "the quick brown fox"]
+    outs = llm.generate([good[0]] + [b[0] for b in bad] + [good[1]], [GREEDY] + [b[1] for b in bad] + [GREEDY])
+    for out, (_, _, msg) in zip(outs[1:-1], bad):
+        assert out.finish_reason == "error" and msg in out.error, (out.error, msg)
+    alone = llm.generate(good, GREEDY)
+    assert [o.token_ids for o in (outs[0], outs[-1])] == [o.token_ids for o in alone]
+    # A temperature that underflows (1e-40) decodes greedily instead of always drawing token 0.
+    tiny = llm.generate(good, SamplingParams(temperature=1e-40, max_tokens=MAX_NEW, seed=0))
+    assert [o.token_ids for o in tiny] == [o.token_ids for o in alone]
+    # A detokeniser failure mid-generation ends that request only, and its KV blocks return to the pool.
+    real, calls = llm.tokenizer.decode, []
+
+    def flaky(ids, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected decode failure")
+        return real(ids, **kw)
+
+    llm.tokenizer.decode = flaky
+    try:
+        outs = llm.generate(["the quick brown fox", "to be or"], GREEDY)
+    finally:
+        llm.tokenizer.decode = real
+    failed = [o for o in outs if o.finish_reason == "error"]
+    assert len(failed) == 1 and "cannot be detokenised (RuntimeError: injected decode failure)" in failed[0].error
+    assert [o.error for o in outs].count(None) == 1
+    assert llm.scheduler.allocator.num_free == llm.cache.num_blocks - 1  # all but the scratch block
+
+
 def test_text_stream_and_stop_strings(ckpt):
     path, _, _ = ckpt
     llm = LLM(path)
@@ -305,3 +345,88 @@ def test_long_prompt_does_not_hold_back_short_ones(ckpt):
     alone = LLM(path, max_num_batched_tokens=256)
     assert finished[long_id].token_ids == alone.generate([long_prompt], long_params)[0].token_ids
     assert finished[short_id].token_ids == alone.generate([prompts[2]], short_params)[0].token_ids
+
+
+# ---- the API a server drives: abort, occupancy, logprobs, n choices ---------------------------------
+
+def test_abort_frees_blocks_at_once_and_nothing_is_kept(ckpt):
+    path, prompts, _ = ckpt
+    llm = LLM(path, block_size=4)
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    a, b = llm.add_request(prompts[6], long), llm.add_request(prompts[7], long)
+    got = 0  # tokens of `a` handed out so far (the engine may hand a step's tokens out one call later)
+    for _ in range(3):
+        got += sum(len(o.new_token_ids) for o in llm.step() if o.request_id == a)
+    assert got >= 2
+    occ = llm.occupancy()
+    assert occ["running"] == 2 and occ["waiting"] == 0 and occ["kv_blocks_used"] > 0
+    held = len(llm._seqs[a].blocks)
+    assert llm.abort(a) and not llm.abort(a) and not llm.abort("nope")
+    assert llm.occupancy()["kv_blocks_used"] == occ["kv_blocks_used"] - held  # freed before the next step
+    first = llm.step()
+    aborted = [o for o in first if o.request_id == a]
+    assert len(aborted) == 1 and aborted[0].finish_reason == "abort" and len(aborted[0].token_ids) == got
+    outs = {}
+    while llm.has_unfinished():
+        outs.update({o.request_id: o for o in llm.step() if o.finished})
+    assert a not in outs and outs[b].token_ids == llm.generate([prompts[7]], long)[0].token_ids
+    assert llm.occupancy() == {"running": 0, "waiting": 0, "kv_blocks_used": 0,
+                               "kv_blocks_total": occ["kv_blocks_total"]}
+    assert llm.output(a) is None and llm.output(b) is None and not llm._outputs  # handed back: forgotten
+    # A stream the consumer leaves early aborts its request.
+    it = llm.stream([prompts[6]], long)
+    next(it)
+    it.close()
+    assert llm.occupancy()["kv_blocks_used"] == 0 and not llm._outputs and not llm._pending
+    assert not llm.has_unfinished()
+
+
+def test_logprobs_of_chosen_tokens(ckpt):
+    path, prompts, _ = ckpt
+    from transformers import AutoModelForCausalLM
+    llm = LLM(path)
+    plain = SamplingParams(temperature=0.9, seed=3, max_tokens=6, ignore_eos=True)
+    asked = dataclasses.replace(plain, logprobs=2)
+    outs = llm.generate([prompts[2], prompts[4]], [plain, asked])
+    again = llm.generate([prompts[4]], plain)[0]
+    assert outs[0].logprobs is None and outs[1].token_ids == again.token_ids  # asking does not change sampling
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    seq = torch.tensor([prompts[4] + outs[1].token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(seq).logits[0, len(prompts[4]) - 1: -1].float(), dim=-1)  # [n, V]
+    chosen = logp.gather(1, torch.tensor(outs[1].token_ids)[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(outs[1].logprobs), chosen, atol=1e-4, rtol=0)
+    for top, row in zip(outs[1].top_logprobs, logp):
+        assert len(top) == 2 and [t for t, _ in top] == row.topk(2).indices.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), row.topk(2).values, atol=1e-4, rtol=0)
+    assert llm.generate([prompts[4]], dataclasses.replace(plain, logprobs=0))[0].top_logprobs == [[]] * 6
+    bad = llm.generate([prompts[4]], dataclasses.replace(plain, logprobs=21))[0]
+    assert bad.finish_reason == "error" and "logprobs=21" in bad.error
+
+
+def test_n_choices_of_one_prompt(ckpt):
+    path, prompts, _ = ckpt
+    llm = LLM(path)
+    p = SamplingParams(temperature=1.0, seed=11, max_tokens=8, ignore_eos=True)
+    choices = p.choices(3)
+    assert [c.seed for c in choices] == [11, 12, 13] and p.choices(2)[0] == p
+    assert [c.seed for c in dataclasses.replace(p, seed=None).choices(2)] == [None, None]
+    outs = llm.generate([prompts[3]] * 3, choices)
+    assert outs[0].token_ids == llm.generate([prompts[3]], p)[0].token_ids  # choice 0 is the request itself
+    assert len({tuple(o.token_ids) for o in outs}) == 3
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"n={bad!r} must be a positive integer"):
+            p.choices(bad)
+
+
+def test_streamed_pieces_with_a_stop_string_join_to_the_final_text(ckpt):
+    """A stop string spanning several tokens: its start is held back, never streamed and then taken back."""
+    path, _, _ = ckpt
+    llm = LLM(path)
+    p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    text = llm.generate(["the quick brown fox"], p)[0].text
+    stop = text[len(text) // 3: len(text) // 3 + 8]
+    assert len(llm.tokenizer(stop, add_special_tokens=False)["input_ids"]) > 1, stop
+    ups = list(llm.stream(["the quick brown fox"], dataclasses.replace(p, stop=[stop])))
+    assert ups[-1].finish_reason == "stop" and ups[-1].text == text[: text.find(stop)]
+    assert "".join(u.new_text for u in ups) == ups[-1].text

@@ -76,14 +76,31 @@ def test_grouped_expert_path_equals_loop():
             moe.experts.impl = "loop"
             y_loop, _ = moe(x)
         torch.testing.assert_close(y_grouped, y_loop, atol=1e-6, rtol=1e-6)
-    # some slots owned by "another rank" (-1): the grouped path must drop exactly those
-    w, ids = epkit.moe.route(moe.gate(x.reshape(-1, args.hidden_size)), 2)
-    slots = torch.where(ids % 2 == 0, ids, -1)
-    moe.experts.impl = "grouped"  # (the loop above left "loop" set)
+    # odd experts held by "another rank" (slot -1): the grouped path must drop exactly those
+    x = x.reshape(-1, args.hidden_size)
+    w, ids = epkit.moe.route(moe.gate(x), 2)
+    dispatch = epkit.moe.LocalDispatch([e if e % 2 == 0 else -1 for e in range(args.num_experts)])
     with torch.no_grad():
-        a = moe.experts(x.reshape(-1, args.hidden_size), w, slots)
-        b = moe.experts.forward_loop(x.reshape(-1, args.hidden_size), w, slots)
+        moe.experts.impl = "grouped"
+        a = dispatch(moe.experts, x, w, ids)
+        moe.experts.impl = "loop"
+        b = dispatch(moe.experts, x, w, ids)
+        ref = torch.zeros_like(x)  # by hand: token by token, choice by choice
+        for t, k in zip(*torch.where(ids % 2 == 0)):
+            ref[t] += w[t, k] * moe.experts._expert(int(ids[t, k]), x[t][None])[0]
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_a_forward_with_no_tokens():
+    """A rank can get no rows (all-to-all, serving): every backend must return an empty result, not fail."""
+    args = tiny_args()
+    moe = epkit.Mixtral(args).init_weights().layers[0].moe
+    for impl in ("grouped", "loop"):
+        moe.experts.impl = impl
+        with torch.no_grad():
+            y, routed = moe(torch.randn(1, 0, args.hidden_size))
+        assert y.shape == (1, 0, args.hidden_size) and routed.expert_ids.shape == (0, 2)
 
 
 def test_gradients_flow_through_grouped_path():

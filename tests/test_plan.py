@@ -48,6 +48,13 @@ def test_per_layer_placement_and_json_round_trip():
     (dict(num_experts=8, ep_size=2, strategy="random"), "unknown placement strategy 'random'"),
     (dict(num_experts=8, ep_size=2, strategy="balanced"), "strategy='balanced' needs loads"),
     (dict(num_experts=8, ep_size=2, strategy="balanced", loads=[1, 2]), "loads has 2 entries, expected one per expert"),
+    (dict(num_experts=8.0, ep_size=2), "num_experts=8.0 must be an integer of at least 1"),
+    (dict(num_experts="8", ep_size=2), "num_experts='8' must be an integer of at least 1"),
+    (dict(num_experts=8, ep_size=2, num_layers=0), "num_layers=0 must be None or an integer"),
+    (dict(num_experts=8, ep_size=2, strategy="balanced", loads=[]), "loads=\\[\\] must be a non-empty list"),
+    (dict(num_experts=4, ep_size=2, strategy="balanced", loads=[1, -2, 3, 4]), "loads entry -2 must be a finite"),
+    (dict(num_experts=4, ep_size=2, strategy="balanced", loads=[1, float("nan"), 3, 4]), "loads entry nan must"),
+    (dict(num_experts=4, ep_size=2, strategy="balanced", loads=[[1, 2, 3, 4], 5]), "loads mixes per-layer lists"),
     (dict(num_experts=4, ep_size=2, owners=[0, 0, 0, 0]), "layer 0: rank 1 holds no expert"),
     (dict(num_experts=4, ep_size=2, owners=[0, 1, 2, 0]), "owner rank 2 is outside 0..1"),
 ])

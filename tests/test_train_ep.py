@@ -34,6 +34,11 @@ ZLOSS = [("ep1_zloss", 1, 0, {"z_loss_coef": 0.1}),
          ("ep4_rr_zloss", 4, 0, {"z_loss_coef": 0.1, "plan_strategy": "round_robin"})]
 FROZEN = [("ep2_z2_experts", 2, 2, {"train_only": "experts"}), ("ep4_z1_router", 4, 1, {"train_only": "router"}),
           ("ep2_z0_attention", 2, 0, {"train_only": "attention"})]
+# LoRA on a frozen base checkpoint (the tiny preset's seeded weights): adapters on attention, router and experts;
+# lora_ep2_z0 saves at step 2 and is resumed from there; lora_ep2_z2 also recomputes layers and merges at the end
+LORA_RUNS = [("lora_ep1_z0", 1, 0, {}), ("lora_ep2_z0", 2, 0, {"save_every": 2}),
+             ("lora_ep2_z2", 2, 2, {"activation_checkpointing": True, "merge": True}), ("lora_ep4_z1", 4, 1, {})]
+LORA = {"lora_rank": 4, "lora_alpha": 8.0, "lora_targets": "attention,experts,router"}
 SEED = 3
 DS_FILE = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 500000}, "train_micro_batch_size_per_gpu": 64}
 
@@ -52,14 +57,14 @@ def _train_all(rank, world, root):
     from epkit.parallel import set_dispatch
     from epkit.train import TrainConfig, main
     for name, ep, zero, extra in RUNS + ZLOSS + FROZEN:
-        cfg = TrainConfig(model="tiny", ep=ep, zero_stage=zero, max_steps=3 if not extra.get("train_only") else 2,
+        cfg = TrainConfig(model="tiny", ep_size=ep, zero_stage=zero, max_steps=3 if not extra.get("train_only") else 2,
                           seq_len=32, micro_batch=2, grad_accum=2, lr=1e-2, warmup_steps=0, grad_clip=0.5,
                           progress=False, output_dir=os.path.join(root, name), seed=SEED, **_settings(root, extra))
         main(cfg)
     # fine-tune further from a checkpoint written at EP=2: at EP=4 with experts placed by the routing it
     # recorded (each rank reads its own experts), and at EP=1
     for name, ep, strategy in [("from_ep2", 4, "balanced"), ("from_ep2_ep1", 1, "contiguous")]:
-        main(TrainConfig(model=os.path.join(root, "ep2_z0", "final"), ep=ep, plan_strategy=strategy, zero_stage=2,
+        main(TrainConfig(model=os.path.join(root, "ep2_z0", "final"), ep_size=ep, plan_strategy=strategy, zero_stage=2,
                          max_steps=2, seq_len=32, micro_batch=2, lr=1e-3, warmup_steps=0, progress=False,
                          output_dir=os.path.join(root, name), seed=SEED))
     # A checkpoint written at EP=4 loads at EP=2 (replicated dispatch: same tokens on every rank) and gives
@@ -69,7 +74,43 @@ def _train_all(rank, world, root):
     set_dispatch(ep2, "replicated")
     ref = load_pretrained(os.path.join(root, "ep1_z0", "final")).eval()
     with torch.no_grad():
-        return (ep2(tokens)[0] - ref(tokens)[0]).abs().max().item()
+        diffs = {"ep4_at_ep2": (ep2(tokens)[0] - ref(tokens)[0]).abs().max().item()}
+    diffs["lora_ep2_at_ep4"] = _train_lora(rank, root, tokens)
+    return diffs
+
+
+def _train_lora(rank, root, tokens):
+    import shutil
+
+    from epkit import Mixtral, ModelArgs, load_pretrained, save_pretrained
+    from epkit.data import DEFAULT_TOKENIZER
+    from epkit.lora_io import merge_adapter
+    from epkit.parallel import barrier
+    from epkit.train import TrainConfig, main
+    base = os.path.join(root, "lora_base")
+    save_pretrained(Mixtral(ModelArgs.from_name("tiny")).init_weights(seed=SEED), base, tokenizer_dir=DEFAULT_TOKENIZER)
+    for name, ep, zero, extra in LORA_RUNS:
+        main(TrainConfig(model=base, ep_size=ep, zero_stage=zero, max_steps=3, seq_len=32, micro_batch=2, grad_accum=2,
+                         lr=1e-2, warmup_steps=0, grad_clip=0.15, progress=False, output_dir=os.path.join(root, name),
+                         seed=SEED, **LORA, **extra))
+    # resume lora_ep2_z0 from its step-2 checkpoint: the final adapters must come out the same
+    run = os.path.join(root, "lora_ep2_z0")
+    if rank == 0:
+        shutil.move(os.path.join(run, "final"), os.path.join(run, "final_uninterrupted"))
+    barrier()
+    main(TrainConfig(model=base, ep_size=2, zero_stage=0, max_steps=3, seq_len=32, micro_batch=2, grad_accum=2, lr=1e-2,
+                     warmup_steps=0, grad_clip=0.15, progress=False, output_dir=run, seed=SEED, save_every=2,
+                     resume=True, **LORA))
+    # the adapter saved at EP=2 loads at EP=4 (each rank reads its own experts' adapters) as at EP=1
+    adapter = os.path.join(root, "lora_ep2_z2", "final")
+    ep4 = merge_adapter(load_pretrained(base, ep_size=4, dispatch="replicated"), adapter).eval()
+    ref = merge_adapter(load_pretrained(base), adapter).eval()
+    with torch.no_grad():
+        diff = (ep4(tokens)[0] - ref(tokens)[0]).abs().max().item()
+    # bench/lora.py's CPU mode in this spawn (here EP=4), checked by tests/test_bench_lora.py
+    from tests.test_bench_lora import load_bench
+    load_bench().main(["--cpu", "--steps", "3", "--out", os.path.join(root, "bench_lora")])
+    return diff
 
 
 def _rows(root, name):
@@ -86,8 +127,8 @@ def _routed(root, name):
         return json.load(f)["routed_tokens"]
 
 
-def _weights(root, name):
-    d = os.path.join(root, name, "final")
+def _weights(root, name, final="final"):
+    d = os.path.join(root, name, final)
     out = {}
     for f in os.listdir(d):
         if f.endswith(".safetensors"):
@@ -160,13 +201,14 @@ def test_losses_fall_and_checkpoint_loads_at_another_ep_size(trained):
     assert continued < losses[0] - 0.05, "training from the EP=2 checkpoint should start below a fresh model"
     with open(os.path.join(root, "from_ep2", "final", "epkit_plan.json")) as f:
         assert json.load(f)["plan"]["ep_size"] == 4
-    assert max(diffs) < 1e-4, f"EP=4 checkpoint at EP=2 differs from EP=1 by {max(diffs)}"
+    worst = max(d["ep4_at_ep2"] for d in diffs)
+    assert worst < 1e-4, f"EP=4 checkpoint at EP=2 differs from EP=1 by {worst}"
 
 
 def _no_tokens_for_one_rank(rank, world):
     """Every token of both ranks picks experts 0 and 1, which EP rank 0 owns: rank 1 receives nothing.
     Backward must still run the same all-to-alls on both ranks and give the single-device gradients."""
-    from epkit.moe import Experts
+    from epkit.moe import Experts, LocalDispatch
     from epkit.parallel import AllToAllDispatch, setup_expert_parallel
     from epkit.plan import ShardingPlan
     E, D, I, N = 4, 8, 12, 6
@@ -186,7 +228,7 @@ def _no_tokens_for_one_rank(rank, world):
     weights = torch.full((N, 2), 0.5)
     dispatch(local, x, weights, ids).pow(2).sum().backward()
     x_ref = x.detach().clone().requires_grad_(True)
-    full(x_ref, weights, ids).pow(2).sum().backward()
+    LocalDispatch()(full, x_ref, weights, ids).pow(2).sum().backward()
     return (x.grad - x_ref.grad).abs().max().item()
 
 
@@ -314,3 +356,75 @@ def test_evaluation_at_world_4(trained):
                                                32)
     assert e2[0]["eval_tokens"] == e1[0]["eval_tokens"] == tokens
     assert e2[0]["eval_loss"] == pytest.approx(want, rel=1e-5) and abs(e1[0]["eval_loss"] - want) < 1e-4
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------
+
+def _adapter(root, name, final="final"):
+    return load_file(os.path.join(root, name, final, "adapter_model.safetensors"))
+
+
+def test_lora_ep_sizes_give_the_same_losses_and_adapters(trained):
+    root, _ = trained
+    base_losses, base_adapter = _losses(root, "lora_ep1_z0"), _adapter(root, "lora_ep1_z0")
+    assert len(base_losses) == 3 and base_losses[-1][0] < base_losses[0][0]
+    assert max(g for _, g in base_losses) > 0.15, "clipping should be active for this test to cover it"
+    experts = [k for k in base_adapter if ".mlp.experts." in k]
+    assert len(experts) == 2 * 2 * 2 and any(".mlp.gate." in k for k in base_adapter)  # layers x (w13, w2) x (A, B)
+    start = _initial_adapter(root)  # sanity: every adapter tensor moved from its initial value (B starts at 0)
+    assert start.keys() == base_adapter.keys()
+    assert not [k for k in start if torch.equal(start[k], base_adapter[k])]
+    for name, _, _, _ in LORA_RUNS[1:]:
+        losses = _losses(root, name)
+        for step, ((l0, g0), (l1, g1)) in enumerate(zip(base_losses, losses), 1):
+            assert abs(l0 - l1) < 1e-5, f"{name} step {step}: loss {l1} vs EP=1 {l0}"
+            assert abs(g0 - g1) < 1e-4 * max(1.0, g0), f"{name} step {step}: grad norm {g1} vs EP=1 {g0}"
+        adapter = _adapter(root, name)
+        assert adapter.keys() == base_adapter.keys()
+        for k, v in base_adapter.items():
+            torch.testing.assert_close(adapter[k], v, atol=5e-5, rtol=0, msg=lambda m: f"{name} {k}: {m}")
+
+
+def _initial_adapter(root):
+    from epkit import Mixtral, ModelArgs
+    from epkit.lora import LoraSpec, apply_lora
+    from epkit.lora_io import save_adapter
+    model = Mixtral(ModelArgs.from_name("tiny")).init_weights(seed=SEED)
+    apply_lora(model, LoraSpec.from_groups(LORA["lora_rank"], LORA["lora_alpha"], 0.0, LORA["lora_targets"]), seed=SEED)
+    save_adapter(model, os.path.join(root, "lora_init"), base=None)
+    return _adapter(root, "lora_init", "")
+
+
+def test_lora_resume_and_load_at_another_ep_size(trained):
+    root, diffs = trained
+    resumed, first = _adapter(root, "lora_ep2_z0"), _adapter(root, "lora_ep2_z0", "final_uninterrupted")
+    assert resumed.keys() == first.keys()
+    for k in first:
+        assert torch.equal(resumed[k], first[k]), f"{k} differs after --resume"
+    with open(os.path.join(root, "lora_ep2_z0", "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3]
+    worst = max(d["lora_ep2_at_ep4"] for d in diffs)
+    assert worst < 1e-5, f"the EP=2 adapter at EP=4 differs from EP=1 by {worst}"
+
+
+def test_lora_trains_only_the_adapters(trained):
+    """The base is bit-identical after training: merging the saved adapter into the base checkpoint offline (EP=1)
+    gives, bit for bit, the checkpoint the run merged in memory at its end (EP=2, ZeRO 2), whose base weights had
+    been through 3 optimizer steps; tensors no adapter touches equal the base's."""
+    from epkit.lora_io import export_merged
+    root, _ = trained
+    offline = export_merged(os.path.join(root, "lora_base"), os.path.join(root, "lora_ep2_z2", "final"),
+                            os.path.join(root, "merged_offline"))
+    base, in_run, off = (_weights(root, *d) for d in (("lora_base", ""), ("lora_ep2_z2", "merged"),
+                                                       ("merged_offline", "")))
+    assert offline and base.keys() == in_run.keys() == off.keys()
+    for k in base:
+        assert torch.equal(in_run[k], off[k]), f"{k}: the run's base moved during training"
+        adapted = any(p in k for p in ("_proj.", ".gate.", ".experts."))
+        assert torch.equal(in_run[k], base[k]) != adapted, f"{k}: adapted={adapted} but merged == base is the opposite"
+
+
+def test_bench_lora_cpu_run_writes_every_figure(trained):
+    from tests.test_bench_lora import check_cpu_result
+    root, _ = trained
+    check_cpu_result(os.path.join(root, "bench_lora"), ep=4)

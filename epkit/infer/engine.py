@@ -1,8 +1,13 @@
 """`LLM`: the user-facing engine. Requests in, generated tokens and text out, in batches or streamed.
 
-    llm = LLM("outputs/default", ep=2)                 # inside `deepspeed --num_gpus 2 ...`
+    llm = LLM("outputs/default", ep_size=2)            # inside `deepspeed --num_gpus 2 ...`
     outs = llm.generate(["Hello", [1, 15, 27]], SamplingParams(temperature=0, max_tokens=32))
     for out in llm.stream(prompts, params): print(out.new_text, end="")
+    outs = llm.chat([[{"role": "user", "content": "Hi"}]], params)      # the tokenizer's chat template
+
+A server drives the engine itself, one thread owning it: `add_request`, `step` while `has_unfinished`,
+`abort` (the request's KV blocks return to the pool at once), `occupancy` and `routed_tokens` for
+metrics.
 
 Under expert parallelism every rank builds the engine and calls the same method (`generate`,
 `stream`, `expert_load`); rank 0 reads the requests, schedules, samples and returns the outputs,
@@ -16,179 +21,152 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget
-from .runner import MAX_BATCHES, Batch, StepRunner
-from .sampling import SamplingBatch, SamplingParams, sample
-from .scheduler import Scheduler, Sequence, group_rows
+from ..tokenizer import load_tokenizer
+from .config import EngineConfig
+from .kv_cache import BlockAllocator, PagedKVCache, blocks_for_budget, profile_kv_budget, size_prefill_chunk
+from .request import RequestOutput, next_text, prompt_ids
+from .runner import MAX_BATCHES, Batch, StepRunner, make_batch
+from .sampling import HostCopy, SamplingBatch, SamplingParams, sample, token_logprobs
+from .scheduler import FINISHED, Scheduler, Sequence, group_rows
 
-CPU_KV_BUDGET = 256 << 20  # bytes of KV cache on CPU when no budget is given
+SEQ_TOKENS_FOR_SIZING, MIN_SEQS, MAX_SEQS = 1024, 16, 512  # max_num_seqs = KV capacity / 1024 tokens, clamped
+
+
+def _refuse_nonfinite(model, checkpoint: str) -> None:
+    """A checkpoint with NaN or inf weights (a diverged run) would serve garbage: refuse it, naming the tensor.
+    NOTE: one host sync per tensor at load, and a collective so that every EP rank refuses together."""
+    from ..checkpoint import CheckpointError
+    from ..parallel import all_ranks_ok
+    bad = next((n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())),
+               None)
+    if not all_ranks_ok(bad is None):
+        raise CheckpointError(f"{checkpoint}: tensor {bad} holds NaN or inf values; refusing to serve it (was it "
+                              f"saved by a run that diverged?)" if bad else
+                              f"{checkpoint}: another rank's experts hold NaN or inf values (see its error)")
 
 
 @dataclass
-class RequestOutput:
-    """A request's state as returned by `generate` (final) or `stream` / `step` (incremental)."""
+class _Step:
+    """A step on the device: its sampled ids (and log-probabilities) on their way to the host, and
+    (sequence, token index) for each row it samples."""
 
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)  # generated ids
-    text: str | None = None  # None when the checkpoint has no tokenizer
-    finish_reason: str | None = None  # "stop", "length", "error"; None while running
-    error: str | None = None
-    timings: dict = field(default_factory=dict)
-    new_token_ids: list[int] = field(default_factory=list)  # since the previous update (streaming)
-    new_text: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def to_dict(self) -> dict:
-        d = {"request_id": self.request_id, "text": self.text, "token_ids": self.token_ids,
-             "finish_reason": self.finish_reason, "timings": self.timings}
-        if self.error is not None:
-            d["error"] = self.error
-        return d
-
-
-def load_tokenizer(path: str):
-    """The checkpoint's tokenizer (transformers' AutoTokenizer), or None if the directory has none."""
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
-
-
-def balanced_plan(checkpoint: str, ep: int):
-    """A `balanced` plan for `ep` ranks from the routing counts the trainer stored in epkit_plan.json."""
-    import json
-
-    from ..checkpoint import PLAN_FILE
-    from ..config import ModelArgs
-    from ..plan import ShardingPlan
-    file = os.path.join(checkpoint, PLAN_FILE)
-    loads = None
-    if os.path.isfile(file):
-        with open(file) as f:
-            loads = json.load(f).get("routed_tokens")
-    if not loads:
-        raise ValueError(f"strategy='balanced' needs routing counts and {file} has none; use 'contiguous'")
-    args = ModelArgs.load(checkpoint)
-    return ShardingPlan(args.num_experts, ep, strategy="balanced", loads=loads, num_layers=args.num_layers)
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    copy: HostCopy | None
+    sampled: list[tuple[Sequence, int]]
+    logprobs: int | None  # how many alternatives the copy holds per row (None: ids only)
 
 
 class LLM:
     """Batched inference over a (possibly expert-parallel) `epkit.model.Mixtral`.
 
-    Engine settings: `block_size` tokens per KV block; `kv_cache_memory` bytes of KV cache (default:
-    on GPU, what `gpu_memory_utilization` of the card leaves after the weights and a profiled forward;
-    on CPU 256 MiB); `max_num_seqs` rows and `max_num_batched_tokens` tokens per step (the prefill
-    chunk); `long_prefill_tokens` caps one prompt's chunk while others wait (default a quarter of the
-    budget); `strategy` places experts on EP ranks (`contiguous`, `round_robin`, or `balanced` from the
-    routing counts stored with the checkpoint); `max_model_len` caps prompt + output (default: the
-    model's max positions, and no more than the KV cache holds); `seed` seeds the per-request seeds of
-    unseeded requests; `cuda_graphs` replays decode steps as CUDA graphs on GPUs (default on; False
-    or EPKIT_CUDA_GRAPHS=0: eager).
+    Settings are an `EngineConfig` (`config`), its fields also accepted as keywords that override it:
+    `ep_size` (alias `ep`), `device`, `dtype`, `strategy` (expert placement over EP ranks), `block_size`,
+    `kv_cache_memory`, `gpu_memory_utilization`, `max_num_seqs`, `max_num_batched_tokens`,
+    `long_prefill_tokens`, `max_model_len`, `cuda_graphs`, `seed`, `dp_attention`, `sync_free_max_tokens`;
+    see `epkit/infer/config.py`. With `dp_attention` (EP > 1) each rank serves its own requests with its
+    own KV cache and the experts exchange tokens by all-to-all (`epkit.infer.dp`; `max_num_seqs` and
+    `max_num_batched_tokens` are then per rank) instead of every rank running every token's attention.
+    The tokenizer is the checkpoint's (`epkit.tokenizer.load_tokenizer`) unless one is given.
+    `lora` (a PEFT adapter directory, e.g. a `--lora-rank` run's final/) is merged into the weights at load,
+    each rank merging only the experts it holds. `decode_kernels` picks the decode step's kernels
+    (`epkit.infer.decode`) and `overlap` plans each step while the previous one runs (replicated mode).
+
+    Sized from memory when left None: `max_num_batched_tokens` is 8192 on a GPU (2048 on CPU), halved
+    while a step that size would take over a quarter of the memory left after the weights; the KV cache
+    takes what `gpu_memory_utilization` leaves; `max_num_seqs` is as many sequences as it holds at 1024
+    tokens each, in 16..512 (a decode step reads every expert from about 64 rows on, so more rows cost
+    little until the KV cache runs out and sequences get preempted).
     """
 
-    def __init__(self, checkpoint: str, ep: int = 1, device=None, dtype=None, *, strategy: str = "contiguous",
-                 tokenizer=None, **engine):
+    def __init__(self, checkpoint: str, config: EngineConfig | None = None, *, tokenizer=None, lora: str | None = None,
+                 **settings):
+        from ..args import ModelArgs
         from ..checkpoint import load_pretrained
         from ..parallel import init_distributed, world_size
-        if not isinstance(ep, int) or ep < 1:
-            raise ValueError(f"ep={ep!r} must be a positive integer")
+        cfg = (config or EngineConfig()).replace(**settings)
+        cfg.check()
+        ep = cfg.resolve_ep_size()
         if ep > 1:
-            init_distributed()
+            init_distributed(timeout_s=cfg.dist_timeout)
             if world_size() != ep:
-                raise ValueError(f"ep={ep} needs exactly {ep} ranks, this run has {world_size()}; launch with "
+                raise ValueError(f"ep_size={ep} needs exactly {ep} ranks, this run has {world_size()}; launch with "
                                  f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
-        device = torch.device(device) if device is not None else _default_device()
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        plan = balanced_plan(checkpoint, ep) if strategy == "balanced" and ep > 1 else None
-        model, report = load_pretrained(checkpoint, device=device, dtype=dtype, ep_size=ep, plan=plan,
-                                        strategy=strategy, dispatch="replicated", return_report=True)
+        cfg.check_model(ModelArgs.load(checkpoint))  # before the weights are read
+        device = cfg.resolve_device()
+        model, report = load_pretrained(checkpoint, device=device, dtype=cfg.resolve_dtype(device), ep_size=ep,
+                                        strategy=cfg.strategy, dispatch="all_to_all" if cfg.dp_attention else "replicated",
+                                        return_report=True)
         self.load_report = report
+        if lora is not None:  # folded into the weights at load: each rank merges only the experts it holds
+            from ..lora_io import adapter_dir, merge_adapter
+            lora = adapter_dir(lora)
+            merge_adapter(model, lora)
+        _refuse_nonfinite(model, checkpoint if lora is None else f"{checkpoint} + LoRA {lora}")
         if tokenizer is None:  # on every rank: a failure here must not leave the others in a collective
-            tokenizer = load_tokenizer(checkpoint)
-        self._setup(model.eval(), tokenizer, device, **engine)
+            tokenizer = load_tokenizer(checkpoint) or (load_tokenizer(lora) if lora is not None else None)
+        self._setup(model.eval(), tokenizer, device, cfg)
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, **engine) -> "LLM":
-        """Serve an already-built model (e.g. one made on meta and sharded with `apply_expert_parallel`)."""
+    def from_model(cls, model, config: EngineConfig | None = None, *, tokenizer=None, **settings) -> "LLM":
+        """Serve an already-built model (e.g. `infer.build.random_model`); its device, dtype and plan stand."""
         self = cls.__new__(cls)
         self.load_report = None
-        self._setup(model.eval(), tokenizer, next(model.parameters()).device, **engine)
+        cfg = (config or EngineConfig()).replace(**settings)
+        cfg.check()
+        self._setup(model.eval(), tokenizer, next(model.parameters()).device, cfg)
         return self
 
-    def _setup(self, model, tokenizer, device, block_size: int = 16, kv_cache_memory: int | None = None,
-               gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-               max_model_len: int | None = None, seed: int = 0, cuda_graphs: bool | None = None,
-               long_prefill_tokens: int | None = None) -> None:
-        info = getattr(model, "expert_parallel", None)
-        if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated":
+    def _setup(self, model, tokenizer, device, cfg: EngineConfig) -> None:
+        cfg.check_model(model.args)
+        info = model.expert_parallel
+        dp_attention = cfg.dp_attention and info is not None and info.plan.ep_size > 1
+        if dp_attention and info.dispatch != "all_to_all":
+            from ..parallel import set_dispatch
+            set_dispatch(model, "all_to_all")
+        if info is not None and info.plan.ep_size > 1 and info.dispatch != "replicated" and not dp_attention:
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
                              f"the model uses {info.dispatch!r}")
+        self.config = cfg
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.args = model.args
         self.dtype = next(model.parameters()).dtype
+        chunk = cfg.max_num_batched_tokens or size_prefill_chunk(model, self.device, self._agree_min)
+        kv_cache_memory = cfg.kv_cache_memory
         if kv_cache_memory is None:
-            kv_cache_memory = self._kv_budget(gpu_memory_utilization, max_num_batched_tokens)
-        num_blocks = blocks_for_budget(self.args, kv_cache_memory, block_size, self.dtype)
+            kv_cache_memory = profile_kv_budget(model, self.device, cfg.gpu_memory_utilization, chunk)
+        num_blocks = blocks_for_budget(self.args, kv_cache_memory, cfg.block_size, self.dtype)
         num_blocks = self._agree_min(num_blocks)
-        self.cache = PagedKVCache(self.args, num_blocks, block_size, self.device, self.dtype)
-        self.max_model_len = min(max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
-        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max_num_batched_tokens,
-                                   long_prefill_tokens)
+        self.cache = PagedKVCache(self.args, num_blocks, cfg.block_size, self.device, self.dtype)
+        self.max_model_len = min(cfg.max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
+        seqs = cfg.max_num_seqs or min(MAX_SEQS, max(MIN_SEQS, self.cache.capacity_tokens // SEQ_TOKENS_FOR_SIZING))
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), cfg.block_size, seqs, chunk, cfg.long_prefill_tokens)
+        cuda_graphs = cfg.cuda_graphs
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
-        self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs)
+        self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs,
+                                 decode_kernels=cfg.decode_kernels, max_rows=seqs,
+                                 max_table_width=-(-self.max_model_len // cfg.block_size))
+        model.routing_stats.reset()  # the load report counts served tokens (not the profiling forward)
+        self.overlap = cfg.overlap and not dp_attention
+        self._inflight: _Step | None = None
         self.is_leader = self.runner.is_leader
-        self._rng = random.Random(seed)
+        self._rng = random.Random(cfg.seed)
         self._ids = 0
         self._outputs: dict[str, RequestOutput] = {}  # every request not yet handed back finished
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # updates not yet returned by step()
         self._incremental_text = True  # step()/stream() callers read text as it grows; generate() does not
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "busy_s": 0.0}
+        from .dp import DataParallelAttention
+        self.dp = DataParallelAttention(self) if dp_attention else None
 
     # ---- sizing -----------------------------------------------------------------------------
-    def _kv_budget(self, utilization: float, profile_tokens: int) -> int:
-        if self.device.type != "cuda":
-            return CPU_KV_BUDGET
-        if not 0 < utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization={utilization} must be in (0, 1]")
-        # Profile the largest forward a step can run (every EP rank joins: the MoE all-reduces).
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        n = min(profile_tokens, self.args.max_position_embeddings)
-        tokens = torch.zeros(1, n, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            self.model(tokens, logits_rows=torch.tensor([n - 1], device=self.device))
-        activations = torch.cuda.max_memory_allocated(self.device) - base
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(utilization * total - (total - free) - activations)
-        if budget <= 0:
-            raise RuntimeError(f"no GPU memory left for the KV cache: {utilization=} of {total >> 20} MiB, "
-                               f"{(total - free) >> 20} MiB in use, {activations >> 20} MiB for activations")
-        return budget
-
     def _agree_min(self, n: int) -> int:
         """Every EP rank must hold the same block ids: take the smallest pool any rank can afford."""
-        info = getattr(self.model, "expert_parallel", None)
+        info = self.model.expert_parallel
         if info is None or info.plan.ep_size == 1:
             return n
         import torch.distributed as dist
@@ -197,34 +175,6 @@ class LLM:
         return int(t.item())
 
     # ---- requests ---------------------------------------------------------------------------
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        """A prompt: text, a list of token ids, or a dict with "prompt" or "prompt_token_ids"."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt and prompt["prompt_token_ids"] is not None:
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError(f"a request needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("empty prompt")
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer and the checkpoint has no tokenizer; "
-                                 "send prompt_token_ids")
-            return prompt, list(self.tokenizer(prompt)["input_ids"])
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if not isinstance(prompt, (list, tuple)):
-            raise ValueError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
-        if not prompt:
-            raise ValueError("empty prompt (no token ids)")
-        V = self.args.vocab_size
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
-                raise ValueError(f"token id {t!r} is outside the vocabulary (size {V})")
-        return None, list(prompt)
-
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue one request (leader only); a bad one is finished at once with an error. Returns its id."""
         if not self.is_leader:
@@ -239,7 +189,7 @@ class LLM:
         self._outputs[request_id] = out
         now = time.perf_counter()
         try:
-            text, ids = self._tokenize(prompt)
+            text, ids = prompt_ids(self.tokenizer, prompt, self.args.vocab_size)
             out.prompt, out.prompt_token_ids = text, ids
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
@@ -260,96 +210,209 @@ class LLM:
                        max_len=min(len(ids) + params.max_tokens, self.max_model_len), arrival=now)
         out.text = "" if self.tokenizer is not None else None
         self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        (self.dp.submit if self.dp is not None else self.scheduler.add)(seq)
         return request_id
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        busy = self.dp.has_unfinished() if self.dp is not None else self.scheduler.has_unfinished()
+        return busy or bool(self._pending) or self._inflight is not None
+
+    def output(self, request_id: str) -> RequestOutput | None:
+        """A request's current state, until `step()` has returned it finished (leader)."""
+        return self._outputs.get(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a running or waiting request (leader, between steps): its KV blocks return to the pool now,
+        and the next `step()` returns it with finish_reason "abort". False if it is not running or waiting."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        if self.dp is not None:  # wherever it runs
+            self.dp.abort(request_id)
+        out = self._outputs[request_id]
+        out.new_token_ids, out.new_text = [], "" if out.text is not None else None
+        if out.text is not None and out.token_ids:  # text held back while streaming is final now
+            out.text, out.new_text, _ = next_text(self.tokenizer, out.token_ids, out.text, seq.params, final=True)
+        self._finish(seq, out, "abort", time.perf_counter())
+        self._pending.append(out)
+        return True
+
+    def occupancy(self) -> dict:
+        """Requests running and waiting, KV-cache blocks in use and in the pool (block 0 is scratch)."""
+        free, total = self.scheduler.allocator.num_free, self.scheduler.allocator.num_blocks - 1
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": total - free, "kv_blocks_total": total}
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step (leader). Returns the requests that changed, finished ones included."""
-        updates, self._pending = self._pending, []
-        if not self.scheduler.has_unfinished():
-            return updates
+        """Run one scheduler step (leader). Returns the requests that changed, finished ones included.
+
+        With `overlap` (the default), a call queues the next step on the device and then reads back the
+        tokens of the step queued by the previous call, so the tokens a call returns are one step old
+        and the device is never idle while the host schedules."""
+        if self.dp is not None:
+            updates = self.dp.step()
+        else:
+            updates, self._pending = self._pending, []
+            launched = self._launch() if self.scheduler.has_unfinished() else None
+            if self._inflight is not None:
+                updates += self._resolve(self._inflight)
+            self._inflight = launched
+            if launched is not None and not self.overlap:
+                updates += self._resolve(launched)
+                self._inflight = None
+        for out in updates:  # handed back finished: forget it
+            if out.finished:
+                self._outputs.pop(out.request_id, None)
+        return updates
+
+    def _launch(self) -> _Step | None:
+        """Schedule a step and queue it on every rank; None when every running sequence waits for a token."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.rows:
-            raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
-        batches, sampled = [], []
-        bs = self.cache.block_size
-        for rows in group_rows(plan.rows, MAX_BATCHES):
-            B, T = len(rows), max(n for _, _, n in rows)
-            NB = max(-(-(start + n) // bs) for _, start, n in rows)
-            tokens, positions, table, logits_rows = [], [], [], []
-            for i, (seq, start, n) in enumerate(rows):
-                tokens += seq.token_ids[start: start + n] + [0] * (T - n)
-                positions += list(range(start, start + n)) + [-1] * (T - n)
-                table += seq.blocks[:NB] + [0] * (NB - min(NB, len(seq.blocks)))
-                if start + n == seq.num_tokens:  # this chunk ends the known tokens: sample the next one
-                    logits_rows.append(i * T + n - 1)
-                    sampled.append(seq)
-                seq.num_computed = start + n
-                if seq.first_scheduled is None:
-                    seq.first_scheduled = t0
-            batches.append(Batch(B, T, NB, tokens, positions, table, logits_rows))
-        self.stats["prompt_tokens"] += sum(n for s, start, n in plan.rows if start < s.prompt_len)
-        logits = self.runner.execute(batches)
-        if sampled:
-            logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-            sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
-                                           [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
-            next_ids = sample(logits, sb).tolist()  # NOTE: host sync, once per step
-            now = time.perf_counter()
-            for seq, tok in zip(sampled, next_ids):
-                updates.append(self._append(seq, tok, now))
+            if self._inflight is None:
+                raise RuntimeError("the scheduler made no progress (KV cache too small for any waiting request)")
+            return None
+        batches, sampled = self._batches(plan)
+        self._commit(plan, t0)
+        logits = self.runner.launch(batches)
+        copy, k = self._sample_on_device(logits, sampled) if sampled else (None, None)
+        for slot, seq in enumerate(sampled):  # a placeholder until the step's ids reach the host
+            seq.pending = (seq.num_tokens, slot)
+            seq.token_ids.append(-1)
+        self.stats["busy_s"] += time.perf_counter() - t0
+        return _Step(copy, [(seq, seq.pending[0]) for seq in sampled], k)
+
+    def _resolve(self, step: _Step) -> list[RequestOutput]:
+        """Read a launched step's sampled ids (NOTE: the one host sync of a step) and apply them."""
+        t0 = time.perf_counter()
+        updates = []
+        if step.copy is not None:
+            rows, now = self._rows(step.copy.get(), step.logprobs), time.perf_counter()
+            for (seq, index), (tok, lp, top) in zip(step.sampled, rows):
+                if seq.status == FINISHED:  # stopped or aborted meanwhile: this token was computed in vain
+                    continue
+                seq.token_ids[index] = tok
+                if seq.pending is not None and seq.pending[0] == index:
+                    seq.pending = None
+                updates.append(self._apply(seq, index, now, lp, top))
         self.stats["steps"] += 1
         self.stats["busy_s"] += time.perf_counter() - t0
         return updates
 
-    def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
-        out, p = self._outputs[seq.request_id], seq.params
+    def _drain(self) -> None:
+        """Apply the step still on its way (its updates wait in `_pending` for the next `step()`)."""
+        if self._inflight is not None:
+            step, self._inflight = self._inflight, None
+            self._pending += self._resolve(step)
+
+    def _batches(self, plan) -> tuple[list[Batch], list[Sequence]]:
+        """The step's forwards (the decode rows first, then prefill chunks grouped by length) and the
+        sequences whose next token they sample, in logits order. Changes no state."""
+        batches, sampled = [], []
+        for rows in group_rows(plan.rows, MAX_BATCHES):
+            batches.append(make_batch(rows, self.cache.block_size))
+            sampled += [seq for seq, start, n in rows if start + n == seq.num_tokens]
+        return batches, sampled
+
+    def _commit(self, plan, t0: float) -> None:
+        """The planned rows ran: their tokens are in the KV cache."""
+        for seq, start, n in plan.rows:
+            seq.num_computed = start + n
+            if seq.first_scheduled is None:
+                seq.first_scheduled = t0
+        self.stats["prompt_tokens"] += sum(n for s, start, n in plan.rows if start < s.prompt_len)
+
+    def _sample_on_device(self, logits: list[torch.Tensor], sampled: list[Sequence], share: bool = True
+                          ) -> tuple[HostCopy, int | None]:
+        """Sample the next token of each sequence in `sampled` (logits rows in that order), share the ids
+        with the other ranks (replicated mode), and start copying ids (and log-probabilities) to the host."""
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        sb = SamplingBatch.from_params([s.params for s in sampled], [s.seed for s in sampled],
+                                       [s.num_tokens - s.prompt_len for s in sampled], self.args.vocab_size)
+        next_ids = sample(logits, sb)
+        if share:
+            self.runner.share(next_ids)  # the next step's inputs, on every rank's device
+        k = max((s.params.logprobs for s in sampled if s.params.logprobs is not None), default=None)
+        if k is None:
+            return HostCopy(next_ids), None
+        lp, top_ids, top_lp = token_logprobs(logits, next_ids, k)  # in one float64 copy (ids < 2^53 stay exact)
+        return HostCopy(torch.cat([next_ids[:, None].double(), lp[:, None].double(), top_ids.double(),
+                                   top_lp.double()], dim=1)), k
+
+    @staticmethod
+    def _rows(values: list, k: int | None) -> list[tuple]:
+        """(token, logprob, top-k) per sampled row from a HostCopy's values."""
+        if k is None:
+            return [(t, None, None) for t in values]
+        return [(int(r[0]), r[1], list(zip(map(int, r[2: 2 + k]), r[2 + k:]))) for r in values]
+
+    def _sample(self, logits: list[torch.Tensor], sampled: list[Sequence]) -> list[RequestOutput]:
+        """Sample and append the next tokens now (data-parallel attention's lock-step steps)."""
+        if not sampled:
+            return []
+        copy, k = self._sample_on_device(logits, sampled, share=False)  # every rank samples its own rows
+        rows, now = self._rows(copy.get(), k), time.perf_counter()  # NOTE: host sync, once per step
+        return [self._append(seq, tok, now, lp, top) for seq, (tok, lp, top) in zip(sampled, rows)]
+
+    def _append(self, seq: Sequence, tok: int, now: float, logprob=None, top=None) -> RequestOutput:
         seq.token_ids.append(tok)
+        return self._apply(seq, seq.num_tokens - 1, now, logprob, top)
+
+    def _apply(self, seq: Sequence, index: int, now: float, logprob=None, top=None) -> RequestOutput:
+        """Token `index` of `seq` has arrived: update its output and finish it if it stops here."""
+        out, p = self._outputs[seq.request_id], seq.params
+        tok = seq.token_ids[index]
+        if p.logprobs is not None:  # new lists: updates already handed out keep theirs
+            out.logprobs = (out.logprobs or []) + [logprob]
+            out.top_logprobs = (out.top_logprobs or []) + [top[: p.logprobs]]
         self.stats["generated_tokens"] += 1
         if seq.first_token is None:
             seq.first_token = now
-        out.token_ids = seq.output_ids
+        out.token_ids = seq.token_ids[seq.prompt_len: index + 1]
         out.new_token_ids, out.new_text = [tok], None  # a step adds at most one token per request
         reason = None
         if (not p.ignore_eos and tok == self.args.eos_token_id) or tok in p.stop_token_ids:
             reason = "stop"
-        if reason is None and seq.num_tokens >= seq.max_len:
+        if reason is None and index + 1 >= seq.max_len:
             reason = "length"
         # Text: every step only when someone reads it (streaming) or stop strings need it, else at the end.
-        # NOTE: a full decode of the output each time; O(n^2) over a long streamed output.
         if self.tokenizer is not None and (self._incremental_text or p.stop_strings or reason is not None):
-            old = out.text or ""
-            text = self.tokenizer.decode(out.token_ids, skip_special_tokens=p.skip_special_tokens)
-            if reason in (None, "length") and p.stop_strings:
-                hits = [i for i in (text.find(s, max(0, len(old) - len(s))) for s in p.stop_strings) if i >= 0]
-                if hits:
-                    text, reason = text[: min(hits)], "stop"
-            if reason is None and p.stop_strings:
-                # Hold back the tail that may be the start of a stop string: streamed text is never taken back.
-                text = text[: max(0, len(text) - (max(len(s) for s in p.stop_strings) - 1))]
-            out.text = text
-            out.new_text = text[len(old):] if text.startswith(old) else text
+            try:
+                out.text, out.new_text, stopped = next_text(self.tokenizer, out.token_ids, out.text or "", p,
+                                                            final=reason is not None)
+            except Exception as e:  # this request fails, the others go on
+                return self._fail(seq, out, now, f"the output cannot be detokenised ({type(e).__name__}: {e})")
+            reason = "stop" if stopped else reason
         if reason is not None:
-            self.scheduler.finish(seq, reason)
-            seq.finished_at = now
-            out.finish_reason = reason
-            out.timings = self._timings(seq)
-            del self._seqs[seq.request_id]
+            self._finish(seq, out, reason, now)
+        return out
+
+    def _finish(self, seq: Sequence, out: RequestOutput, reason: str, now: float) -> None:
+        del seq.token_ids[seq.prompt_len + len(out.token_ids):]  # tokens a later step was already computing
+        seq.pending = None
+        self.scheduler.finish(seq, reason)
+        seq.finished_at = now
+        out.finish_reason = reason
+        out.timings = self._timings(seq)
+        del self._seqs[seq.request_id]
+
+    def _fail(self, seq: Sequence, out: RequestOutput, now: float, error: str) -> RequestOutput:
+        """Finish a running request with an error (its blocks go back to the pool)."""
+        out.error = error
+        self._finish(seq, out, "error", now)
         return out
 
     @staticmethod
     def _timings(seq: Sequence) -> dict:
+        def since(t0, t1):
+            return round(t1 - t0, 6) if t0 is not None and t1 is not None else None
         n = seq.num_tokens - seq.prompt_len
-        decode_s = seq.finished_at - seq.first_token
-        return {"queue_s": round(seq.first_scheduled - seq.arrival, 6),
-                "ttft_s": round(seq.first_token - seq.arrival, 6),
-                "total_s": round(seq.finished_at - seq.arrival, 6),
-                "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else None,
+        decode_s = since(seq.first_token, seq.finished_at)
+        return {"queue_s": since(seq.arrival, seq.first_scheduled), "ttft_s": since(seq.arrival, seq.first_token),
+                "total_s": since(seq.arrival, seq.finished_at),
+                "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s else None,
                 "prompt_tokens": seq.prompt_len, "generated_tokens": n, "preemptions": seq.num_preemptions}
 
     # ---- batch and streaming APIs -----------------------------------------------------------
@@ -375,55 +438,104 @@ class LLM:
         ids: set[str] = set()
         try:
             ids = set(self._add_all(prompts, params))
-            while any(not self._outputs[i].finished for i in ids):
+            running = set(ids)
+            while running:
                 for out in self.step():
                     if out.request_id in ids:
+                        if out.finished:
+                            running.discard(out.request_id)
                         yield dataclasses.replace(out)
+            self._drain()
+        except GeneratorExit:  # the consumer stopped early: apply the step on its way, then abort below
+            self._drain()
+            raise
         finally:
-            self.release_followers()
-            for i in ids:
+            for i in ids:  # a consumer that stopped early: free its requests' blocks
+                self.abort(i)
                 self._outputs.pop(i, None)
+            self._pending = [o for o in self._pending if o.request_id not in ids]
+            self.release_followers()
 
-    def generate(self, prompts, params: SamplingParams | list | None = None, use_tqdm: bool = False
-                 ) -> list[RequestOutput]:
-        """All outputs, in prompt order (rank 0); other ranks run the steps and return []."""
+    def generate(self, prompts, params: SamplingParams | list | None = None, use_tqdm: bool = False,
+                 on_finish=None) -> list[RequestOutput]:
+        """All outputs, in prompt order (rank 0); other ranks run the steps and return [].
+
+        `on_finish(position, output)` is called as each request finishes (in finishing order), so a caller can
+        keep finished results even if a later step fails."""
         if not self.is_leader:
             self.follow()
             return []
-        bar, ids = None, []
+        bar, ids, done = None, [], {}
         self._incremental_text = False
         try:
             ids = self._add_all(prompts, params)
             if use_tqdm:
                 from tqdm import tqdm
                 bar = tqdm(total=len(ids), desc="generate", unit="req")
-            while any(not self._outputs[i].finished for i in ids):
-                done = sum(1 for out in self.step() if out.finished and out.request_id in ids)
+            wanted, position = set(ids), {rid: i for i, rid in enumerate(ids)}
+            while len(done) < len(ids):
+                new = {o.request_id: o for o in self.step()
+                       if o.finished and o.request_id in wanted and o.request_id not in done}
+                done.update(new)
+                for rid, out in new.items():
+                    if on_finish is not None:
+                        on_finish(position[rid], out)
                 if bar is not None:
-                    bar.update(done)
+                    bar.update(len(new))
+            self._drain()
         finally:
             self._incremental_text = True
             self.release_followers()
             if bar is not None:
                 bar.close()
-        outs = [self._outputs.pop(i) for i in ids]
+        outs = [done[i] for i in ids]
         for out in outs:
             out.new_token_ids, out.new_text = [], None
         return outs
 
+    def chat(self, conversations, params: SamplingParams | list | None = None, use_tqdm: bool = False
+             ) -> list[RequestOutput]:
+        """`generate` for conversations (lists of {"role", "content"}), each rendered with the tokenizer's
+        chat template and ready for the assistant's reply."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([{"messages": c} for c in conversations], params, use_tqdm)
+
+    def warmup(self) -> None:
+        """Capture the decode CUDA graph of every rows bucket up to `max_num_seqs` (and compile the kernels)
+        now rather than on first use, as a server does at start-up: each bucket's rows run one step as
+        one-token prompts. Every rank calls it."""
+        sizes = [1 << i for i in range(self.scheduler.max_num_seqs.bit_length()) if 1 << i < self.scheduler.max_num_seqs]
+        for b in sizes + [self.scheduler.max_num_seqs]:
+            self.generate([[self.args.bos_token_id or 1]] * b, SamplingParams(temperature=0, max_tokens=1,
+                                                                            ignore_eos=True))
+
     # ---- lock-step helpers ------------------------------------------------------------------
     def follow(self) -> None:
         """Non-leader ranks: run the leader's steps until it calls `release_followers()`."""
-        self.runner.follow()
+        (self.dp or self.runner).follow()
 
     def release_followers(self) -> None:
-        self.runner.end()
+        (self.dp or self.runner).end()
+
+    def ping(self) -> None:
+        """Leader, idle: a round trip through every rank in `follow()` (keeps them inside the collective timeout)."""
+        (self.dp or self.runner).ping()
 
     def expert_load(self) -> dict:
         """Routed real tokens per layer and expert, and per EP rank. Every rank must call it (collective)."""
-        from ..parallel import gather_routing_counts, rank_loads
-        self.runner.sync_routing_counts()
-        counts = gather_routing_counts(self.model)
+        from ..parallel import gather_routing_counts
+        return self._load_report(gather_routing_counts(self.model))
+
+    def routed_tokens(self) -> dict:
+        """`expert_load()` as the leader alone counted it (leader; no collective: with replicated dispatch
+        every EP rank routes the same tokens; with data-parallel attention, every rank's counts as of the
+        last `ping`). NOTE: host sync."""
+        counts = self.dp.routed_counts() if self.dp is not None else self.model.routing_stats.counts(self.device)
+        return self._load_report(counts.tolist())
+
+    def _load_report(self, counts: list[list[int]]) -> dict:
+        from ..parallel import rank_loads
         loads = rank_loads(self.model, counts)
         per_rank = [sum(layer[r] for layer in loads) for r in range(len(loads[0]))]
         total = sum(per_rank) or 1.0

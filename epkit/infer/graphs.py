@@ -37,24 +37,39 @@ class _Graph:
 class DecodeGraphs:
     """forward(tokens [B,1], positions [B,1], table [B,NB], rows [B] or [0]) -> logits, graph-replayed.
 
-    `forward` must be free of host syncs; it is called with static buffers at capture time. Every
-    tensor the captured forward reads must outlive the graph, so the inputs live in `_Graph`.
+    `forward` is called with static buffers at capture time. Every tensor the captured forward reads must
+    outlive the graph, so the inputs live in `_Graph`. `sync_free(rows)` says whether a forward of that
+    many rows has no host sync (`Mixtral.sync_free`; None: always): only those are captured.
     """
 
-    def __init__(self, forward: Callable, device: torch.device, max_rows: int = 256):
-        self.forward, self.device, self.max_rows = forward, device, max_rows
+    def __init__(self, forward: Callable, device: torch.device, max_rows: int = 256,
+                 sync_free: Callable[[int], bool] | None = None, min_table_width: int = 1):
+        # A forward that reads the block table directly costs nothing per unused column: a wide minimum
+        # table bucket then saves captures (one graph per rows bucket for most serving loads).
+        self.forward, self.device, self.max_rows, self.min_table_width = forward, device, max_rows, min_table_width
         self.pool = torch.cuda.graph_pool_handle() if torch.device(device).type == "cuda" else None
         self.graphs: dict[tuple[int, int, bool], _Graph] = {}
+        self._sync_free = sync_free
+        self._capturable: dict[int, bool] = {}  # per rows bucket: the answer depends only on shapes
 
     def eligible(self, B: int, T: int, rows: int) -> bool:
         """Decode batches that sample every one of their B rows (`rows` is the leader's count on every
-        rank, so all ranks decide alike). A 1-token batch that samples nothing (mid-prompt chunks) runs
-        eagerly: the graph would return B logits rows where the caller expects none."""
-        return T == 1 and rows == B and B <= self.max_rows
+        rank, so all ranks decide alike) and whose padded bucket runs without a host sync. A 1-token batch
+        that samples nothing (mid-prompt chunks) runs eagerly: the graph would return B logits rows where
+        the caller expects none."""
+        if not (T == 1 and rows == B and B <= self.max_rows):
+            return False
+        Bb = bucket(B)
+        if Bb not in self._capturable:
+            self._capturable[Bb] = self._sync_free is None or self._sync_free(Bb)
+        return self._capturable[Bb]
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, with_logits: bool):
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, with_logits: bool,
+            rows: int | None = None, width: int | None = None):
+        """Replay the graph of bucket (rows, width) (default: the buckets of B and NB; data-parallel
+        attention passes the buckets all ranks agreed on, so their graphs hold the same collectives)."""
         B, NB = table.shape
-        key = (bucket(B), bucket(NB), with_logits)
+        key = (rows or bucket(B), width or bucket(max(NB, self.min_table_width)), with_logits)
         g = self.graphs.get(key) or self._capture(*key)
         # NOTE: small device copies into the graph's static inputs; no host sync.
         g.tokens.zero_()
@@ -78,16 +93,21 @@ class DecodeGraphs:
         return g
 
     def _record(self, step: Callable):
-        """Capture `step` into a CUDA graph; returns the graph and the step's (static) output."""
-        dev = self.device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up: lazy inits, Triton compiles, cuBLAS workspaces
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the NCCL watchdog thread keeps polling its events while this thread captures
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = step()
-        return graph, out
+        return record(step, self.device, self.pool)
+
+
+def record(step: Callable, device, pool=None, warmup: int = 2):
+    """Capture `step()` (free of host syncs) into a CUDA graph; returns the graph and the step's output,
+    whose memory the graph rewrites at every replay. Warm-up runs on a side stream first (lazy inits,
+    Triton compiles, cuBLAS workspaces, dispatcher tables moved to the device)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the NCCL watchdog thread keeps polling its events while this thread captures
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = step()
+    return graph, out

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelArgs
+from ..args import ModelArgs
 
 SCRATCH_BLOCK = 0
+CPU_KV_BUDGET = 256 << 20  # bytes of KV cache on CPU when no budget is given
 
 
 class BlockAllocator:
@@ -61,6 +62,51 @@ def blocks_for_budget(args: ModelArgs, budget_bytes: int, block_size: int, dtype
     return n
 
 
+def profile_activations(model, device: torch.device, tokens: int) -> int:
+    """Peak bytes a forward of `tokens` tokens (one prompt chunk) allocates on a GPU. Every EP rank must
+    call it at once (the MoE all-reduces)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    n = min(tokens, model.args.max_position_embeddings)
+    ids = torch.zeros(1, n, dtype=torch.long, device=device)
+    with torch.no_grad():
+        model(ids, logits_rows=torch.tensor([n - 1], device=device))
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def size_prefill_chunk(model, device: torch.device, agree_min) -> int:
+    """The default `max_num_batched_tokens`: 8192 on a GPU, halved (down to 512) while a step of that many
+    tokens would need more than a quarter of the memory left after the weights; 2048 on CPU.
+    `agree_min(int)` is the smallest value over the EP ranks, so that all of them profile the same sizes."""
+    if device.type != "cuda":
+        return 2048
+    chunk = 8192
+    free, _ = torch.cuda.mem_get_info(device)
+    while chunk > 512 and not agree_min(int(profile_activations(model, device, chunk) <= free / 4)):
+        chunk //= 2  # NOTE: a collective per size tried (agree_min)
+    return chunk
+
+
+def profile_kv_budget(model, device: torch.device, utilization: float, profile_tokens: int) -> int:
+    """Bytes of KV cache a GPU can hold: `utilization` of the card, less what is in use and the
+    activations of the largest forward a step can run (profiled here). On CPU, CPU_KV_BUDGET."""
+    if device.type != "cuda":
+        return CPU_KV_BUDGET
+    if not 0 < utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization={utilization} must be in (0, 1]")
+    activations = profile_activations(model, device, profile_tokens)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(utilization * total - (total - free) - activations)
+    if budget <= 0:
+        raise RuntimeError(f"no GPU memory left for the KV cache: {utilization=} of {total >> 20} MiB, "
+                           f"{(total - free) >> 20} MiB in use, {activations >> 20} MiB for activations")
+    return budget
+
+
 class PagedKVCache:
     """k, v pools [L, P, G, Dh]; implements `update(layer, k, v, positions)` for `epkit.model`."""
 
@@ -85,13 +131,18 @@ class PagedKVCache:
         """
         bs = self.block_size
         B, NB = block_table.shape
-        pos = positions.clamp(min=0)
-        slot = block_table.gather(1, pos // bs) * bs + pos % bs  # [B, T]
-        self._write = torch.where(positions >= 0, slot, SCRATCH_BLOCK * bs).reshape(-1)  # [B*T]
+        self._write = self.write_slots(block_table, positions).reshape(-1)  # [B*T]
         s = torch.arange(NB * bs, device=positions.device)  # [S]
         self._read = block_table[:, s // bs] * bs + s % bs  # [B, S]
         length = positions.amax(dim=1, keepdim=True) + 1  # [B, 1] keys held after this step
         self._key_pos = torch.where(s[None, :] < length, s[None, :], -1)  # [B, S]
+
+    def write_slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The pool slot of each token [B, T]; padding (position -1) goes to the scratch block."""
+        bs = self.block_size
+        pos = positions.clamp(min=0)
+        slot = block_table.gather(1, pos // bs) * bs + pos % bs
+        return torch.where(positions >= 0, slot, SCRATCH_BLOCK * bs)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """k, v [B, G, T, Dh] -> all keys/values of each row [B, G, S, Dh] and key positions [B, S]."""

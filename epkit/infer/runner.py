@@ -1,30 +1,43 @@
-"""Lock-step execution of a step's forwards on every expert-parallel rank.
+"""Lock-step execution of a step's forwards on every expert-parallel rank, without waiting for the GPU.
 
-Rank 0 (the leader) schedules. Each step it packs the model inputs of the step's batches into one
-int64 tensor and broadcasts it over the EP group; every rank then runs the same forwards, so the
-MoE layers' all-reduces (replicated dispatch) line up. Only the leader asks the LM head for logits:
-the followers pass no `logits_rows` at all. Requests are validated on the leader before they can
-enter a step, so a bad request never reaches the other ranks.
+Rank 0 (the leader) schedules. `launch` sends the step's host-built inputs (a fixed-size header and
+one int64 payload) to the other ranks over a CPU (gloo) group, then every rank copies them to its
+device and runs the same forwards, so the MoE layers' all-reduces (replicated dispatch) line up. Only
+the leader asks the LM head for logits and samples; `share` broadcasts the sampled ids over the EP
+group in stream order, so every rank holds them on its device. Requests are validated on the leader
+before they can enter a step, so a bad request never reaches the other ranks.
 
-Per step: two broadcasts (a fixed-size header, then the payload) and, on followers, one host sync
-to read the header. Nothing extra per layer.
+A token sampled in step n is an input of step n+1 before the host has seen it: the engine plans step
+n+1 while step n runs, and a row whose input token is still being sampled names its slot in step n's
+sampled ids (`Batch.from_sampled`); each rank fills it in on its device. Followers never wait for
+their device: they receive the next header while their GPU still runs. An idle server pings (a
+header, then a one-element all-reduce on the CPU group): a dead rank shows up as an error.
 
-Legend: B rows, T tokens per row, NB block-table width, R logits rows, L layers, E experts, K top-k.
+Legend: B rows, T tokens per row, NB block-table width, R logits rows, S tokens taken from the
+previous step's samples.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from ..moe import count_per_bucket, route
+from .decode import DecodeForward, choose_kernels, tune_expert_tiles
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
+from .sampling import to_device
 
 MAX_BATCHES = 4  # forwards per step: the decode rows, and prefill chunks grouped by length
-_STEP, _END = 1, 2
-_HEADER = 2 + 4 * MAX_BATCHES  # command, number of batches, then (B, T, NB, R) per batch
+_STEP, _END, _PING = 1, 2, 3
+_PER_BATCH = 5  # B, T, NB, R, S
+_HEADER = 2 + _PER_BATCH * MAX_BATCHES  # command, number of batches, then the batches' sizes
+# Followers wait for the next step on the CPU group however long the leader is idle (a server's own
+# watchdog, `engine_loop.follow_leader`, decides when silence means death); if the leader's process
+# ends, the connection closes and they fail at once.
+CONTROL_TIMEOUT = datetime.timedelta(days=7)
 
 
 @dataclass
@@ -34,114 +47,173 @@ class Batch:
     B: int
     T: int
     NB: int
-    tokens: list[int]  # [B*T], 0 at padding
+    tokens: list[int]  # [B*T], 0 at padding and where from_sampled fills in
     positions: list[int]  # [B*T], -1 at padding
     block_table: list[int]  # [B*NB]
     logits_rows: list[int]  # [R] flattened B*T indices whose next token is sampled
+    from_sampled: list[tuple[int, int]] = field(default_factory=list)  # (token index, slot in last step's samples)
+
+    def sizes(self) -> list[int]:
+        return [self.B, self.T, self.NB, len(self.logits_rows), len(self.from_sampled)]
+
+    def flat(self) -> list[int]:
+        return (self.tokens + self.positions + self.block_table + self.logits_rows
+                + [i for i, _ in self.from_sampled] + [s for _, s in self.from_sampled])
+
+
+def make_batch(rows, block_size: int) -> Batch:
+    """One forward's inputs from scheduled rows (sequence, first position, number of tokens): rows padded
+    to the longest, each row's block table to the widest; a row samples its next token when its chunk
+    ends the known tokens. A sequence's last token may still be on the device (`Sequence.pending`)."""
+    B, T = len(rows), max(n for _, _, n in rows)
+    NB = max(-(-(start + n) // block_size) for _, start, n in rows)
+    b = Batch(B, T, NB, [], [], [], [])
+    for i, (seq, start, n) in enumerate(rows):
+        b.tokens += seq.token_ids[start: start + n] + [0] * (T - n)
+        if seq.pending is not None and start + n > seq.pending[0]:
+            b.tokens[i * T + seq.pending[0] - start] = 0
+            b.from_sampled.append((i * T + seq.pending[0] - start, seq.pending[1]))
+        b.positions += list(range(start, start + n)) + [-1] * (T - n)
+        b.block_table += seq.blocks[:NB] + [0] * (NB - min(NB, len(seq.blocks)))
+        if start + n == seq.num_tokens:
+            b.logits_rows.append(i * T + n - 1)
+    return b
+
+
+def _control_group(ep_group):
+    """A gloo group with the same ranks as `ep_group` (every rank of the world must call this)."""
+    mine = dist.get_process_group_ranks(ep_group)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)  # NOTE: collective, once at set-up
+    out = None
+    for ranks in sorted({tuple(r) for r in every}):
+        group = dist.new_group(list(ranks), backend="gloo", timeout=CONTROL_TIMEOUT)  # NOTE: collective
+        if dist.get_rank() in ranks:
+            out = group
+    return out
 
 
 class StepRunner:
-    def __init__(self, model, cache: PagedKVCache, device: torch.device, cuda_graphs: bool = True):
+    def __init__(self, model, cache: PagedKVCache, device: torch.device, cuda_graphs: bool = True,
+                 decode_kernels: str | None = None, max_rows: int = 256, max_table_width: int = 1):
         self.model, self.cache, self.device = model, cache, torch.device(device)
-        # Decode steps replay CUDA graphs (graphs.py); prefill chunks and CPU runs stay eager.
-        self.graphs = DecodeGraphs(self._forward, self.device) if cuda_graphs and self.device.type == "cuda" else None
-        self._sync_free_rows: dict[int, bool] = {}
-        info = getattr(model, "expert_parallel", None)
+        self.decode_kernels = choose_kernels(decode_kernels, model, self.device)
+        self.expert_tiles = tune_expert_tiles(model)  # GPUs: the small-batch down projection's launch, timed
+        self.decode = (DecodeForward(model, cache, self.decode_kernels) if self.decode_kernels != "reference"
+                       else None)
+        # Decode steps replay CUDA graphs (graphs.py); prefill chunks and CPU runs stay eager. Paged attention
+        # skips unused table columns, so its graphs take tables of up to 4096 tokens in one width bucket.
+        paged = self.decode is not None and self.decode.reads_table
+        min_width = min(max_table_width, -(-4096 // cache.block_size)) if paged else 1
+        self.graphs = (DecodeGraphs(self._forward, self.device, max_rows, sync_free=model.sync_free,
+                                    min_table_width=min_width) if cuda_graphs and self.device.type == "cuda" else None)
+        info = model.expert_parallel
         self.group = info.groups.ep_group if info is not None and info.plan.ep_size > 1 else None
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
         self.is_leader = self.rank == 0
-        args = model.args
-        self.top_k, self.num_experts = args.experts_per_token, args.num_experts
-        # Routing counts of real tokens only (the model's own counter would also count padding).
-        self.routed = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64, device=self.device)
-        for moe in model.moe_layers():
-            moe.track_routing = False
+        if self.group is not None:
+            self.leader = dist.get_global_rank(self.group, 0)
+            self.control = _control_group(self.group)
+        self.sampled = torch.zeros(1, dtype=torch.int64, device=self.device)  # the last step's samples
+        self.last_heard = time.monotonic()  # followers: when the leader's last header arrived
 
     # ---- leader -----------------------------------------------------------------------------
-    def execute(self, batches: list[Batch]) -> list[torch.Tensor]:
-        """Run the batches on every rank; return the leader's logits [R, V] per batch."""
+    def launch(self, batches: list[Batch]) -> list[torch.Tensor]:
+        """Queue the batches' forwards on every rank; return the leader's logits [R, V] per batch (still
+        being computed: nothing here waits for the device)."""
         if not self.is_leader:
-            raise RuntimeError("StepRunner.execute is for the leader rank; other ranks call follow()")
+            raise RuntimeError("StepRunner.launch is for the leader rank; other ranks call follow()")
         if not 1 <= len(batches) <= MAX_BATCHES:
             raise ValueError(f"a step holds 1 to {MAX_BATCHES} batches, got {len(batches)}")
-        header = [_STEP, len(batches)] + [0] * (4 * MAX_BATCHES)
+        header = [_STEP, len(batches)] + [0] * (_PER_BATCH * MAX_BATCHES)
         flat: list[int] = []
         for i, b in enumerate(batches):
-            header[2 + 4 * i: 6 + 4 * i] = [b.B, b.T, b.NB, len(b.logits_rows)]
-            flat += b.tokens + b.positions + b.block_table + b.logits_rows
-        payload = torch.tensor(flat, dtype=torch.int64).to(self.device, non_blocking=True)
+            header[2 + _PER_BATCH * i: 2 + _PER_BATCH * (i + 1)] = b.sizes()
+            flat += b.flat()
+        payload = torch.tensor(flat, dtype=torch.int64)
         if self.group is not None:
-            # NOTE: two broadcasts per step over the EP group.
-            dist.broadcast(torch.tensor(header, dtype=torch.int64).to(self.device), src=0, group=self.group)
-            dist.broadcast(payload, src=0, group=self.group)
+            # NOTE: two broadcasts per step on the CPU group; the host does not wait for any device.
+            dist.broadcast(torch.tensor(header, dtype=torch.int64), src=self.leader, group=self.control)
+            dist.broadcast(payload, src=self.leader, group=self.control)
         return self._run(header, payload, with_logits=True)
+
+    def share(self, sampled: torch.Tensor) -> None:
+        """The step's sampled ids [R] (leader), for the next step's `from_sampled` on every rank."""
+        self.sampled = sampled
+        if self.group is not None:
+            dist.broadcast(sampled, src=self.leader, group=self.group)  # NOTE: collective, in stream order
 
     def end(self) -> None:
         """Release the followers from `follow()`."""
-        if self.group is not None and self.is_leader:
-            header = torch.zeros(_HEADER, dtype=torch.int64)
-            header[0] = _END
-            dist.broadcast(header.to(self.device), src=0, group=self.group)  # NOTE: collective
+        self._command(_END)
+
+    def ping(self) -> None:
+        """Leader: a round trip through every follower in `follow()` (returns once all of them answered)."""
+        if self._command(_PING):
+            self._answer_ping()
+
+    def _command(self, command: int) -> bool:
+        if self.group is None or not self.is_leader:
+            return False
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[0] = command
+        dist.broadcast(header, src=self.leader, group=self.control)  # NOTE: collective (CPU group)
+        return True
+
+    def _answer_ping(self) -> None:
+        dist.all_reduce(torch.ones(1), group=self.control)  # NOTE: collective (CPU group)
 
     # ---- followers --------------------------------------------------------------------------
     def follow(self) -> None:
-        """Run every step the leader broadcasts, until it calls `end()`."""
+        """Run every step the leader launches, until it calls `end()`."""
         if self.group is None or self.is_leader:
             return
         while True:
-            header_t = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-            dist.broadcast(header_t, src=0, group=self.group)  # NOTE: collective
-            header = header_t.tolist()  # NOTE: host sync, once per step
+            header_t = torch.empty(_HEADER, dtype=torch.int64)
+            dist.broadcast(header_t, src=self.leader, group=self.control)  # NOTE: collective (CPU group)
+            header = header_t.tolist()
+            self.last_heard = time.monotonic()
             if header[0] == _END:
                 return
-            size = sum(h[0] * h[1] * 2 + h[0] * h[2] + h[3]
-                       for h in (header[2 + 4 * i: 6 + 4 * i] for i in range(header[1])))
-            payload = torch.empty(size, dtype=torch.int64, device=self.device)
-            dist.broadcast(payload, src=0, group=self.group)
+            if header[0] == _PING:
+                self._answer_ping()
+                continue
+            sizes = [header[2 + _PER_BATCH * i: 2 + _PER_BATCH * (i + 1)] for i in range(header[1])]
+            payload = torch.empty(sum(B * T * 2 + B * NB + R + 2 * S for B, T, NB, R, S in sizes), dtype=torch.int64)
+            dist.broadcast(payload, src=self.leader, group=self.control)
             self._run(header, payload, with_logits=False)
+            R = sum(s[3] for s in sizes)
+            if R:  # the leader shares what it sampled (see `share`)
+                self.sampled = torch.empty(R, dtype=torch.int64, device=self.device)
+                dist.broadcast(self.sampled, src=self.leader, group=self.group)  # NOTE: collective
 
     # ---- both -------------------------------------------------------------------------------
     @torch.no_grad()
     def _run(self, header: list[int], payload: torch.Tensor, with_logits: bool) -> list[torch.Tensor]:
+        payload = to_device(payload, torch.int64, self.device)
         out, o = [], 0
         for i in range(header[1]):
-            B, T, NB, R = header[2 + 4 * i: 6 + 4 * i]
+            B, T, NB, R, S = header[2 + _PER_BATCH * i: 2 + _PER_BATCH * (i + 1)]
             tokens = payload[o: o + B * T].view(B, T)
             positions = payload[o + B * T: o + 2 * B * T].view(B, T)
-            table = payload[o + 2 * B * T: o + 2 * B * T + B * NB].view(B, NB)
-            rows = payload[o + 2 * B * T + B * NB: o + 2 * B * T + B * NB + R]
-            o += 2 * B * T + B * NB + R
-            if self.graphs is not None and self.graphs.eligible(B, T, R) and self._sync_free(B):
+            o += 2 * B * T
+            table = payload[o: o + B * NB].view(B, NB)
+            rows = payload[o + B * NB: o + B * NB + R]
+            o += B * NB + R
+            if S:  # tokens the previous step sampled: fill them in on the device
+                tokens.view(-1)[payload[o: o + S]] = self.sampled[payload[o + S: o + 2 * S]]
+            o += 2 * S
+            if self.graphs is not None and self.graphs.eligible(B, T, R):
                 out.append(self.graphs.run(tokens, positions, table, with_logits))
             else:
                 out.append(self._forward(tokens, positions, table, rows if with_logits else rows[:0]))
         return out
 
-    def _sync_free(self, rows: int) -> bool:
-        """Whether a decode forward of `rows` tokens has no host sync (else it cannot be graph-captured).
-        Asked once per row count: the answer depends only on shapes, dtype and device."""
-        if rows not in self._sync_free_rows:
-            probe = self.model.embed.weight[:1]
-            self._sync_free_rows[rows] = all(moe.experts.sync_free(probe, rows * self.top_k)
-                                             for moe in self.model.moe_layers())
-        return self._sync_free_rows[rows]
-
     def _forward(self, tokens, positions, table, rows) -> torch.Tensor:
-        """One forward with the cache prepared for it; free of host syncs (CUDA graphs capture it)."""
+        """One forward; free of host syncs (CUDA graphs capture it). One-token rows take the decode forward.
+        Both count the routed real tokens (positions >= 0) into `model.routing_stats`."""
+        if self.decode is not None and tokens.shape[1] == 1:
+            return self.decode(tokens, positions, table, rows)
         self.cache.prepare(table, positions)
-        logits, router_logits = self.model(tokens, positions, self.cache, logits_rows=rows)
-        self._count(router_logits, positions)
+        logits, _ = self.model(tokens, positions, self.cache, logits_rows=rows)
         return logits
-
-    def _count(self, router_logits: list[torch.Tensor], positions: torch.Tensor) -> None:
-        """Add this forward's real tokens to the per-layer expert counts (no host sync)."""
-        L, E = len(router_logits), self.num_experts
-        _, ids = route(torch.stack(router_logits), self.top_k)  # [L, N, K]
-        real = (positions.reshape(-1) >= 0)[None, :, None]  # [1, N, 1]
-        key = torch.where(real, ids + torch.arange(L, device=ids.device)[:, None, None] * E, L * E)
-        self.routed += count_per_bucket(key, L * E + 1)[: L * E].view(L, E)
-
-    def sync_routing_counts(self) -> None:
-        """Copy the real-token counts into the MoE layers' counters (for `epkit.parallel` telemetry)."""
-        for layer, moe in enumerate(self.model.moe_layers()):
-            moe.routed_tokens.copy_(self.routed[layer])

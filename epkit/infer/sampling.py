@@ -9,6 +9,7 @@ Legend: R rows to sample, V vocab.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -16,15 +17,20 @@ import torch
 
 _M32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2^27, so products of 32-bit values stay inside int64
+# Temperatures below this decode greedily: logits / 1e-40 overflow to inf and the softmax to NaN (token 0).
+GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs limit)
 
 
 @dataclass
 class SamplingParams:
     """How one request is decoded. Defaults follow vLLM: temperature 1 (sampling), 16 new tokens.
 
-    temperature 0 is greedy. top_k 0 or -1 and top_p 1 switch those filters off. `seed` makes a sampled
+    temperature 0 (or below 1e-5) is greedy. top_k 0 or -1 and top_p 1 switch those filters off. `seed` makes a sampled
     request reproducible. `stop` strings end the text (not included in it); `stop_token_ids` and the
     model's EOS (unless `ignore_eos`) end generation with the stop token kept in `token_ids`.
+    `logprobs` (None: off) returns each chosen token's log-probability under the model's distribution
+    (before temperature, top-k and top-p) and that many most likely alternatives with theirs.
     """
 
     max_tokens: int = 16
@@ -36,10 +42,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def stop_strings(self) -> list[str]:
@@ -65,11 +72,26 @@ class SamplingParams:
             if not isinstance(self.stop, (str, list, tuple)) or any(not isinstance(s, str) or not s
                                                                    for s in self.stop_strings):
                 raise ValueError(f"stop={self.stop!r} must be a non-empty string or a list of them")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs={self.logprobs!r} must be None or an integer in [0, {MAX_LOGPROBS}]")
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids")
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
                 raise ValueError(f"stop token id {t!r} is outside the vocabulary (size {vocab_size})")
+
+    def choices(self, n: int) -> list["SamplingParams"]:
+        """Settings of `n` completions of one prompt (OpenAI's `n`): a seeded request's choice i uses
+        seed + i (choice 0 is the request itself); unseeded choices each get their own random seed."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} must be a positive integer")
+        if self.seed is None:
+            return [self] * n
+        return [dataclasses.replace(self, seed=self.seed + i) for i in range(n)]
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
@@ -135,22 +157,62 @@ class SamplingBatch:
                    [float(p.top_p) for p in params], seeds, counters)
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or CPU tensor) as a tensor on `device` without waiting for the device: through pinned
+    memory and an asynchronous copy (a plain copy from pageable memory first waits for every queued kernel)."""
+    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class HostCopy:
+    """A device tensor on its way to the host: the copy is queued now, `get()` waits for it (and only it)
+    and returns it as a list."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = t.clone(), None
+
+    def get(self) -> list:
+        if self.done is not None:
+            self.done.synchronize()  # NOTE: host sync, on this copy only (later work stays queued)
+        return self.host.tolist()
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits [R, V] -> next token ids [R] (int64, on logits' device). No host sync inside."""
     R, V = logits.shape
     logits = logits.float()
     greedy_tokens = torch.argmax(logits, dim=-1)
-    if all(t == 0 for t in batch.temperature):
+    if all(t < GREEDY_BELOW for t in batch.temperature):
         return greedy_tokens
     dev = logits.device
-    temp = torch.tensor([t if t > 0 else 1.0 for t in batch.temperature], device=dev)
+    temp = to_device([t if t >= GREEDY_BELOW else 1.0 for t in batch.temperature], torch.float32, dev)
     scaled = logits / temp[:, None]
     if any(k < V for k in batch.top_k) or any(p < 1 for p in batch.top_p):
-        scaled = filter_logits(scaled, torch.tensor(batch.top_k, device=dev), torch.tensor(batch.top_p, device=dev))
+        scaled = filter_logits(scaled, to_device(batch.top_k, torch.int64, dev),
+                               to_device(batch.top_p, torch.float32, dev))
     probs = torch.softmax(scaled, dim=-1)
-    seeds = torch.tensor([s % (1 << 63) for s in batch.seeds], dtype=torch.int64, device=dev)
-    u = uniform_noise(seeds, torch.tensor(batch.counters, dtype=torch.int64, device=dev), V)
+    seeds = to_device([s % (1 << 63) for s in batch.seeds], torch.int64, dev)
+    u = uniform_noise(seeds, to_device(batch.counters, torch.int64, dev), V)
     # Exponential race (Gumbel-max): argmax p_i / E_i with E_i ~ Exp(1) is a draw from p.
     drawn = torch.argmax(probs.double() / -torch.log(u), dim=-1)
-    is_greedy = torch.tensor([t == 0 for t in batch.temperature], device=dev)
+    is_greedy = to_device([t < GREEDY_BELOW for t in batch.temperature], torch.bool, dev)
     return torch.where(is_greedy, greedy_tokens, drawn)
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """logits [R, V], chosen [R] -> the chosen tokens' log-probabilities [R] and the k most likely
+    tokens [R, k] with theirs [R, k], under the model's distribution. No host sync inside."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen_logp = logp.gather(1, chosen[:, None]).squeeze(1)
+    if k == 0:
+        return chosen_logp, chosen[:, None][:, :0], logp[:, :0]
+    top_logp, top_ids = torch.topk(logp, k, dim=-1)
+    return chosen_logp, top_ids, top_logp

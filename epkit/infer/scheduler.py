@@ -13,6 +13,9 @@ While other requests wait or prefill, one sequence's prefill chunk is capped at
 `long_prefill_tokens` (default a quarter of the budget), so a long prompt cannot take a whole step
 and hold short requests out; alone, it takes the whole budget.
 
+A sequence whose last sampled token reaches its length limit is left out while that token is still
+on its way from the device (the engine plans a step before the previous one's tokens are read back).
+
 When a running sequence needs a KV block and none is free, the newest running sequence not yet
 scheduled this step is preempted by recompute: its blocks are freed and it waits again, keeping
 the tokens it generated; when it is readmitted its prompt and outputs are prefilled again.
@@ -50,10 +53,18 @@ class Sequence:
     finished_at: float | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # The last token is still being sampled on the device: (its index in token_ids, its slot in that step's
+    # samples). The next step reads it there; the engine writes it in when the step's ids reach the host.
+    pending: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def complete(self) -> bool:
+        """Every token it may have is sampled (the last may be pending): nothing left to compute."""
+        return self.num_tokens >= self.max_len
 
     @property
     def output_ids(self) -> list[int]:
@@ -135,7 +146,7 @@ class Scheduler:
         rows: list[tuple[Sequence, int, int]] = []
         scheduled: set[int] = set()
         preempted: list[Sequence] = []
-        decoding = [s for s in self.running if s.remaining == 1]
+        decoding = [s for s in self.running if s.remaining == 1 and not s.complete]
         prefilling = [s for s in self.running if s.remaining > 1]
         contended = bool(self.waiting) or len(prefilling) > 1
         cap = self.long_prefill_tokens if contended else budget

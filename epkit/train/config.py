@@ -1,22 +1,19 @@
 """Training settings: one dataclass; YAML recipe values are defaults, command-line flags override them.
 
-`parse_config(argv)` builds the command line from the dataclass fields, so `launch/train.py --help`
-lists every setting with the recipe's default.
+`parse_config(argv)` builds the command line from the dataclass fields (`epkit.settings`), so
+`launch/train.py --help` lists every setting with the recipe's default.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
-from ..config import read_recipe
+from ..model import CHECKPOINT_MODES
 from ..plan import STRATEGIES
+from ..settings import add_flags, flag_name, from_flags, parse_flags, settings_parser
+from ..settings import setting as _opt
 
 FREEZE_CHOICES = ("none", "attention", "router", "experts")
-
-
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+ALL_TO_ALL = ("exact", "fixed_capacity")
 
 
 @dataclass
@@ -29,9 +26,12 @@ class TrainConfig:
     eval_data: str | None = _opt(None, "held-out data, same formats; evaluated every --eval-every steps and at the end")
     output_dir: str = _opt("outputs/default", "run directory: metrics, checkpoints, final/ (the served checkpoint)")
     # parallelism and precision
-    ep: int = _opt(1, "expert-parallel size; must divide the number of ranks")
+    ep_size: int = _opt(1, "expert-parallel size; must divide the number of ranks", flag="ep")
     plan_strategy: str = _opt("contiguous", "expert placement: contiguous, round_robin or balanced (by the "
                                             "tokens per expert --model's epkit_plan.json records)")
+    all_to_all: str = _opt("exact", "how EP ranks exchange tokens: exact (pair counts read on the host, one sync per "
+                                    "layer) or fixed_capacity (every token to every EP rank in fixed-size blocks: "
+                                    "no host sync)", choices=ALL_TO_ALL)
     zero_stage: int | None = _opt(None, "DeepSpeed ZeRO stage 0, 1 or 2 (default: the DeepSpeed/Accelerate config "
                                          "file's, else 0)")
     dtype: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
@@ -47,7 +47,11 @@ class TrainConfig:
     weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to norms)")
     betas: tuple = _opt((0.9, 0.95), "AdamW betas", nargs=2, type=float)
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
+    skip_nonfinite: int = _opt(0, "steps with a non-finite loss or gradient norm to skip (their update is not "
+                                  "applied) before the run stops; 0: stop at the first")
     seed: int = _opt(0, "seeds model init, data order and every RNG")
+    dist_timeout: float = _opt(600.0, "seconds a collective waits for the other ranks; then the job ends with a "
+                                      "line naming the rank that stopped answering")
     # loss
     aux_loss_coef: float | None = _opt(None, "load-balancing loss coefficient (default: the model's "
                                               "router_aux_loss_coef, as transformers uses)")
@@ -55,7 +59,18 @@ class TrainConfig:
     # what trains
     train_only: str = _opt("none", "train only this part and freeze the rest: none, attention, router or experts",
                            choices=FREEZE_CHOICES)
-    activation_checkpointing: bool = _opt(False, "recompute decoder layers in backward to save memory")
+    activation_checkpointing: str = _opt("none", "recompute in backward to save memory: none, layers (whole decoder "
+                                                 "layers) or selective (attention blocks and the experts' "
+                                                 "up-projection: no collective runs twice); the bare flag means "
+                                                 "layers", choices=CHECKPOINT_MODES, nargs="?", const="layers")
+    # LoRA (epkit.lora): a frozen base, adapters saved as a PEFT adapter directory
+    lora_rank: int | None = _opt(None, "train LoRA adapters of this rank on a frozen base (default: full fine-tune)")
+    lora_alpha: float | None = _opt(None, "LoRA alpha: updates are scaled by alpha / rank (default: the rank)")
+    lora_dropout: float = _opt(0.0, "dropout on the adapters' input (attention-only targets: PEFT's router and "
+                                    "expert LoRA has none)")
+    lora_targets: str = _opt("attention,experts", "what gets adapters: a comma list of attention, experts, router")
+    merge: bool = _opt(False, "with --lora-rank: also write OUTPUT_DIR/merged, the base with the adapters folded in "
+                              "(a Hugging Face checkpoint)")
     # checkpoints and metrics
     save_every: int = _opt(0, "save a checkpoint every N steps (0: only at the end)")
     keep_last: int = _opt(2, "keep the last K step checkpoints (final/ is always kept)")
@@ -64,64 +79,70 @@ class TrainConfig:
     log_every: int = _opt(1, "write metrics every N steps")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars to OUTPUT_DIR/tensorboard")
     progress: bool = _opt(True, "tqdm progress bar on rank 0")
+    verbose: bool = _opt(False, "also show DeepSpeed's and torch's log lines and known warnings (hidden by default)")
+
+    def __post_init__(self):
+        # recipes and callers written when this was a bool
+        self.activation_checkpointing = {True: "layers", False: "none"}.get(self.activation_checkpointing,
+                                                                            self.activation_checkpointing)
 
     def check(self) -> None:
         """Settings that are wrong whatever the model and data: one sentence naming the value."""
-        positive = ("max_steps", "seq_len", "micro_batch", "grad_accum", "ep", "log_every")
-        for name in positive:
+        flag = {f.name: "--" + flag_name(f).replace("_", "-") for f in fields(self)}
+        for name in ("max_steps", "seq_len", "micro_batch", "grad_accum", "ep_size", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be a positive integer")
+                raise ValueError(f"{flag[name]}={getattr(self, name)!r} must be a positive integer")
         if self.zero_stage not in (None, 0, 1, 2):
             raise ValueError(f"--zero-stage={self.zero_stage} is not supported; use 0, 1 or 2")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--dtype={self.dtype!r} is not one of auto, fp32, bf16")
         if self.train_only not in FREEZE_CHOICES:
             raise ValueError(f"--train-only={self.train_only!r} is not one of {', '.join(FREEZE_CHOICES)}")
+        if self.activation_checkpointing not in CHECKPOINT_MODES:
+            raise ValueError(f"--activation-checkpointing={self.activation_checkpointing!r} is not one of "
+                             f"{', '.join(CHECKPOINT_MODES)}")
+        if self.all_to_all not in ALL_TO_ALL:
+            raise ValueError(f"--all-to-all={self.all_to_all!r} is not one of {', '.join(ALL_TO_ALL)}")
         if self.plan_strategy not in STRATEGIES:
             raise ValueError(f"--plan-strategy={self.plan_strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout={self.dist_timeout!r} must be a positive number of seconds")
         if not self.lr > 0:
             raise ValueError(f"--lr={self.lr!r} must be > 0")
-        for name in ("warmup_steps", "save_every", "eval_every"):
+        for name in ("warmup_steps", "save_every", "eval_every", "skip_nonfinite"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be >= 0")
+                raise ValueError(f"{flag[name]}={getattr(self, name)!r} must be >= 0")
         if self.keep_last < 1:
             raise ValueError(f"--keep-last={self.keep_last!r} must be at least 1")
+        if self.lora_rank is not None:
+            self.lora_spec()
+            if self.train_only != "none":
+                raise ValueError(f"--train-only {self.train_only} and --lora-rank exclude each other: LoRA freezes the "
+                                 f"whole base and trains only adapters (choose them with --lora-targets)")
+        else:
+            given = [f for f in ("lora_alpha", "lora_dropout", "lora_targets", "merge")
+                     if getattr(self, f) != TrainConfig.__dataclass_fields__[f].default]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} needs --lora-rank (LoRA is off without it)")
+
+    def lora_spec(self):
+        """The adapters this run trains (epkit.lora.LoraSpec), or None for a full fine-tune."""
+        if self.lora_rank is None:
+            return None
+        from ..lora import LoraSpec
+        return LoraSpec.from_groups(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
 
-def load_yaml(path: str) -> dict:
-    return read_recipe(path, {f.name for f in dataclasses.fields(TrainConfig)})
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Fine-tune a Mixtral with expert parallelism (DeepSpeed or Accelerate).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="YAML recipe (configs/train/NAME.yaml); its values are the defaults")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        meta = dict(f.metadata)
-        help_ = meta.pop("help")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-            continue
-        kind = meta.pop("type", None) or {"int": int, "float": float}.get(f.type.split(" |")[0], str)
-        if "float | None" in str(f.type):
-            kind = float
-        if "int | None" in str(f.type):
-            kind = int
-        p.add_argument(flag, type=kind, default=f.default, help=help_, **meta)
+def build_parser():
+    p = settings_parser("Fine-tune a Mixtral with expert parallelism (DeepSpeed or Accelerate).")
+    add_flags(p, TrainConfig)
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    p = build_parser()
-    first, _ = p.parse_known_args(argv)
-    if first.config:
-        p.set_defaults(**load_yaml(first.config))
-    args = vars(p.parse_args(argv))
-    args.pop("config"), args.pop("local_rank")
-    if isinstance(args.get("betas"), list):
-        args["betas"] = tuple(args["betas"])
-    cfg = TrainConfig(**args)
+    values = parse_flags(build_parser(), argv)
+    if isinstance(values.get("betas"), list):
+        values["betas"] = tuple(values["betas"])
+    cfg = from_flags(TrainConfig, values)
     cfg.check()
     return cfg

@@ -1,11 +1,13 @@
-"""The model and the DeepSpeed engine a fine-tune runs on.
+"""The model, optimizer and DeepSpeed engine a fine-tune runs on, and the per-step gradient work (exact
+clipping, reductions on the run's device).
 
-Order (one place, one order):
-  1. build the model on the meta device and shard it, then materialise: a checkpoint loads with
-     `load_pretrained(ep_size=E, dispatch="all_to_all")` (each rank reads its own experts); a preset gets
-     `apply_expert_parallel` then `Mixtral.init_weights` (every tensor and expert drawn from its own seeded
-     generator, so every EP size starts from the same weights);
-  2. freeze what `--train-only` leaves out;
+Order:
+  1. `epkit.build.build_model` (meta, shard, materialise, retie, mark): a checkpoint loads through
+     `load_pretrained(ep_size=E, dispatch="all_to_all")` (each rank reads its own experts); a preset is then
+     filled by `Mixtral.init_weights` (every tensor and expert drawn from its own seeded generator, so every
+     EP size starts from the same weights);
+  2. freeze what `--train-only` leaves out, or (`--lora-rank`) freeze the whole base and add LoRA adapters
+     (`epkit.lora.apply_lora`; restored from the checkpoint when resuming: a LoRA checkpoint holds only them);
   3. AdamW over parameter groups where expert parameters form DeepSpeed's MoE groups
      (`split_params_into_different_moe_groups_for_optimizer`), warm-up + cosine LambdaLR;
   4. `deepspeed.initialize`, or Accelerate's `prepare` (its DeepSpeed plugin calls the same thing).
@@ -24,6 +26,11 @@ clipping is off. bf16 at ZeRO 0 (DeepSpeed 0.19.8): the engine wraps AdamW in FP
 (tests/test_train.py checks it on CPU). BF16_Optimizer, which accumulates `p.grad` into fp32 buffers
 during backward (before `clip_exact` could act), comes only with ZeRO 1 and fp32 gradient accumulation,
 where DeepSpeed clips; `uses_exact_clip` refuses it at ZeRO 0.
+
+LoRA: the adapters are fp32 Parameters (their own fp32 masters; AdamW state exists for them only) over a
+frozen base in the training dtype (bf16 on GPU). DeepSpeed's bf16 mode would cast them to bf16 and add
+masters of its own, so it is off for LoRA runs: the engine then sees a plain fp32 optimizer over fp32
+parameters, and leaves the frozen bf16 base as it is.
 """
 from __future__ import annotations
 
@@ -32,9 +39,10 @@ import os
 
 import torch
 
-from ..config import ModelArgs
+from ..args import ModelArgs
 from ..model import Mixtral
-from ..parallel import apply_expert_parallel, is_distributed, mark_expert_params, setup_expert_parallel, world_size
+from ..build import build_model
+from ..parallel import is_distributed, set_dispatch_capacity, world_size
 from ..plan import ShardingPlan
 from .config import TrainConfig
 
@@ -55,54 +63,45 @@ def model_args_for(cfg: TrainConfig) -> ModelArgs:
 
 def plan_loads(cfg: TrainConfig) -> list[list[int]] | None:
     """Tokens per expert per layer for `--plan-strategy balanced`: the `routed_tokens` that --model's
-    epkit_plan.json records (a training run's checkpoint). Always --model's, never a --resume checkpoint's,
+    manifest records (a training run's checkpoint). Always --model's, never a --resume checkpoint's,
     so a resumed run places the experts as the run it continues did. None for other strategies."""
-    if cfg.plan_strategy != "balanced":
+    if cfg.plan_strategy != "balanced" or not os.path.isdir(cfg.model):
         return None
-    import json
-
-    from ..checkpoint import PLAN_FILE
-    file = os.path.join(cfg.model, PLAN_FILE)
-    if not os.path.isfile(file):
-        return None
-    with open(file) as f:
-        loads = json.load(f).get("routed_tokens")
-    return loads or None
+    from ..checkpoint import Manifest
+    manifest = Manifest.read(cfg.model)
+    return (manifest.routed_tokens or None) if manifest is not None else None
 
 
 def check_plan_strategy(cfg: TrainConfig) -> None:
     """`balanced` places experts by their measured load, which only a checkpoint that recorded routing has."""
-    if cfg.plan_strategy == "balanced" and cfg.ep > 1 and plan_loads(cfg) is None:
+    if cfg.plan_strategy == "balanced" and cfg.ep_size > 1 and plan_loads(cfg) is None:
         raise ValueError(f"--plan-strategy balanced places experts by their load (routed_tokens in the checkpoint's "
                          f"epkit_plan.json), and --model {cfg.model!r} records none; use a checkpoint written by "
                          f"epkit (e.g. a run's final/) or --plan-strategy contiguous/round_robin")
 
 
-def build_model(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = torch.float32,
-                checkpoint: str | None = None) -> Mixtral:
-    """The expert-parallel model on `device` in the training dtype (DeepSpeed's optimizer keeps fp32 masters).
-
-    Both paths build on the meta device and materialise only this rank's experts, so no rank ever
-    holds the whole model (Mixtral-8x7B at EP=2 fits where the full model would not)."""
+def model_for(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = torch.float32,
+              checkpoint: str | None = None) -> Mixtral:
+    """The expert-parallel model on `device` in the training dtype (DeepSpeed's optimizer keeps fp32 masters),
+    through `epkit.build.build_model` (a checkpoint: `load_pretrained`, which calls it), so no rank ever holds
+    the whole model (Mixtral-8x7B at EP=2 fits where the full model would not)."""
     source = checkpoint or (cfg.model if os.path.isdir(cfg.model) else None)
     # EP=1 keeps the plain model: its experts are ordinary data-parallel parameters.
-    plan = ShardingPlan(args.num_experts, cfg.ep, strategy=cfg.plan_strategy, loads=plan_loads(cfg),
-                        num_layers=args.num_layers) if cfg.ep > 1 else None
+    plan = None
+    if cfg.ep_size > 1 and os.path.isdir(cfg.model):  # placed from --model's manifest (see plan_loads)
+        from ..checkpoint import checkpoint_plan
+        plan = checkpoint_plan(cfg.model, args, cfg.ep_size, cfg.plan_strategy)
+    elif cfg.ep_size > 1:
+        plan = ShardingPlan(args.num_experts, cfg.ep_size, strategy=cfg.plan_strategy, num_layers=args.num_layers)
     if source is not None:
         from ..checkpoint import load_pretrained
-        model = load_pretrained(source, device=device, dtype=dtype, ep_size=cfg.ep, plan=plan,
+        model = load_pretrained(source, device=device, dtype=dtype, ep_size=cfg.ep_size, plan=plan,
                                 dispatch="all_to_all")
     else:
-        with torch.device("meta"):
-            model = Mixtral(args, dtype=dtype)
-        if plan is not None:
-            apply_expert_parallel(model, plan, setup_expert_parallel(cfg.ep), dispatch="all_to_all")
-        model.to_empty(device=device)
-        if args.tie_word_embeddings:  # to_empty made two tensors of the tied one
-            model.lm_head.weight = model.embed.weight
-        model.init_weights(seed=cfg.seed)
-    if plan is not None:
-        mark_expert_params(model)  # to_empty made new Parameters without DeepSpeed's expert markers
+        model = build_model(args, plan, "all_to_all", device, dtype).init_weights(seed=cfg.seed)
+    if plan is not None and cfg.all_to_all == "fixed_capacity":
+        # every rank trains (and evaluates) micro-batches of one shape, micro_batch x seq_len tokens
+        set_dispatch_capacity(model, cfg.micro_batch * cfg.seq_len)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model
 
@@ -127,9 +126,23 @@ def freeze(model: Mixtral, train_only: str) -> dict[str, int]:
             counts[part(name)] = counts.get(part(name), 0) + p.numel()
     if not counts:
         raise ValueError(f"--train-only={train_only!r} leaves no parameter trainable")
-    if train_only not in ("none", "experts"):
-        # No expert trains, so no expert gradient needs reducing: DeepSpeed must see a dense model, or ZeRO
-        # asserts that MoE layers come with MoE optimizer groups. Drop the borrowed DeepSpeed MoE type
+    return counts
+
+
+def make_trainable(model: Mixtral, cfg: TrainConfig, resume_from: str | None = None) -> dict[str, int]:
+    """Freeze what `--train-only` leaves out, or freeze the base and add `--lora-rank` adapters (restored from
+    `resume_from`); returns trainable parameter counts by part."""
+    if cfg.lora_rank is not None:
+        from ..lora import apply_lora
+        counts = apply_lora(model, cfg.lora_spec(), seed=cfg.seed)
+        if resume_from is not None:
+            from ..lora_io import load_adapter
+            load_adapter(model, resume_from)
+    else:
+        counts = freeze(model, cfg.train_only)
+    if not any(p.requires_grad for moe in model.moe_layers() for p in moe.experts.parameters()):
+        # No expert parameter trains, so no expert gradient needs reducing: DeepSpeed must see a dense model,
+        # or ZeRO asserts that MoE layers come with MoE optimizer groups. Drop the borrowed DeepSpeed MoE type
         # (epkit.parallel._deepspeed_moe_class: epkit's MoE first in the MRO); forward is unchanged.
         from ..moe import MoE
         for moe in model.moe_layers():
@@ -175,6 +188,13 @@ def _merge(base: dict, user: dict) -> dict:
     return out
 
 
+# ZeRO 2: gradients reduce-scatter in 200M-element buckets (400 MB in bf16) on a side stream while backward
+# runs (overlap_comm), into one contiguous buffer. DeepSpeed's defaults are 500M-element buckets and no
+# overlap. configs/deepspeed/zero2.json spells the same values.
+ZERO2_DEFAULTS = {"overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
+                  "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000}
+
+
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, base: dict | None = None) -> dict:
     """The engine config from epkit's settings; a `--deepspeed-config` file (or Accelerate's, `base`) may add
     or override keys, except that clipping is always epkit's (see the module doc)."""
@@ -203,8 +223,12 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, base: dict | None = N
         ds["zero_optimization"]["stage"] = cfg.zero_stage
     if ds["zero_optimization"]["stage"] not in (0, 1, 2):
         raise ValueError(f"ZeRO stage {ds['zero_optimization']['stage']} is not supported; use 0, 1 or 2")
+    if ds["zero_optimization"]["stage"] == 2:  # what the files leave unset
+        ds["zero_optimization"] = {**ZERO2_DEFAULTS, **ds["zero_optimization"]}
     # ZeRO 0 clips in epkit (exact norm under EP); ZeRO 1/2 clip in DeepSpeed (exact there).
     ds["gradient_clipping"] = cfg.grad_clip if ds["zero_optimization"]["stage"] > 0 else 0.0
+    if cfg.lora_rank is not None:  # fp32 adapters are their own masters (module doc)
+        ds["bf16"], ds["fp16"] = {"enabled": False}, {"enabled": False}
     return ds
 
 
@@ -253,7 +277,7 @@ def clip_exact(model: Mixtral, max_norm: float) -> float:
         return torch.stack(norms).double().pow(2).sum().to(device)
 
     dense_sq, expert_sq = squared(dense), squared(expert)
-    info = getattr(model, "expert_parallel", None)
+    info = model.expert_parallel
     if info is not None and info.plan.ep_size > 1:
         expert_sq = reduce_on_device(expert_sq.reshape(1), device, group=info.groups.ep_group)[0]
     norm = float((dense_sq + expert_sq).sqrt())  # the one device-to-host sync
@@ -262,18 +286,30 @@ def clip_exact(model: Mixtral, max_norm: float) -> float:
     return norm
 
 
+def adamw(groups: list[dict], cfg: TrainConfig, device) -> torch.optim.AdamW:
+    """torch's AdamW; on CUDA its fused kernel (one launch for all tensors of a step, same update rule).
+    The CPU keeps the default implementation, which the CPU equality tests were written against."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=fused or None)
+
+
 def initialize(cfg: TrainConfig, model: Mixtral, dtype: torch.dtype, accelerator=None):
     """(engine, optimizer, scheduler) through DeepSpeed, or Accelerate's DeepSpeed plugin when given."""
     groups = param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
+    optimizer = adamw(groups, cfg, next(model.parameters()).device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if accelerator is not None:
         plugin = accelerator.state.deepspeed_plugin
         ds = deepspeed_config(cfg, dtype, base=plugin.deepspeed_config)
         plugin.deepspeed_config.clear()
         plugin.deepspeed_config.update(ds)
-        engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        return engine, optimizer, scheduler
+        engine, optimizer, prepared = accelerator.prepare(model, optimizer, scheduler)
+        # Accelerate hands DeepSpeed only DeepSpeed's own schedulers and wraps ours (its wrapper would step it
+        # once per process per call): give it to the engine, which steps it at each optimizer step and saves
+        # its state, exactly as on the deepspeed path.
+        if engine.lr_scheduler is None:
+            engine.lr_scheduler = getattr(prepared, "scheduler", prepared)
+        return engine, optimizer, engine.lr_scheduler
     ds = deepspeed_config(cfg, dtype)
     import deepspeed
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

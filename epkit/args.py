@@ -1,4 +1,4 @@
-"""Model settings: one dataclass, named presets, Hugging Face `config.json` in and out.
+"""Model arguments: one dataclass (`ModelArgs`), named presets, Hugging Face `config.json` in and out.
 
 Nothing here knows about ranks or devices.
 """
@@ -157,23 +157,6 @@ class ModelArgs:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.to_hf_config(dtype), f, indent=2)
-
-
-def read_recipe(path: str, known: set[str] | None = None) -> dict:
-    """A YAML recipe of `setting: value` for launch/train.py or launch/infer.py (dashes read as underscores);
-    with `known`, an unknown setting is an error naming it."""
-    import yaml
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {path}: no such file")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of setting: value")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - known) if known is not None else []
-    if unknown:
-        raise ValueError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
-    return values
 
 
 PRESETS: dict[str, ModelArgs] = {

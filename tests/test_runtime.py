@@ -1,0 +1,44 @@
+"""epkit.runtime: CPU threads per rank, the one-time notice before DeepSpeed's CPU build (issue 9 items 14, 15)."""
+import os
+
+import pytest
+import torch
+
+from epkit import runtime
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU thread split applies to CPU-only machines")
+def test_cpu_ranks_share_the_cores(monkeypatch, threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # the cores this process may use
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # what the deepspeed launcher sets
+    assert runtime.cpu_threads_per_rank() == 4 == torch.get_num_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # what torchrun sets
+    assert runtime.cpu_threads_per_rank() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
+    torch.set_num_threads(3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert runtime.cpu_threads_per_rank() == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed builds its CPU op only on CPU machines")
+def test_cpu_op_build_is_announced_once_when_not_cached(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty extension cache
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert runtime.note_cpu_op_build()
+    assert capsys.readouterr().err.startswith("building DeepSpeed's CPU communication op, about a minute, once")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # said once per machine, by local rank 0
+    assert runtime.note_cpu_op_build() and capsys.readouterr().err == ""
+    from torch.utils.cpp_extension import _get_build_directory
+    built = _get_build_directory(runtime.CPU_OP, False)
+    open(os.path.join(built, f"{runtime.CPU_OP}.so"), "w").close()  # as after the first build
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not runtime.note_cpu_op_build() and capsys.readouterr().err == ""
