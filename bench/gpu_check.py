@@ -5,10 +5,11 @@
 
 Checks (model: 2 layers, hidden 512, 8 experts, random weights, written by transformers):
   bf16_vs_transformers   epkit bf16 logits vs transformers fp32 on the same checkpoint
-  triton_kernels         moe_kernels.experts_small_m at its GPU tile sizes, reached through Experts.forward as
-                         decoding reaches it, vs the loop reference in fp32: the Mixtral-8x7B shape and shapes
-                         that are not tile multiples, 1..256 routed pairs, idle experts, pairs owned by another
-                         rank; bf16 and fp32 weights
+  triton_kernels         the small-M Triton kernels at their GPU tile sizes (and every few-pairs down-projection
+                         configuration set-up may choose), through LocalDispatch (fused, as decoding runs them)
+                         and Experts.forward (experts_small_m), vs the loop reference in fp32: the Mixtral-8x7B
+                         shape and shapes that are not tile multiples, 1..256 routed pairs, pairs owned by
+                         another rank, local slots permuted; bf16 and fp32 weights
   cuda_graph_decode      every decode step the engine replays from a real torch.cuda.CUDAGraph is also run
                          eagerly on the same inputs just before (same KV cache, same tokens): logits compared
   ep2_nccl               EP=2 over NCCL, replicated and all_to_all dispatch, vs EP=1, bf16 logits
@@ -115,7 +116,12 @@ KERNEL_CASES = [  # (local experts, D, I, tokens, top-k): Mixtral-8x7B; not tile
 
 @torch.no_grad()
 def check_triton_kernels(device, cases=KERNEL_CASES, dtypes=(torch.bfloat16, torch.float32)) -> Result:
-    from epkit.moe import Experts
+    """Both small-M entry points - `LocalDispatch` (the fused permute/experts/combine decoding runs) and
+    `Experts.forward` with rows (`experts_small_m`) - against the fp32 loop, with every down-projection launch
+    configuration `decode.tune_expert_tiles` may pick for few pairs. Half of the global experts live
+    "elsewhere" (slot -1) and the local slots are a permutation, as under expert parallelism."""
+    from epkit import moe_kernels
+    from epkit.moe import Experts, LocalDispatch, permute, unpermute
     worst, data = 0.0, []
     for dtype in dtypes:
         for L, D, I, N, K in cases:
@@ -127,20 +133,35 @@ def check_triton_kernels(device, cases=KERNEL_CASES, dtypes=(torch.bfloat16, tor
             ex.w2.normal_(0, I ** -0.5, generator=g)
             x = torch.randn(N, D, device=device, generator=g).to(dtype)
             weights = torch.rand(N, K, device=device, generator=g)
-            slots = torch.randint(-1, L, (N, K), device=device, generator=g)  # -1: another rank's expert
-            if N > 1:
-                slots[:, 0] = torch.where(slots[:, 0] == 1, 0, slots[:, 0])  # expert 1 nearly (or fully) idle
-            if not ex._use_small_m(x, N * K):
+            slots = [L - 1 - e for e in range(L)] + [-1] * L  # global expert e -> local slot (-1: another rank)
+            ids = torch.randint(0, 2 * L, (N, K), device=device, generator=g)
+            if ex.backend.kernel(N * K, False) != "small_m":
                 return Result("triton_kernels", "FAIL", f"the small-M Triton path is not taken for {N * K} pairs "
-                                                        f"(triton installed? {dtype})")
-            got = ex(x, weights, slots, out_dtype=torch.float32)
+                                                        f"({ex.backend}, {dtype}; triton installed?)")
             ref32 = Experts(L, D, I, device=device, dtype=torch.float32)
             ref32.w13.copy_(ex.w13.float())
             ref32.w2.copy_(ex.w2.float())
-            ref = ref32.forward_loop(x.float(), weights, slots)
-            rel = float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-6)
-            worst = max(worst, rel / TOL_KERNEL[dtype])
-            data.append({"dtype": str(dtype), "L": L, "D": D, "I": I, "pairs": N * K, "rel_max_abs": rel})
+            ref32.impl = "loop"
+            dispatch = LocalDispatch(slots)
+            ref = dispatch.partial(ref32, x.float(), weights, ids)
+            slot = torch.tensor(slots, device=device)[ids]
+            key = torch.where(slot < 0, L, slot)
+            order, counts = permute(key, L + 1)
+            tiles_key = (ex.w2.device, tuple(ex.w2.shape))
+            configs = moe_kernels.FEW_PAIRS_DOWN if N * K <= moe_kernels.FEW_PAIRS else [None]
+            for cfg in configs:
+                if cfg is not None:
+                    moe_kernels.few_pairs_down[tiles_key] = cfg
+                fused = dispatch.partial(ex, x, weights, ids)
+                sorted_out = ex(x, counts[:L], rows=order // K)
+                unfused = unpermute(sorted_out.float(), order, weights, keep=key.reshape(-1)[order] < L)
+                scale = max(float(ref.abs().max()), 1e-6)
+                for path, got in (("fused", fused), ("experts_small_m", unfused)):
+                    rel = float((got.float() - ref).abs().max()) / scale
+                    worst = max(worst, rel / TOL_KERNEL[dtype])
+                    data.append({"path": path, "dtype": str(dtype), "L": L, "D": D, "I": I, "pairs": N * K,
+                                 "down_config": cfg, "rel_max_abs": rel})
+            moe_kernels.few_pairs_down.pop(tiles_key, None)
             del ex, ref32
     ok = worst <= 1.0
     return Result("triton_kernels", "PASS" if ok else "FAIL",
@@ -158,10 +179,10 @@ def check_cuda_graph_decode(path: str, device, ep: int = 1, name: str = "cuda_gr
         return Result(name, "FAIL", "the engine built no CUDA graphs")
     pairs, replay = [], graphs.run
 
-    def run(tokens, positions, table, with_logits):
+    def run(tokens, positions, table, with_logits, **buckets):
         rows = torch.arange(tokens.shape[0], device=tokens.device) if with_logits else tokens.new_zeros(0)
         eager = llm.runner._forward(tokens, positions, table, rows)
-        out = replay(tokens, positions, table, with_logits)
+        out = replay(tokens, positions, table, with_logits, **buckets)
         if with_logits:
             pairs.append((out.float().cpu(), eager.float().cpu()))
         return out

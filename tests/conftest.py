@@ -61,7 +61,7 @@ def eval_loss_with_transformers(final, eval_file, seq_len):
     from transformers import AutoModelForCausalLM
 
     from epkit import data as data_lib
-    from epkit.config import ModelArgs
+    from epkit import ModelArgs
     args = ModelArgs.load(final)
     hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     packed = data_lib.load_packed(eval_file, data_lib.Tokenizer(final), seq_len, bos_id=args.bos_token_id,

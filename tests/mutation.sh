@@ -6,7 +6,7 @@
 #   MUTMUT_TIME_LIMIT=3600 MUTMUT_CHILDREN=2 tests/mutation.sh
 #
 # What is mutated: epkit/moe.py, epkit/plan.py, epkit/infer/sampling.py, epkit/infer/scheduler.py and the
-# learning-rate schedule (epkit.train.engine.lr_lambda). Which tests run: the fast unit tests of those modules,
+# learning-rate schedule (epkit.train.optim.lr_lambda). Which tests run: the fast unit tests of those modules,
 # listed under [mutmut] in setup.cfg (no multi-process or launcher tests). mutmut copies the tree to mutants/
 # and keeps its results there, so a second run only tests what changed. Surviving mutants that are equivalent
 # to the original are listed, with the reason, in tests/README.md. About 25 minutes on 2 idle cores.
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 unset PYTHONPATH  # mutmut imports the mutated copy from mutants/; PYTHONPATH=$PWD would import the original
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 if [ $# -eq 0 ]; then
-    set -- 'epkit.moe.*' 'epkit.plan.*' 'epkit.infer.sampling.*' 'epkit.infer.scheduler.*' 'epkit.train.engine.x_lr_lambda*'
+    set -- 'epkit.moe.*' 'epkit.plan.*' 'epkit.infer.sampling.*' 'epkit.infer.scheduler.*' 'epkit.train.optim.x_lr_lambda*'
 fi
 mkdir -p mutants
 timeout "${MUTMUT_TIME_LIMIT:-7200}" mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "$@" > mutants/run.log 2>&1

@@ -235,7 +235,7 @@ def test_validate_accepts_the_edges():
                dict(top_k=-1), dict(top_k=0), dict(top_k=50), dict(seed=-3), dict(seed=None), dict(stop="x"),
                dict(stop=("a", "b")), dict(stop_token_ids=[0, 49]), dict(stop_token_ids=(2,))):
         SamplingParams(**ok).validate(50)
-    with pytest.raises(ValueError, match=r"^unknown sampling field\(s\) temprature, topp; known: ignore_eos, "
+    with pytest.raises(ValueError, match=r"^unknown sampling field\(s\) temprature, topp; known: ignore_eos, logprobs, "
                                          r"max_tokens, seed, skip_special_tokens, stop, stop_token_ids, temperature, "
                                          r"top_k, top_p$"):
         SamplingParams.from_dict({"topp": 1, "temprature": 1, "seed": 2})

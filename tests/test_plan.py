@@ -93,7 +93,7 @@ def test_layer_defaults_and_bounds():
 
 def test_sizes_layers_and_messages():
     assert ShardingPlan(1, 1).owners() == [0] and ShardingPlan(2, 2).local_experts(1) == [1]
-    with pytest.raises(ValueError, match="num_experts=0 must be at least 1"):
+    with pytest.raises(ValueError, match="num_experts=0 must be an integer of at least 1"):
         ShardingPlan(0, 1)
     with pytest.raises(ValueError, match="unknown placement strategy 'x'; choose one of contiguous, round_robin, "
                                          "balanced"):

@@ -22,7 +22,7 @@ import torch
 
 from epkit.train.config import TrainConfig
 from conftest import eval_loss_with_transformers
-from test_train_engine import schedule_lr
+from test_train_optim import schedule_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")

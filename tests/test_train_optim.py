@@ -1,4 +1,4 @@
-"""Units of epkit/train/engine.py that need no process group: the learning-rate schedule against values
+"""Units of epkit/train/optim.py that need no process group: the learning-rate schedule against values
 worked out by hand, and how a `--deepspeed-config` file merges into the generated engine config.
 
 `schedule_lr` is the oracle the run-level tests (test_train.py, test_train_ep.py) compare logged learning
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from epkit.train.config import TrainConfig
-from epkit.train.engine import deepspeed_config, lr_lambda
+from epkit.train.optim import ZERO2_DEFAULTS, deepspeed_config, lr_lambda
 
 
 def schedule_lr(cfg: TrainConfig, step: int) -> float:
@@ -88,7 +88,9 @@ def test_file_keys_merge_recursively_and_epkit_flags_win(tmp_path):
             "train_micro_batch_size_per_gpu": 99, "gradient_accumulation_steps": 7, "train_batch_size": 1,
             "gradient_clipping": 5.0, "bf16": "auto", "steps_per_print": 10, "optimizer_extra": {"x": [1, 2]}}
     ds = deepspeed_config(_cfg(tmp_path, user), torch.float32)
-    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345}  # "auto" keeps epkit's (none)
+    # "auto" keeps epkit's value; what neither sets comes from ZeRO 2's defaults
+    assert ds["zero_optimization"] == {**ZERO2_DEFAULTS, "stage": 2, "reduce_bucket_size": 12345}
+    assert ds["zero_optimization"]["overlap_comm"] is ZERO2_DEFAULTS["overlap_comm"]
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 2, 6)
     assert ds["gradient_clipping"] == 0.7  # ZeRO 2 from the file: DeepSpeed clips, at epkit's --grad-clip
     assert ds["bf16"] == {"enabled": False}  # "auto": epkit's value
@@ -96,8 +98,7 @@ def test_file_keys_merge_recursively_and_epkit_flags_win(tmp_path):
     assert ds["zero_allow_untested_optimizer"] is True  # epkit's keys the file does not name stay
     # --zero-stage overrides the file's stage; stage 0 then clips in epkit
     ds0 = deepspeed_config(_cfg(tmp_path, user, zero_stage=0), torch.float32)
-    assert ds0["zero_optimization"]["stage"] == 0 and ds0["gradient_clipping"] == 0.0
-    assert ds0["zero_optimization"]["reduce_bucket_size"] == 12345
+    assert ds0["zero_optimization"] == {"stage": 0, "reduce_bucket_size": 12345} and ds0["gradient_clipping"] == 0.0
 
 
 def test_accelerate_base_then_file(tmp_path):
@@ -105,7 +106,7 @@ def test_accelerate_base_then_file(tmp_path):
     base = {"zero_optimization": {"stage": 1, "contiguous_gradients": True}, "gradient_clipping": 9.0,
             "train_micro_batch_size_per_gpu": "auto"}
     ds = deepspeed_config(_cfg(tmp_path, {"zero_optimization": {"stage": 2}}), torch.float32, base=base)
-    assert ds["zero_optimization"] == {"stage": 2, "contiguous_gradients": True}
+    assert ds["zero_optimization"] == {**ZERO2_DEFAULTS, "stage": 2, "contiguous_gradients": True}
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_clipping"] == 0.7
     assert deepspeed_config(_cfg(tmp_path, None), torch.float32, base=base)["zero_optimization"]["stage"] == 1
 
