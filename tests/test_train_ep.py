@@ -275,10 +275,11 @@ def _step1_oracle():
     from epkit.train import TrainConfig
     from epkit.train.loop import check_inputs
     args = ModelArgs.from_name("tiny")
-    _, _, train, _ = check_inputs(TrainConfig(model="tiny", seq_len=32, micro_batch=2, seed=SEED))
     with tempfile.TemporaryDirectory() as d:
-        save_pretrained(Mixtral(args).init_weights(seed=SEED), d)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        train = check_inputs(TrainConfig(model="tiny", seq_len=32, micro_batch=2, seed=SEED,
+                                         output_dir=os.path.join(d, "run")))[2]
+        save_pretrained(Mixtral(args).init_weights(seed=SEED), os.path.join(d, "init"))
+        hf = AutoModelForCausalLM.from_pretrained(os.path.join(d, "init"), dtype=torch.float32).eval()
     lm, aux, z = [], [], []
     with torch.no_grad():
         for rank in range(4):
