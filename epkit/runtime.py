@@ -178,3 +178,23 @@ def comm_failure_message(e: BaseException) -> str:
     limit = f"within --dist-timeout {timeout:g}s" if timeout else "in time"
     detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
     return f"{who}: a collective got no reply {limit}; ending the job ({detail[:160]})"
+
+
+def run_entry(fn, user_errors: tuple = ()) -> int:
+    """Run a launch/ entry point: a bad input on any rank is one line `error (rank R): ...` and exit 2, a
+    collective that timed out or lost a peer is one line naming the silent rank and exit 4; anything
+    else (a bug) keeps its traceback. EPKIT_DEBUG=1 re-raises everything."""
+    from .checkpoint import CheckpointError
+    rank = os.environ.get("RANK", "0")
+    try:
+        return fn() or 0
+    except (ValueError, CheckpointError, FileNotFoundError, ImportError, *user_errors) as e:
+        if os.environ.get("EPKIT_DEBUG"):
+            raise
+        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as e:
+        if not is_comm_failure(e) or os.environ.get("EPKIT_DEBUG"):
+            raise
+        print(f"error (rank {rank}): {comm_failure_message(e)}", file=sys.stderr, flush=True)
+        return 4

@@ -11,19 +11,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from epkit.checkpoint import CheckpointError  # noqa: E402
 from epkit.infer.server import main  # noqa: E402
+from epkit.runtime import run_entry  # noqa: E402
 
 
 def run(argv=None) -> int:
-    try:
-        return main(argv)
-    except (ValueError, CheckpointError, FileNotFoundError, ImportError) as e:
-        if os.environ.get("EPKIT_DEBUG"):
-            raise
-        rank = os.environ.get("RANK", "0")
-        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        return 2
+    return run_entry(lambda: main(argv))
 
 
 if __name__ == "__main__":

@@ -12,29 +12,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from epkit.checkpoint import CheckpointError  # noqa: E402
 from epkit.data import DataError  # noqa: E402
-from epkit.runtime import comm_failure_message, is_comm_failure  # noqa: E402
+from epkit.runtime import run_entry  # noqa: E402
 from epkit.train import main, parse_config  # noqa: E402
 from epkit.train.loop import DivergedError  # noqa: E402
 
 
 def run(argv=None) -> int:
-    try:
-        cfg = parse_config(argv)
-        main(cfg)
-    except (ValueError, DataError, CheckpointError, FileNotFoundError, ImportError, DivergedError) as e:
-        if os.environ.get("EPKIT_DEBUG"):
-            raise
-        rank = os.environ.get("RANK", "0")
-        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        return 2
-    except RuntimeError as e:
-        if not is_comm_failure(e) or os.environ.get("EPKIT_DEBUG"):
-            raise
-        print(f"error (rank {os.environ.get('RANK', '0')}): {comm_failure_message(e)}", file=sys.stderr, flush=True)
-        return 4
-    return 0
+    def train() -> int:
+        main(parse_config(argv))
+        return 0
+    return run_entry(train, (DataError, DivergedError))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,107 @@ def hf_logits(hf, tokens, attention_mask=None, position_ids=None):
     return out.logits, out.router_logits
 
 
+def eval_loss_with_transformers(final, eval_file, seq_len):
+    """Mean next-token loss over the eval set's trained tokens, by transformers' own loss (labels -100
+    ignored), each packed row on its own: (loss, number of trained tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from epkit import data as data_lib
+    from epkit import ModelArgs
+    args = ModelArgs.load(final)
+    hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    packed = data_lib.load_packed(eval_file, data_lib.Tokenizer(final), seq_len, bos_id=args.bos_token_id,
+                                  eos_id=args.eos_token_id, pad_id=args.pad_token_id or 0,
+                                  vocab_size=args.vocab_size, seed=0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for tokens, labels, positions in zip(packed.tokens, packed.labels, packed.positions):
+            n = int((positions >= 0).sum())
+            k = int((labels[1:n] != data_lib.IGNORE).sum())
+            if k:
+                total += float(hf(input_ids=tokens[None, :n], labels=labels[None, :n]).loss) * k
+                count += k
+    return total / count, count
+
+
 @pytest.fixture
 def tmp_ckpt(tmp_path):
     return str(tmp_path / "ckpt")
+
+
+# ---- what a checkpoint load really reads -------------------------------------------------------------
+
+class _CountingSlice:
+    def __init__(self, sl, name, log):
+        self._sl, self._name, self._log = sl, name, log
+
+    def __getitem__(self, index):
+        t = self._sl[index]
+        self._log.append((self._name, index, t.numel() * t.element_size()))
+        return t
+
+    def __getattr__(self, attr):  # get_shape, get_dtype: metadata only
+        return getattr(self._sl, attr)
+
+
+class _CountingFile:
+    def __init__(self, f, log):
+        self._f, self._log = f, log
+
+    def get_slice(self, name):
+        return _CountingSlice(self._f.get_slice(name), name, self._log)
+
+    def get_tensor(self, name):
+        t = self._f.get_tensor(name)
+        self._log.append((name, None, t.numel() * t.element_size()))
+        return t
+
+    def __enter__(self):
+        self._f.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+    def __getattr__(self, attr):  # keys, metadata
+        return getattr(self._f, attr)
+
+
+def count_safetensors_reads():
+    """Wrap the safetensors files epkit.checkpoint opens: every tensor (or slice of one) materialised from
+    them is logged as (name, index, bytes). Returns (log, undo). Independent of epkit's own LoadReport:
+    a reader that read whole tensors and sliced them afterwards would show here."""
+    import epkit.checkpoint as ck
+    log, real = [], ck.safe_open
+    ck.safe_open = lambda *a, **k: _CountingFile(real(*a, **k), log)
+
+    def undo():
+        ck.safe_open = real
+    return log, undo
+
+
+def expected_read_bytes(path: str, local: list[list[int]]) -> int:
+    """Bytes a rank holding experts local[layer] must read from the checkpoint at `path`: every shared tensor
+    whole, and of the expert tensors only its experts' (hub names: whole per-expert tensors; fused names:
+    their rows of the [E, ...] tensor). Worked out from the files' own headers."""
+    import re
+
+    from safetensors import safe_open
+    size = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8}
+    total = 0
+    for file in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(path, file), "pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                shape, nbytes = sl.get_shape(), size[sl.get_dtype()]
+                for n in sl.get_shape():
+                    nbytes *= n
+                hub = re.match(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.", name)
+                fused = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
+                if hub:
+                    total += nbytes if int(hub.group(2)) in local[int(hub.group(1))] else 0
+                elif fused:
+                    total += nbytes // shape[0] * len(local[int(fused.group(1))])
+                else:
+                    total += nbytes
+    return total

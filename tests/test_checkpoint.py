@@ -67,12 +67,32 @@ def test_sharded_transformers_checkpoint_loads(tmp_path):
 
 
 def test_fused_names_load_in_bf16(tmp_path):
+    """transformers' fused in-memory names, read in bf16: every value is transformers' fp32 value rounded to
+    bf16, and the bf16 checkpoint epkit writes holds those same values (hub names, bf16 in config.json)."""
     from transformers import AutoConfig
     hf = hf_model(tiny_args(), seed=7)
     model = epkit.load_pretrained(save_fused(hf, str(tmp_path / "f")), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    theirs = hf.state_dict()
+    for layer, block in enumerate(model.layers):
+        fused = f"model.layers.{layer}.mlp.experts."
+        assert torch.equal(block.moe.experts.w13, theirs[fused + "gate_up_proj"].to(torch.bfloat16))
+        assert torch.equal(block.moe.experts.w2, theirs[fused + "down_proj"].to(torch.bfloat16))
+        assert torch.equal(block.moe.gate.weight, theirs[f"model.layers.{layer}.mlp.gate.weight"].to(torch.bfloat16))
+        assert torch.equal(block.attn.q_proj.weight,
+                           theirs[f"model.layers.{layer}.self_attn.q_proj.weight"].to(torch.bfloat16))
+    assert torch.equal(model.embed.weight, theirs["model.embed_tokens.weight"].to(torch.bfloat16))
+    assert torch.equal(model.lm_head.weight, theirs["lm_head.weight"].to(torch.bfloat16))
     epkit.save_pretrained(model, str(tmp_path / "bf16"))
     assert AutoConfig.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
+    again = epkit.load_pretrained(str(tmp_path / "bf16"))
+    mine = dict(model.named_parameters())
+    for name, p in again.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, mine[name]), name
+    # and the values mean the same model: bf16 logits close to transformers' fp32 ones
+    tokens = _tokens(model.args)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens)[0].float(), hf_logits(hf, tokens)[0], atol=0.1, rtol=0)
 
 
 def _single_file(path):
@@ -138,13 +158,23 @@ def test_plan_naming_more_experts_than_config(hf_dir):
         epkit.load_pretrained(path, ep_size=2)
 
 
+def _saved(path):
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
-    """A crash mid-save leaves the previous checkpoint whole."""
+    """A crash mid-save leaves the previous checkpoint whole: same files, same tensors, same model."""
     torch.manual_seed(0)
     model = epkit.Mixtral(tiny_args()).init_weights()
     path = str(tmp_path / "ck")
     epkit.save_pretrained(model, path)
-    before = {f: os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)}
+    files = sorted(os.listdir(path))
+    before = _saved(path)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     import epkit.checkpoint as ck
     calls = {"n": 0}
     real = ck.save_file
@@ -157,12 +187,21 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(ck, "save_file", crash)
     with torch.no_grad():
         model.embed.weight.add_(1.0)
+        for moe in model.moe_layers():
+            moe.experts.w2.mul_(2.0)
     # one line naming the file as it would have been called (not the temporary directory)
     with pytest.raises(epkit.CheckpointError, match=f"^no space left while writing {path}/model-00001.safetensors$"):
         epkit.save_pretrained(model, path, max_shard_size=20_000)
-    assert {f: os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)} == before
+    assert calls["n"] == 2, "the crash should come after a first shard was written"
+    assert sorted(os.listdir(path)) == files
+    after = _saved(path)
+    assert after.keys() == before.keys()
+    for name, t in before.items():
+        assert torch.equal(after[name], t), name
     assert os.listdir(tmp_path) == ["ck"]  # no half-written temporary directory left behind
-    epkit.load_pretrained(path)  # still whole
+    again = epkit.load_pretrained(path)  # still whole, and the model as it was before the change
+    for name, p in again.named_parameters():
+        assert torch.equal(p, weights[name]), name
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage_header", "tiny"])

@@ -12,9 +12,9 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.distributed import run
+from tests.test_train_ep import _losses as _rows, _weights
 
 SEED = 5
 
@@ -39,20 +39,6 @@ def _serve(rank, world, path, prompts):
     llm = LLM(path, ep=world, max_num_batched_tokens=32, block_size=4)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     return [o.token_ids for o in outs] if rank == 0 else None
-
-
-def _rows(root, name):
-    with open(os.path.join(root, name, "metrics.jsonl")) as f:
-        return [(r["loss"], r["grad_norm"]) for r in map(json.loads, f) if "loss" in r]
-
-
-def _weights(root, name):
-    d = os.path.join(root, name, "final")
-    out = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(d, f)))
-    return out
 
 
 @pytest.fixture(scope="module")

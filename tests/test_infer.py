@@ -12,7 +12,6 @@ import torch
 from conftest import hf_model, tiny_args
 from epkit.infer import LLM, SamplingParams
 from epkit.infer.kv_cache import BlockAllocator, blocks_for_budget, bytes_per_block
-from epkit.infer.sampling import SamplingBatch, filter_logits, sample
 
 torch.set_num_threads(1)  # tiny models: threads only contend on the shared cores
 
@@ -86,11 +85,29 @@ def ckpt(tmp_path_factory):
     return path, prompts, hf_reference(path, prompts)
 
 
-@pytest.mark.parametrize("engine", [dict(), dict(max_num_batched_tokens=7, block_size=4)],
+def record_rows(llm) -> list[tuple[str, int, int, int]]:
+    """Log (request id, first position, tokens, prompt length) of every row the scheduler runs."""
+    log, schedule = [], llm.scheduler.schedule
+
+    def logged():
+        plan = schedule()
+        log.extend((seq.request_id, start, n, seq.prompt_len) for seq, start, n in plan.rows)
+        return plan
+    llm.scheduler.schedule = logged
+    return log
+
+
+def partial_chunks(log) -> list[tuple[str, int, int, int]]:
+    """Prefill rows of several tokens that neither start nor finish their prompt (mid-prompt chunks)."""
+    return [r for r in log if r[2] > 1 and r[1] > 0 and r[1] + r[2] < r[3]]
+
+
+@pytest.mark.parametrize("engine", [dict(), dict(max_num_batched_tokens=11, block_size=4, long_prefill_tokens=5)],
                          ids=["one_step_prefill", "chunked_prefill"])
 def test_greedy_matches_transformers(ckpt, engine):
     path, prompts, refs = ckpt
     llm = LLM(path, **engine)
+    log = record_rows(llm)
     outs = llm.generate(prompts, GREEDY)
     for i, (out, ref) in enumerate(zip(outs, refs)):
         assert out.error is None and out.finish_reason in ("stop", "length")
@@ -98,6 +115,15 @@ def test_greedy_matches_transformers(ckpt, engine):
     load = llm.expert_load()
     real = sum(len(p) for p in prompts) + sum(len(o.token_ids) - 1 for o in outs)  # tokens run through the model
     assert sum(load["per_expert"][0]) == real * 2  # top-2, padding not counted
+    if engine:
+        # several multi-token chunks inside prompts, crossing KV blocks: the path this case exists for
+        chunks = partial_chunks(log)
+        assert len(chunks) >= 3 and any(start % 4 + n > 4 for _, start, n, _ in chunks), log
+        assert any(n > 1 and start + n == plen and start > 0 for _, start, n, plen in log), log  # a last chunk
+        one_shot = LLM(path).generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in one_shot]
+    else:
+        assert all(start == 0 and n == plen for _, start, n, plen in log if start < plen), "prefill in one step"
 
 
 def test_requests_arriving_while_others_run(ckpt):
@@ -137,7 +163,9 @@ def test_seeded_sampling_reproducible(ckpt):
                                    for i in range(len(prompts))])
     assert crowd[4].token_ids == alone
     again = LLM(path, block_size=4, kv_cache_memory=12 * bytes_per_block(tiny_args(), 4, torch.float32))
-    assert again.generate([prompts[4]] * 3, p)[2].token_ids == alone  # other engine, preemption pressure
+    pressed = again.generate([prompts[4]] * 3, p)  # other engine, preemption pressure
+    assert again.scheduler.num_preemptions > 0 and pressed[2].timings["preemptions"] > 0
+    assert pressed[2].token_ids == alone
     other = llm.generate([prompts[4]], SamplingParams(temperature=0.9, seed=99, max_tokens=16, ignore_eos=True))
     assert other[0].token_ids != alone
     # top_k=1 and a tiny top_p leave one candidate: sampling must then be greedy.
@@ -230,14 +258,23 @@ def test_text_stream_and_stop_strings(ckpt):
         assert sum((u.new_token_ids for u in ups), []) == out.token_ids == final[rid].token_ids
         assert "".join(u.new_text or "" for u in ups) == out.text == final[rid].text
         assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-    # Stop at a string taken from the middle of the greedy text.
-    text = full[0].text
-    stop = text[len(text) // 2: len(text) // 2 + 3]
-    assert stop.strip(), f"degenerate greedy text {text!r}"
-    cut = llm.generate(["the quick brown fox"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
-                                                                stop=[stop]))[0]
-    assert cut.finish_reason == "stop" and cut.text == text[: text.find(stop)]
-    assert cut.token_ids == full[0].token_ids[: len(cut.token_ids)]
+    # A stop string that ends inside a token (and starts in the one before): the text stops before it, and
+    # generation stops at the token that completed it (which stays in token_ids). Seeded sampling: the
+    # greedy text of this random model repeats one token.
+    sampled = SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True)
+    base = llm.generate(["the quick brown fox"], sampled)[0]
+    ids, text = base.token_ids, base.text
+    prefix = [llm.tokenizer.decode(ids[: j + 1], skip_special_tokens=True) for j in range(len(ids))]
+    j = next(j for j in range(3, len(ids)) if len(prefix[j]) - len(prefix[j - 1]) >= 2 and len(prefix[j - 1]) > 4)
+    stop = prefix[j][len(prefix[j - 1]) - 2: len(prefix[j]) - 1]
+    at = text.find(stop)
+    first = next(k for k in range(len(ids)) if stop in prefix[k])
+    assert at > 0 and len(prefix[first - 1]) < at + len(stop) < len(prefix[first]), (text, stop)  # ends mid-token
+    cut = llm.generate(["the quick brown fox"], dataclasses.replace(sampled, stop=[stop, "no such text"]))[0]
+    assert cut.finish_reason == "stop" and cut.text == text[:at], (cut.text, text, stop)
+    assert cut.token_ids == ids[: first + 1]
+    streamed = list(llm.stream(["the quick brown fox"], dataclasses.replace(sampled, stop=stop)))
+    assert "".join(u.new_text or "" for u in streamed) == text[:at] and streamed[-1].finish_reason == "stop"
     # A stop token id ends the request and is kept in token_ids.
     tok = full[1].token_ids[3]
     out = llm.generate(["to be or"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
@@ -255,26 +292,6 @@ def test_checkpoint_without_tokenizer_serves_ids(tmp_path):
 
 
 # ---- units ----------------------------------------------------------------------------------------
-
-def test_filter_logits_top_k_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))
-    out = filter_logits(logits, torch.tensor([2, 4]), torch.tensor([1.0, 0.5]))
-    keep = torch.isfinite(out)
-    # row 0: top-2 keeps 0.5 and one of the 0.2s; row 1: top-p 0.5 keeps 0.4 and 0.3 (0.4 < 0.5).
-    assert keep[0].tolist().count(True) == 2 and keep[0, 0]
-    assert keep[1].tolist() == [False, False, True, True]
-
-
-def test_sampling_follows_the_distribution():
-    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    n = 20000
-    logits = torch.log(probs).expand(n, 4).contiguous()
-    batch = SamplingBatch([1.0] * n, [4] * n, [1.0] * n, [7] * n, list(range(n)))
-    freq = torch.bincount(sample(logits, batch), minlength=4).float() / n
-    assert torch.allclose(freq, probs, atol=0.015), freq
-    assert torch.equal(sample(logits[:50], SamplingBatch([1.0] * 50, [4] * 50, [1.0] * 50, [7] * 50, list(range(50)))),
-                       sample(logits, batch)[:50])
-
 
 def test_kv_budget_and_allocator_errors():
     args = tiny_args()
@@ -307,29 +324,27 @@ def test_sliding_window_matches_transformers(tmp_path):
 
 
 def test_long_prompt_does_not_hold_back_short_ones(ckpt):
-    """A 120-token prompt prefills in chunks while a short request, arriving after it, runs to the end."""
+    """A 120-token prompt prefills in chunks while a short request, arriving after it, runs to the end;
+    both give what each gives alone with the prompt prefilled in one step."""
     path, prompts, _ = ckpt
     llm = LLM(path, max_num_batched_tokens=16, block_size=4)
-    long_id = llm.add_request([7] * 120, SamplingParams(temperature=0, max_tokens=3))
+    log = record_rows(llm)
+    long_prompt = make_prompts(96, lengths=[120], seed=9)[0]
+    long_params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    short_params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    long_id = llm.add_request(long_prompt, long_params)
     llm.step()
-    short_id = llm.add_request(prompts[2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    finished = []
+    short_id = llm.add_request(prompts[2], short_params)
+    finished = {}
     while llm.has_unfinished():
-        finished += [o.request_id for o in llm.step() if o.finished]
-    assert finished.index(short_id) < finished.index(long_id)
-    assert llm.stats["steps"] > 120 // 16, "the long prompt should have been prefilled in chunks"
-
-
-def test_group_rows_bounds_padding():
-    from epkit.infer.scheduler import group_rows
-    rows = [(object(), 0, n) for n in (1, 30, 2, 28, 1, 3, 16)]
-    groups = group_rows(rows, max_groups=4)
-    assert [r[2] for r in groups[0]] == [1, 1]  # decode rows together
-    assert sorted(r[2] for g in groups for r in g) == sorted(r[2] for r in rows)
-    for g in groups[1:]:
-        T, real = max(r[2] for r in g), sum(r[2] for r in g)
-        assert len(g) * T <= 2 * real, [r[2] for r in g]
-    assert len(group_rows(rows, max_groups=2)) == 2  # a cap on forwards per step wins over padding
+        finished.update({o.request_id: o for o in llm.step() if o.finished})
+    assert list(finished).index(short_id) < list(finished).index(long_id)
+    long_rows = [(start, n) for rid, start, n, _ in log if rid == long_id and start < 120]
+    assert len(long_rows) > 120 // 16 and all(n > 1 for _, n in long_rows), long_rows  # chunks, several tokens
+    assert [s for s, _ in long_rows] == [0] + [s + n for s, n in long_rows[:-1]]  # contiguous, in order
+    alone = LLM(path, max_num_batched_tokens=256)
+    assert finished[long_id].token_ids == alone.generate([long_prompt], long_params)[0].token_ids
+    assert finished[short_id].token_ids == alone.generate([prompts[2]], short_params)[0].token_ids
 
 
 # ---- the API a server drives: abort, occupancy, logprobs, n choices ---------------------------------

@@ -1,12 +1,12 @@
 """Expert parallelism on real gloo processes: logits, gradients, both dispatch modes, checkpoints
-saved at one EP size and loaded at others, bytes read per rank."""
+saved at one EP size and loaded at others, bytes each rank reads from the files (hub and fused names)."""
 import os
 
 import pytest
 import torch
 
 import epkit
-from conftest import hf_logits, hf_model, tiny_args
+from conftest import count_safetensors_reads, expected_read_bytes, hf_logits, hf_model, save_fused, tiny_args
 from distributed import run
 
 ARGS = dict(num_layers=2, num_experts=8)
@@ -29,18 +29,36 @@ def _reference(ckpt):
     return logits.detach(), grads
 
 
-def _check_rank(rank, world, ckpt, save_to, ref_logits, ref_grads):
-    """On every rank: replicated logits + grads, then all_to_all with a different chunk per rank."""
+def _load_counting_reads(path, world):
+    """Load at EP=world (replicated dispatch); also return what the load read from the files, and the
+    experts this rank holds per layer."""
+    log, undo = count_safetensors_reads()
+    try:
+        model, report = epkit.load_pretrained(path, ep_size=world, dispatch="replicated", return_report=True)
+    finally:
+        undo()
+    read = sum(n for _, _, n in log)
+    assert report.bytes_read == read, (report.bytes_read, read)  # epkit's own report agrees with the files
+    return model, {"read": read, "local": [m.experts.expert_ids for m in model.moe_layers()]}
+
+
+def _check_rank(rank, world, ckpt, save_to, ref_logits, ref_grads, fused=None):
+    """On every rank: replicated logits + grads, then all_to_all with a different chunk per rank. With `fused`
+    (the same weights under transformers' fused in-memory names) also load that and compare logits."""
     import torch.distributed as dist
 
     from epkit.parallel import set_dispatch
-    model, report = epkit.load_pretrained(ckpt, ep_size=world, dispatch="replicated", return_report=True)
+    model, out = _load_counting_reads(ckpt, world)
     args = model.args
     tokens, probe = _inputs(args)
     info = model.expert_parallel
     from deepspeed.moe.utils import is_moe_param
     assert all(is_moe_param(p) == ("experts" in n) for n, p in model.named_parameters())  # survive loading
-    out = {"bytes_read": report.bytes_read, "local": [m.experts.expert_ids for m in model.moe_layers()]}
+    if fused is not None:
+        fused_model, out["fused"] = _load_counting_reads(fused, world)
+        with torch.no_grad():
+            torch.testing.assert_close(fused_model(tokens)[0], ref_logits, atol=1e-5, rtol=0)
+        del fused_model
 
     def check_grads(reduce_shared):
         for name, p in model.named_parameters():
@@ -89,6 +107,7 @@ def checkpoints(tmp_path_factory):
     hf = hf_model(args, seed=11)
     src = str(root / "hf")
     hf.save_pretrained(src)  # transformers writes the hub names
+    save_fused(hf, str(root / "fused"))  # transformers 5's in-memory names (experts fused per layer)
     ref_logits, ref_grads = _reference(src)
     tokens, _ = _inputs(args)
     torch.testing.assert_close(ref_logits, hf_logits(hf, tokens)[0], atol=1e-5, rtol=0)
@@ -98,8 +117,12 @@ def checkpoints(tmp_path_factory):
 def test_ep2_logits_grads_and_save(checkpoints):
     root, src, hf, ref_logits, ref_grads = checkpoints
     saved = str(root / "ep2")
-    outs = run(_check_rank, 2, src, saved, ref_logits, ref_grads)
+    outs = run(_check_rank, 2, src, saved, ref_logits, ref_grads, str(root / "fused"))
     assert outs[0]["local"][0] == [0, 1, 2, 3] and outs[1]["local"][0] == [4, 5, 6, 7]
+    for o in outs:  # each rank read the shared tensors and its own experts, nothing else (both namings)
+        assert o["read"] == expected_read_bytes(src, o["local"]) < expected_read_bytes(src, [range(8)] * 2)
+        assert o["fused"]["local"] == o["local"]
+        assert o["fused"]["read"] == expected_read_bytes(str(root / "fused"), o["local"])
     files = outs[0]["files"]
     assert "model.safetensors.index.json" in files and "epkit_plan.json" in files and "config.json" in files
     assert any(f.startswith("model-ep000") for f in files) and any(f.startswith("model-ep001") for f in files)
@@ -120,17 +143,16 @@ def test_ep2_checkpoint_loads_at_other_sizes(checkpoints, world):
     saved = str(root / "ep2")
     if not os.path.isdir(saved):
         run(_check_rank, 2, src, saved, ref_logits, ref_grads)
-    outs = run(_check_rank, world, saved, None, ref_logits, ref_grads)
+    outs = run(_check_rank, world, saved, None, ref_logits, ref_grads, str(root / "fused"))
     sizes = [len(o["local"][0]) for o in outs]
     assert all(sum(load) == B * T * 2 and len(load) == world for load in outs[0]["rank_loads"])
     assert sizes == ([3, 3, 2] if world == 3 else [2, 2, 2, 2])
-    args = tiny_args(**ARGS)
-    per_expert = 3 * args.hidden_size * args.intermediate_size * 4 * args.num_layers
-    total = args.num_parameters() * 4
-    shared = total - per_expert * args.num_experts
-    for o, n in zip(outs, sizes):
-        assert o["bytes_read"] == shared + n * per_expert, (o["bytes_read"], shared, n)
-        assert o["bytes_read"] < total
+    everything = expected_read_bytes(saved, [range(8)] * 2)
+    for o in outs:  # shared + this rank's experts exactly, for epkit's hub-named files and for fused names
+        assert o["read"] == expected_read_bytes(saved, o["local"]) < everything
+        assert o["fused"]["read"] == expected_read_bytes(str(root / "fused"), o["fused"]["local"])
+        assert o["fused"]["local"] == o["local"]
+    assert sorted(e for o in outs for e in o["local"][1]) == list(range(8))
 
 
 def _bad_ep(rank, world, ckpt, ep):

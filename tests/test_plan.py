@@ -68,3 +68,62 @@ def test_manifest_disagreeing_with_checkpoint():
         ShardingPlan(8, 2).check_matches(6, source="ckpt/epkit_plan.json")
     with pytest.raises(ValueError, match="expert=8 is outside 0..7"):
         ShardingPlan(8, 2).owner(8)
+
+
+def test_layer_defaults_and_bounds():
+    """Without `layer`, a per-layer plan answers for layer 0; layers and ranks outside the plan are errors."""
+    plan = ShardingPlan(4, 2, owners=[[0, 0, 1, 1], [1, 0, 1, 0]], num_layers=2)
+    assert plan.owners() == plan.owners(0) != plan.owners(1)
+    assert [plan.owner(e) for e in range(4)] == plan.owners(0) and plan.slots() == plan.slots(0) != plan.slots(1)
+    assert [plan.slot(e) for e in range(4)] == plan.slots(0)
+    assert plan.local_experts(0) == plan.local_experts(0, layer=0) != plan.local_experts(0, layer=1)
+    assert plan.rank_loads([1, 2, 3, 4]) == plan.rank_loads([1, 2, 3, 4], layer=0) == [3.0, 7.0]
+    assert plan.rank_loads([1, 2, 3, 4], layer=1) == [6.0, 4.0] and plan.local_experts(0, layer=1) == [1, 3]
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=rf"layer={bad} is outside the plan's 2 layers"):
+            plan.owners(bad)
+        with pytest.raises(ValueError, match=rf"layer={bad} is outside the plan's 2 layers"):
+            plan.slot(0, layer=bad)
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=rf"rank={bad} is outside 0\.\.1"):
+            plan.local_experts(bad)
+    one = ShardingPlan(4, 2)  # one placement for every layer
+    assert one.owners(5) == one.owners(0) == [0, 0, 1, 1] and not one.per_layer
+
+
+def test_sizes_layers_and_messages():
+    assert ShardingPlan(1, 1).owners() == [0] and ShardingPlan(2, 2).local_experts(1) == [1]
+    with pytest.raises(ValueError, match="num_experts=0 must be an integer of at least 1"):
+        ShardingPlan(0, 1)
+    with pytest.raises(ValueError, match="unknown placement strategy 'x'; choose one of contiguous, round_robin, "
+                                         "balanced"):
+        ShardingPlan(4, 2, strategy="x")
+    with pytest.raises(ValueError, match=r"the plan places 2 layers but the model has 3"):
+        ShardingPlan(4, 2, strategy="balanced", loads=[[1, 2, 3, 4], [4, 3, 2, 1]], num_layers=3)
+    assert ShardingPlan(4, 2, num_layers=3).num_layers == 3  # one placement serves any number of layers
+    with pytest.raises(ValueError, match=r"layer 0: placement lists 3 experts, expected 4"):
+        ShardingPlan(4, 2, owners=[0, 1, 0])
+    with pytest.raises(ValueError, match=r"layer 1: owner rank -1 is outside 0\.\.1"):
+        ShardingPlan(4, 2, owners=[[0, 1, 0, 1], [0, 1, -1, 1]])
+    per_layer = ShardingPlan(4, 2, owners=[[0, 1, 0, 1], [1, 1, 0, 0]], num_layers=2)
+    with pytest.raises(ValueError, match=r"^plan: the plan places 2 layers but config\.json has 3$"):
+        per_layer.check_matches(4, 3)
+    per_layer.check_matches(4, 2)
+    per_layer.check_matches(4)
+    ShardingPlan(4, 2).check_matches(4, 3)  # a single placement fits any layer count
+    assert repr(per_layer) == "ShardingPlan(num_experts=4, ep_size=2, strategy='contiguous', sizes=[2, 2])"
+
+
+def test_dict_round_trip_and_equality():
+    flat = ShardingPlan(4, 2, strategy="round_robin", num_layers=3)
+    assert flat.to_dict() == {"num_experts": 4, "ep_size": 2, "strategy": "round_robin", "num_layers": 3,
+                              "owners": [0, 1, 0, 1]}
+    per_layer = ShardingPlan(4, 2, owners=[[0, 1, 0, 1], [1, 1, 0, 0]], num_layers=2)
+    assert per_layer.to_dict()["owners"] == [[0, 1, 0, 1], [1, 1, 0, 0]]
+    assert ShardingPlan.from_dict(per_layer.to_dict()) == per_layer
+    bare = ShardingPlan.from_dict({"num_experts": 4, "ep_size": 2, "owners": [0, 0, 1, 1]})
+    assert bare.strategy == "contiguous" and bare.num_layers is None and bare == ShardingPlan(4, 2)
+    with pytest.raises(ValueError, match="sharding plan is missing the key 'owners'"):
+        ShardingPlan.from_dict({"num_experts": 4, "ep_size": 2})
+    assert ShardingPlan(4, 2) != ShardingPlan(4, 2, strategy="round_robin") and ShardingPlan(4, 2) != "plan"
+    assert ShardingPlan(4, 2).to_dict() != {"owners": [0, 0, 1, 1]}

@@ -1,9 +1,10 @@
 """The training entry point as a user runs it: real `deepspeed` / `accelerate` / `python` launches.
 
-  - SIGKILL mid-run (EP=2, ZeRO 1, 2 ranks), then --resume: later losses equal the uninterrupted run's;
-    the final checkpoint loads in transformers and at EP=1 in epkit with the same logits;
-  - the Accelerate path gives the deepspeed path's learning rate and loss at every step;
-  - a short fine-tune on the embedded corpus lowers the loss and reports eval loss / perplexity;
+  - SIGKILL mid-run (EP=2 x DP=2, ZeRO 2, 4 ranks), then --resume: losses and final tensors equal the
+    uninterrupted run's; the final checkpoint loads in transformers and at EP=1 in epkit with the same logits;
+  - the Accelerate path gives the deepspeed path's learning rate (the schedule's) and loss at every step;
+  - a short fine-tune on the embedded corpus lowers the loss, follows the lr schedule, and reports an eval
+    loss that transformers recomputes from final/; the heatmap shows the logged routing;
   - bad input: one error line per rank, non-zero exit, nothing written.
 """
 from __future__ import annotations
@@ -19,6 +20,10 @@ import time
 import pytest
 import torch
 
+from epkit.train.config import TrainConfig
+from conftest import eval_loss_with_transformers
+from test_train_optim import schedule_lr
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
 SMALL = ["--seq-len", "64", "--micro-batch", "4", "--no-progress"]
@@ -30,8 +35,8 @@ def _env():
     return env
 
 
-def _deepspeed(args, port, **kw):
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), TRAIN, *args]
+def _deepspeed(args, port, gpus: int = 2, **kw):
+    cmd = ["deepspeed", "--num_gpus", str(gpus), "--master_port", str(port), TRAIN, *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
@@ -46,14 +51,25 @@ def _free_port():
     return free_port()
 
 
+def _saved_tensors(path):
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    args = ["--ep", "2", "--zero-stage", "1", "--max-steps", "8", "--save-every", "2", "--keep-last", "2",
+    """4 ranks, EP=2 x DP=2, ZeRO 2: each expert's optimizer state is partitioned over its expert-data-parallel
+    group of two, so resume must restore every rank's partition."""
+    args = ["--ep", "2", "--zero-stage", "2", "--max-steps", "8", "--save-every", "2", "--keep-last", "2",
             "--warmup-steps", "2", *SMALL]
     full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
-    ref = _deepspeed([*args, "--output-dir", full], _free_port())
-    victim = _deepspeed([*args, "--output-dir", broken], _free_port())
-    # kill the second run (launcher and both ranks) once it is past its second checkpoint
-    deadline = time.time() + 240
+    ref = _deepspeed([*args, "--output-dir", full], _free_port(), gpus=4)
+    victim = _deepspeed([*args, "--output-dir", broken], _free_port(), gpus=4)
+    # kill the second run (launcher and all ranks) once it is past its second checkpoint
+    deadline = time.time() + 300
     while time.time() < deadline and victim.poll() is None:
         try:
             if len(_metrics(broken)) >= 5:
@@ -64,19 +80,28 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert victim.poll() is None, "the run ended before it could be killed:\n" + victim.communicate()[0][-3000:]
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    out, _ = ref.communicate(timeout=300)
+    out, _ = ref.communicate(timeout=400)
     assert ref.returncode == 0, out[-3000:]
+    assert "epkit train (deepspeed): 4 rank(s), ep=2, zero=2" in out
     assert not os.path.exists(os.path.join(broken, "final"))
-    resumed = _deepspeed([*args, "--output-dir", broken, "--resume"], _free_port())
-    out2, _ = resumed.communicate(timeout=300)
+    resumed = _deepspeed([*args, "--output-dir", broken, "--resume"], _free_port(), gpus=4)
+    out2, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, out2[-3000:]
-    assert "resuming from" in out2
+    assert "resuming from" in out2 and "checkpoint-000002 at step 2" not in out2  # from step 4 or later
     a, b = _metrics(full), _metrics(broken)
-    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    cfg = TrainConfig(max_steps=8, warmup_steps=2)
+    assert [r["lr"] for r in a] == pytest.approx([schedule_lr(cfg, s) for s in range(8)], rel=1e-9)
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) < 1e-6, f"step {x['step']}: {y['loss']} after resume vs {x['loss']}"
         assert x["lr"] == pytest.approx(y["lr"], rel=1e-12)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-6)
         assert x["expert_tokens"] == y["expert_tokens"]
+    # the final weights of the resumed run are the uninterrupted run's
+    want, got = _saved_tensors(os.path.join(full, "final")), _saved_tensors(os.path.join(broken, "final"))
+    assert want.keys() == got.keys() and len(want) > 0
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
     # the checkpoint records the whole run's routing (what the inference engine's balanced placement reads)
     with open(os.path.join(broken, "final", "epkit_plan.json")) as f:
         saved = json.load(f)["routed_tokens"]
@@ -128,6 +153,8 @@ def test_accelerate_path_matches_the_deepspeed_path(tmp_path):
     assert [r["step"] for r in ra] == [1, 2, 3, 4]
     assert [r["lr"] for r in ra] == pytest.approx([r["lr"] for r in rd], rel=1e-12)
     assert len({r["lr"] for r in ra}) == 4, [r["lr"] for r in ra]  # warm-up then decay: it moves every step
+    cfg = TrainConfig(warmup_steps=2, max_steps=4)
+    assert [r["lr"] for r in ra] == pytest.approx([schedule_lr(cfg, s) for s in range(4)], rel=1e-9)
     assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rd], rel=1e-5)
     saved = torch.load(os.path.join(acc, "final", "engine", "rank00000.pt"), weights_only=False)
     assert saved["scheduler"] is not None and saved["scheduler"]["last_epoch"] == 4
@@ -151,9 +178,9 @@ def test_accelerate_path_trains_lora(tmp_path):
 def test_short_finetune_lowers_the_loss(tmp_path):
     import importlib.util
     out = str(tmp_path / "ft")
-    evals = os.path.join(ROOT, "epkit", "assets", "instructions.jsonl")
+    evals_file = os.path.join(ROOT, "epkit", "assets", "instructions.jsonl")
     tensorboard = importlib.util.find_spec("tensorboard") is not None  # optional dependency
-    p = subprocess.run([sys.executable, TRAIN, "--max-steps", "30", "--warmup-steps", "3", "--eval-data", evals,
+    p = subprocess.run([sys.executable, TRAIN, "--max-steps", "30", "--warmup-steps", "3", "--eval-data", evals_file,
                         "--eval-every", "15", "--output-dir", out, *SMALL, *(["--tensorboard"] if tensorboard else [])],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
@@ -167,12 +194,37 @@ def test_short_finetune_lowers_the_loss(tmp_path):
     first = rows[0]
     assert {"aux_loss", "lr", "grad_norm", "tokens_per_s"} <= first.keys()
     assert len(first["expert_tokens"]) == 2 and sum(first["expert_tokens"][0]) == 2 * first["tokens"]
+    # the learning rate of every step is the schedule's (warm-up then cosine), not a constant
+    cfg = TrainConfig(max_steps=30, warmup_steps=3)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["lr"] for r in train_rows] == pytest.approx([schedule_lr(cfg, s) for s in range(30)], rel=1e-9)
+    # the eval loss of the final checkpoint, recomputed by transformers from final/ alone
+    want, tokens = eval_loss_with_transformers(os.path.join(out, "final"), evals_file, 64)
+    assert evals[1]["eval_tokens"] == tokens
+    assert evals[1]["eval_loss"] == pytest.approx(want, rel=1e-4), (evals[1], want)
     if tensorboard:
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard")))
+    _check_heatmap(out, train_rows, tmp_path)
+
+
+def _check_heatmap(out, train_rows, tmp_path):
+    """The heatmap shows what the run logged: per layer and expert, the sum of the steps' expert_tokens,
+    which is also the final checkpoint's routed_tokens."""
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import heatmap
+    logged = [[sum(r["expert_tokens"][layer][e] for r in train_rows) for e in range(8)] for layer in range(2)]
+    with open(os.path.join(out, "final", "epkit_plan.json")) as f:
+        assert json.load(f)["routed_tokens"] == logged
+    counts, _ = heatmap.load_counts(out, None)
+    assert counts == logged
+    last = [[sum(r["expert_tokens"][layer][e] for r in train_rows[-5:]) for e in range(8)] for layer in range(2)]
+    assert heatmap.load_counts(out, 5)[0] == last
+    assert heatmap.load_counts(os.path.join(out, "final"), None)[0] == logged
     heat = str(tmp_path / "heat.png")
     h = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "heatmap.py"), out, "-o", heat],
                        capture_output=True, text=True)
     assert h.returncode == 0 and os.path.getsize(heat) > 1000, h.stderr
+    assert "wrote" in h.stdout and "(2 layers x 8 experts)" in h.stdout
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,8 +3,9 @@
 Same seed, same global batch (4 ranks x micro 2 x accumulation 2), active gradient clipping, and a learning
 rate high enough that by step 3 some EP ranks receive no token in some micro-batches (idle experts):
 EP=1 x DP=4, EP=2 x DP=2 and EP=4 x DP=1 must give the same losses and the same saved weights, and
-ZeRO 1/2 must agree with ZeRO 0. EP=1 is plain data parallelism (every gradient averaged over the
-world by DeepSpeed); EP>1 reduces expert gradients over the expert-data-parallel group, so a wrong
+ZeRO 1/2 must agree with ZeRO 0 (also ZeRO 2 taken from a --deepspeed-config file), and placing the
+experts round-robin or by measured load (balanced) must not change the math either. EP=1 is plain data
+parallelism (every gradient averaged over the world by DeepSpeed); EP>1 reduces expert gradients over the expert-data-parallel group, so a wrong
 scale or group there shows up in the gradient norm (compared every step) and, through clipping, in the
 losses. (Adam alone is blind to a constant gradient scale, hence the norm check.) Saved weights agree to
 5e-5: Adam normalises every element's step, so float rounding in near-zero gradients reaches lr * 1e-3.
@@ -20,9 +21,17 @@ from safetensors.torch import load_file
 
 from tests.distributed import run
 
-# (name, ep, zero stage, extra settings); ep4_z1 also recomputes layers (activation checkpointing)
-RUNS = [("ep1_z0", 1, 0, {}), ("ep2_z0", 2, 0, {}), ("ep4_z0", 4, 0, {}), ("ep2_z2", 2, 2, {}),
-        ("ep4_z1", 4, 1, {"activation_checkpointing": True})]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, ep, zero stage, extra settings); ep4_z1 also recomputes layers (activation checkpointing); the
+# first two also evaluate at the end (a world of 4, all-to-all under EP=2)
+RUNS = [("ep1_z0", 1, 0, {"eval": True}), ("ep2_z0", 2, 0, {"eval": True}), ("ep4_z0", 4, 0, {}),
+        ("ep2_z2", 2, 2, {}), ("ep4_z1", 4, 1, {"activation_checkpointing": True}),
+        # ZeRO 2 from a --deepspeed-config file (no --zero-stage), logging every second step
+        ("ep2_dsfile_log2", 2, None, {"deepspeed_config": "DS_FILE", "log_every": 2})]
+# the router z-loss on, at EP=1 and at EP=4 with experts placed round-robin
+ZLOSS = [("ep1_zloss", 1, 0, {"z_loss_coef": 0.1}),
+         ("ep4_rr_zloss", 4, 0, {"z_loss_coef": 0.1, "plan_strategy": "round_robin"})]
 FROZEN = [("ep2_z2_experts", 2, 2, {"train_only": "experts"}), ("ep4_z1_router", 4, 1, {"train_only": "router"}),
           ("ep2_z0_attention", 2, 0, {"train_only": "attention"})]
 # LoRA on a frozen base checkpoint (the tiny preset's seeded weights): adapters on attention, router and experts;
@@ -31,20 +40,33 @@ LORA_RUNS = [("lora_ep1_z0", 1, 0, {}), ("lora_ep2_z0", 2, 0, {"save_every": 2})
              ("lora_ep2_z2", 2, 2, {"activation_checkpointing": True, "merge": True}), ("lora_ep4_z1", 4, 1, {})]
 LORA = {"lora_rank": 4, "lora_alpha": 8.0, "lora_targets": "attention,experts,router"}
 SEED = 3
+DS_FILE = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 500000}, "train_micro_batch_size_per_gpu": 64}
+
+
+def _settings(root, extra):
+    extra = dict(extra)
+    if extra.pop("eval", False):
+        extra["eval_data"] = os.path.join(root, "eval.jsonl")
+    if extra.get("deepspeed_config") == "DS_FILE":
+        extra["deepspeed_config"] = os.path.join(root, "ds.json")
+    return extra
 
 
 def _train_all(rank, world, root):
     from epkit import load_pretrained
     from epkit.parallel import set_dispatch
     from epkit.train import TrainConfig, main
-    for name, ep, zero, extra in RUNS + FROZEN:
+    for name, ep, zero, extra in RUNS + ZLOSS + FROZEN:
         cfg = TrainConfig(model="tiny", ep_size=ep, zero_stage=zero, max_steps=3 if not extra.get("train_only") else 2,
                           seq_len=32, micro_batch=2, grad_accum=2, lr=1e-2, warmup_steps=0, grad_clip=0.5,
-                          progress=False, output_dir=os.path.join(root, name), seed=SEED, **extra)
+                          progress=False, output_dir=os.path.join(root, name), seed=SEED, **_settings(root, extra))
         main(cfg)
-    # fine-tune further from a checkpoint written at EP=2, now at EP=4 (each rank reads its own experts)
-    main(TrainConfig(model=os.path.join(root, "ep2_z0", "final"), ep_size=4, zero_stage=2, max_steps=1, seq_len=32,
-                     micro_batch=2, lr=1e-3, progress=False, output_dir=os.path.join(root, "from_ep2"), seed=SEED))
+    # fine-tune further from a checkpoint written at EP=2: at EP=4 with experts placed by the routing it
+    # recorded (each rank reads its own experts), and at EP=1
+    for name, ep, strategy in [("from_ep2", 4, "balanced"), ("from_ep2_ep1", 1, "contiguous")]:
+        main(TrainConfig(model=os.path.join(root, "ep2_z0", "final"), ep_size=ep, plan_strategy=strategy, zero_stage=2,
+                         max_steps=2, seq_len=32, micro_batch=2, lr=1e-3, warmup_steps=0, progress=False,
+                         output_dir=os.path.join(root, name), seed=SEED))
     # A checkpoint written at EP=4 loads at EP=2 (replicated dispatch: same tokens on every rank) and gives
     # the logits the EP=1 checkpoint gives on one device.
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))  # same on all ranks
@@ -91,10 +113,13 @@ def _train_lora(rank, root, tokens):
     return diff
 
 
-def _losses(root, name):
+def _rows(root, name):
     with open(os.path.join(root, name, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+        return [json.loads(line) for line in f]
+
+
+def _losses(root, name):
+    return [(r["loss"], r["grad_norm"]) for r in _rows(root, name) if "loss" in r]
 
 
 def _routed(root, name):
@@ -114,7 +139,12 @@ def _weights(root, name, final="final"):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ep_runs"))
-    diffs = run(_train_all, 4, root, timeout=600)
+    with open(os.path.join(ROOT, "epkit", "assets", "instructions.jsonl")) as f, \
+            open(os.path.join(root, "eval.jsonl"), "w") as out:
+        out.writelines(f.readlines()[:40])  # a small held-out set: 40 records
+    with open(os.path.join(root, "ds.json"), "w") as f:
+        json.dump(DS_FILE, f)
+    diffs = run(_train_all, 4, root, timeout=900)
     return root, diffs
 
 
@@ -128,9 +158,15 @@ def test_ep_sizes_give_the_same_losses_and_weights(trained):
     assert start.keys() == base_weights.keys()
     unchanged = sorted(k for k in start if torch.equal(start[k], base_weights[k]))
     assert not unchanged, f"training left these weights at their initial values: {unchanged[:5]}"
-    for name, _, _, _ in RUNS[1:]:
+    for name, _, _, extra in RUNS[1:]:
         losses = _losses(root, name)
-        for step, ((l0, g0), (l1, g1)) in enumerate(zip(base_losses, losses), 1):
+        if extra.get("log_every") == 2:
+            assert [r["step"] for r in _rows(root, name)] == [2, 3]
+            losses = [None] + losses  # steps 2 and 3 logged: compare those
+        for step, ((l0, g0), pair) in enumerate(zip(base_losses, losses), 1):
+            if pair is None:
+                continue
+            l1, g1 = pair
             assert abs(l0 - l1) < 1e-5, f"{name} step {step}: loss {l1} vs EP=1 {l0}"
             assert abs(g0 - g1) < 1e-4 * max(1.0, g0), f"{name} step {step}: grad norm {g1} vs EP=1 {g0}"
         assert _routed(root, name) == _routed(root, "ep1_z0")
@@ -161,7 +197,7 @@ def test_losses_fall_and_checkpoint_loads_at_another_ep_size(trained):
     root, diffs = trained
     losses = [l for l, _ in _losses(root, "ep1_z0")]
     assert losses[-1] < losses[0]
-    (continued, _), = _losses(root, "from_ep2")
+    continued = _losses(root, "from_ep2")[0][0]
     assert continued < losses[0] - 0.05, "training from the EP=2 checkpoint should start below a fresh model"
     with open(os.path.join(root, "from_ep2", "final", "epkit_plan.json")) as f:
         assert json.load(f)["plan"]["ep_size"] == 4
@@ -201,6 +237,126 @@ def test_backward_when_a_rank_receives_no_tokens():
     step). Regression test for a collective mismatch (gloo abort / NCCL hang) in that case."""
     diffs = run(_no_tokens_for_one_rank, 2, timeout=120)
     assert max(diffs) < 1e-5
+
+
+# ---- settings that must not change the math, and what the run reports ----------------------------------
+
+def test_deepspeed_config_file_and_log_every(trained):
+    """ZeRO 2 came from the --deepspeed-config file (its batch size was overridden by epkit's flags: the run
+    equals EP=1 above); with --log-every 2 steps 2 and 3 are logged, and expert_tokens covers every step
+    since the previous line, so the heatmap still sums to the run's routing."""
+    import sys
+    root, _ = trained
+    name = "ep2_dsfile_log2"
+    state = torch.load(os.path.join(root, name, "final", "engine", "rank00000.pt"), weights_only=False)
+    assert state["zero_stage"] == 2
+    base = [r for r in _rows(root, "ep1_z0") if "loss" in r]
+    rows = _rows(root, name)
+    assert [r["step"] for r in rows] == [2, 3]
+    for r in rows:
+        b = base[r["step"] - 1]
+        assert r["lr"] == b["lr"] and r["tokens"] == b["tokens"] and abs(r["loss"] - b["loss"]) < 1e-5
+    add = [[x + y for x, y in zip(r0, r1)] for r0, r1 in zip(base[0]["expert_tokens"], base[1]["expert_tokens"])]
+    assert rows[0]["expert_tokens"] == add and rows[1]["expert_tokens"] == base[2]["expert_tokens"]
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import heatmap
+    assert heatmap.load_counts(os.path.join(root, name), None)[0] == _routed(root, name) == _routed(root, "ep1_z0")
+
+
+def _step1_oracle():
+    """lm, aux and z losses of step 1 (initial weights, the 4 ranks' 2 micro-batches of step 1, averaged as the
+    loop averages them), computed by transformers' Mixtral from a checkpoint of the initial weights."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from epkit import Mixtral, ModelArgs, save_pretrained
+    from epkit.train import TrainConfig
+    from epkit.train.loop import check_inputs
+    args = ModelArgs.from_name("tiny")
+    with tempfile.TemporaryDirectory() as d:
+        train = check_inputs(TrainConfig(model="tiny", seq_len=32, micro_batch=2, seed=SEED,
+                                         output_dir=os.path.join(d, "run")))[2]
+        save_pretrained(Mixtral(args).init_weights(seed=SEED), os.path.join(d, "init"))
+        hf = AutoModelForCausalLM.from_pretrained(os.path.join(d, "init"), dtype=torch.float32).eval()
+    lm, aux, z = [], [], []
+    with torch.no_grad():
+        for rank in range(4):
+            for micro in range(2):
+                b = train.batch(micro, 2, rank, 4)
+                assert (b["positions"] >= 0).all(), "step 1 should hold no padding row"
+                out = hf(input_ids=b["tokens"], output_router_logits=True)  # (with labels, out.loss would add aux)
+                lm.append(float(torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 512),
+                                                                  b["labels"][:, 1:].reshape(-1), ignore_index=-100)))
+                aux.append(float(load_balancing_loss_func(out.router_logits, 8, 2)))
+                z.append(float(torch.stack([torch.logsumexp(r, -1).pow(2).mean() for r in out.router_logits]).mean()))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return mean(lm), mean(aux), mean(z), args.router_aux_loss_coef
+
+
+def _router_z(path, tokens):
+    """Router z-loss of a checkpoint on fixed tokens (transformers' router logits)."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=tokens, output_router_logits=True).router_logits
+    return float(torch.stack([torch.logsumexp(r, -1).pow(2).mean() for r in logits]).mean())
+
+
+def test_router_z_loss_and_round_robin_placement(trained):
+    root, _ = trained
+    z1, z4 = _rows(root, "ep1_zloss"), _rows(root, "ep4_rr_zloss")
+    lm, aux, z, aux_coef = _step1_oracle()
+    first = z1[0]
+    assert first["lm_loss"] == pytest.approx(lm, rel=1e-5) and first["aux_loss"] == pytest.approx(aux, rel=1e-5)
+    assert first["z_loss"] == pytest.approx(z, rel=1e-5) and z > 0.1
+    for r in z1 + z4:  # the logged loss is the one trained: lm + aux_coef * aux + z_coef * z
+        assert r["loss"] == pytest.approx(r["lm_loss"] + aux_coef * r["aux_loss"] + 0.1 * r["z_loss"], rel=1e-9)
+    # EP=4 with round-robin placement equals EP=1
+    with open(os.path.join(root, "ep4_rr_zloss", "final", "epkit_plan.json")) as f:
+        assert json.load(f)["plan"]["owners"] == [0, 1, 2, 3, 0, 1, 2, 3]
+    for a, b in zip(z1, z4):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["z_loss"] - b["z_loss"]) < 1e-5
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4) and a["expert_tokens"] == b["expert_tokens"]
+    w1, w4 = _weights(root, "ep1_zloss"), _weights(root, "ep4_rr_zloss")
+    for k, v in w1.items():
+        torch.testing.assert_close(w4[k], v, atol=5e-5, rtol=0, msg=lambda m: f"{k}: {m}")
+    # the z-loss reaches the gradients: the routers end with smaller logits than without it
+    tokens = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    with_z = _router_z(os.path.join(root, "ep1_zloss", "final"), tokens)
+    without = _router_z(os.path.join(root, "ep1_z0", "final"), tokens)
+    assert with_z < without, (with_z, without)
+
+
+def test_balanced_training_plan_follows_the_checkpoints_routing(trained):
+    from epkit.plan import ShardingPlan
+    root, _ = trained
+    with open(os.path.join(root, "from_ep2", "final", "epkit_plan.json")) as f:
+        saved = json.load(f)["plan"]
+    want = ShardingPlan(8, 4, "balanced", loads=_routed(root, "ep2_z0"), num_layers=2)
+    assert saved["owners"] == [want.owners(layer) for layer in range(2)]
+    assert any(want.owners(layer) != ShardingPlan(8, 4).owners() for layer in range(2)), "not a contiguous plan"
+    for (l4, g4), (l1, g1) in zip(_losses(root, "from_ep2"), _losses(root, "from_ep2_ep1")):
+        assert abs(l4 - l1) < 1e-5 and abs(g4 - g1) < 1e-4 * max(1.0, g1)
+    w4, w1 = _weights(root, "from_ep2"), _weights(root, "from_ep2_ep1")
+    assert w4.keys() == w1.keys()
+    for k, v in w1.items():
+        torch.testing.assert_close(w4[k], v, atol=5e-5, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+def test_evaluation_at_world_4(trained):
+    """Eval rows are sharded over the 4 ranks (EP=2: all-to-all inside): the loss and token count are the
+    whole set's, as transformers computes them from final/ on one process."""
+    from conftest import eval_loss_with_transformers
+    root, _ = trained
+    e1 = [r for r in _rows(root, "ep1_z0") if "eval_loss" in r]
+    e2 = [r for r in _rows(root, "ep2_z0") if "eval_loss" in r]
+    assert [r["step"] for r in e1] == [r["step"] for r in e2] == [3]
+    want, tokens = eval_loss_with_transformers(os.path.join(root, "ep2_z0", "final"), os.path.join(root, "eval.jsonl"),
+                                               32)
+    assert e2[0]["eval_tokens"] == e1[0]["eval_tokens"] == tokens
+    assert e2[0]["eval_loss"] == pytest.approx(want, rel=1e-5) and abs(e1[0]["eval_loss"] - want) < 1e-4
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------

@@ -214,6 +214,7 @@ def main(cfg: TrainConfig) -> str:
                       f"{cpu}, "
                       f"{len(train)} rows x {cfg.seq_len} tokens, trainable {trainable}; {where}")
     aux_coef = args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
+    unlogged = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64)  # routed since the last log line
     nonfinite = 0  # steps skipped for a non-finite loss or gradient norm
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
@@ -245,11 +246,13 @@ def main(cfg: TrainConfig) -> str:
         step_tokens = int(sums[4])
         tokens_seen += step_tokens
         elapsed = time.perf_counter() - t0
+        unlogged += step_routed
         record = {"step": step + 1, "loss": lm + aux_coef * aux + cfg.z_loss_coef * z, "lm_loss": lm,
                   "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
-                  "tokens_per_s": step_tokens / max(elapsed, 1e-9), "expert_tokens": step_routed.tolist()}
+                  "tokens_per_s": step_tokens / max(elapsed, 1e-9), "expert_tokens": unlogged.tolist()}
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             metrics.log(record)
+            unlogged.zero_()
         metrics.advance(record)
         if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
             nonfinite += 1

@@ -3,6 +3,8 @@
 Only rank 0 writes. OUTPUT_DIR/metrics.jsonl holds one object per logged step:
   {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens", "tokens_per_s",
    "expert_tokens": [[tokens routed to expert e of layer l]]}
+where expert_tokens counts every step since the previous logged one (with --log-every N, N steps), so the
+logged records sum to the run's routing; after --resume the count restarts at the checkpoint's step.
 and one per evaluation: {"step", "eval_loss", "eval_ppl", "eval_tokens"}.
 `launch/heatmap.py OUTPUT_DIR` renders the summed expert_tokens as a layer x expert image.
 """

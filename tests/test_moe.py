@@ -1,0 +1,304 @@
+"""Units of epkit/moe.py against values computed here: routing, per-bucket counts, permute/unpermute, the
+router losses, the expert module's settings, backends and dtypes, local dispatch with experts held
+elsewhere, the routing counter, and the MoE layer's jitter and dispatcher hand-off.
+(Parity of whole layers with transformers: test_model.py.)
+"""
+import numpy as np
+import pytest
+import torch
+
+import epkit.moe as moe_lib
+from epkit.moe import (ComputeBackend, Experts, LocalDispatch, MoE, Routed, RoutingStats, choose_backend,
+                       count_per_bucket, load_balancing_loss, permute, route, router_z_loss, unpermute)
+
+
+def test_route_by_hand():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 0.0, 0.0, 2.0]])
+    weights, ids = route(logits.to(torch.bfloat16), 2)
+    assert weights.dtype == torch.float32 and ids.tolist() == [[3, 2], [0, 3]]
+    e = np.exp([3.0, 2.0])
+    torch.testing.assert_close(weights, torch.tensor(np.stack([e / e.sum()] * 2), dtype=torch.float32))
+    w3, ids3 = route(logits, 3)  # renormalised over the chosen three, not over all four
+    p = np.exp([0.0, 1.0, 2.0, 3.0]) / np.exp([0.0, 1.0, 2.0, 3.0]).sum()
+    torch.testing.assert_close(w3[0], torch.tensor(p[[3, 2, 1]] / p[[3, 2, 1]].sum(), dtype=torch.float32))
+    assert ids3[0].tolist() == [3, 2, 1] and torch.allclose(w3.sum(-1), torch.ones(2))
+
+
+def test_count_per_bucket_permute_unpermute():
+    ids = torch.tensor([[0, 3], [3, 3], [1, 0]])
+    out = count_per_bucket(ids, 6)
+    assert out.dtype == torch.int64 and out.tolist() == [2, 1, 0, 3, 0, 0]
+    assert count_per_bucket(torch.zeros(0, dtype=torch.int64), 3).tolist() == [0, 0, 0]
+    assert count_per_bucket(ids.to("meta"), 6).device.type == "meta"  # stays on the ids' device
+    order, counts = permute(ids, 4)
+    assert counts.tolist() == [2, 1, 0, 3] and order.tolist() == [0, 5, 4, 1, 2, 3]  # stable within a key
+    # unpermute: y[t] = sum over t's pairs of weight * row, fp32, with `keep` dropping rows
+    out = torch.arange(6, dtype=torch.bfloat16)[:, None].expand(6, 2) + 1  # row i of `order` holds i + 1
+    weights = torch.tensor([[0.5, 0.25], [1.0, 2.0], [3.0, 4.0]])
+    y = unpermute(out, order, weights)
+    # pair p = order[i] -> token p // 2, choice p % 2, value i + 1
+    want = torch.zeros(3)
+    for i, p in enumerate(order.tolist()):
+        want[p // 2] += weights[p // 2, p % 2] * (i + 1)
+    assert y.dtype == torch.float32 and y.shape == (3, 2)
+    torch.testing.assert_close(y[:, 0], want)
+    keep = torch.tensor([True, False, True, True, False, True])
+    want_kept = torch.zeros(3)
+    for i, p in enumerate(order.tolist()):
+        if keep[i]:
+            want_kept[p // 2] += weights[p // 2, p % 2] * (i + 1)
+    torch.testing.assert_close(unpermute(out, order, weights, keep)[:, 1], want_kept)
+
+
+def test_router_z_loss_formula():
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(5, 4, generator=g) * 3, torch.randn(3, 4, generator=g)]  # different token counts
+    want = np.mean([np.mean(np.log(np.exp(x.double().numpy()).sum(-1)) ** 2) for x in layers])
+    assert router_z_loss([x.to(torch.bfloat16) for x in layers]).dtype == torch.float32
+    assert float(router_z_loss(layers)) == pytest.approx(want, rel=1e-6)
+    one = np.mean(np.log(np.exp(layers[0].double().numpy()).sum(-1)) ** 2)
+    assert float(router_z_loss(layers[:1])) == pytest.approx(one, rel=1e-6)
+
+
+def test_load_balancing_loss_with_idle_experts_and_given_choices():
+    """Experts no token picks still count in E (the loss is E * sum_e share_e * mean prob_e); choices passed
+    in (`expert_ids`) replace the top-k of the logits."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    g = torch.Generator().manual_seed(1)
+    layers = [torch.randn(6, 8, generator=g) for _ in range(2)]
+    for x in layers:
+        x[:, 6:] -= 100.0  # experts 6 and 7: never in the top 2
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    for m in (None, mask):
+        want = load_balancing_loss_func(tuple(layers), 8, 2, m)
+        torch.testing.assert_close(load_balancing_loss(layers, 8, 2, m), want, atol=1e-6, rtol=1e-6)
+    p = torch.softmax(layers[0], -1)
+    share = torch.zeros(8).index_add_(0, p.topk(2).indices.reshape(-1), torch.ones(12)) / 6
+    torch.testing.assert_close(load_balancing_loss(layers[:1], 8, 2), 8 * (share * p.mean(0)).sum())
+    chosen = torch.tensor([[6, 7]] * 6)  # say a router chose the idle experts
+    share = torch.zeros(8).index_add_(0, chosen.reshape(-1), torch.ones(12)) / 6
+    torch.testing.assert_close(load_balancing_loss(layers[:1], 8, 2, expert_ids=[chosen]), 8 * (share * p.mean(0)).sum())
+
+
+# ---- experts and their backends ----------------------------------------------------------------------
+
+def test_backend_kernel_choice():
+    both = ComputeBackend(small_m_max=256, grouped="train")
+    assert [both.kernel(n, False) for n in (1, 256, 257)] == ["small_m", "small_m", "grouped"]
+    assert both.kernel(4, True) == "grouped" and both.sync_free(4, True) and both.sync_free(300)
+    infer = ComputeBackend(0, "infer")
+    assert infer.kernel(4, False) == "grouped" and infer.kernel(4, True) == "loop"
+    assert infer.sync_free(4) and not infer.sync_free(4, grad=True)
+    small = ComputeBackend(small_m_max=8)
+    assert small.kernel(8, False) == "small_m" and small.kernel(9, False) == "loop" and small.kernel(1, True) == "loop"
+    assert not small.sync_free(9) and ComputeBackend().kernel(1, False) == "loop" and not ComputeBackend().sync_free(1)
+
+
+def test_choose_backend(monkeypatch):
+    """CPU: grouped GEMM for inference only; CUDA: Triton small-M where Triton runs, grouped GEMM on Hopper-class
+    GPUs in bf16 with 8-aligned sizes; impl="loop" forces the reference. (CUDA capability and Triton are
+    stood in for: only the choice is checked here.)"""
+    cpu = choose_backend("cpu", torch.float32, 64, 128)
+    assert cpu == ComputeBackend(0, "infer" if moe_lib._HAS_GROUPED_MM else None)
+    assert choose_backend("cpu", torch.float32, 64, 128, impl="loop") == ComputeBackend()
+    monkeypatch.setattr(moe_lib, "_HAS_GROUPED_MM", True)
+    monkeypatch.setattr(moe_lib, "_capability", lambda device: 9)
+    monkeypatch.setattr(moe_lib.moe_kernels, "available", lambda device: True)
+    cuda = torch.device("cuda", 0)
+    assert choose_backend(cuda, torch.bfloat16, 64, 128) == ComputeBackend(256, "train")
+    assert choose_backend(cuda, torch.float16, 64, 128) == ComputeBackend(256, None)
+    assert choose_backend(cuda, torch.bfloat16, 60, 128) == ComputeBackend(256, None)
+    assert choose_backend(cuda, torch.bfloat16, 64, 100) == ComputeBackend(256, None)
+    assert choose_backend(cuda, torch.bfloat16, 64, 128, impl="loop") == ComputeBackend()
+    monkeypatch.setattr(moe_lib, "_capability", lambda device: 8)
+    assert choose_backend(cuda, torch.bfloat16, 64, 128) == ComputeBackend(256, None)  # Ampere: no grouped GEMM
+    monkeypatch.setattr(moe_lib.moe_kernels, "available", lambda device: False)
+    monkeypatch.setattr(moe_lib, "_capability", lambda device: 9)
+    assert choose_backend(cuda, torch.bfloat16, 64, 128) == ComputeBackend(0, "train")
+    monkeypatch.setattr(moe_lib, "_HAS_GROUPED_MM", False)
+    assert choose_backend(cuda, torch.bfloat16, 64, 128) == ComputeBackend() == choose_backend("cpu", torch.float32, 8, 8)
+
+
+def test_experts_settings_and_backend_follows_device_dtype_and_impl():
+    ex = Experts(8, 16, 24, expert_ids=[2, 5, 7], dtype=torch.bfloat16)
+    assert ex.expert_ids == [2, 5, 7] and ex.num_local == 3 and ex.intermediate_size == 24
+    assert ex.w13.shape == (3, 48, 16) and ex.w2.shape == (3, 16, 24)
+    assert ex.w13.dtype == ex.w2.dtype == torch.bfloat16 and ex.impl == "grouped" and not ex.recompute_up
+    meta = Experts(4, 16, 24, device="meta")
+    assert meta.expert_ids == [0, 1, 2, 3] and meta.w13.device.type == meta.w2.device.type == "meta"
+    ex = Experts(4, 16, 24)
+    assert ex.backend == choose_backend("cpu", torch.float32, 16, 24) and ex.trains
+    ex.impl = "loop"
+    assert ex.backend == ComputeBackend()
+    ex.impl = "grouped"
+    assert ex.backend == choose_backend("cpu", torch.float32, 16, 24)
+    ex.requires_grad_(False)
+    assert not ex.trains
+    layer = MoE(16, 24, 4, 2, device="meta", dtype=torch.bfloat16)
+    assert layer.gate.weight.device.type == "meta" and layer.gate.weight.dtype == torch.bfloat16
+    assert layer.gate.bias is None and layer.experts.w13.dtype == torch.bfloat16
+    assert layer.experts.w13.device.type == "meta" and isinstance(layer.dispatcher, LocalDispatch)
+    plain = MoE(16, 24, 4, 2)
+    assert plain.jitter_noise == 0.0 and plain.top_k == 2 and plain.num_experts == 4
+
+
+def _experts(D=16, I=24, L=4, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    ex = Experts(L, D, I)
+    with torch.no_grad():
+        ex.w13.copy_(torch.randn(ex.w13.shape, generator=g) * 0.3)
+        ex.w2.copy_(torch.randn(ex.w2.shape, generator=g) * 0.3)
+    return ex.to(dtype)
+
+
+def _by_hand(ex, x, weights, slots):
+    """sum over choices of weight * expert(slot)(x), token by token; slot -1 contributes nothing."""
+    y = torch.zeros(x.shape[0], x.shape[1])
+    for n in range(x.shape[0]):
+        for k in range(slots.shape[1]):
+            if slots[n, k] >= 0:
+                h = x[n].float() @ ex.w13[slots[n, k]].float().T
+                act = torch.nn.functional.silu(h[: ex.intermediate_size]) * h[ex.intermediate_size:]
+                y[n] += weights[n, k] * (act @ ex.w2[slots[n, k]].float().T)
+    return y
+
+
+def test_experts_forward_rows_padding_and_paths():
+    ex = _experts()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 16, generator=g)
+    counts = torch.tensor([2, 0, 1, 1])  # 4 grouped rows, then one padding row
+    rows = torch.tensor([4, 0, 3, 1, 2])
+    want = torch.stack([_by_hand(ex, x[r:r + 1], torch.ones(1, 1), torch.tensor([[s]]))[0]
+                        for r, s in zip([4, 0, 3, 1], [0, 0, 2, 3])])
+    with torch.no_grad():
+        for impl in ("grouped", "loop"):
+            ex.impl = impl
+            got = ex(x, counts, rows=rows)
+            assert got.shape == (5, 16)
+            torch.testing.assert_close(got[:4], want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ex(x[rows], counts)[:4], want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(ex.forward_loop(x[rows], counts)[4], torch.zeros(16))  # padding: zeros in the loop
+    ex.recompute_up = True  # selective recompute: same values, gradients too
+    out = ex.forward_loop(x[rows], counts)
+    out.sum().backward()
+    g1 = ex.w13.grad.clone()
+    ex.zero_grad()
+    ex.recompute_up = False
+    ex.forward_loop(x[rows], counts).sum().backward()
+    torch.testing.assert_close(out[:4].detach(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g1, ex.w13.grad)
+
+
+def test_local_dispatch_drops_experts_held_elsewhere():
+    ex = _experts(L=4)
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(6, 16, generator=g), torch.rand(6, 2, generator=g)
+    ids = torch.tensor([[0, 5], [5, 6], [3, 1], [2, 7], [4, 0], [1, 3]])  # global ids of 8 experts
+    # this rank holds experts 0, 1, 2, 3 in slots 3, 2, 1, 0 (a placement that is not the identity)
+    dispatch = LocalDispatch([3, 2, 1, 0, -1, -1, -1, -1])
+    slots = torch.tensor([[3, 2, 1, 0, -1, -1, -1, -1][e] for e in ids.reshape(-1)]).reshape(6, 2)
+    want = _by_hand(ex, x, w, slots)
+    for grad in (False, True):
+        for impl in ("grouped", "loop"):
+            ex.impl = impl
+            with torch.set_grad_enabled(grad):
+                part = dispatch.partial(ex, x, w, ids)
+                y = dispatch(ex, x.to(torch.bfloat16).float(), w, ids)
+            assert part.dtype == torch.float32 and y.dtype == torch.float32
+            torch.testing.assert_close(part.detach(), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        y16 = dispatch(ex.to(torch.bfloat16), x.to(torch.bfloat16), w, ids)
+    assert y16.dtype == torch.bfloat16  # the combine returns x's dtype
+    everything = LocalDispatch()  # all experts here, slot = expert id
+    ex8 = _experts(L=8)
+    with torch.no_grad():
+        torch.testing.assert_close(everything(ex8, x, w, ids), _by_hand(ex8, x, w, ids), atol=1e-5, rtol=1e-5)
+    assert LocalDispatch.sync_free
+
+
+def test_routing_stats():
+    stats = RoutingStats(2, 4)
+    assert stats.counts().tolist() == [[0] * 4] * 2 and stats.counts().dtype == torch.int64
+    live = stats.counts()
+    ids = [torch.tensor([[0, 1], [1, 3], [3, 0]]), torch.tensor([[2, 2], [0, 1], [1, 2]])]
+    stats.add([Routed(torch.zeros(3, 4), ids[0]), Routed(torch.zeros(3, 4), ids[1], torch.tensor([True, False, True]))])
+    assert stats.counts().tolist() == [[2, 2, 0, 2], [0, 1, 3, 0]] and stats.counts() is live  # updated in place
+    stats.add([Routed(torch.zeros(1, 4), torch.tensor([[3, 2]])), Routed(torch.zeros(1, 4), torch.tensor([[0, 3]]))])
+    assert stats.counts().tolist() == [[2, 2, 1, 3], [1, 1, 3, 1]]
+    stats.reset()
+    assert stats.counts().tolist() == [[0] * 4] * 2 and stats.counts() is live
+    stats.add([Routed(torch.zeros(1, 4), torch.tensor([[1, 0]]))] * 2)
+    moved = stats.counts("meta")  # a device change keeps the counts (moved)
+    assert moved.device.type == "meta" and stats.counts() is moved
+
+
+# ---- the layer ---------------------------------------------------------------------------------------
+
+def _layer(jitter=0.0):
+    torch.manual_seed(0)
+    layer = MoE(16, 24, 4, 2, jitter_noise=jitter)
+    with torch.no_grad():
+        layer.gate.weight.normal_(0, 1.0)
+        layer.experts.w13.normal_(0, 0.3)
+        layer.experts.w2.normal_(0, 0.3)
+    return layer
+
+
+def test_moe_forward_returns_what_it_routed_and_uses_its_dispatcher():
+    layer = _layer().eval()
+    x = torch.randn(2, 3, 16)
+    mask = torch.tensor([True, True, False, True, True, True])
+    with torch.no_grad():
+        want, routed = layer(x, mask)
+    w, i = route(layer.gate(x.reshape(6, 16)), 2)
+    assert torch.equal(routed.expert_ids, i) and routed.mask is mask and routed.logits.shape == (6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(want.reshape(6, 16), _by_hand(layer.experts, x.reshape(6, 16), w, i),
+                                   atol=1e-5, rtol=1e-5)
+    seen = []
+
+    def dispatcher(experts, flat, weights, ids):
+        seen.append((experts, flat, weights, ids))
+        return LocalDispatch()(experts, flat, weights, ids) * 2.0
+    layer.dispatcher = dispatcher
+    with torch.no_grad():
+        got, routed2 = layer(x)
+    (experts, flat, weights, ids), = seen
+    assert experts is layer.experts and torch.equal(flat, x.reshape(6, 16)) and got.shape == (2, 3, 16)
+    assert torch.equal(ids, i) and torch.equal(weights, w) and routed2.mask is None
+    torch.testing.assert_close(got, 2.0 * want)
+
+
+def test_moe_sync_free_asks_the_dispatcher_and_the_backend():
+    layer = _layer()
+    layer.experts.requires_grad_(False)
+    assert layer.sync_free(3) == layer.experts.backend.sync_free(6)
+    layer.experts.impl = "loop"
+    assert not layer.sync_free(3)
+    layer.experts.impl = "grouped"
+
+    class Syncing:
+        sync_free = False
+    layer.dispatcher = Syncing()
+    assert not layer.sync_free(3)
+
+
+def test_router_jitter_in_training_only():
+    layer = _layer(jitter=0.3)
+    x = torch.randn(4, 8, 16)
+    seen = []
+    layer.gate.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+    layer.train()
+    layer(x)
+    layer(x)
+    ratio = seen[0] / x.reshape(-1, 16)
+    assert 0.7 <= float(ratio.min()) < 0.75 and 1.25 < float(ratio.max()) <= 1.3  # uniform in [1 - j, 1 + j]
+    assert not torch.equal(seen[0], seen[1])  # fresh noise each forward
+    layer.eval()
+    layer(x)
+    assert torch.equal(seen[2], x.reshape(-1, 16))
+    plain = _layer(jitter=0.0).train()
+    plain.gate.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+    plain(x)
+    assert torch.equal(seen[3], x.reshape(-1, 16))
