@@ -335,3 +335,31 @@ def test_full_disk_while_writing_the_engine_state(tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(ck, state.MARKER_FILE))
     assert state.complete_checkpoints(str(tmp_path), "R") == []
     assert not [n for n in os.listdir(ck) if ".tmp-" in n]  # no temporary engine folder left
+
+
+def _idle_leader(rank, world):
+    """Rank 0 builds the engine and then goes silent (alive, no step); rank 1 waits in follow()."""
+    import time
+
+    from epkit.args import ModelArgs
+    from epkit.infer import LLM
+    from epkit.infer.build import random_model
+    model = random_model(ModelArgs.from_name("tiny"), 2, "cpu", seed=0)
+    llm = LLM.from_model(model, dist_timeout=3)
+    if rank == 0:
+        time.sleep(12)  # silent, as a frozen leader is
+        return None
+    t0 = time.time()
+    try:
+        llm.follow()
+    except RuntimeError as e:
+        return time.time() - t0, str(e)
+    return time.time() - t0, "follow() returned"
+
+
+def test_a_follower_waiting_for_the_next_step_gives_up_after_dist_timeout():
+    """The followers' wait for the leader's next step (the runner's CPU control group) is bounded by
+    dist_timeout in an offline run: it was 7 days, so a leader frozen between steps hung them (issue 9 item 9)."""
+    from tests.distributed import run
+    _, (seconds, message) = run(_idle_leader, 2, timeout=240)
+    assert seconds < 10 and "Timed out" in message, (seconds, message)

@@ -52,6 +52,9 @@ class EngineConfig:
     seed: int = setting(0, "seeds the per-request seeds of requests that set none", cli=False)
     dist_timeout: float = setting(120.0, "seconds a collective waits for the other EP ranks; then the job ends with "
                                          "a line naming the rank that stopped answering")
+    follower_wait: float | None = setting(None, "seconds EP followers wait for the leader's next step (None: "
+                                                "dist_timeout); a server waits unbounded: its watchdog decides",
+                                          cli=False)
     # expert parallelism (README: Serving modes)
     dp_attention: bool = setting(False, "with ep > 1: each rank serves its own requests (its own KV cache, attention "
                                         "for its own tokens) and the experts exchange tokens by all-to-all; "

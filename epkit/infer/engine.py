@@ -17,6 +17,7 @@ when they arrive; a bad one finishes at once with `finish_reason="error"` and a 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import random
 import time
@@ -146,9 +147,11 @@ class LLM:
         cuda_graphs = cfg.cuda_graphs
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"
+        wait = cfg.follower_wait if cfg.follower_wait is not None else cfg.dist_timeout
         self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs,
                                  decode_kernels=cfg.decode_kernels, max_rows=seqs,
-                                 max_table_width=-(-self.max_model_len // cfg.block_size))
+                                 max_table_width=-(-self.max_model_len // cfg.block_size),
+                                 control_timeout=datetime.timedelta(seconds=wait))
         model.routing_stats.reset()  # the load report counts served tokens (not the profiling forward)
         self.overlap = cfg.overlap and not dp_attention
         self._inflight: _Step | None = None

@@ -34,10 +34,11 @@ MAX_BATCHES = 4  # forwards per step: the decode rows, and prefill chunks groupe
 _STEP, _END, _PING = 1, 2, 3
 _PER_BATCH = 5  # B, T, NB, R, S
 _HEADER = 2 + _PER_BATCH * MAX_BATCHES  # command, number of batches, then the batches' sizes
-# Followers wait for the next step on the CPU group however long the leader is idle (a server's own
-# watchdog, `engine_loop.follow_leader`, decides when silence means death); if the leader's process
-# ends, the connection closes and they fail at once.
-CONTROL_TIMEOUT = datetime.timedelta(days=7)
+# How long followers wait on the CPU group for the leader's next step: by default the engine's
+# dist_timeout (an offline run whose leader froze ends naming it); a server waits however long the leader
+# is idle (`control_timeout` unbounded: its own watchdog, `engine_loop.follow_leader`, decides when silence
+# means death). If the leader's process ends, the connection closes and they fail at once.
+UNBOUNDED_CONTROL_TIMEOUT = datetime.timedelta(days=7)
 
 
 @dataclass
@@ -80,14 +81,14 @@ def make_batch(rows, block_size: int) -> Batch:
     return b
 
 
-def _control_group(ep_group):
+def _control_group(ep_group, timeout: datetime.timedelta):
     """A gloo group with the same ranks as `ep_group` (every rank of the world must call this)."""
     mine = dist.get_process_group_ranks(ep_group)
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)  # NOTE: collective, once at set-up
     out = None
     for ranks in sorted({tuple(r) for r in every}):
-        group = dist.new_group(list(ranks), backend="gloo", timeout=CONTROL_TIMEOUT)  # NOTE: collective
+        group = dist.new_group(list(ranks), backend="gloo", timeout=timeout)  # NOTE: collective
         if dist.get_rank() in ranks:
             out = group
     return out
@@ -95,7 +96,8 @@ def _control_group(ep_group):
 
 class StepRunner:
     def __init__(self, model, cache: PagedKVCache, device: torch.device, cuda_graphs: bool = True,
-                 decode_kernels: str | None = None, max_rows: int = 256, max_table_width: int = 1):
+                 decode_kernels: str | None = None, max_rows: int = 256, max_table_width: int = 1,
+                 control_timeout: datetime.timedelta = UNBOUNDED_CONTROL_TIMEOUT):
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.decode_kernels = choose_kernels(decode_kernels, model, self.device)
         self.expert_tiles = tune_expert_tiles(model)  # GPUs: the small-batch down projection's launch, timed
@@ -113,7 +115,7 @@ class StepRunner:
         self.is_leader = self.rank == 0
         if self.group is not None:
             self.leader = dist.get_global_rank(self.group, 0)
-            self.control = _control_group(self.group)
+            self.control = _control_group(self.group, control_timeout)
         self.sampled = torch.zeros(1, dtype=torch.int64, device=self.device)  # the last step's samples
         self.last_heard = time.monotonic()  # followers: when the leader's last header arrived
 

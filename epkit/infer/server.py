@@ -328,6 +328,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     from .cli import build_llm, resolve_checkpoint
     cfg = parse_args(argv)
+    # idle followers wait for the leader however long there is no request; the watchdog decides when silence
+    # means death (offline runs wait --dist-timeout)
+    from .runner import UNBOUNDED_CONTROL_TIMEOUT
+    cfg.engine = cfg.engine.replace(follower_wait=UNBOUNDED_CONTROL_TIMEOUT.total_seconds())
     llm, source = build_llm(cfg)  # every rank
     _warm_up(llm)
     if not llm.is_leader:
