@@ -206,7 +206,7 @@ def test_divergence_stops_before_saving_and_nan_weights_are_refused(tmp_path, ca
 
 # ---- item 9: a frozen rank ends the job with one line naming it ---------------------------------------------
 
-def _freeze_one_rank(argv, victim: int, started, timeout_s: float = 8):
+def _freeze_one_rank(argv, victim: int, started, timeout_s: float = 10):
     """Start 2 ranks of `argv` (gloo, --dist-timeout timeout_s), SIGSTOP rank `victim` once `started()`, and return
     (exit code, seconds to exit, stderr) of the other rank. Every process is killed at the end, stopped or not."""
     import signal
@@ -249,9 +249,9 @@ def test_frozen_training_rank_ends_the_job_naming_it(tmp_path):
     code, seconds, err = _freeze_one_rank([TRAIN, "--ep", "2", "--max-steps", "100000", "--output-dir", out, *SMALL],
                                           victim=1, started=started)
     errors = [line for line in err.splitlines() if line.startswith("error")]
-    assert code == 4 and seconds < 60, (code, seconds, err[-3000:])
+    assert code == 4 and seconds < 90, (code, seconds, err[-3000:])
     assert len(errors) == 1 and errors[0].startswith("error (rank 0): rank 1 stopped answering: a collective got no "
-                                                     "reply within --dist-timeout 8s"), err[-3000:]
+                                                     "reply within --dist-timeout 10s"), err[-3000:]
     assert "Traceback" not in err
 
 
@@ -270,7 +270,7 @@ def test_frozen_inference_leader_ends_the_job_naming_it(tmp_path):
                                            "--prompts", str(prompts), "--output", out, "--max-num-seqs", "2",
                                            "--no-progress"], victim=0, started=started)
     errors = [line for line in err.splitlines() if line.startswith("error")]
-    assert code == 4 and seconds < 60, (code, seconds, err[-3000:])
+    assert code == 4 and seconds < 90, (code, seconds, err[-3000:])
     assert len(errors) == 1 and errors[0].startswith("error (rank 1): rank 0 stopped answering"), err[-3000:]
     assert [json.loads(line)["index"] for line in open(out + ".partial")] == [0]
 
