@@ -80,6 +80,8 @@ class EngineLoop:
         self._route: dict[str, tuple[Submission, int]] = {}  # engine request id -> (submission, choice)
         self._last_token: dict[str, float] = {}
         self._busy_since: float | None = None
+        # Fault injection for tests (a slow engine): seconds to sleep after every step. 0 in real use.
+        self._step_delay_s = float(os.environ.get("EPKIT_FAULT_STEP_DELAY_S", 0))
         self._routed_at = 0.0
         self.snapshot = {**llm.occupancy(), "generated_tokens": 0, "prompt_tokens": 0, "routed": None}
         self._thread = threading.Thread(target=self._run, name="epkit-engine", daemon=True)
@@ -145,6 +147,8 @@ class EngineLoop:
                         return
                     self._dispatch(updates)
                     self._take_snapshot(routing=not self.llm.has_unfinished())  # exact once work is done
+                    if self._step_delay_s:
+                        time.sleep(self._step_delay_s)
                 elif stopping:
                     break
                 elif time.monotonic() - last_collective >= self.ping_s:
