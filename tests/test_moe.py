@@ -393,3 +393,17 @@ def test_small_m_paths_in_the_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", SMALL_M], capture_output=True, text=True, env=env, timeout=300)
     assert "SMALL_M OK" in out.stdout, out.stdout + out.stderr
+
+
+def test_forward_asks_the_backend_about_the_pairs_it_computes(monkeypatch):
+    """The backend is asked about the rows computed (len(rows) when a gather is given, not the token count),
+    and its answer picks the kernels: grouped GEMM when it says so, else the loop."""
+    x, counts, rows = torch.randn(5, 16), torch.tensor([3, 3, 2, 2]), torch.arange(10) % 5
+    monkeypatch.setattr(moe_lib.moe_kernels, "experts_small_m", lambda *a: pytest.fail("Triton for 10 pairs"))
+    monkeypatch.setattr(moe_lib, "choose_backend", lambda *a, **k: ComputeBackend(small_m_max=8))
+    with torch.no_grad():
+        want = _experts()(x, counts, rows=rows)  # 10 pairs > 8: the loop, though x has only 5 rows
+    monkeypatch.setattr(moe_lib, "choose_backend", lambda *a, **k: ComputeBackend(0, "infer"))
+    monkeypatch.setattr(Experts, "forward_loop", lambda *a: pytest.fail("the loop where grouped GEMM was chosen"))
+    with torch.no_grad():
+        torch.testing.assert_close(_experts()(x, counts, rows=rows), want, atol=1e-5, rtol=1e-5)
