@@ -21,12 +21,13 @@ mkdir -p mutants
 timeout "${MUTMUT_TIME_LIMIT:-7200}" mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "$@" > mutants/run.log 2>&1
 status=$?
 [ $status -eq 124 ] && echo "mutmut stopped after ${MUTMUT_TIME_LIMIT:-7200}s: the score below is partial"
-mutmut results --all true | python - "$@" <<'PY'
+mutmut results --all true > mutants/results.txt
+python - mutants/results.txt "$@" <<'PY'
 import collections, fnmatch, sys
-wanted = sys.argv[1:]
+results, wanted = sys.argv[1], sys.argv[2:]
 count = collections.defaultdict(collections.Counter)
 survivors = []
-for line in sys.stdin:
+for line in open(results):
     if ":" not in line:
         continue
     name, status = (x.strip() for x in line.rsplit(":", 1))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from epkit.infer.sampling import SamplingBatch, SamplingParams, filter_logits, sample, uniform_noise
+from epkit.infer.sampling import (GREEDY_BELOW, HostCopy, SamplingBatch, SamplingParams, filter_logits, sample,
+                                  to_device, token_logprobs, uniform_noise)
 
 N = 20000
 PROBS = [0.2, 0.05, 0.28, 0.1, 0.22, 0.15]  # unsorted on purpose: the filters must sort
@@ -224,6 +225,10 @@ def test_large_and_negative_seeds():
     (dict(stop_token_ids=[50]), "stop token id 50 is outside the vocabulary \\(size 50\\)"),
     (dict(stop_token_ids=[-1]), "stop token id -1 is outside the vocabulary"),
     (dict(stop_token_ids=[1.0]), "stop token id 1.0 is outside the vocabulary"),
+    (dict(logprobs=True), "logprobs=True must be None or an integer in \\[0, 20\\]"),
+    (dict(logprobs=21), "logprobs=21 must be None or an integer in"),
+    (dict(logprobs=-1), "logprobs=-1 must be None or an integer in"),
+    (dict(logprobs=2.0), "logprobs=2.0 must be None or an integer in"),
 ])
 def test_validate_names_the_bad_value(bad, message):
     with pytest.raises(ValueError, match=f"^{message}"):
@@ -233,10 +238,55 @@ def test_validate_names_the_bad_value(bad, message):
 def test_validate_accepts_the_edges():
     for ok in (dict(max_tokens=1), dict(temperature=0), dict(temperature=2), dict(top_p=1.0), dict(top_p=1e-9),
                dict(top_k=-1), dict(top_k=0), dict(top_k=50), dict(seed=-3), dict(seed=None), dict(stop="x"),
-               dict(stop=("a", "b")), dict(stop_token_ids=[0, 49]), dict(stop_token_ids=(2,))):
+               dict(stop=("a", "b")), dict(stop_token_ids=[0, 49]), dict(stop_token_ids=(2,)), dict(logprobs=0),
+               dict(logprobs=20)):
         SamplingParams(**ok).validate(50)
     with pytest.raises(ValueError, match=r"^unknown sampling field\(s\) temprature, topp; known: ignore_eos, logprobs, "
                                          r"max_tokens, seed, skip_special_tokens, stop, stop_token_ids, temperature, "
                                          r"top_k, top_p$"):
         SamplingParams.from_dict({"topp": 1, "temprature": 1, "seed": 2})
     assert SamplingParams.from_dict({"seed": 2, "stop": ["x"]}) == SamplingParams(seed=2, stop=["x"])
+
+
+def test_temperature_at_the_greedy_threshold_still_samples_sharply():
+    """Below GREEDY_BELOW a row is greedy; at it, it samples at that temperature (a near one-hot draw), never
+    at temperature 1."""
+    logits = torch.log(torch.tensor([[0.4, 0.6]])).expand(400, 2).contiguous()
+    for t in (GREEDY_BELOW, GREEDY_BELOW / 2, 0.0):
+        batch = SamplingBatch([t] * 400, [2] * 400, [1.0] * 400, list(range(400)), [0] * 400)
+        assert sample(logits, batch).tolist() == [1] * 400, t
+    assert SamplingParams(temperature=GREEDY_BELOW / 2).greedy and not SamplingParams(temperature=GREEDY_BELOW).greedy
+
+
+def test_token_logprobs():
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]])
+    logp = torch.log_softmax(logits.double(), -1).float()
+    chosen = torch.tensor([0, 2])
+    got, ids, top = token_logprobs(logits.to(torch.bfloat16).float(), chosen, 0)
+    torch.testing.assert_close(got, logp.gather(1, chosen[:, None])[:, 0])
+    assert ids.shape == (2, 0) and top.shape == (2, 0) and ids.dtype == torch.int64
+    got, ids, top = token_logprobs(logits, chosen, 1)
+    assert ids.tolist() == [[1], [2]] and top.shape == (2, 1)
+    torch.testing.assert_close(top[:, 0], logp.max(-1).values)
+    _, ids, top = token_logprobs(logits, chosen, 3)
+    assert ids.tolist() == [[1, 0, 2], [2, 0, 1]] or ids.tolist() == [[1, 0, 2], [2, 1, 0]]
+    torch.testing.assert_close(top, logp.sort(-1, descending=True).values)
+
+
+def test_host_and_device_copies_on_the_cpu():
+    t = torch.tensor([1, 2, 3])
+    copy = HostCopy(t)
+    t.add_(10)  # the copy was taken when it was made
+    assert copy.get() == [1, 2, 3]
+    assert to_device([1, 2], torch.float32, "cpu").dtype == torch.float32
+    assert to_device([1.5, 2], torch.int64, torch.device("cpu")).tolist() == [1, 2]
+    moved = to_device(torch.tensor([1, 2], dtype=torch.int32), torch.int64, "cpu")
+    assert moved.dtype == torch.int64 and moved.tolist() == [1, 2]
+    assert to_device([True, False], torch.bool, "meta").device.type == "meta"
+
+
+def test_choices():
+    p = SamplingParams(seed=4)
+    assert p.choices(1) == [p] and [c.seed for c in p.choices(3)] == [4, 5, 6]
+    with pytest.raises(ValueError, match="^n=0 must be a positive integer$"):
+        p.choices(0)

@@ -191,8 +191,9 @@ def _check_step(s: Scheduler, before: dict, plan: StepPlan, budget: int) -> None
     assert all(not q.blocks for q in s.waiting)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_random_workloads_follow_the_rules_and_finish(seed):
+def drive_random_workload(seed: int) -> int:
+    """Run a seeded random workload to the end, checking every step; returns the most times one request
+    was preempted."""
     rng = random.Random(seed)
     bs = rng.choice([2, 4])
     # blocks: enough for the longest request (20 tokens) plus a few, so that the pool runs short often
@@ -200,6 +201,7 @@ def test_random_workloads_follow_the_rules_and_finish(seed):
               budget=rng.randint(3, 20), long_prefill=rng.choice([None, 1, 3]))
     pending = [seq(f"r{i}", rng.randint(1, 14), new=rng.randint(1, 6)) for i in range(12)]
     everyone = list(pending)
+    preempted = {q.request_id: 0 for q in everyone}
     for step in range(2000):
         while pending and rng.random() < 0.8:
             s.add(pending.pop(0))
@@ -211,12 +213,22 @@ def test_random_workloads_follow_the_rules_and_finish(seed):
         plan = s.schedule()
         assert plan.rows, "no progress"
         _check_step(s, before, plan, s.max_num_batched_tokens)
+        for q in plan.preempted:
+            preempted[q.request_id] += 1
         compute(s, plan)
     assert not pending and not s.has_unfinished(), "did not finish"
     for q in everyone:
         assert q.status == FINISHED and q.num_tokens == q.max_len and q.blocks == []
     assert s.allocator.num_free == s.allocator.num_blocks - 1
     assert s.num_preemptions > 0, "the workload should have run the pool short"
+    assert s.num_preemptions == sum(preempted.values())
+    assert {q.request_id: q.num_preemptions for q in everyone} == preempted
+    return max(preempted.values())
+
+
+def test_random_workloads_follow_the_rules_and_finish():
+    most = [drive_random_workload(seed) for seed in range(6)]
+    assert max(most) > 1, "some request should have been preempted twice (each time counted)"
 
 
 def test_group_rows_by_hand():
@@ -229,6 +241,8 @@ def test_group_rows_by_hand():
     assert sizes(group_rows(one + [r[3], r[16], r[2]], max_groups=4)) == [[1, 1], [16, 3], [2]]
     assert sizes(group_rows([r[2], r[16], r[8], r[9]], max_groups=4)) == [[16, 9, 8, 2]]
     assert sizes(group_rows([r[2], r[16], r[3]], max_groups=4)) == [[16, 3], [2]]
+    # exactly twice: 8, 2 and 2 pad to 3 x 8 = 24 = 2 x 12 real tokens, so the second 2 still joins
+    assert sizes(group_rows([r[8], r[2], (object(), 0, 2)], max_groups=4)) == [[8, 2, 2]]
     # a cap on forwards per step: the rest join the last group
     assert sizes(group_rows(one + [r[16], r[3], r[2]], max_groups=2)) == [[1, 1], [16, 3, 2]]
     assert sizes(group_rows([r[16], r[3], r[2]], max_groups=1)) == [[16, 3, 2]]

@@ -92,6 +92,7 @@ def test_backend_kernel_choice():
     small = ComputeBackend(small_m_max=8)
     assert small.kernel(8, False) == "small_m" and small.kernel(9, False) == "loop" and small.kernel(1, True) == "loop"
     assert not small.sync_free(9) and ComputeBackend().kernel(1, False) == "loop" and not ComputeBackend().sync_free(1)
+    assert ComputeBackend(small_m_max=1).kernel(1, False) == "small_m"
 
 
 def test_choose_backend(monkeypatch):
@@ -101,19 +102,22 @@ def test_choose_backend(monkeypatch):
     cpu = choose_backend("cpu", torch.float32, 64, 128)
     assert cpu == ComputeBackend(0, "infer" if moe_lib._HAS_GROUPED_MM else None)
     assert choose_backend("cpu", torch.float32, 64, 128, impl="loop") == ComputeBackend()
-    monkeypatch.setattr(moe_lib, "_HAS_GROUPED_MM", True)
-    monkeypatch.setattr(moe_lib, "_capability", lambda device: 9)
-    monkeypatch.setattr(moe_lib.moe_kernels, "available", lambda device: True)
     cuda = torch.device("cuda", 0)
+
+    def capability(major):  # a stand-in that must be asked about the GPU in question
+        return lambda device: {cuda: major}[device]
+    monkeypatch.setattr(moe_lib, "_HAS_GROUPED_MM", True)
+    monkeypatch.setattr(moe_lib, "_capability", capability(9))
+    monkeypatch.setattr(moe_lib.moe_kernels, "available", lambda device: torch.device(device) == cuda)
     assert choose_backend(cuda, torch.bfloat16, 64, 128) == ComputeBackend(256, "train")
     assert choose_backend(cuda, torch.float16, 64, 128) == ComputeBackend(256, None)
     assert choose_backend(cuda, torch.bfloat16, 60, 128) == ComputeBackend(256, None)
     assert choose_backend(cuda, torch.bfloat16, 64, 100) == ComputeBackend(256, None)
     assert choose_backend(cuda, torch.bfloat16, 64, 128, impl="loop") == ComputeBackend()
-    monkeypatch.setattr(moe_lib, "_capability", lambda device: 8)
+    monkeypatch.setattr(moe_lib, "_capability", capability(8))
     assert choose_backend(cuda, torch.bfloat16, 64, 128) == ComputeBackend(256, None)  # Ampere: no grouped GEMM
     monkeypatch.setattr(moe_lib.moe_kernels, "available", lambda device: False)
-    monkeypatch.setattr(moe_lib, "_capability", lambda device: 9)
+    monkeypatch.setattr(moe_lib, "_capability", capability(9))
     assert choose_backend(cuda, torch.bfloat16, 64, 128) == ComputeBackend(0, "train")
     monkeypatch.setattr(moe_lib, "_HAS_GROUPED_MM", False)
     assert choose_backend(cuda, torch.bfloat16, 64, 128) == ComputeBackend() == choose_backend("cpu", torch.float32, 8, 8)
@@ -302,3 +306,104 @@ def test_router_jitter_in_training_only():
     plain.gate.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
     plain(x)
     assert torch.equal(seen[3], x.reshape(-1, 16))
+
+
+def test_recompute_only_when_asked_and_training(monkeypatch):
+    calls = []
+    real = moe_lib.checkpoint
+    monkeypatch.setattr(moe_lib, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ex = _experts()
+    x, counts = torch.randn(4, 16), torch.tensor([1, 1, 1, 1])
+    ex.forward_loop(x, counts).sum().backward()
+    with torch.no_grad():
+        ex.recompute_up = True
+        ex.forward_loop(x, counts)
+    assert calls == []
+    ex.forward_loop(x, counts).sum().backward()
+    assert len(calls) == 4  # one per expert
+
+
+def test_no_jitter_draws_no_random_numbers():
+    plain, jittered = _layer(jitter=0.0).train(), _layer(jitter=0.1).train()
+    x = torch.randn(2, 3, 16)
+    state = torch.get_rng_state()
+    plain(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    jittered(x)
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
+def test_moe_sync_free_counts_pairs(monkeypatch):
+    """A layer's forward of T tokens computes T * top_k pairs: that is what the backend is asked about."""
+    monkeypatch.setattr(moe_lib, "choose_backend", lambda *a, **k: ComputeBackend(small_m_max=8))
+    layer = _layer()
+    assert layer.sync_free(4) and not layer.sync_free(5)  # 8 pairs: Triton; 10: the (syncing) loop
+
+
+SMALL_M = r"""
+import torch
+import epkit.moe as moe_lib
+from epkit import moe_kernels
+from epkit.moe import ComputeBackend, Experts, LocalDispatch
+
+real = moe_lib.choose_backend
+moe_lib.choose_backend = lambda d, t, h, i, impl="grouped": real(d, t, h, i, impl) if impl == "loop" else ComputeBackend(256)
+torch.manual_seed(0)
+L, D, I, N = 3, 16, 24, 5
+ex = Experts(L, D, I)
+torch.nn.init.normal_(ex.w13, std=0.3)
+torch.nn.init.normal_(ex.w2, std=0.3)
+ref = Experts(L, D, I)
+ref.load_state_dict(ex.state_dict())
+ref.impl = "loop"
+x, w = torch.randn(N, D), torch.rand(N, 2)
+ids = torch.tensor([[0, 4], [5, 2], [1, 0], [3, 2], [0, 1]])  # global ids of 6 experts; 3, 4, 5 live elsewhere
+slots = [2, 0, 1, -1, -1, -1]
+calls = []
+for name in ("experts_small_m", "fused_experts_small"):
+    real_fn = getattr(moe_kernels, name)
+    setattr(moe_kernels, name, lambda *a, f=real_fn, n=name: calls.append(n) or f(*a))
+with torch.no_grad():
+    assert ex.backend.kernel(N * 2, False) == "small_m"
+    torch.testing.assert_close(LocalDispatch(slots).partial(ex, x, w, ids), LocalDispatch(slots).partial(ref, x, w, ids),
+                               atol=1e-5, rtol=1e-5)
+    every = torch.tensor([[0, 2], [1, 2], [1, 0], [2, 2], [0, 1]])
+    torch.testing.assert_close(LocalDispatch()(ex, x, w, every), LocalDispatch()(ref, x, w, every), atol=1e-5, rtol=1e-5)
+    counts, rows = torch.tensor([2, 1, 2]), torch.tensor([4, 0, 3, 1, 2])
+    torch.testing.assert_close(ex(x, counts, rows=rows), ref(x, counts, rows=rows), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ex(x[rows], counts), ref(x[rows], counts), atol=1e-5, rtol=1e-5)
+assert calls == ["fused_experts_small", "fused_experts_small", "experts_small_m", "experts_small_m"], calls
+ex(x, torch.tensor([2, 1, 2]), rows=torch.tensor([4, 0, 3, 1, 2])).sum().backward()  # training: never Triton
+LocalDispatch(slots).partial(ex, x, w, ids).sum().backward()
+assert len(calls) == 4, calls
+print("SMALL_M OK")
+"""
+
+
+def test_small_m_paths_in_the_triton_interpreter():
+    """The decode-sized paths (Triton kernels) of Experts.forward and LocalDispatch, run by Triton's CPU
+    interpreter in a subprocess, against the loop; training calls never take them."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    ex = _experts()  # (the same entry points in this process: the CPU backends)
+    with torch.no_grad():
+        LocalDispatch([0, 1, 2, 3])(ex, torch.randn(2, 16), torch.rand(2, 2), torch.tensor([[0, 1], [2, 3]]))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", SMALL_M], capture_output=True, text=True, env=env, timeout=300)
+    assert "SMALL_M OK" in out.stdout, out.stdout + out.stderr
+
+
+def test_forward_asks_the_backend_about_the_pairs_it_computes(monkeypatch):
+    """The backend is asked about the rows computed (len(rows) when a gather is given, not the token count),
+    and its answer picks the kernels: grouped GEMM when it says so, else the loop."""
+    x, counts, rows = torch.randn(5, 16), torch.tensor([3, 3, 2, 2]), torch.arange(10) % 5
+    monkeypatch.setattr(moe_lib.moe_kernels, "experts_small_m", lambda *a: pytest.fail("Triton for 10 pairs"))
+    monkeypatch.setattr(moe_lib, "choose_backend", lambda *a, **k: ComputeBackend(small_m_max=8))
+    with torch.no_grad():
+        want = _experts()(x, counts, rows=rows)  # 10 pairs > 8: the loop, though x has only 5 rows
+    monkeypatch.setattr(moe_lib, "choose_backend", lambda *a, **k: ComputeBackend(0, "infer"))
+    monkeypatch.setattr(Experts, "forward_loop", lambda *a: pytest.fail("the loop where grouped GEMM was chosen"))
+    with torch.no_grad():
+        torch.testing.assert_close(_experts()(x, counts, rows=rows), want, atol=1e-5, rtol=1e-5)

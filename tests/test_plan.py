@@ -127,3 +127,61 @@ def test_dict_round_trip_and_equality():
         ShardingPlan.from_dict({"num_experts": 4, "ep_size": 2})
     assert ShardingPlan(4, 2) != ShardingPlan(4, 2, strategy="round_robin") and ShardingPlan(4, 2) != "plan"
     assert ShardingPlan(4, 2).to_dict() != {"owners": [0, 0, 1, 1]}
+
+
+def test_from_manifest():
+    """The only way a plan comes from a checkpoint: its saved plan's experts and layers, re-placed for any EP
+    size; `balanced` by the routing counts the manifest recorded."""
+    from epkit.checkpoint import Manifest
+    saved = ShardingPlan(8, 2, num_layers=2).to_dict()
+    loads = [[5, 1, 1, 1, 9, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 20]]
+    m = Manifest(plan=saved, routed_tokens=loads, file="ck/epkit_plan.json")
+    assert ShardingPlan.from_manifest(m, 4) == ShardingPlan(8, 4, num_layers=2)
+    assert ShardingPlan.from_manifest(m, 4, "round_robin") == ShardingPlan(8, 4, "round_robin", num_layers=2)
+    balanced = ShardingPlan.from_manifest(m, 4, "balanced")
+    assert balanced == ShardingPlan(8, 4, "balanced", loads=loads, num_layers=2) and balanced.per_layer
+    # a saved plan without a layer count takes it from the recorded loads
+    bare = Manifest(plan={k: v for k, v in saved.items() if k != "num_layers"}, routed_tokens=loads)
+    assert ShardingPlan.from_manifest(bare, 2, "balanced").num_layers == 2
+    assert ShardingPlan.from_manifest(bare, 2).num_layers is None
+    for manifest, strategy, message in [
+            (Manifest(plan=saved, file="ck/epkit_plan.json"), "balanced",
+             "^strategy='balanced' needs routing counts and ck/epkit_plan.json has none; use 'contiguous'$"),
+            (Manifest(plan=saved, routed_tokens=[]), "balanced", "needs routing counts and the checkpoint manifest has none"),
+            (Manifest(routed_tokens=loads, file="ck/p.json"), "contiguous", "^ck/p.json: has no 'plan' entry$"),
+            (Manifest(plan={"num_experts": 8, "ep_size": 2}, file="ck/p.json"), "contiguous",
+             "^ck/p.json: sharding plan is missing the key 'owners'$"),
+            (Manifest(plan={**saved, "owners": [0, 0, 0, 0, 0, 0, 0, 0]}, file="ck/p.json"), "contiguous",
+             "^ck/p.json: layer 0: rank 1 holds no expert$")]:
+        with pytest.raises(ValueError, match=message):
+            ShardingPlan.from_manifest(manifest, 2, strategy)
+
+
+@pytest.mark.parametrize("loads, message", [
+    (None, r"^strategy='balanced' needs loads=\[tokens per expert\] \(or one list per layer\)$"),
+    ([], r"^loads=\[\] must be a non-empty list of tokens per expert"),
+    ("1234", r"^loads='1234' must be a non-empty list"),
+    ([[1, 2, 3, 4], 5], r"^loads mixes per-layer lists and numbers \(5\)$"),
+    ([1, 2, -1, 4], r"^loads entry -1 must be a finite number >= 0"),
+    ([1, 2, float("nan"), 4], r"^loads entry nan must be a finite number >= 0"),
+    ([1, 2, True, 4], r"^loads entry True must be a finite number >= 0"),
+    ([1, 2, "3", 4], r"^loads entry '3' must be a finite number >= 0"),
+    ([[1, 2, 3, 4], [1, 2, 3]], r"^loads has 3 entries, expected one per expert \(4\)$"),
+])
+def test_bad_loads(loads, message):
+    with pytest.raises(ValueError, match=message):
+        ShardingPlan(4, 2, "balanced", loads=loads)
+
+
+def test_loads_and_layer_counts_that_are_fine():
+    """Zero and fractional loads are loads; tuples count as lists; one layer is a layer count."""
+    assert ShardingPlan(4, 2, "balanced", loads=[0, 0.5, 0, 3]).owners() == [1, 1, 0, 0]  # rank 0: 3 + 0, rank 1: 0.5 + 0
+    tuples = ShardingPlan(4, 2, "balanced", loads=[(1, 2, 3, 4), (4, 3, 2, 1)], num_layers=2)
+    assert tuples == ShardingPlan(4, 2, "balanced", loads=[[1, 2, 3, 4], [4, 3, 2, 1]], num_layers=2)
+    assert ShardingPlan(4, 2, num_layers=1).num_layers == 1
+    for bad in (0, True, 1.0, "2"):
+        with pytest.raises(ValueError, match=f"^num_layers={bad!r} must be None or an integer of at least 1$"):
+            ShardingPlan(4, 2, num_layers=bad)
+    for bad in (True, 2.0):
+        with pytest.raises(ValueError, match=f"^ep_size={bad!r} must be an integer of at least 1$"):
+            ShardingPlan(4, bad)
