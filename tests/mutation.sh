@@ -2,7 +2,9 @@
 # Mutation testing with mutmut 3 (pip install -e .[mutation]); not part of CI.
 #
 #   tests/mutation.sh                 # every mutant of the modules below, then the score per module
-#   tests/mutation.sh 'epkit.plan.*'  # only some mutants (mutmut's name globs)
+#   tests/mutation.sh 'epkit.plan.*'  # (re)test only some mutants (mutmut's name globs); the score is still
+#                                     # reported over every module, from the results mutmut keeps
+#   tests/mutation.sh $(sed -n 's/^ *\(.*\): survived$/\1/p' mutants/results.txt)   # re-test the survivors
 #   MUTMUT_TIME_LIMIT=3600 MUTMUT_CHILDREN=2 tests/mutation.sh
 #
 # What is mutated: epkit/moe.py, epkit/plan.py, epkit/infer/sampling.py, epkit/infer/scheduler.py and the
@@ -14,15 +16,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 unset PYTHONPATH  # mutmut imports the mutated copy from mutants/; PYTHONPATH=$PWD would import the original
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-if [ $# -eq 0 ]; then
-    set -- 'epkit.moe.*' 'epkit.plan.*' 'epkit.infer.sampling.*' 'epkit.infer.scheduler.*' 'epkit.train.optim.x_lr_lambda*'
-fi
+wanted=('epkit.moe.*' 'epkit.plan.*' 'epkit.infer.sampling.*' 'epkit.infer.scheduler.*' 'epkit.train.optim.x_lr_lambda*')
+[ $# -eq 0 ] && set -- "${wanted[@]}"
 mkdir -p mutants
 timeout "${MUTMUT_TIME_LIMIT:-7200}" mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "$@" > mutants/run.log 2>&1
 status=$?
 [ $status -eq 124 ] && echo "mutmut stopped after ${MUTMUT_TIME_LIMIT:-7200}s: the score below is partial"
 mutmut results --all true > mutants/results.txt
-python - mutants/results.txt "$@" <<'PY'
+python - mutants/results.txt "${wanted[@]}" <<'PY'
 import collections, fnmatch, sys
 results, wanted = sys.argv[1], sys.argv[2:]
 count = collections.defaultdict(collections.Counter)

@@ -6,6 +6,7 @@ The oracle applies temperature to the log-probabilities, then top-k, then top-p 
 top-k distribution (the order transformers' warpers use).
 """
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -258,6 +259,26 @@ def test_temperature_at_the_greedy_threshold_still_samples_sharply():
     assert SamplingParams(temperature=GREEDY_BELOW / 2).greedy and not SamplingParams(temperature=GREEDY_BELOW).greedy
 
 
+def test_at_the_greedy_threshold_the_temperature_applies():
+    """Exactly at GREEDY_BELOW a row is sampled at that temperature, not decoded greedily: two logits GREEDY_BELOW
+    apart are then drawn like logits 0 and 1 (1 : e)."""
+    logits = torch.tensor([0.0, GREEDY_BELOW]).expand(N, 2).contiguous()
+    batch = SamplingBatch([GREEDY_BELOW] * N, [2] * N, [1.0] * N, list(range(N)), [0] * N)
+    counts = torch.bincount(sample(logits, batch), minlength=2).numpy()
+    stat, df = chi_square(counts, np.exp([0.0, 1.0]) / np.exp([0.0, 1.0]).sum())
+    assert stat < critical(df), counts
+
+
+def test_sampling_stays_on_the_logits_device():
+    """Every tensor sample() makes (temperatures, filter settings, noise) is made on the logits' device. The meta
+    device stands in for an accelerator: a tensor made on the CPU by default would not mix with it."""
+    batch = SamplingBatch([0.0, 0.7, 1.3], [5, 2, 5], [1.0, 1.0, 0.8], [1, 2, 3], [0, 4, 9])  # greedy, top-k, top-p
+    out = sample(torch.randn(3, 5).to("meta"), batch)
+    assert out.device.type == "meta" and out.shape == (3,) and out.dtype == torch.int64
+    u = uniform_noise(torch.tensor([1, 2], device="meta"), torch.tensor([0, 5], device="meta"), 7)
+    assert u.device.type == "meta" and u.shape == (2, 7)
+
+
 def test_token_logprobs():
     logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]])
     logp = torch.log_softmax(logits.double(), -1).float()
@@ -280,7 +301,9 @@ def test_host_and_device_copies_on_the_cpu():
     assert copy.get() == [1, 2, 3]
     assert to_device([1, 2], torch.float32, "cpu").dtype == torch.float32
     assert to_device([1.5, 2], torch.int64, torch.device("cpu")).tolist() == [1, 2]
-    moved = to_device(torch.tensor([1, 2], dtype=torch.int32), torch.int64, "cpu")
+    with warnings.catch_warnings():  # a CPU tensor (the runner's payload) is converted, not copy-constructed
+        warnings.simplefilter("error")
+        moved = to_device(torch.tensor([1, 2], dtype=torch.int32), torch.int64, "cpu")
     assert moved.dtype == torch.int64 and moved.tolist() == [1, 2]
     assert to_device([True, False], torch.bool, "meta").device.type == "meta"
 

@@ -32,6 +32,10 @@ def test_count_per_bucket_permute_unpermute():
     assert count_per_bucket(ids.to("meta"), 6).device.type == "meta"  # stays on the ids' device
     order, counts = permute(ids, 4)
     assert counts.tolist() == [2, 1, 0, 3] and order.tolist() == [0, 5, 4, 1, 2, 3]  # stable within a key
+    many = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(0))  # an unstable sort shows here
+    many_order, many_counts = permute(many, 6)
+    assert many_order.tolist() == sorted(range(200), key=lambda i: int(many[i]))  # Python's sort is stable
+    assert many_counts.tolist() == [int((many == g).sum()) for g in range(6)]
     # unpermute: y[t] = sum over t's pairs of weight * row, fp32, with `keep` dropping rows
     out = torch.arange(6, dtype=torch.bfloat16)[:, None].expand(6, 2) + 1  # row i of `order` holds i + 1
     weights = torch.tensor([[0.5, 0.25], [1.0, 2.0], [3.0, 4.0]])
@@ -42,12 +46,25 @@ def test_count_per_bucket_permute_unpermute():
         want[p // 2] += weights[p // 2, p % 2] * (i + 1)
     assert y.dtype == torch.float32 and y.shape == (3, 2)
     torch.testing.assert_close(y[:, 0], want)
+    y64 = unpermute(out.double(), order, weights.double())  # the weights' precision, whatever it is
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64[:, 0], want.double())
     keep = torch.tensor([True, False, True, True, False, True])
     want_kept = torch.zeros(3)
     for i, p in enumerate(order.tolist()):
         if keep[i]:
             want_kept[p // 2] += weights[p // 2, p % 2] * (i + 1)
     torch.testing.assert_close(unpermute(out, order, weights, keep)[:, 1], want_kept)
+
+
+def test_combine_and_router_losses_stay_on_the_inputs_device():
+    """unpermute and the load-balancing loss make their accumulators on the inputs' device. The meta device stands
+    in for an accelerator: a tensor made on the CPU by default would not mix with it."""
+    y = unpermute(torch.randn(6, 3, device="meta"), torch.arange(6, device="meta"), torch.rand(3, 2, device="meta"))
+    assert y.device.type == "meta" and y.shape == (3, 3)
+    logits = [torch.randn(5, 4, device="meta")] * 2
+    assert load_balancing_loss(logits, 4, 2).device.type == "meta"
+    assert load_balancing_loss(logits, 4, 2, mask=torch.ones(5, device="meta")).device.type == "meta"
 
 
 def test_router_z_loss_formula():
