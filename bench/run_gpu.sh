@@ -34,7 +34,7 @@ infer)
     step serve 150 torchrun --nproc_per_node 2 bench/serve.py --hf-timeout 90 --out $R/serve-h200x2.json
     ;;
 train)
-    step gpu_check 90 torchrun --nproc_per_node 2 bench/gpu_check.py
+    step gpu_check 240 torchrun --nproc_per_node 2 bench/gpu_check.py
     step train 260 torchrun --nproc_per_node 2 bench/train.py --grad-accum 4 --steps 6 --out $R
     step lora 200 torchrun --nproc_per_node 2 bench/lora.py --steps 50 --activation-checkpointing --out $R
     ;;
