@@ -223,10 +223,20 @@ def set_ep_all_reduce(model, kind: str = "auto", max_bytes: int = SYMM_MEM_MAX_B
                          f"(the model is on {device}, torch {torch.__version__})")
     fast = None
     if kind == "symm_mem" or (kind == "auto" and usable):
-        key = (info.groups.ep_group.group_name, str(device))
-        if key not in _SYMM_MEM or _SYMM_MEM[key].capacity * 4 < max_bytes:
-            _SYMM_MEM[key] = SymmMemAllReduce(info.groups.ep_group, device, max_bytes)
-        fast = _SYMM_MEM[key]
+        group, key = info.groups.ep_group, (info.groups.ep_group.group_name, str(device))
+        try:
+            if key not in _SYMM_MEM or _SYMM_MEM[key].capacity * 4 < max_bytes:
+                _SYMM_MEM[key] = SymmMemAllReduce(group, device, max_bytes)
+            fast = _SYMM_MEM[key]
+        except Exception as e:  # noqa: BLE001 - "auto" falls back; "symm_mem" re-raises below
+            if kind == "symm_mem":
+                raise
+            import warnings
+            warnings.warn(f"symmetric memory unavailable ({type(e).__name__}: {e}); the EP sum stays NCCL's")
+        # every rank must sum the same way (a mix waits forever): all use symm_mem only if all could
+        agreed = torch.tensor([fast is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)  # NOTE: collective, once at set-up
+        fast = fast if int(agreed.item()) else None  # NOTE: host sync (set-up)
     for d in layers:
         d.fast_sum = fast
     return "nccl" if fast is None else "symm_mem"
