@@ -51,6 +51,12 @@ recheck)  # the decode path after the set-up-time expert-tile choice, beside tra
         --batch-sizes 1,16,64,256 --steps 16 --profile-steps 4 --out $R/profile_decode-h200x2-recheck.json
     step generate 110 torchrun --nproc_per_node 2 bench/generate.py --batch-sizes 1,64 --new-tokens 32
     ;;
+symm)  # after the symmetric-memory EP sum: the asserting GPU check, decode with and without it, beside transformers
+    step gpu_check 170 torchrun --nproc_per_node 2 bench/gpu_check.py --out $R
+    step profile_decode 170 torchrun --nproc_per_node 2 bench/profile_decode.py --variants triton,triton-nccl \
+        --batch-sizes 1,16,64,256 --steps 16 --profile-steps 4 --out $R/profile_decode-h200x2-symm.json
+    step generate 110 torchrun --nproc_per_node 2 bench/generate.py --batch-sizes 1,64 --new-tokens 32
+    ;;
 scale4)  # on the 4-GPU machine: EP=1 on one GPU, EP=4 and the uneven EP=3 (3/3/2 experts) on 4 and 3
     step scaling_ep1 110 torchrun --nproc_per_node 1 bench/scaling.py --out $R/scaling-h200x4.json
     step scaling_ep4 150 torchrun --nproc_per_node 4 bench/scaling.py --out $R/scaling-h200x4.json
