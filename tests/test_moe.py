@@ -95,6 +95,11 @@ def test_load_balancing_loss_with_idle_experts_and_given_choices():
     chosen = torch.tensor([[6, 7]] * 6)  # say a router chose the idle experts
     share = torch.zeros(8).index_add_(0, chosen.reshape(-1), torch.ones(12)) / 6
     torch.testing.assert_close(load_balancing_loss(layers[:1], 8, 2, expert_ids=[chosen]), 8 * (share * p.mean(0)).sum())
+    # the mask counts real tokens exactly whatever its dtype: 301 is not a bfloat16 number (a bf16 sum rounds it)
+    many, real = [torch.randn(320, 4, generator=g)], torch.arange(320) < 301
+    want = load_balancing_loss_func((many[0],), 4, 2, real[None].long())
+    for dtype in (torch.bool, torch.int64, torch.bfloat16):
+        torch.testing.assert_close(load_balancing_loss(many, 4, 2, real.to(dtype)), want, atol=1e-6, rtol=1e-6)
 
 
 # ---- experts and their backends ----------------------------------------------------------------------
