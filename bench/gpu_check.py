@@ -288,14 +288,17 @@ def check_symm_mem(path: str, device, rank: int) -> Result:
                   f"us per sum {timings}", {"max_abs": worst, "model_max_abs": model_diff, "us": timings})
 
 
-def _guarded(name: str, fn, *args, **kw) -> Result:
+def _guarded(name: str, fn, *args, stall_s: float = 90, **kw) -> Result:
+    import faulthandler
     progress(f"{name} ...")
+    faulthandler.dump_traceback_later(stall_s, repeat=True)  # a stuck check prints where it is, every stall_s
     try:
         return fn(*args, **kw)
     except Exception as e:  # a crash is a failed check, reported with the others
         traceback.print_exc()
         return Result(name, "FAIL", f"{type(e).__name__}: {e}")
     finally:
+        faulthandler.cancel_dump_traceback_later()
         import gc
         gc.collect()  # engines hold graphs and KV caches in reference cycles: free them before the next check
         if torch.cuda.is_available():
@@ -311,38 +314,36 @@ def main(argv=None) -> int:
         return 2
     import torch.distributed as dist
 
-    from epkit.parallel import broadcast_object, init_distributed, world_rank, world_size
+    from epkit.parallel import broadcast_object, init_distributed, world_rank
     t0 = time.time()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        init_distributed()
-    rank = world_rank() if world > 1 else 0
+    rank = int(os.environ.get("RANK", "0"))
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(dev)
-    path = f"/tmp/epkit_gpu_check_{os.getpid() if world == 1 else broadcast_object(os.getpid())}"
-    if rank == 0:
-        write_checkpoint(path)
+    # Every rank writes the same checkpoint (same seed) to its own directory and runs the one-GPU checks on its
+    # own GPU before joining the world: nothing there can wait on a collective only one rank entered.
+    path = f"/tmp/epkit_gpu_check_{os.environ.get('TORCHELASTIC_RUN_ID', 'solo')}_{os.getpid()}_rank{rank}"
+    write_checkpoint(path)
+    results = [_guarded("bf16_vs_transformers", check_bf16_vs_transformers, path, dev),
+               _guarded("triton_kernels", check_triton_kernels, dev),
+               _guarded("cuda_graph_decode", check_cuda_graph_decode, path, dev)]
     if world > 1:
-        dist.barrier()
-    results = []
-    if rank == 0:
-        results.append(_guarded("bf16_vs_transformers", check_bf16_vs_transformers, path, dev))
-        results.append(_guarded("triton_kernels", check_triton_kernels, dev))
-        results.append(_guarded("cuda_graph_decode", check_cuda_graph_decode, path, dev))
-    if world > 1:
+        init_distributed()
+        assert world_rank() == rank
         dist.barrier()
     if world == 2:
         ep2 = _guarded("ep2_nccl", check_ep2_nccl, path, dev, rank)
         symm = _guarded("symm_mem_all_reduce", check_symm_mem, path, dev, rank)
         graphs2 = _guarded("cuda_graph_decode_ep2", check_cuda_graph_decode, path, dev, 2, "cuda_graph_decode_ep2")
-        results += [ep2, symm, graphs2] if rank == 0 else []
-        # a follower's failure must reach the table
-        for r in broadcast_object([ep2, symm, graphs2] if rank == 1 else None, src=1):
-            if r.status == "FAIL":
-                results.append(Result(r.name + "[rank1]", r.status, r.detail, r.data))
-    elif rank == 0:
+        results += [ep2, symm, graphs2]
+    else:
         results += [Result(n, "SKIP", f"needs exactly 2 ranks (torchrun --nproc_per_node 2), have {world}")
                     for n in ("ep2_nccl", "symm_mem_all_reduce", "cuda_graph_decode_ep2")]
+    if world > 1:  # a follower's failure must reach the table
+        theirs = [None] * world
+        dist.all_gather_object(theirs, results)  # NOTE: collective
+        results = theirs[0] + [Result(f"{r.name}[rank{i}]", r.status, r.detail, r.data)
+                               for i, rs in enumerate(theirs[1:], 1) for r in rs if r.status == "FAIL"]
     code = 0
     if rank == 0:
         code = summarize(results)
