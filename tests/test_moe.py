@@ -33,9 +33,7 @@ def test_count_per_bucket_permute_unpermute():
     order, counts = permute(ids, 4)
     assert counts.tolist() == [2, 1, 0, 3] and order.tolist() == [0, 5, 4, 1, 2, 3]  # stable within a key
     many = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(0))  # an unstable sort shows here
-    many_order, many_counts = permute(many, 6)
-    assert many_order.tolist() == sorted(range(200), key=lambda i: int(many[i]))  # Python's sort is stable
-    assert many_counts.tolist() == [int((many == g).sum()) for g in range(6)]
+    assert permute(many, 6)[0].tolist() == sorted(range(200), key=lambda i: int(many[i]))  # Python's sort: stable
     # unpermute: y[t] = sum over t's pairs of weight * row, fp32, with `keep` dropping rows
     out = torch.arange(6, dtype=torch.bfloat16)[:, None].expand(6, 2) + 1  # row i of `order` holds i + 1
     weights = torch.tensor([[0.5, 0.25], [1.0, 2.0], [3.0, 4.0]])
@@ -46,9 +44,7 @@ def test_count_per_bucket_permute_unpermute():
         want[p // 2] += weights[p // 2, p % 2] * (i + 1)
     assert y.dtype == torch.float32 and y.shape == (3, 2)
     torch.testing.assert_close(y[:, 0], want)
-    y64 = unpermute(out.double(), order, weights.double())  # the weights' precision, whatever it is
-    assert y64.dtype == torch.float64
-    torch.testing.assert_close(y64[:, 0], want.double())
+    torch.testing.assert_close(unpermute(out.double(), order, weights.double())[:, 0], want.double())  # fp64 weights
     keep = torch.tensor([True, False, True, True, False, True])
     want_kept = torch.zeros(3)
     for i, p in enumerate(order.tolist()):
@@ -57,14 +53,15 @@ def test_count_per_bucket_permute_unpermute():
     torch.testing.assert_close(unpermute(out, order, weights, keep)[:, 1], want_kept)
 
 
-def test_combine_and_router_losses_stay_on_the_inputs_device():
-    """unpermute and the load-balancing loss make their accumulators on the inputs' device. The meta device stands
-    in for an accelerator: a tensor made on the CPU by default would not mix with it."""
+def test_combine_losses_and_grouped_experts_stay_on_the_inputs_device():
+    """Grouped-GEMM experts (their padding mask), unpermute and the load-balancing loss make their tensors on the inputs'
+    device. The meta device stands in for an accelerator, where a tensor made on the CPU would not mix."""
+    bf16 = dict(device="meta", dtype=torch.bfloat16)  # what grouped GEMM takes on a GPU
+    out = Experts(4, 16, 24, **bf16).forward_grouped(torch.randn(5, 16, **bf16), torch.tensor([2, 0, 1, 1]).to("meta"))
     y = unpermute(torch.randn(6, 3, device="meta"), torch.arange(6, device="meta"), torch.rand(3, 2, device="meta"))
-    assert y.device.type == "meta" and y.shape == (3, 3)
     logits = [torch.randn(5, 4, device="meta")] * 2
-    assert load_balancing_loss(logits, 4, 2).device.type == "meta"
-    assert load_balancing_loss(logits, 4, 2, mask=torch.ones(5, device="meta")).device.type == "meta"
+    losses = [load_balancing_loss(logits, 4, 2), load_balancing_loss(logits, 4, 2, mask=torch.ones(5, device="meta"))]
+    assert [t.device.type for t in (out, y, *losses)] == ["meta"] * 4 and out.shape == (5, 16) and y.shape == (3, 3)
 
 
 def test_router_z_loss_formula():
@@ -461,9 +458,12 @@ def test_forward_asks_the_backend_about_the_pairs_it_computes(monkeypatch):
     x, counts, rows = torch.randn(5, 16), torch.tensor([3, 3, 2, 2]), torch.arange(10) % 5
     monkeypatch.setattr(moe_lib.moe_kernels, "experts_small_m", lambda *a: pytest.fail("Triton for 10 pairs"))
     monkeypatch.setattr(moe_lib, "choose_backend", lambda *a, **k: ComputeBackend(small_m_max=8))
+    grouped = Experts.forward_grouped  # a backend without grouped GEMM (e.g. fp32 on a GPU) must not reach it
+    monkeypatch.setattr(Experts, "forward_grouped", lambda *a: pytest.fail("grouped GEMM where the loop was chosen"))
     with torch.no_grad():
         want = _experts()(x, counts, rows=rows)  # 10 pairs > 8: the loop, though x has only 5 rows
     monkeypatch.setattr(moe_lib, "choose_backend", lambda *a, **k: ComputeBackend(0, "infer"))
+    monkeypatch.setattr(Experts, "forward_grouped", grouped)
     monkeypatch.setattr(Experts, "forward_loop", lambda *a: pytest.fail("the loop where grouped GEMM was chosen"))
     with torch.no_grad():
         torch.testing.assert_close(_experts()(x, counts, rows=rows), want, atol=1e-5, rtol=1e-5)
