@@ -12,13 +12,13 @@ model   a layer-reduced Mixtral-8x7B-shape checkpoint with random weights and th
         once: each rank builds and writes its own experts (`random_model` + `save_pretrained`).
 chain   (section "chain") the fine-tune's checkpoint story, at EP=4 on 4 GPUs:
           1. run A: launch/train.py --ep 4, 3 steps, a checkpoint after step 2 and final/ (losses, tokens/s);
-          2. run B: the same command SIGKILLed (its whole process group) once checkpoint-000002 is complete,
-             then `--resume`d to the end: its per-step losses against A's (`losses_equal`, `max_abs_diff`)
-             and its final weights against A's, byte for byte;
-          3. A's final/ served by launch/infer.py at EP=4 (the reference), then at once EP=3 with the
+          2. A's final/ served by launch/infer.py at EP=4 (the reference), then at once EP=3 with the
              `balanced` plan on GPUs 0-2 and EP=1 on GPU 3, then EP=2 x DP=2: `--compare` with EP=4's tokens;
-          4. per-rank routed-token shares at EP=3 from A's recorded routing (epkit_plan.json), contiguous
-             (3/3/2 experts) against balanced, and the shares the EP=3 serve counted.
+          3. per-rank routed-token shares at EP=3 from A's recorded routing (epkit_plan.json), contiguous
+             (3/3/2 experts) against balanced, beside the shares the EP=3 serve counted;
+          4. run B: the same command SIGKILLed (its whole process group) once checkpoint-000002 is complete,
+             then `--resume`d to the end: its per-step losses against A's (`losses_equal`, `max_abs_diff`)
+             and its final weights against A's, byte for byte.
 parity  (section "parity") launch/infer.py --preset (full 32-layer shape; random weights built on the GPUs,
         the same at any EP size, so nothing is written) at EP=4, EP=1 (one GPU) and EP=2 x DP=2, greedy,
         each `--compare`d with EP=4's tokens.
@@ -171,7 +171,10 @@ def served(result: dict, output: str) -> dict:
 
 
 def losses(run_dir: str) -> list[dict]:
-    from epkit.train.metrics import read_metrics
+    """Per logged step of a run: loss and tokens/s ([] when the run logged nothing)."""
+    from epkit.train.metrics import METRICS_FILE, read_metrics
+    if not os.path.isfile(os.path.join(run_dir, METRICS_FILE)):
+        return []
     return [{k: r[k] for k in ("step", "loss", "tokens_per_s")} for r in read_metrics(run_dir) if "loss" in r]
 
 
@@ -237,6 +240,10 @@ def cmd_model(a) -> int:
     if world_rank() == 0:
         log(f"wrote {args.num_parameters() / 1e9:.2f}B-parameter {a.preset} with {a.layers} layer(s) to {a.dir} "
             f"in {time.perf_counter() - t:.1f}s")
+    import torch.distributed as dist
+    if dist.is_initialized():  # an orderly end: gloo's threads left to the interpreter's exit can abort it
+        dist.barrier()  # NOTE: collective
+        dist.destroy_process_group()
     return 0
 
 
@@ -261,30 +268,7 @@ def cmd_chain(a) -> int:
     section["run_a"] = launch(4, TRAIN, train + ["--output-dir", run_a], name="train A", timeout=a.timeout)
     section["run_a"]["steps"] = losses(run_a)
     save()
-    # 2. the same run killed once its first checkpoint is complete, then resumed
-    marker = os.path.join(run_b, "checkpoint-000002", "epkit_checkpoint.json")
-    b = start(4, TRAIN, train + ["--output-dir", run_b], name="train B")
-    deadline = time.perf_counter() + a.timeout
-    while not os.path.isfile(marker) and b["proc"].poll() is None and time.perf_counter() < deadline:
-        time.sleep(0.1)
-    killed = b["proc"].poll() is None
-    if killed:
-        os.killpg(b["proc"].pid, signal.SIGKILL)  # every rank at once, mid-run
-    killed_run = finish(b, 60)
-    killed_run.pop("_lines")
-    section["run_b_killed"] = {**killed_run, "killed_after_checkpoint": killed and os.path.isfile(marker),
-                               "steps_logged_before_kill": len(losses(run_b))}
-    section["run_b_resumed"] = launch(4, TRAIN, train + ["--output-dir", run_b, "--resume"], name="train B --resume",
-                                      timeout=a.timeout)
-    la, lb = section["run_a"]["steps"], losses(run_b)
-    section["run_b_resumed"]["steps"] = lb
-    pairs = [(x["loss"], y["loss"]) for x, y in zip(la, lb)]
-    section["resume_check"] = {"steps_compared": len(pairs), "losses_equal": len(pairs) == steps and all(
-        x == y for x, y in pairs), "max_abs_diff": max((abs(x - y) for x, y in pairs), default=None),
-        "final_weights_identical": same_weights(os.path.join(run_a, "final"), os.path.join(run_b, "final"))}
-    log(f"resume: {section['resume_check']}")
-    save()
-    # 3. A's final checkpoint (saved at EP=4) served at EP=4, EP=3 balanced + EP=1 at once, EP=2 x DP=2
+    # 2. A's final checkpoint (saved at EP=4) served at EP=4, EP=3 balanced + EP=1 at once, EP=2 x DP=2
     final = os.path.join(run_a, "final")
     prompts = write_prompts(os.path.join(a.work, "chain_prompts.jsonl"), vocab, 8 if small else 16, 4,
                             24 if small else 256, 6 if small else 32)
@@ -302,8 +286,32 @@ def cmd_chain(a) -> int:
     save()
     section["serve"]["ep2_dp2"] = infer(4, serve + cmp + ["--ep", 2, "--dp", 2], outs["ep2_dp2"], "serve EP=2 x DP=2",
                                         a.timeout)
-    # 4. the balanced plan from the fine-tune's routing
+    # 3. the balanced plan from the fine-tune's routing
     section["ep3_rank_shares"] = rank_shares(final, 3)
+    save()
+    # 4. (the most disk: last) the same run killed once its first checkpoint is complete, then resumed
+    marker = os.path.join(run_b, "checkpoint-000002", "epkit_checkpoint.json")
+    b = start(4, TRAIN, train + ["--output-dir", run_b], name="train B")
+    deadline = time.perf_counter() + a.timeout
+    while not os.path.isfile(marker) and b["proc"].poll() is None and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    killed = b["proc"].poll() is None
+    if killed:
+        os.killpg(b["proc"].pid, signal.SIGKILL)  # every rank at once, mid-run
+    present = sorted(os.listdir(run_b)) if os.path.isdir(run_b) else []
+    killed_run = finish(b, 60)
+    killed_run.pop("_lines")
+    section["run_b_killed"] = {**killed_run, "killed_after_checkpoint": killed and os.path.isfile(marker),
+                               "steps_logged_before_kill": len(losses(run_b)), "run_dir_at_kill": present}
+    section["run_b_resumed"] = launch(4, TRAIN, train + ["--output-dir", run_b, "--resume"], name="train B --resume",
+                                      timeout=a.timeout)
+    la, lb = section["run_a"]["steps"], losses(run_b)
+    section["run_b_resumed"]["steps"] = lb
+    pairs = [(x["loss"], y["loss"]) for x, y in zip(la, lb)]
+    section["resume_check"] = {"steps_compared": len(pairs), "losses_equal": len(pairs) == steps and all(
+        x == y for x, y in pairs), "max_abs_diff": max((abs(x - y) for x, y in pairs), default=None),
+        "final_weights_identical": same_weights(os.path.join(run_a, "final"), os.path.join(run_b, "final"))}
+    log(f"resume: {section['resume_check']}")
     save()
     return 0
 
