@@ -13,7 +13,9 @@ Checks (model: 2 layers, hidden 512, 8 experts, random weights, written by trans
   cuda_graph_decode      every decode step the engine replays from a real torch.cuda.CUDAGraph is also run
                          eagerly on the same inputs just before (same KV cache, same tokens): logits compared
   ep2_nccl               EP=2 over NCCL, replicated and all_to_all dispatch, vs EP=1, bf16 logits
-  cuda_graph_decode_ep2  cuda_graph_decode at EP=2 (the graphs hold NCCL all-reduces)
+  symm_mem_all_reduce    the inference EP sum through symmetric memory vs NCCL: bit-equal, eager, in a CUDA graph
+                         and as the model's sum; microseconds per sum of each
+  cuda_graph_decode_ep2  cuda_graph_decode at EP=2 (the graphs hold the EP sums: symmetric memory by default)
 
 Logits are compared with `compare`: max |diff| within a tolerance (the report also counts top-1 changes on
 rows whose reference top-2 gap is wider than twice the tolerance).
@@ -39,6 +41,12 @@ TOL_BF16_VS_FP32 = 0.25
 TOL_BF16_SAME_MATH = 0.1
 # kernel outputs vs the fp32 loop, relative to max |reference| (tl.dot rounds fp32 inputs to tf32)
 TOL_KERNEL = {torch.bfloat16: 2e-2, torch.float32: 5e-3}
+
+
+def progress(msg: str) -> None:
+    """A line per check and case, so a slow or stuck run shows where it is."""
+    rank = os.environ.get("RANK", "0")
+    print(f"[gpu_check rank {rank} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 @dataclass
@@ -127,6 +135,7 @@ def check_triton_kernels(device, cases=KERNEL_CASES, dtypes=(torch.bfloat16, tor
         for L, D, I, N, K in cases:
             if dtype == torch.float32 and D * I > 1 << 22:
                 continue  # fp32 at the 8x7B shape adds nothing but memory
+            progress(f"triton_kernels {dtype} L={L} D={D} I={I} pairs={N * K}")
             g = torch.Generator(device=device).manual_seed(L * 1000 + N)
             ex = Experts(L, D, I, device=device, dtype=dtype)
             ex.w13.normal_(0, D ** -0.5, generator=g)
@@ -199,8 +208,9 @@ def check_cuda_graph_decode(path: str, device, ep: int = 1, name: str = "cuda_gr
                                     f"did not exercise the graph path")
     ok, detail, data = compare(torch.cat([p for p, _ in pairs]), torch.cat([e for _, e in pairs]), TOL_BF16_SAME_MATH)
     data.update(replays=len(pairs), buckets=sorted(str(k) for k in graphs.graphs),
-                tokens=[len(o.token_ids) for o in outs])
-    return Result(name, "PASS" if ok else "FAIL", f"{len(pairs)} replays, {len(graphs.graphs)} graphs: {detail}", data)
+                tokens=[len(o.token_ids) for o in outs], ep_all_reduce=llm.ep_all_reduce)
+    return Result(name, "PASS" if ok else "FAIL", f"{len(pairs)} replays, {len(graphs.graphs)} graphs "
+                                                  f"(EP sum: {llm.ep_all_reduce}): {detail}", data)
 
 
 @torch.no_grad()
@@ -220,13 +230,75 @@ def check_ep2_nccl(path: str, device, rank: int) -> Result:
                   {"replicated": data_r, "all_to_all": data_a})
 
 
-def _guarded(name: str, fn, *args, **kw) -> Result:
+@torch.no_grad()
+def check_symm_mem(path: str, device, rank: int) -> Result:
+    """The inference-time EP sum through symmetric memory (parallel.SymmMemAllReduce) against NCCL's: bit-equal
+    (two fp32 addends sum the same in any order), eagerly, inside a CUDA graph, and as the replicated model's
+    sum; timed against NCCL at decode sizes."""
+    import epkit
+    import torch.distributed as dist
+    from epkit.parallel import SymmMemAllReduce, set_dispatch, set_ep_all_reduce, setup_expert_parallel
+    group = setup_expert_parallel(2).ep_group
+    fast = SymmMemAllReduce(group, device, 8 << 20)
+    worst, timings = 0.0, {}
+    for n in (4096, 16 * 4096, 64 * 4096, 2 * 1024 * 1024):
+        g = torch.Generator(device=device).manual_seed(n + rank)
+        x = torch.randn(n, device=device, generator=g)
+        ref = x.clone()
+        dist.all_reduce(ref, group=group)
+        worst = max(worst, float((fast(x) - ref).abs().max()))
+        # in a CUDA graph: capture on a side stream, replay with new inputs
+        static = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fast(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fast(static)
+        static.copy_(x * 3)
+        graph.replay()
+        ref3 = x * 3
+        dist.all_reduce(ref3, group=group)
+        worst = max(worst, float((out - ref3).abs().max()))
+        times = {}
+        for name, fn in (("symm_mem", lambda: fast(x)), ("nccl", lambda: dist.all_reduce(x.clone(), group=group))):
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[name] = round(start.elapsed_time(end) / 50 * 1000, 1)
+        timings[f"{n * 4 // 1024} KiB"] = times
+    tokens = tokens_for(device)
+    ep = epkit.load_pretrained(path, device=device, dtype=torch.bfloat16, ep_size=2, dispatch="replicated").eval()
+    set_dispatch(ep, "replicated")
+    nccl_logits = ep(tokens)[0]
+    assert set_ep_all_reduce(ep, "symm_mem") == "symm_mem"
+    symm_logits = ep(tokens)[0]
+    model_diff = float((symm_logits.float() - nccl_logits.float()).abs().max())
+    ok = worst == 0.0 and model_diff == 0.0
+    return Result("symm_mem_all_reduce", "PASS" if ok else "FAIL",
+                  f"max|symm - nccl| {worst:.3g} (sums, eager and graph), {model_diff:.3g} (model logits); "
+                  f"us per sum {timings}", {"max_abs": worst, "model_max_abs": model_diff, "us": timings})
+
+
+def _guarded(name: str, fn, *args, stall_s: float = 90, **kw) -> Result:
+    import faulthandler
+    progress(f"{name} ...")
+    faulthandler.dump_traceback_later(stall_s, repeat=True)  # a stuck check prints where it is, every stall_s
     try:
         return fn(*args, **kw)
     except Exception as e:  # a crash is a failed check, reported with the others
         traceback.print_exc()
         return Result(name, "FAIL", f"{type(e).__name__}: {e}")
     finally:
+        faulthandler.cancel_dump_traceback_later()
         import gc
         gc.collect()  # engines hold graphs and KV caches in reference cycles: free them before the next check
         if torch.cuda.is_available():
@@ -242,37 +314,36 @@ def main(argv=None) -> int:
         return 2
     import torch.distributed as dist
 
-    from epkit.parallel import broadcast_object, init_distributed, world_rank, world_size
+    from epkit.parallel import broadcast_object, init_distributed, world_rank
     t0 = time.time()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        init_distributed()
-    rank = world_rank() if world > 1 else 0
+    rank = int(os.environ.get("RANK", "0"))
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(dev)
-    path = f"/tmp/epkit_gpu_check_{os.getpid() if world == 1 else broadcast_object(os.getpid())}"
-    if rank == 0:
-        write_checkpoint(path)
+    # Every rank writes the same checkpoint (same seed) to its own directory and runs the one-GPU checks on its
+    # own GPU before joining the world: nothing there can wait on a collective only one rank entered.
+    path = f"/tmp/epkit_gpu_check_{os.environ.get('TORCHELASTIC_RUN_ID', 'solo')}_{os.getpid()}_rank{rank}"
+    write_checkpoint(path)
+    results = [_guarded("bf16_vs_transformers", check_bf16_vs_transformers, path, dev),
+               _guarded("triton_kernels", check_triton_kernels, dev),
+               _guarded("cuda_graph_decode", check_cuda_graph_decode, path, dev)]
     if world > 1:
-        dist.barrier()
-    results = []
-    if rank == 0:
-        results.append(_guarded("bf16_vs_transformers", check_bf16_vs_transformers, path, dev))
-        results.append(_guarded("triton_kernels", check_triton_kernels, dev))
-        results.append(_guarded("cuda_graph_decode", check_cuda_graph_decode, path, dev))
-    if world > 1:
+        init_distributed()
+        assert world_rank() == rank
         dist.barrier()
     if world == 2:
         ep2 = _guarded("ep2_nccl", check_ep2_nccl, path, dev, rank)
+        symm = _guarded("symm_mem_all_reduce", check_symm_mem, path, dev, rank)
         graphs2 = _guarded("cuda_graph_decode_ep2", check_cuda_graph_decode, path, dev, 2, "cuda_graph_decode_ep2")
-        results += [ep2, graphs2] if rank == 0 else []
-        # a follower's failure must reach the table
-        for r in broadcast_object([ep2, graphs2] if rank == 1 else None, src=1):
-            if r.status == "FAIL":
-                results.append(Result(r.name + "[rank1]", r.status, r.detail, r.data))
-    elif rank == 0:
+        results += [ep2, symm, graphs2]
+    else:
         results += [Result(n, "SKIP", f"needs exactly 2 ranks (torchrun --nproc_per_node 2), have {world}")
-                    for n in ("ep2_nccl", "cuda_graph_decode_ep2")]
+                    for n in ("ep2_nccl", "symm_mem_all_reduce", "cuda_graph_decode_ep2")]
+    if world > 1:  # a follower's failure must reach the table
+        theirs = [None] * world
+        dist.all_gather_object(theirs, results)  # NOTE: collective
+        results = theirs[0] + [Result(f"{r.name}[rank{i}]", r.status, r.detail, r.data)
+                               for i, rs in enumerate(theirs[1:], 1) for r in rs if r.status == "FAIL"]
     code = 0
     if rank == 0:
         code = summarize(results)

@@ -46,7 +46,8 @@ from epkit.parallel import init_distributed, world_rank, world_size  # noqa: E40
 
 VARIANTS = {"reference": dict(decode_kernels="reference"), "torch": dict(decode_kernels="torch"),
             "triton": dict(decode_kernels="triton"), "compile": dict(decode_kernels="compile"),
-            "triton-serial": dict(decode_kernels="triton", overlap=False)}
+            "triton-serial": dict(decode_kernels="triton", overlap=False),
+            "triton-nccl": dict(decode_kernels="triton", ep_all_reduce="nccl")}
 GPU_DEFAULT = ["reference", "triton", "triton-serial", "compile", "torch"]  # most wanted first (JSON after each)
 
 
@@ -87,7 +88,8 @@ def run_variant(model, margs, a, device, dtype, engine: dict) -> dict:
     llm = LLM.from_model(model, block_size=a.block_size, max_num_seqs=B_max, max_num_batched_tokens=chunk,
                          kv_cache_memory=blocks * bytes_per_block(margs, a.block_size, dtype),
                          cuda_graphs=not a.no_cuda_graphs, **engine)
-    out = {"decode_kernels": llm.runner.decode_kernels, "overlap": llm.overlap, "rows": [],
+    out = {"decode_kernels": llm.runner.decode_kernels, "overlap": llm.overlap, "ep_all_reduce": llm.ep_all_reduce,
+           "rows": [],
            "expert_tiles": llm.runner.expert_tiles}
     try:
         if not llm.is_leader:

@@ -43,7 +43,7 @@ infer)
     step serve 150 torchrun --nproc_per_node 2 bench/serve.py --hf-timeout 90 --out $R/serve-h200x2.json
     ;;
 train)
-    step gpu_check 90 torchrun --nproc_per_node 2 bench/gpu_check.py
+    step gpu_check 240 torchrun --nproc_per_node 2 bench/gpu_check.py
     step train 260 torchrun --nproc_per_node 2 bench/train.py --grad-accum 4 --steps 6 --out $R
     step lora 200 torchrun --nproc_per_node 2 bench/lora.py --steps 50 --activation-checkpointing --out $R
     ;;
@@ -58,6 +58,12 @@ peers)  # each training peer in a fresh process (in one process the earlier vari
 recheck)  # the decode path after the set-up-time expert-tile choice, beside transformers generate
     step profile_decode 150 torchrun --nproc_per_node 2 bench/profile_decode.py --variants triton,reference \
         --batch-sizes 1,16,64,256 --steps 16 --profile-steps 4 --out $R/profile_decode-h200x2-recheck.json
+    step generate 110 torchrun --nproc_per_node 2 bench/generate.py --batch-sizes 1,64 --new-tokens 32
+    ;;
+symm)  # after the symmetric-memory EP sum: the asserting GPU check, decode with and without it, beside transformers
+    step gpu_check 170 torchrun --nproc_per_node 2 bench/gpu_check.py --out $R
+    step profile_decode 170 torchrun --nproc_per_node 2 bench/profile_decode.py --variants triton,triton-nccl \
+        --batch-sizes 1,16,64,256 --steps 16 --profile-steps 4 --out $R/profile_decode-h200x2-symm.json
     step generate 110 torchrun --nproc_per_node 2 bench/generate.py --batch-sizes 1,64 --new-tokens 32
     ;;
 scale4)  # on the 4-GPU machine: EP=1 on one GPU, EP=4 and the uneven EP=3 (3/3/2 experts) on 4 and 3

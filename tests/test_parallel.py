@@ -83,6 +83,14 @@ def _check_rank(rank, world, ckpt, save_to, ref_logits, ref_grads, fused=None):
     (logits * probe).sum().backward()
     check_grads(reduce_shared=False)
 
+    # the inference-time sum: symmetric memory is CUDA's; on CPUs "auto" keeps gloo/NCCL and asking for it fails
+    from epkit.parallel import set_ep_all_reduce
+    assert set_ep_all_reduce(model, "auto") == "nccl"
+    with pytest.raises(ValueError, match="ep_all_reduce='symm_mem' needs CUDA GPUs"):
+        set_ep_all_reduce(model, "symm_mem")
+    with pytest.raises(ValueError, match="'ring' is not one of"):
+        set_ep_all_reduce(model, "ring")
+
     # all_to_all: each rank its own rows (rank 0 may get several, the last rank possibly none)
     set_dispatch(model, "all_to_all")
     model.zero_grad()

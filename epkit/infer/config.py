@@ -61,6 +61,10 @@ class EngineConfig:
     dp_attention: bool = setting(False, "with ep > 1: each rank serves its own requests (its own KV cache, attention "
                                         "for its own tokens) and the experts exchange tokens by all-to-all; "
                                         "max_num_seqs and max_num_batched_tokens are then per rank")
+    ep_all_reduce: str = setting("auto", "replicated mode's sum over EP ranks: auto (symm_mem on CUDA GPUs, else "
+                                         "nccl), nccl, or symm_mem (torch's one-shot kernel over NVLink: one "
+                                         "kernel per layer, for sums up to 8 MiB)",
+                                 choices=("auto", "nccl", "symm_mem"))
     sync_free_max_tokens: int = setting(256, "dp attention: forwards of up to this many tokens per rank use the "
                                              "fixed-capacity all-to-all (no host sync, CUDA graphs), larger ones "
                                              "the uneven one")
