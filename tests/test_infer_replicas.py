@@ -1,6 +1,7 @@
 """Data-parallel replicas (epkit.infer.replicas) on real gloo processes: 4 ranks = EP=2 x DP=2 serve the same
 greedy tokens as one engine and as transformers, in input order, also with data-parallel attention inside each
-replica; a world that is not ep x dp is one line on every rank; the split is balanced and deterministic."""
+replica; a world that is not ep x dp is one line on every rank; a follower that dies in one replica ends the
+other within the timeout (no hang); the HTTP server refuses replicas; the split is balanced and deterministic."""
 import pytest
 
 from distributed import run
@@ -57,3 +58,68 @@ def test_ep2_dp2_matches_one_engine_and_transformers(tmp_path):
     assert all(r["load"] == r0["load"] for r in results) and len(r0["load"]) == 2 and min(r0["load"]) > 0
     for r in results:
         assert r["bad"].startswith("--ep 3 x --dp 1 = 3 rank(s), but 4 rank(s) were launched"), r["bad"]
+
+
+def _follower_dies(rank, world, port, path, prompts, queue):
+    import os
+    import time
+
+    import torch
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    llm = LLM(path, ep=2, dp=2, dist_timeout=8, max_num_batched_tokens=24, block_size=4)
+    if rank == 3:  # replica 1's follower dies as the work starts
+        llm.runner.follow = lambda: os._exit(1)
+    t0 = time.monotonic()
+    try:
+        outs = llm.generate(prompts if rank == 0 else [], GREEDY)
+        queue.put((rank, "ok", len(outs), time.monotonic() - t0))
+    except Exception as e:  # noqa: BLE001 - what a launcher's run_entry turns into one line
+        from epkit.runtime import is_comm_failure
+        queue.put((rank, "comm failure" if is_comm_failure(e) else repr(e), None, time.monotonic() - t0))
+    queue.close()
+    queue.join_thread()  # the result is on its way before the process ends
+    os._exit(0)  # as a launcher's rank ends after its one line: no teardown with a dead peer
+
+
+def test_a_dead_follower_in_one_replica_ends_the_others_within_the_timeout(tmp_path):
+    """Replica 1 loses its follower: its leader's next collective fails and its process ends; replica 0's
+    leader, which meets replica 1's between steps, fails then (within --dist-timeout at the latest) instead of
+    hanging, and releases its own follower."""
+    import queue as q
+
+    import torch.multiprocessing as mp
+
+    from distributed import free_port
+    path = make_checkpoint(str(tmp_path / "ck"), seed=5)
+    prompts = make_prompts(96, seed=5)
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_follower_dies, args=(r, 4, port, path, prompts, results)) for r in range(4)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        while len(got) < 3:
+            rank, status, n, elapsed = results.get(timeout=180)
+            got[rank] = (status, n, elapsed)
+    except q.Empty:
+        pass
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    assert set(got) == {0, 1, 2}, f"ranks that did not finish (a hang): {sorted({0, 1, 2} - set(got))}; {got}"
+    assert got[2][0] == "comm failure" and got[0][0] == "comm failure", got
+    assert got[1][:2] == ("ok", 0), got  # replica 0's follower: released when its leader's share was done
+    assert got[0][2] < got[2][2] + 8 + 10, got  # within dist_timeout (8 s) of replica 1's failure, plus slack
+
+
+def test_the_http_server_refuses_replicas():
+    from epkit.infer.server import main
+    with pytest.raises(ValueError, match="--dp 2: launch/serve.py serves one engine"):
+        main(["--preset", "tiny", "--dp", "2"])
