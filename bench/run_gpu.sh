@@ -72,12 +72,12 @@ scale4)  # on the 4-GPU machine: EP=1 on one GPU, EP=4 and the uneven EP=3 (3/3/
     step scaling_ep3 150 torchrun --nproc_per_node 3 bench/scaling.py --out $R/scaling-h200x4.json
     ;;
 x4train)  # issue 14 on nvidia-h200-x4, <= 540 s: 4-layer 8x7B shape throughput (EP=4, EP=2 x DP=2; ZeRO 2 then 1)
-    # and the 1-layer 8x7B-shape chain (bench/scale4.py): write, fine-tune at EP=4, kill + --resume, serve at 4/3/1/2x2
+    # and the 1-layer 8x7B-shape chain (bench/scale4.py): write, fine-tune at EP=4, serve at 1/3 balanced/2x2, kill + --resume
     W=/tmp/x4train; rm -rf $W
     SHAPE=$(rehearse "--cpu --steps 3" "--layers 4 --seq-len 4096 --grad-accum 2 --steps 5 --warmup 2 --profile-steps 0")
     step train_zero2 140 torchrun --nproc_per_node 4 bench/train.py $SHAPE --zero-stage 2 \
         --variants epkit_ep4,epkit_ep2 --out $R/x4train-zero2
-    step chain 260 python bench/scale4.py chain --work $W --out $R/x4train.json
+    step chain 250 python bench/scale4.py chain --work $W --out $R/x4train.json
     step train_zero1 100 torchrun --nproc_per_node 4 bench/train.py $SHAPE --zero-stage 1 \
         --variants epkit_ep4,epkit_ep2 --out $R/x4train-zero1
     step collect 15 python bench/scale4.py collect --out $R/x4train.json train_zero2=$R/x4train-zero2 \
@@ -87,11 +87,11 @@ x4train)  # issue 14 on nvidia-h200-x4, <= 540 s: 4-layer 8x7B shape throughput 
 x4serve)  # issue 14 on nvidia-h200-x4, <= 540 s: full 32-layer 8x7B shape, random weights built on the GPUs
     # (launch/infer.py --preset --random-seed: the same weights at any EP size, nothing written)
     W=/tmp/x4serve; rm -rf $W
-    step parity 200 python bench/scale4.py parity --work $W --out $R/x4serve.json
+    step parity 180 python bench/scale4.py parity --work $W --out $R/x4serve.json
     step decode_ep4 100 torchrun --nproc_per_node 4 bench/generate.py --skip-hf --out $R/x4serve-generate.json \
         $(rehearse "--preset tiny --batch-sizes 1,4 --prompt-len 8 --new-tokens 4" "--batch-sizes 1,16,64 --new-tokens 64")
     SCALE=$(rehearse "--small --warmup none" "")
-    step scaling_ep4 110 torchrun --nproc_per_node 4 bench/scaling.py $SCALE --workloads mixed --modes replicated,dp \
+    step scaling_ep4 105 torchrun --nproc_per_node 4 bench/scaling.py $SCALE --workloads mixed --modes replicated,dp \
         --out $R/x4serve-scaling.json
     step scaling_ep2dp2 100 torchrun --nproc_per_node 4 bench/scaling.py $SCALE --ep 2 --workloads mixed \
         --modes replicated --out $R/x4serve-scaling.json

@@ -12,8 +12,8 @@ model   a layer-reduced Mixtral-8x7B-shape checkpoint with random weights and th
         once: each rank builds and writes its own experts (`random_model` + `save_pretrained`).
 chain   (section "chain") the fine-tune's checkpoint story, at EP=4 on 4 GPUs:
           1. run A: launch/train.py --ep 4, 3 steps, a checkpoint after step 2 and final/ (losses, tokens/s);
-          2. A's final/ served by launch/infer.py at EP=4 (the reference), then at once EP=3 with the
-             `balanced` plan on GPUs 0-2 and EP=1 on GPU 3, then EP=2 x DP=2: `--compare` with EP=4's tokens;
+          2. A's final/ (saved at EP=4) served by launch/infer.py at once at EP=1 on GPU 3 (the reference)
+             and at EP=3 with the `balanced` plan on GPUs 0-2, then at EP=2 x DP=2 (`--compare` with EP=1);
           3. per-rank routed-token shares at EP=3 from A's recorded routing (epkit_plan.json), contiguous
              (3/3/2 experts) against balanced, beside the shares the EP=3 serve counted;
           4. run B: the same command SIGKILLed (its whole process group) once checkpoint-000002 is complete,
@@ -151,23 +151,32 @@ def infer(ranks: int, args: list, output: str, name: str, timeout: float, gpus=N
 
 # ---- reading the commands' outputs ----------------------------------------------------------------
 
-def served(result: dict, output: str) -> dict:
-    """launch/infer.py's figures from its result file and stderr lines (tokens/s, --compare, expert load)."""
+def served(result: dict, output: str, reference: str | None = None) -> dict:
+    """launch/infer.py's figures from its result file and stderr lines (tokens/s, --compare, expert load);
+    `reference`: a result file to compare the tokens with here (for a run started before it existed)."""
     text = "\n".join(result.pop("_lines", result["log_tail"]))
     done = re.search(r"generated tokens in ([\d.]+)s = ([\d.]+) tokens/s", text)
-    agree = re.search(r"compare: (\d+)/(\d+) requests token-identical", text)
     load = re.search(r"expert load \(routed tokens per EP rank\): (.*)", text)
-    tokens = []
-    if os.path.isfile(output):
-        with open(output) as f:
-            tokens = [json.loads(x)["token_ids"] for x in f if x.strip()]
+    tokens = read_tokens(output)
+    agree = re.search(r"compare: (\d+)/(\d+) requests token-identical", text)  # --compare's verdict
+    same = (int(agree.group(1)), int(agree.group(2))) if agree else None
+    if reference:
+        theirs = read_tokens(reference)
+        same = (sum(x == y for x, y in zip(tokens, theirs)) if len(tokens) == len(theirs) else 0, len(theirs))
     return {**result, "requests": len(tokens), "generated_tokens": sum(map(len, tokens)),
             "generate_s": float(done.group(1)) if done else None,
             "tokens_per_s": float(done.group(2)) if done else None,
-            "identical_to_reference": None if agree is None else agree.group(1) == agree.group(2),
-            "identical_requests": None if agree is None else f"{agree.group(1)}/{agree.group(2)}",
+            "identical_to_reference": None if same is None else same[0] == same[1] > 0,
+            "identical_requests": None if same is None else f"{same[0]}/{same[1]}",
             "served_rank_share": [float(x) / 100 for x in re.findall(r"rank \d+: ([\d.]+)%", load.group(1))]
             if load else None}
+
+
+def read_tokens(path: str) -> list[list[int]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(x)["token_ids"] for x in f if x.strip()]
 
 
 def losses(run_dir: str) -> list[dict]:
@@ -268,24 +277,20 @@ def cmd_chain(a) -> int:
     section["run_a"] = launch(4, TRAIN, train + ["--output-dir", run_a], name="train A", timeout=a.timeout)
     section["run_a"]["steps"] = losses(run_a)
     save()
-    # 2. A's final checkpoint (saved at EP=4) served at EP=4, EP=3 balanced + EP=1 at once, EP=2 x DP=2
+    # 2. A's final checkpoint (saved at EP=4) served at EP=1 and EP=3 balanced at once, then EP=2 x DP=2
     final = os.path.join(run_a, "final")
     prompts = write_prompts(os.path.join(a.work, "chain_prompts.jsonl"), vocab, 8 if small else 16, 4,
                             24 if small else 256, 6 if small else 32)
-    ref = os.path.join(a.work, "chain_ep4.jsonl")
     serve = ["--checkpoint", final, "--prompts", prompts, "--no-progress"]
-    section["serve"] = {"ep4": infer(4, serve + ["--ep", 4], ref, "serve EP=4", a.timeout)}
-    save()
-    cmp = ["--compare", ref]
-    outs = {k: os.path.join(a.work, f"chain_{k}.jsonl") for k in ("ep3_balanced", "ep1", "ep2_dp2")}
-    three = start(3, INFER, serve + cmp + ["--ep", 3, "--strategy", "balanced", "--output", outs["ep3_balanced"]],
+    outs = {k: os.path.join(a.work, f"chain_{k}.jsonl") for k in ("ep1", "ep3_balanced", "ep2_dp2")}
+    one = start(1, INFER, serve + ["--output", outs["ep1"]], gpus=[3], name="serve EP=1")
+    three = start(3, INFER, serve + ["--ep", 3, "--strategy", "balanced", "--output", outs["ep3_balanced"]],
                   gpus=[0, 1, 2], name="serve EP=3 balanced")
-    one = start(1, INFER, serve + cmp + ["--output", outs["ep1"]], gpus=[3], name="serve EP=1")
-    section["serve"]["ep3_balanced"] = served(finish(three, a.timeout), outs["ep3_balanced"])
-    section["serve"]["ep1"] = served(finish(one, a.timeout), outs["ep1"])
+    section["serve"] = {"ep1": served(finish(one, a.timeout), outs["ep1"])}
+    section["serve"]["ep3_balanced"] = served(finish(three, a.timeout), outs["ep3_balanced"], outs["ep1"])
     save()
-    section["serve"]["ep2_dp2"] = infer(4, serve + cmp + ["--ep", 2, "--dp", 2], outs["ep2_dp2"], "serve EP=2 x DP=2",
-                                        a.timeout)
+    section["serve"]["ep2_dp2"] = infer(4, serve + ["--ep", 2, "--dp", 2, "--compare", outs["ep1"]],
+                                        outs["ep2_dp2"], "serve EP=2 x DP=2", a.timeout)
     # 3. the balanced plan from the fine-tune's routing
     section["ep3_rank_shares"] = rank_shares(final, 3)
     save()
