@@ -4,7 +4,7 @@
 #   bash bench/run_gpu.sh infer    # decode profile, scaling EP=1 vs EP=2 (replicated, dp), serving vs transformers
 #   bash bench/run_gpu.sh train    # gpu_check, training vs peers, LoRA on the full 8x7B shape
 #   bash bench/run_gpu.sh peers    # serving vs transformers CB, training peers in fresh processes, decode vs generate
-#   bash bench/run_gpu.sh x4train  # 4 GPUs (nvidia-h200-x4), issue 14: fine-tune figures, kill + resume, cross-EP serving
+#   bash bench/run_gpu.sh x4train  # nvidia-h200-x4, issue 14: fine-tune figures, kill + resume, cross-EP serving
 #   bash bench/run_gpu.sh x4serve  # 4 GPUs (nvidia-h200-x4), issue 14: full 8x7B greedy parity, decode, 128 requests
 # Needs the wheels of ../shared/gpu-wheels copied into .whl/ (carried) on the CUDA image.
 # EPKIT_REHEARSAL=1: the same steps on this machine's CPU (tiny preset, 4 gloo ranks, no wheels, no GPU).
@@ -72,30 +72,33 @@ scale4)  # on the 4-GPU machine: EP=1 on one GPU, EP=4 and the uneven EP=3 (3/3/
     step scaling_ep3 150 torchrun --nproc_per_node 3 bench/scaling.py --out $R/scaling-h200x4.json
     ;;
 x4train)  # issue 14 on nvidia-h200-x4, <= 540 s: 4-layer 8x7B shape throughput (EP=4, EP=2 x DP=2; ZeRO 2 then 1)
-    # and the 1-layer 8x7B-shape chain (bench/scale4.py): write, fine-tune at EP=4, serve at 1/3 balanced/2x2, kill + --resume
+    # and the 1-layer 8x7B-shape chain (bench/scale4.py): write, fine-tune at EP=4, serve at 1/3 balanced/2x2,
+    # kill + --resume
     W=/tmp/x4train; rm -rf $W
-    SHAPE=$(rehearse "--cpu --steps 3" "--layers 4 --seq-len 4096 --grad-accum 2 --steps 5 --warmup 2 --profile-steps 0")
+    SHAPE=$(rehearse "--cpu --steps 3" \
+        "--layers 4 --seq-len 4096 --grad-accum 2 --steps 5 --warmup 2 --profile-steps 0")
     step train_zero2 140 torchrun --nproc_per_node 4 bench/train.py $SHAPE --zero-stage 2 \
         --variants epkit_ep4,epkit_ep2 --out $R/x4train-zero2
-    step chain 250 python bench/scale4.py chain --work $W --out $R/x4train.json
+    step chain 250 python3 bench/scale4.py chain --work $W --out $R/x4train.json
     step train_zero1 100 torchrun --nproc_per_node 4 bench/train.py $SHAPE --zero-stage 1 \
         --variants epkit_ep4,epkit_ep2 --out $R/x4train-zero1
-    step collect 15 python bench/scale4.py collect --out $R/x4train.json train_zero2=$R/x4train-zero2 \
+    step collect 15 python3 bench/scale4.py collect --out $R/x4train.json train_zero2=$R/x4train-zero2 \
         train_zero1=$R/x4train-zero1
     rm -rf $W
     ;;
 x4serve)  # issue 14 on nvidia-h200-x4, <= 540 s: full 32-layer 8x7B shape, random weights built on the GPUs
     # (launch/infer.py --preset --random-seed: the same weights at any EP size, nothing written)
     W=/tmp/x4serve; rm -rf $W
-    step parity 180 python bench/scale4.py parity --work $W --out $R/x4serve.json
+    step parity 180 python3 bench/scale4.py parity --work $W --out $R/x4serve.json
     step decode_ep4 100 torchrun --nproc_per_node 4 bench/generate.py --skip-hf --out $R/x4serve-generate.json \
-        $(rehearse "--preset tiny --batch-sizes 1,4 --prompt-len 8 --new-tokens 4" "--batch-sizes 1,16,64 --new-tokens 64")
+        $(rehearse "--preset tiny --batch-sizes 1,4 --prompt-len 8 --new-tokens 4" \
+            "--batch-sizes 1,16,64 --new-tokens 64")
     SCALE=$(rehearse "--small --warmup none" "")
     step scaling_ep4 105 torchrun --nproc_per_node 4 bench/scaling.py $SCALE --workloads mixed --modes replicated,dp \
         --out $R/x4serve-scaling.json
     step scaling_ep2dp2 100 torchrun --nproc_per_node 4 bench/scaling.py $SCALE --ep 2 --workloads mixed \
         --modes replicated --out $R/x4serve-scaling.json
-    step collect 15 python bench/scale4.py collect --out $R/x4serve.json decode_ep4=$R/x4serve-generate.json \
+    step collect 15 python3 bench/scale4.py collect --out $R/x4serve.json decode_ep4=$R/x4serve-generate.json \
         scaling=$R/x4serve-scaling.json
     rm -rf $W
     ;;

@@ -535,8 +535,8 @@ class LLM:
         one-token prompts. Every rank calls it."""
         sizes = [1 << i for i in range(self.scheduler.max_num_seqs.bit_length()) if 1 << i < self.scheduler.max_num_seqs]
         for b in sizes + [self.scheduler.max_num_seqs]:
-            self.generate_here([[self.args.bos_token_id or 1]] * b, SamplingParams(temperature=0, max_tokens=1,
-                                                                            ignore_eos=True))
+            self.generate_here([[self.args.bos_token_id or 1]] * b,
+                               SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
 
     # ---- lock-step helpers ------------------------------------------------------------------
     def follow(self) -> None:
