@@ -245,6 +245,9 @@ def run_variant(name: str, s: Setup, batches, profile: bool) -> dict:
         if profile and s.profile_steps:
             row["profile"] = attempt("profile", lambda: profile_split(
                 lambda i, phase: step(s.steps + i, phase), device, s.profile_steps))
+        # optimizer steps DeepSpeed skipped for a non-finite gradient (the same on every rank): a variant that
+        # skips trains nothing, and its speed (no optimizer work) is not a training speed
+        row["skipped_steps"] = state["engine"].skipped_steps
         row["ok"] = True
     except _VariantFailed:
         pass
@@ -403,6 +406,8 @@ def _print_table(r: dict) -> None:
         print(f"{row['variant']:<24} {row['tokens_per_s']:>10.0f} {row['tokens_per_s_per_gpu']:>10.0f} "
               f"{row['tflops_per_gpu']:>8.1f} {mfu:>6} {100 * row['fraction_of_matmul_rate']:>7.1f}% "
               f"{row['step_time_s']:>7.3f} {mem:>9} {row['final_lm_loss']:>8.4f}")
+        if row.get("skipped_steps"):
+            print(f"{'':<24} NOT TRAINING: the optimizer skipped {row['skipped_steps']} step(s) for non-finite gradients")
         prof = row.get("profile")
         if prof:
             ph = {k: f"{v:.1f}" for k, v in prof["phases_ms_per_step"].items()}

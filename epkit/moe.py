@@ -72,9 +72,9 @@ def unpermute(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
     weights' precision (fp32), so partial sums from several ranks add up as on one device.
     """
     N, K = weights.shape
-    out = out * weights.reshape(-1)[order, None]
-    if keep is not None:
+    if keep is not None:  # before the weights multiply: their gradient must never see an undefined row
         out = torch.where(keep[:, None], out, 0.0)
+    out = out * weights.reshape(-1)[order, None]
     return torch.zeros(N, out.shape[1], dtype=out.dtype, device=out.device).index_add_(0, order // K, out)
 
 
@@ -169,7 +169,8 @@ class Experts(nn.Module):
 
         x [M, D] sorted by local expert, or x [N, D] with rows [M] naming the sorted rows (a gather the
         Triton kernels fuse); counts [L] pairs per local expert. Rows past sum(counts) are padding (pairs
-        for no expert here, or unused buffer) and come back undefined. Returns [M, D].
+        for no expert here, or unused buffer): zero, and no gradient flows through them, from the grouped
+        GEMM and the loop; the inference-only small-M kernels leave them undefined. Returns [M, D].
         """
         M = x.shape[0] if rows is None else rows.shape[0]
         kernel = self.backend.kernel(M, torch.is_grad_enabled() and self.trains)
@@ -181,10 +182,19 @@ class Experts(nn.Module):
         return self.forward_grouped(x, counts) if kernel == "grouped" else self.forward_loop(x, counts)
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """torch's grouped GEMM: x [M, D] sorted, counts [L] -> [M, D]; no host sync."""
+        """torch's grouped GEMM: x [M, D] sorted, counts [L] -> [M, D]; no host sync.
+
+        The kernel writes only the groups' rows: rows past sum(counts) of its output, and of its input's
+        gradient in backward, are left as uninitialised memory (NaN or inf on a GPU). Both are zeroed here,
+        or the padding that the fixed-capacity and replicated dispatchers send (a pair for another rank's
+        expert) would turn the tokens' and router weights' gradients into NaN (0 x inf), although its
+        combine weight is 0.
+        """
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        real = torch.arange(x.shape[0], device=x.device)[:, None] < offs[-1]  # [M, 1] rows in a group
+        x = torch.where(real, x, 0)  # backward: the gradient of padding rows is 0, not what the kernel left
         act = self._recomputed(self._up, x, offs)  # [M, I]
-        return self.project(act, "w2", offs=offs)  # [M, D]
+        return torch.where(real, self.project(act, "w2", offs=offs), 0)  # [M, D]
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Reference: one readable loop over the local experts (also the fallback on CPUs and old GPUs).

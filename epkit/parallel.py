@@ -353,6 +353,11 @@ class AllToAllDispatch:
         ranks' experts, and every choice of an unwanted or filler row, add 0) and sends the partial sums
         back; each rank adds its tokens' R partials in fp32, as the replicated all-reduce does (with
         top-2 routing the result is bit-equal to one device).
+
+        Memory: the experts see R*C*K pair rows, the worst case (every pair of every rank's tokens here), of
+        which the grouped GEMM computes only the real ones; their saved activations are R times the exact
+        exchange's (C*K pairs on average). The rows past the real ones are padding: zero, with zero gradient
+        (`Experts.forward`).
         """
         N, K = ids.shape
         if N > C:

@@ -1,6 +1,6 @@
 """bench/train.py on 2 CPU ranks (gloo, fp32, --cpu): every variant trains and the JSON holds every figure;
 epkit's EP=2, EP=1 and reference-loss runs give the same loss curve; a failing variant is recorded and
-the others still run."""
+the others still run, and one whose gradients are NaN shows its skipped optimizer steps."""
 from __future__ import annotations
 
 import glob
@@ -66,6 +66,7 @@ def test_cpu_run_writes_every_figure(tmp_path):
         assert len(v["lm_losses"]) == 3 and v["final_lm_loss"] == v["lm_losses"][-1]
         assert all(5.5 < x < 7.0 for x in v["lm_losses"]), v["lm_losses"]  # near ln(512) = 6.24 at the start
         assert v["notes"]["zero_stage"] == 2
+        assert v["skipped_steps"] == 0, name  # every update applied (a NaN gradient would skip it)
     for name in ("epkit_ep2", "epkit_ep2_fixed_capacity", "epkit_ep1", "epkit_ep2_reference"):
         prof = rows[name]["profile"]
         assert set(prof["phases_ms_per_step"]) == {"forward", "backward", "optimizer"}
@@ -101,8 +102,23 @@ def _failing_variants(rank, world, out_dir):
         built.loss_fn = loss_fn
         return built
 
+    class NaNGradient(torch.autograd.Function):  # finite loss, NaN gradients: what the first GPU fixed_capacity had
+        forward = staticmethod(lambda ctx, x: x.view_as(x))
+        backward = staticmethod(lambda ctx, g: g * float("nan"))
+
+    def nan_gradients(s):
+        built = train_variants.build_epkit(s, 1)
+        inner = built.loss_fn
+
+        def loss_fn(engine, batch):
+            loss, lm = inner(engine, batch)
+            return NaNGradient.apply(loss), lm
+        built.loss_fn = loss_fn
+        return built
+
     train_variants.BUILDERS["deepspeed_moe_ep2"] = build_fails_on_rank_1
     train_variants.BUILDERS["transformers_zero2"] = oom_in_first_step
+    train_variants.BUILDERS["epkit_ep1"] = nan_gradients
     rc = bench.main(["--cpu", "--variants", "deepspeed_moe_ep2,transformers_zero2,epkit_ep1", "--steps", "2",
                      "--profile-steps", "0", "--out", out_dir])
     return rc, "datasets" in sys.modules  # the GPU machine has no `datasets`: nothing here may import it
@@ -121,3 +137,4 @@ def test_a_failing_variant_is_recorded_and_the_rest_still_run(tmp_path):
     assert all(e.startswith(f"rank {i}: step 1: OutOfMemoryError: injected")
                for i, e in enumerate(rows["transformers_zero2"]["error"]))
     assert rows["epkit_ep1"]["ok"] and rows["epkit_ep1"]["tokens_per_s"] > 0 and "profile" not in rows["epkit_ep1"]
+    assert rows["epkit_ep1"]["skipped_steps"] == 2  # NaN gradients: no update applied, and the JSON says so

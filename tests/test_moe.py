@@ -221,6 +221,44 @@ def test_local_dispatch_drops_experts_held_elsewhere():
     assert LocalDispatch.sync_free
 
 
+def test_padding_rows_reach_no_gradient_through_the_gpu_grouped_gemm():
+    """Pairs for other ranks' experts are padding in LocalDispatch.partial (the fixed-capacity and replicated
+    dispatchers). The GPU's grouped GEMM leaves padding rows undefined, in its output and its input's
+    gradient (tests/gpu_grouped_mm.py); the bf16 GPU run with `--all-to-all fixed_capacity` had NaN/inf
+    gradients every step from it (0 x inf in the combine's weight gradient, and the kernel's unwritten rows
+    of the tokens' gradient). Through that kernel, the output and every gradient equal the loop's."""
+    from gpu_grouped_mm import grouped_mm, undefined_padding
+    g = torch.Generator().manual_seed(6)
+    x0, w0 = torch.randn(7, 16, generator=g), torch.rand(7, 2, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(7)])  # 8 experts, 4 of them here
+    dispatch = LocalDispatch([3, 2, 1, 0, -1, -1, -1, -1])
+    assert (ids >= 4).any() and (ids < 4).any()
+    out = {}
+    for impl in ("loop", "grouped"):
+        with undefined_padding():
+            ex = _experts(L=4)
+            ex.impl = impl
+            assert ex.backend.kernel(14, True) == {"loop": "loop", "grouped": "grouped"}[impl]
+            x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+            y = dispatch.partial(ex, x, w, ids)
+            y.pow(2).sum().backward()
+            padded = ex(x0, torch.tensor([2, 0, 1, 1]), rows=torch.arange(6) % 7)  # 4 pairs, 2 padding rows
+        out[impl] = [y.detach(), x.grad, w.grad, ex.w13.grad, ex.w2.grad]
+        assert [t.isfinite().all().item() for t in out[impl]] == [True] * 5, impl
+        assert torch.equal(padded[4:], torch.zeros(2, 16)), impl  # padding comes back zero
+    for a, b in zip(out["loop"], out["grouped"]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["loop"][0], _by_hand(_experts(L=4), x0, w0,
+                                                        torch.tensor([3, 2, 1, 0, -1, -1, -1, -1])[ids]))
+    # the stand-in is what it claims: the groups' rows, then NaN (forward and x's gradient)
+    x = torch.randn(5, 4, requires_grad=True)
+    wg = torch.randn(2, 4, 3)
+    y = grouped_mm(x, wg, torch.tensor([1, 3], dtype=torch.int32))
+    torch.testing.assert_close(y[:3], torch.cat([x[:1] @ wg[0], x[1:3] @ wg[1]]))
+    y[:3].sum().backward()
+    assert y[3:].isnan().all() and x.grad[3:].isnan().all() and x.grad[:3].isfinite().all()
+
+
 def test_routing_stats():
     stats = RoutingStats(2, 4)
     assert stats.counts().tolist() == [[0] * 4] * 2 and stats.counts().dtype == torch.int64
