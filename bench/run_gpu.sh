@@ -75,6 +75,8 @@ x4train)  # issue 14 on nvidia-h200-x4, <= 540 s: 4-layer 8x7B shape throughput 
     # and the 1-layer 8x7B-shape chain (bench/scale4.py): write, fine-tune at EP=4, serve at 1/3 balanced/2x2,
     # kill + --resume
     W=/tmp/x4train; rm -rf $W
+    [ "${EPKIT_REHEARSAL:-0}" = 1 ] || step gpu_check 80 env CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 \
+        bench/gpu_check.py --out $R
     SHAPE=$(rehearse "--cpu --steps 3" \
         "--layers 4 --seq-len 4096 --grad-accum 2 --steps 5 --warmup 2 --profile-steps 0")
     step train_zero2 140 torchrun --nproc_per_node 4 bench/train.py $SHAPE --zero-stage 2 \
