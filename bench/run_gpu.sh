@@ -78,13 +78,13 @@ x4train)  # issue 14 on nvidia-h200-x4, <= 540 s: 4-layer 8x7B shape throughput 
     [ "${EPKIT_REHEARSAL:-0}" = 1 ] || step gpu_check 80 env CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 \
         bench/gpu_check.py --out $R
     SHAPE=$(rehearse "--cpu --steps 3" \
-        "--layers 4 --seq-len 4096 --grad-accum 2 --steps 5 --warmup 2 --profile-steps 0")
-    step train_zero2 140 torchrun --nproc_per_node 4 bench/train.py $SHAPE --zero-stage 2 \
+        "--layers 4 --seq-len 4096 --grad-accum 1 --steps 4 --warmup 1 --profile-steps 0")
+    step train_zero2 120 torchrun --nproc_per_node 4 bench/train.py $SHAPE --zero-stage 2 \
         --variants epkit_ep4,epkit_ep2 --out $R/x4train-zero2
-    step chain 250 python3 bench/scale4.py chain --work $W --out $R/x4train.json
-    step train_zero1 100 torchrun --nproc_per_node 4 bench/train.py $SHAPE --zero-stage 1 \
+    step chain 230 python3 bench/scale4.py chain --work $W --out $R/x4train.json
+    step train_zero1 90 torchrun --nproc_per_node 4 bench/train.py $SHAPE --zero-stage 1 \
         --variants epkit_ep4,epkit_ep2 --out $R/x4train-zero1
-    step collect 15 python3 bench/scale4.py collect --out $R/x4train.json train_zero2=$R/x4train-zero2 \
+    step collect 10 python3 bench/scale4.py collect --out $R/x4train.json train_zero2=$R/x4train-zero2 \
         train_zero1=$R/x4train-zero1
     rm -rf $W
     ;;
