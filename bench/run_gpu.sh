@@ -4,16 +4,24 @@
 #   bash bench/run_gpu.sh infer    # decode profile, scaling EP=1 vs EP=2 (replicated, dp), serving vs transformers
 #   bash bench/run_gpu.sh train    # gpu_check, training vs peers, LoRA on the full 8x7B shape
 #   bash bench/run_gpu.sh peers    # serving vs transformers CB, training peers in fresh processes, decode vs generate
+#   bash bench/run_gpu.sh x4train  # nvidia-h200-x4, issue 14: fine-tune figures, kill + resume, cross-EP serving
+#   bash bench/run_gpu.sh x4serve  # 4 GPUs (nvidia-h200-x4), issue 14: full 8x7B greedy parity, decode, 128 requests
 # Needs the wheels of ../shared/gpu-wheels copied into .whl/ (carried) on the CUDA image.
+# EPKIT_REHEARSAL=1: the same steps on this machine's CPU (tiny preset, 4 gloo ranks, no wheels, no GPU).
 set -u
 part=${1:?infer or train}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TORCH_CUDA_ARCH_LIST=9.0
-nvidia-smi -L
+if [ "${EPKIT_REHEARSAL:-0}" = 1 ]; then
+    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 EPKIT_REHEARSAL=1
+else
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TORCH_CUDA_ARCH_LIST=9.0
+    nvidia-smi -L
+fi
+rehearse() { [ "${EPKIT_REHEARSAL:-0}" = 1 ] && echo "$1" || echo "$2"; }  # rehearse CPU-ARGS GPU-ARGS
 T0=$(date +%s)
 touch /tmp/run_gpu.start
 step() {  # step NAME SECONDS CMD...: run with a limit, say how it ended and how long it took
@@ -22,9 +30,10 @@ step() {  # step NAME SECONDS CMD...: run with a limit, say how it ended and how
     echo "=== [$(( t - T0 ))s] $name (limit ${limit}s)"
     timeout --signal=TERM --kill-after=15 "$limit" "$@" 2>&1 | grep -v -E "^\[rank[0-9]\]:\[W|UserWarning|warnings.warn"
     echo "=== $name rc=${PIPESTATUS[0]} in $(( $(date +%s) - t ))s"
-    find bench/results -name "*.json" -newer /tmp/run_gpu.start -exec cp {} "$OUT"/ \;  # only this call's files
+    find $R -name "*.json" -newer /tmp/run_gpu.start -exec cp {} "$OUT"/ \;  # only this call's files
 }
-R=bench/results
+R=$(rehearse /tmp/epkit-rehearsal/results bench/results)  # a rehearsal leaves the checkout's results alone
+mkdir -p $R
 case $part in
 infer)
     step profile_decode 170 torchrun --nproc_per_node 2 bench/profile_decode.py --variants reference,triton,compile \
@@ -61,6 +70,39 @@ scale4)  # on the 4-GPU machine: EP=1 on one GPU, EP=4 and the uneven EP=3 (3/3/
     step scaling_ep1 110 torchrun --nproc_per_node 1 bench/scaling.py --out $R/scaling-h200x4.json
     step scaling_ep4 150 torchrun --nproc_per_node 4 bench/scaling.py --out $R/scaling-h200x4.json
     step scaling_ep3 150 torchrun --nproc_per_node 3 bench/scaling.py --out $R/scaling-h200x4.json
+    ;;
+x4train)  # issue 14 on nvidia-h200-x4, <= 540 s: 4-layer 8x7B shape throughput (EP=4, EP=2 x DP=2; ZeRO 2 then 1)
+    # and the 1-layer 8x7B-shape chain (bench/scale4.py): write, fine-tune at EP=4, serve at 1/3 balanced/2x2,
+    # kill + --resume
+    W=/tmp/x4train; rm -rf $W
+    [ "${EPKIT_REHEARSAL:-0}" = 1 ] || step gpu_check 80 env CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 \
+        bench/gpu_check.py --out $R
+    SHAPE=$(rehearse "--cpu --steps 3" \
+        "--layers 4 --seq-len 4096 --grad-accum 1 --steps 4 --warmup 1 --profile-steps 0")
+    step train_zero2 120 torchrun --nproc_per_node 4 bench/train.py $SHAPE --zero-stage 2 \
+        --variants epkit_ep4,epkit_ep2 --out $R/x4train-zero2
+    step chain 230 python3 bench/scale4.py chain --work $W --out $R/x4train.json
+    step train_zero1 90 torchrun --nproc_per_node 4 bench/train.py $SHAPE --zero-stage 1 \
+        --variants epkit_ep4,epkit_ep2 --out $R/x4train-zero1
+    step collect 10 python3 bench/scale4.py collect --out $R/x4train.json train_zero2=$R/x4train-zero2 \
+        train_zero1=$R/x4train-zero1
+    rm -rf $W
+    ;;
+x4serve)  # issue 14 on nvidia-h200-x4, <= 540 s: full 32-layer 8x7B shape, random weights built on the GPUs
+    # (launch/infer.py --preset --random-seed: the same weights at any EP size, nothing written)
+    W=/tmp/x4serve; rm -rf $W
+    step parity 180 python3 bench/scale4.py parity --work $W --out $R/x4serve.json
+    step decode_ep4 100 torchrun --nproc_per_node 4 bench/generate.py --skip-hf --out $R/x4serve-generate.json \
+        $(rehearse "--preset tiny --batch-sizes 1,4 --prompt-len 8 --new-tokens 4" \
+            "--batch-sizes 1,16,64 --new-tokens 64")
+    SCALE=$(rehearse "--small --warmup none" "")
+    step scaling_ep4 105 torchrun --nproc_per_node 4 bench/scaling.py $SCALE --workloads mixed --modes replicated,dp \
+        --out $R/x4serve-scaling.json
+    step scaling_ep2dp2 100 torchrun --nproc_per_node 4 bench/scaling.py $SCALE --ep 2 --workloads mixed \
+        --modes replicated --out $R/x4serve-scaling.json
+    step collect 15 python3 bench/scale4.py collect --out $R/x4serve.json decode_ep4=$R/x4serve-generate.json \
+        scaling=$R/x4serve-scaling.json
+    rm -rf $W
     ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"

@@ -5,9 +5,11 @@ with data-parallel attention. Random bf16 weights built straight on the GPUs (Mi
     torchrun --nproc_per_node 1 bench/scaling.py --out $OUT     # EP=1 rows
     torchrun --nproc_per_node 2 bench/scaling.py --out $OUT     # EP=2 rows (replicated, dp), same file
     torchrun --nproc_per_node 2 bench/scaling.py --small --out /tmp/s.json   # CPU check (gloo, tiny)
+    torchrun --nproc_per_node 4 bench/scaling.py --ep 2 --out $OUT     # EP=2 x DP=2: two replicas of EP=2
 
 Each launch serves every workload in every mode (`--modes`; default: ep1 on one rank, replicated and dp
-on more) and merges its rows into the JSON at --out (rows of the same gpus/ep/mode/workload are
+on more; with `--ep` below the launched ranks, data-parallel replicas of that EP size, each in those modes)
+and merges its rows into the JSON at --out (rows of the same gpus/ep/mode/workload are
 replaced, others kept; written atomically), then prints every row of the file with the speed-up over
 the EP=1 row of the same workload.
 
@@ -19,7 +21,9 @@ bucket captured, kernels compiled, as a server does at start-up; `full`: each wo
 too, so every bucket it meets is captured; `none`), then each workload is measured through
 `LLM.stream` on rank 0: generated_tokens_per_s = generated
 tokens / wall time from submission to the last token; TTFT = first token - submission; ITL = the gaps
-between a request's consecutive tokens (p50/p99 over all gaps of all requests). `outputs_sha1` hashes
+between a request's consecutive tokens (p50/p99 over all gaps of all requests). Replicas (dp > 1) serve
+through `LLM.generate` (no streaming): their TTFT is each request's own (`timings`) and their ITL the
+per-request mean gap (rows say `itl: per-request mean`). `outputs_sha1` hashes
 the greedy tokens so modes can be compared (on GPUs, bf16 rounding may differ with batch composition).
 """
 from __future__ import annotations
@@ -49,7 +53,7 @@ WORKLOADS = {  # name: (requests, shortest prompt, longest prompt, new tokens)
     "decode": (128, 4, 4, 128),
 }
 SMALL = {"mixed": (8, 4, 24, 8), "decode": (8, 4, 4, 8)}
-KEY = ("gpus", "ep", "mode", "workload")
+KEY = ("gpus", "ep", "dp", "mode", "workload")
 
 
 def parse_args(argv=None):
@@ -57,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="mixtral-8x7b")
     p.add_argument("--small", action="store_true", help="tiny preset, small workloads, CPU/gloo, fp32")
     p.add_argument("--workloads", default="mixed,decode")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: the launched ranks; fewer: "
+                   "launched / ep data-parallel replicas)")
     p.add_argument("--modes", default=None, help="ep1 (one rank), replicated, dp (default: what the launch fits)")
     p.add_argument("--warmup", default="server", choices=["server", "full", "none"])
     p.add_argument("--seed", type=int, default=0)
@@ -118,28 +124,47 @@ def serve(llm: LLM, prompts, params) -> dict | None:
             "outputs_sha1": digest}
 
 
+def serve_replicas(llm: LLM, prompts, params) -> dict | None:
+    """`serve` for data-parallel replicas: one `generate` (every rank); figures from each request's timings."""
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - t0
+    if world_rank() != 0:
+        return None
+    generated = sum(len(o.token_ids) for o in outs)
+    ttft = [o.timings["ttft_s"] for o in outs]
+    itl = [1000 / o.timings["decode_tokens_per_s"] for o in outs if o.timings.get("decode_tokens_per_s")]
+    digest = hashlib.sha1(json.dumps([o.token_ids for o in outs]).encode()).hexdigest()
+    return {"requests": len(prompts), "prompt_tokens": sum(map(len, prompts)), "generated_tokens": generated,
+            "elapsed_s": round(elapsed, 3), "generated_tokens_per_s": round(generated / elapsed, 1),
+            "ttft_p50_s": round(percentile(ttft, 50), 4), "ttft_p99_s": round(percentile(ttft, 99), 4),
+            "itl_p50_ms": round(percentile(itl, 50), 2), "itl_p99_ms": round(percentile(itl, 99), 2),
+            "itl": "per-request mean", "outputs_sha1": digest}
+
+
 def run_mode(model, mode: str, a, device, margs) -> list[dict]:
-    set_dispatch(model, "all_to_all" if mode == "dp" else "replicated") if world_size() > 1 else None
+    set_dispatch(model, "all_to_all" if mode == "dp" else "replicated") if a.ep > 1 else None
     engine = {k: getattr(a, k) for k in ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization")
               if getattr(a, k) is not None}
     if a.small:
         engine["kv_cache_memory"] = 64 << 20
-    llm = LLM.from_model(model, dp_attention=mode == "dp", **engine)
+    llm = LLM.from_model(model, dp_attention=mode == "dp", dp_size=a.dp, **engine)
     if a.warmup != "none":
         llm.warmup()  # every rank
     rows = []
     for w in a.workloads:
         prompts, params = make_requests(w, a.small, margs.vocab_size, a.seed)
+        run = serve if a.dp == 1 else serve_replicas
         if a.warmup == "full":
-            serve(llm, prompts, params)
+            run(llm, prompts, params)
         steps, preempted = llm.stats["steps"], llm.scheduler.num_preemptions
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        r = serve(llm, prompts, params)
+        r = run(llm, prompts, params)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
         peaks = all_gather_float(peak)
         if r is not None:
-            r.update(gpus=world_size() if device.type == "cuda" else 0, ep=world_size(), mode=mode, workload=w,
+            r.update(gpus=world_size() if device.type == "cuda" else 0, ep=a.ep, dp=a.dp, mode=mode, workload=w,
                      steps=llm.stats["steps"] - steps, preemptions_rank0=llm.scheduler.num_preemptions - preempted,
                      peak_memory_gib=[round(p, 2) for p in peaks], kv_cache_blocks_per_rank=llm.cache.num_blocks)
             rows.append(r)
@@ -180,14 +205,14 @@ def merge(path: str, rows: list[dict], meta: dict) -> dict:
 
 
 def print_table(doc: dict) -> None:
-    base = {r["workload"]: r for r in doc["rows"] if r["ep"] == 1}
-    print(f"\n{'workload':>8} | {'gpus':>4} | {'ep':>2} | {'mode':>10} | {'tok/s':>8} | {'x EP=1':>6} | "
+    base = {r["workload"]: r for r in doc["rows"] if r["ep"] == 1 and r.get("dp", 1) == 1}
+    print(f"\n{'workload':>8} | {'gpus':>4} | {'ep':>2} | {'dp':>2} | {'mode':>10} | {'tok/s':>8} | {'x EP=1':>6} | "
           f"{'TTFT p50/p99 s':>15} | {'ITL p50/p99 ms':>15} | {'same tokens':>11}")
-    for r in sorted(doc["rows"], key=lambda r: (r["workload"], r["ep"], r["mode"])):
+    for r in sorted(doc["rows"], key=lambda r: (r["workload"], r["gpus"], r["ep"], r["mode"])):
         b = base.get(r["workload"])
         speed = f"{r['generated_tokens_per_s'] / b['generated_tokens_per_s']:>6.2f}" if b else f"{'-':>6}"
         same = ("yes" if r["outputs_sha1"] == b["outputs_sha1"] else "no") if b else "-"
-        print(f"{r['workload']:>8} | {r['gpus']:>4} | {r['ep']:>2} | {r['mode']:>10} | "
+        print(f"{r['workload']:>8} | {r['gpus']:>4} | {r['ep']:>2} | {r.get('dp', 1):>2} | {r['mode']:>10} | "
               f"{r['generated_tokens_per_s']:>8.1f} | {speed} | {r['ttft_p50_s']:>7.3f}/{r['ttft_p99_s']:<7.3f} | "
               f"{r['itl_p50_ms']:>7.1f}/{r['itl_p99_ms']:<7.1f} | {same:>11}")
 
@@ -198,14 +223,18 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and not a.small
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    modes = a.modes.split(",") if a.modes else (["ep1"] if world_size() == 1 else ["replicated", "dp"])
-    if any(m not in ("ep1", "replicated", "dp") for m in modes) or (("ep1" in modes) != (world_size() == 1)):
-        raise SystemExit(f"--modes {a.modes}: ep1 runs on exactly one rank, replicated and dp on more "
-                         f"(this launch has {world_size()})")
+    a.ep = a.ep or world_size()
+    if a.ep < 1 or world_size() % a.ep:
+        raise SystemExit(f"--ep {a.ep} must divide the launched ranks ({world_size()})")
+    a.dp = world_size() // a.ep
+    modes = a.modes.split(",") if a.modes else (["ep1"] if a.ep == 1 else ["replicated", "dp"])
+    if any(m not in ("ep1", "replicated", "dp") for m in modes) or (("ep1" in modes) != (a.ep == 1)):
+        raise SystemExit(f"--modes {a.modes}: ep1 runs at --ep 1, replicated and dp at more (this launch has "
+                         f"--ep {a.ep})")
     margs = ModelArgs.from_name("tiny" if a.small else a.preset)
     t0 = time.perf_counter()
-    model = random_model(margs, world_size(), device, dtype, seed=a.seed, router_std=0.5 if a.small else None)
-    log(f"built {margs.num_parameters() / 1e9:.2f}B-parameter model at EP={world_size()} in "
+    model = random_model(margs, a.ep, device, dtype, seed=a.seed, router_std=0.5 if a.small else None)
+    log(f"built {margs.num_parameters() / 1e9:.2f}B-parameter model at EP={a.ep} x DP={a.dp} in "
         f"{time.perf_counter() - t0:.1f}s")
     rows = []
     for mode in modes:
@@ -215,7 +244,8 @@ def main(argv=None) -> int:
     import transformers
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "gpu": gpu,
-            "host": platform.node(), "world_size": world_size(), "modes": modes, "preset": "tiny" if a.small else a.preset,
+            "host": platform.node(), "world_size": world_size(), "ep": a.ep, "dp": a.dp, "modes": modes,
+            "preset": "tiny" if a.small else a.preset,
             "dtype": str(dtype).replace("torch.", ""),
             "workloads": {w: dict(zip(("requests", "prompt_min", "prompt_max", "new_tokens"),
                                       (SMALL if a.small else WORKLOADS)[w])) for w in a.workloads},

@@ -5,6 +5,7 @@ DeepSpeed's own `deepspeed.moe.layer.MoE` at ep_size=2.
     torchrun --nproc_per_node 2 bench/train.py [--layers 4 --seq-len 4096 --micro-batch 1 --grad-accum 1]
     deepspeed --num_gpus 2 bench/train.py ...
     torchrun --nproc_per_node 2 bench/train.py --cpu       # tiny shapes, gloo, fp32: a check, not a benchmark
+    torchrun --nproc_per_node 4 bench/train.py --variants epkit_ep4,epkit_ep2   # EP=4, and EP=2 x DP=2
 
 Every variant trains the Mixtral-8x7B shape with `--layers` decoder layers on the same seeded token ids
 (Zipf-distributed, so the loss has something to learn), with the same optimizer (torch AdamW, fused on
@@ -372,7 +373,7 @@ def _loss_check(rows: list[dict]) -> dict:
     random weights of the same scale, so theirs only follow a similar curve."""
     by = {r["variant"]: r for r in rows if r.get("ok")}
     out = {"final_lm_loss": {k: r["final_lm_loss"] for k, r in by.items()}}
-    for other in ("epkit_ep2_fixed_capacity", "epkit_ep1", "epkit_ep2_reference"):
+    for other in ("epkit_ep2_fixed_capacity", "epkit_ep1", "epkit_ep2_reference", "epkit_ep4"):
         if "epkit_ep2" in by and other in by:
             out[f"epkit_ep2_vs_{other}_max_abs_diff"] = max(
                 abs(x - y) for x, y in zip(by["epkit_ep2"]["lm_losses"], by[other]["lm_losses"]))

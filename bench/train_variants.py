@@ -32,7 +32,7 @@ from epkit import ModelArgs
 
 # the comparison the issue asks for first: if a time limit cuts the run short, the JSON already holds it
 DEFAULT_VARIANTS = ("epkit_ep2", "transformers_zero2", "deepspeed_moe_ep2", "epkit_ep1", "epkit_ep2_fixed_capacity")
-VARIANTS = DEFAULT_VARIANTS + ("epkit_ep2_reference",)
+VARIANTS = DEFAULT_VARIANTS + ("epkit_ep2_reference", "epkit_ep4")  # epkit_ep4: 4 ranks (or 8: EP=4 x DP=2)
 
 
 @dataclass
@@ -256,6 +256,7 @@ BUILDERS = {
     "epkit_ep2": lambda s: build_epkit(s, 2),
     "epkit_ep2_fixed_capacity": lambda s: build_epkit(s, 2, all_to_all="fixed_capacity"),
     "epkit_ep1": lambda s: build_epkit(s, 1),
+    "epkit_ep4": lambda s: build_epkit(s, 4),
     "epkit_ep2_reference": lambda s: build_epkit(s, 2, reference=True),
     "transformers_zero2": build_transformers,
     "deepspeed_moe_ep2": build_deepspeed_moe,

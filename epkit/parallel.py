@@ -2,7 +2,8 @@
 
 World = data-parallel x expert-parallel. Expert-parallel (EP) groups are contiguous ranks and
 expert-data-parallel groups strided, built by `deepspeed.utils.groups`, so DeepSpeed's engine and
-ZeRO reduce expert gradients over the right group.
+ZeRO reduce expert gradients over the right group. Serving's data-parallel replicas use the same
+layout (`data_parallel_replicas`): one engine per EP group.
 
 Two dispatch modes (DESIGN.md):
   all_to_all  ranks hold different tokens; tokens travel to the rank that owns their expert and back.
@@ -124,6 +125,14 @@ def setup_expert_parallel(ep_size: int) -> ExpertGroups:
     ep_group = groups._get_expert_parallel_group(name)
     edp_group = groups._get_expert_data_parallel_group(name)
     return ExpertGroups(ep_size, dist.get_rank(ep_group), ep_group, dist.get_rank(edp_group), edp_group, name)
+
+
+def data_parallel_replicas(ep_size: int) -> tuple[int, list[int]]:
+    """Serving's data-parallel replicas (`epkit.infer.replicas`), laid out as the training groups are: replica r
+    is the EP group of ranks r*ep .. r*ep+ep-1 (DeepSpeed's expert groups are contiguous, so it is this rank's
+    `ExpertGroups.ep_group` and r its `edp_rank`), and the replicas' leaders, ranks 0, ep, 2*ep, ..., are rank
+    0's expert-data-parallel group. Returns (this rank's replica, the leaders' global ranks)."""
+    return world_rank() // ep_size, list(range(0, world_size(), ep_size))
 
 
 # ---- dispatchers ----------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ def _entry(rank, world, port, fn, args, queue):
         dist.init_process_group("gloo", rank=rank, world_size=world)
         out = fn(rank, world, *args)
         queue.put((rank, "ok", out))
-        dist.barrier()
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may have closed it (runtime.run_entry does after a success)
+            dist.barrier()
+            dist.destroy_process_group()
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
         raise SystemExit(1)

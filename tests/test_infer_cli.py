@@ -119,7 +119,7 @@ def test_readme_stdin_example_on_a_fresh_checkout(tmp_path):
 
 def test_ep_must_match_the_launched_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="--ep 1 but 2 rank\\(s\\) were launched"):
+    with pytest.raises(ValueError, match="--ep 1 x --dp 1 = 1 rank\\(s\\), but 2 rank\\(s\\) were launched.*pass --dp 2"):
         main(["--ep", "1", "--preset", "tiny", "--no-progress", "--output", str(tmp_path / "r.jsonl")])
     # under a launcher the results need a file: its log lines share stdout
     with pytest.raises(ValueError, match="under a launcher the results would share stdout .* pass --output FILE"):

@@ -122,9 +122,7 @@ def build_llm(cfg):
     launched = int(os.environ.get("WORLD_SIZE", 1))
     engine = cfg.engine
     ep = engine.resolve_ep_size()
-    if ep != launched:
-        raise ValueError(f"--ep {ep} but {launched} rank(s) were launched; launch exactly --ep ranks "
-                         f"(e.g. deepspeed --num_gpus {ep}), or leave --ep out to use them all")
+    engine.check_world(launched, ep)  # ep x dp = the launched ranks: one line on every rank, before any collective
     engine = engine.replace(ep_size=ep)
     init_distributed(timeout_s=engine.dist_timeout)
     cpu_threads_per_rank()
@@ -272,7 +270,8 @@ def main(argv=None) -> int:
             builtin = BUILTIN_TEXT if llm.tokenizer is not None else BUILTIN_IDS
             reqs = [({"prompt_token_ids" if isinstance(b, list) else "prompt": b}, SamplingParams(**defaults), None)
                     for b in builtin]
-        print(f"serving {source} at EP={cfg.engine.resolve_ep_size()}: {len(reqs)} request(s)",
+        dp = f" x DP={cfg.engine.dp_size}" if cfg.engine.dp_size > 1 else ""
+        print(f"serving {source} at EP={cfg.engine.resolve_ep_size()}{dp}: {len(reqs)} request(s)",
               file=sys.stderr, flush=True)
     good = [i for i, r in enumerate(reqs) if r[2] is None]
     writer = ResultWriter(cfg.output) if leader else None

@@ -1,7 +1,7 @@
 """Inference engine settings: one dataclass, read by `LLM` and by `launch/infer.py`, whose flags are generated
 from its fields (`epkit.settings`); configs/infer/default.yaml gives the command line's defaults.
 
-    LLM(path, ep_size=2, max_num_seqs=64)                    # settings as keywords (`ep` is accepted too)
+    LLM(path, ep_size=2, max_num_seqs=64)                    # settings as keywords (`ep`, `dp` are accepted too)
     LLM(path, EngineConfig(block_size=32), seed=1)           # or a config, keywords overriding it
 """
 from __future__ import annotations
@@ -21,8 +21,10 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 @dataclass
 class EngineConfig:
     # where the model runs
-    ep_size: int | None = setting(1, "expert-parallel size, the number of launched ranks (null: all of them)",
-                                  flag="ep")
+    ep_size: int | None = setting(1, "expert-parallel size: ranks that split the experts of one engine (null: the "
+                                     "launched ranks / dp)", flag="ep")
+    dp_size: int = setting(1, "data-parallel replicas: the launched ranks are dp engines of ep ranks each (ep x dp "
+                              "must be the launched ranks); generate() splits the prompts over them", flag="dp")
     device: str | None = setting(None, "cuda:N or cpu (default: this rank's GPU, else cpu)")
     dtype: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32", choices=tuple(DTYPES))
     strategy: str = setting("contiguous", "expert placement over EP ranks: contiguous, round_robin or balanced "
@@ -68,9 +70,11 @@ class EngineConfig:
                                              "the uneven one")
 
     def replace(self, **settings) -> "EngineConfig":
-        """A copy with `settings` changed (`ep` is accepted for `ep_size`); an unknown name is an error."""
-        if "ep" in settings:
-            settings["ep_size"] = settings.pop("ep")
+        """A copy with `settings` changed (`ep`, `dp` are accepted for `ep_size`, `dp_size`); an unknown name is an
+        error."""
+        for short in ("ep", "dp"):
+            if short in settings:
+                settings[f"{short}_size"] = settings.pop(short)
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise TypeError(f"unknown engine setting(s) {', '.join(unknown)}; see epkit.infer.EngineConfig")
@@ -81,6 +85,8 @@ class EngineConfig:
         scheduler check their own sizes)."""
         if self.ep_size is not None and (not isinstance(self.ep_size, int) or self.ep_size < 1):
             raise ValueError(f"ep_size={self.ep_size!r} must be a positive integer")
+        if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, int) or self.dp_size < 1:
+            raise ValueError(f"dp_size={self.dp_size!r} must be a positive integer")
         if not (isinstance(self.dtype, torch.dtype) or self.dtype in DTYPES):
             raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.strategy not in STRATEGIES:
@@ -103,8 +109,17 @@ class EngineConfig:
                              f"(max_position_embeddings={args.max_position_embeddings})")
 
     def resolve_ep_size(self) -> int:
-        """`ep_size`, or the number of launched ranks when it is None."""
-        return self.ep_size or int(os.environ.get("WORLD_SIZE", 1))
+        """`ep_size`, or the launched ranks / `dp_size` when it is None."""
+        return self.ep_size or max(1, int(os.environ.get("WORLD_SIZE", 1)) // self.dp_size)
+
+    def check_world(self, world: int, ep: int | None = None) -> None:
+        """ep x dp must be the launched ranks (`world`): else one sentence, raised on every rank alike before any
+        collective. `ep`: the size of an already-built model (default: `resolve_ep_size()`)."""
+        ep = ep or self.resolve_ep_size()
+        if ep * self.dp_size != world:
+            hint = f", or pass --dp {world // ep}" if world % ep == 0 and world > ep else ""
+            raise ValueError(f"--ep {ep} x --dp {self.dp_size} = {ep * self.dp_size} rank(s), but {world} rank(s) were "
+                             f"launched; launch ep x dp ranks (e.g. deepspeed --num_gpus {ep * self.dp_size}){hint}")
 
     def resolve_device(self) -> torch.device:
         from ..runtime import rank_device

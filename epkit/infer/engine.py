@@ -66,7 +66,8 @@ class LLM:
     Settings are an `EngineConfig` (`config`), its fields also accepted as keywords that override it:
     `ep_size` (alias `ep`), `device`, `dtype`, `strategy` (expert placement over EP ranks), `block_size`,
     `kv_cache_memory`, `gpu_memory_utilization`, `max_num_seqs`, `max_num_batched_tokens`,
-    `long_prefill_tokens`, `max_model_len`, `cuda_graphs`, `seed`, `dp_attention`, `sync_free_max_tokens`;
+    `long_prefill_tokens`, `max_model_len`, `cuda_graphs`, `seed`, `dp_attention`, `sync_free_max_tokens`,
+    `dp_size` (alias `dp`: data-parallel replicas of `ep_size` ranks each, `epkit.infer.replicas`);
     see `epkit/infer/config.py`. With `dp_attention` (EP > 1) each rank serves its own requests with its
     own KV cache and the experts exchange tokens by all-to-all (`epkit.infer.dp`; `max_num_seqs` and
     `max_num_batched_tokens` are then per rank) instead of every rank running every token's attention.
@@ -90,11 +91,9 @@ class LLM:
         cfg = (config or EngineConfig()).replace(**settings)
         cfg.check()
         ep = cfg.resolve_ep_size()
-        if ep > 1:
+        if ep > 1 or cfg.dp_size > 1:
             init_distributed(timeout_s=cfg.dist_timeout)
-            if world_size() != ep:
-                raise ValueError(f"ep_size={ep} needs exactly {ep} ranks, this run has {world_size()}; launch with "
-                                 f"`deepspeed --num_gpus {ep}` or `torchrun --nproc_per_node {ep}`")
+            cfg.check_world(world_size(), ep)  # every rank alike, before any collective
         cfg.check_model(ModelArgs.load(checkpoint))  # before the weights are read
         device = cfg.resolve_device()
         model, report = load_pretrained(checkpoint, device=device, dtype=cfg.resolve_dtype(device), ep_size=ep,
@@ -117,6 +116,10 @@ class LLM:
         self.load_report = None
         cfg = (config or EngineConfig()).replace(**settings)
         cfg.check()
+        from ..parallel import is_distributed, world_size
+        ep = model.expert_parallel.plan.ep_size if model.expert_parallel is not None else 1
+        if cfg.dp_size > 1 or (ep > 1 and is_distributed()):
+            cfg.check_world(world_size(), ep)
         self._setup(model.eval(), tokenizer, next(model.parameters()).device, cfg)
         return self
 
@@ -168,6 +171,9 @@ class LLM:
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "busy_s": 0.0}
         from .dp import DataParallelAttention
         self.dp = DataParallelAttention(self) if dp_attention else None
+        from .replicas import Replicas
+        ep = info.plan.ep_size if info is not None else 1
+        self.replicas = Replicas(self, ep, cfg.dist_timeout) if cfg.dp_size > 1 else None
 
     # ---- sizing -----------------------------------------------------------------------------
     def _agree_min(self, n: int) -> int:
@@ -422,7 +428,9 @@ class LLM:
                 "prompt_tokens": seq.prompt_len, "generated_tokens": n, "preemptions": seq.num_preemptions}
 
     # ---- batch and streaming APIs -----------------------------------------------------------
-    def _add_all(self, prompts, params) -> list[str]:
+    @staticmethod
+    def as_lists(prompts, params) -> tuple[list, list]:
+        """(prompts, params) as two lists of one entry per request (one prompt, or one params for all, spread)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
                                                 and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
@@ -430,14 +438,18 @@ class LLM:
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        else:
-            params = [params] * len(prompts)
-        return [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+            return prompts, list(params)
+        return prompts, [params] * len(prompts)
+
+    def _add_all(self, prompts, params) -> list[str]:
+        return [self.add_request(p, sp) for p, sp in zip(*self.as_lists(prompts, params))]
 
     def stream(self, prompts, params: SamplingParams | list | None = None) -> Iterator[RequestOutput]:
         """Yield an update each time a request gets tokens (`new_token_ids`, `new_text`) or finishes.
 
-        Every rank iterates it; only rank 0 yields."""
+        Every rank iterates it; only rank 0 yields. Not with data-parallel replicas (use `generate`)."""
+        if self.replicas is not None:
+            raise ValueError(f"stream() serves one engine; with dp_size={self.config.dp_size} replicas use generate()")
         if not self.is_leader:
             self.follow()
             return
@@ -467,7 +479,15 @@ class LLM:
         """All outputs, in prompt order (rank 0); other ranks run the steps and return [].
 
         `on_finish(position, output)` is called as each request finishes (in finishing order), so a caller can
-        keep finished results even if a later step fails."""
+        keep finished results even if a later step fails. With data-parallel replicas (`dp_size` > 1) global
+        rank 0's prompts are split over the replicas and its outputs are every replica's (`infer.replicas`)."""
+        if self.replicas is not None:
+            return self.replicas.generate(prompts, params, use_tqdm, on_finish)
+        return self.generate_here(prompts, params, use_tqdm, on_finish)
+
+    def generate_here(self, prompts, params: SamplingParams | list | None = None, use_tqdm: bool = False,
+                      on_finish=None, between_steps=None) -> list[RequestOutput]:
+        """`generate` on this engine alone (`between_steps()`: called by the leader after every step)."""
         if not self.is_leader:
             self.follow()
             return []
@@ -488,6 +508,8 @@ class LLM:
                         on_finish(position[rid], out)
                 if bar is not None:
                     bar.update(len(new))
+                if between_steps is not None:
+                    between_steps()
             self._drain()
         finally:
             self._incremental_text = True
@@ -513,8 +535,8 @@ class LLM:
         one-token prompts. Every rank calls it."""
         sizes = [1 << i for i in range(self.scheduler.max_num_seqs.bit_length()) if 1 << i < self.scheduler.max_num_seqs]
         for b in sizes + [self.scheduler.max_num_seqs]:
-            self.generate([[self.args.bos_token_id or 1]] * b, SamplingParams(temperature=0, max_tokens=1,
-                                                                            ignore_eos=True))
+            self.generate_here([[self.args.bos_token_id or 1]] * b,
+                               SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
 
     # ---- lock-step helpers ------------------------------------------------------------------
     def follow(self) -> None:

@@ -328,6 +328,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     from .cli import build_llm, resolve_checkpoint
     cfg = parse_args(argv)
+    if cfg.engine.dp_size > 1:  # every rank alike, before any work
+        raise ValueError(f"--dp {cfg.engine.dp_size}: launch/serve.py serves one engine (data-parallel replicas are "
+                         f"for launch/infer.py); launch ep ranks, or use --dp-attention to spread requests over them")
     # idle followers wait for the leader however long there is no request; the watchdog decides when silence
     # means death (offline runs wait --dist-timeout)
     from .runner import UNBOUNDED_CONTROL_TIMEOUT
