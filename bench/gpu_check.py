@@ -10,6 +10,7 @@ Checks (model: 2 layers, hidden 512, 8 experts, random weights, written by trans
                          and Experts.forward (experts_small_m), vs the loop reference in fp32: the Mixtral-8x7B
                          shape and shapes that are not tile multiples, 1..256 routed pairs, pairs owned by
                          another rank, local slots permuted; bf16 and fp32 weights
+  sampling_cuda          the sampler's CUDA copies and draws against its CPU path: the same tokens
   cuda_graph_decode      every decode step the engine replays from a real torch.cuda.CUDAGraph is also run
                          eagerly on the same inputs just before (same KV cache, same tokens): logits compared
   ep2_nccl               EP=2 over NCCL, replicated and all_to_all dispatch, vs EP=1, bf16 logits
@@ -214,6 +215,29 @@ def check_cuda_graph_decode(path: str, device, ep: int = 1, name: str = "cuda_gr
 
 
 @torch.no_grad()
+def check_sampling_cuda(device) -> Result:
+    """The sampler's CUDA branches (pinned, asynchronous copies; `HostCopy`'s event) against its CPU path: the
+    noise is a counter hash, so the same logits, seeds and counters draw the same tokens on either device."""
+    from epkit.infer.sampling import HostCopy, SamplingBatch, sample, to_device
+    g = torch.Generator().manual_seed(3)
+    R, V = 64, 1024
+    logits = torch.randn(R, V, generator=g) * 3
+    temps = [0.0, 0.5, 1.0, 2.0] * (R // 4)
+    batch = SamplingBatch(temps, [V if i % 3 else 20 for i in range(R)], [1.0 if i % 5 else 0.8 for i in range(R)],
+                          list(range(1000, 1000 + R)), [i % 7 for i in range(R)])
+    cpu = sample(logits, batch)
+    gpu = sample(logits.to(device), batch)
+    copied = HostCopy(gpu).get()
+    moved = to_device(list(range(R)), torch.int64, device)
+    ok = (gpu.device.type == "cuda" and copied == cpu.tolist() and moved.device.type == "cuda"
+          and moved.cpu().tolist() == list(range(R)))
+    differ = sum(a != b for a, b in zip(copied, cpu.tolist()))
+    return Result("sampling_cuda", "PASS" if ok else "FAIL", f"{differ} of {R} rows drew differently on the GPU "
+                                                             f"(temperatures 0/0.5/1/2, top-k 20, top-p 0.8)",
+                  {"rows": R, "differ": differ})
+
+
+@torch.no_grad()
 def check_ep2_nccl(path: str, device, rank: int) -> Result:
     import epkit
     from epkit.parallel import set_dispatch
@@ -326,6 +350,7 @@ def main(argv=None) -> int:
     write_checkpoint(path)
     results = [_guarded("bf16_vs_transformers", check_bf16_vs_transformers, path, dev),
                _guarded("triton_kernels", check_triton_kernels, dev),
+               _guarded("sampling_cuda", check_sampling_cuda, dev),
                _guarded("cuda_graph_decode", check_cuda_graph_decode, path, dev)]
     if world > 1:
         init_distributed()
