@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--skip-hf", action="store_true", help="do not measure transformers")
+    p.add_argument("--expert-splits", default="experts", help="comma list of experts,rows: each runs epkit once "
+                   "(the first is the headline; the JSON's epkit_splits holds all, with greedy agreement)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/generate-<gpu>-<time>.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -78,9 +80,9 @@ def peak_memory_all_ranks(device) -> list[float]:
 
 # ---- epkit ----------------------------------------------------------------------------------------
 
-def bench_epkit(margs: ModelArgs, a, device, dtype) -> tuple[list[dict], dict]:
+def bench_epkit(margs: ModelArgs, a, device, dtype, split: str = "experts") -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
-    model = random_model(margs, a.ep_size, device, dtype, seed=0)
+    model = random_model(margs, a.ep_size, device, dtype, seed=0, split=split)
     sync(device)
     build_s = time.perf_counter() - t0
     log(f"epkit: built {margs.num_parameters() / 1e9:.1f}B-parameter model at EP={a.ep_size} in {build_s:.1f}s")
@@ -108,6 +110,7 @@ def bench_epkit(margs: ModelArgs, a, device, dtype) -> tuple[list[dict], dict]:
                 assert all(len(o.token_ids) == n and o.error is None for o in outs), outs[0]
             t[f"steps{n}"] = llm.stats["steps"] - steps
         rows.append(_row(b, a, t))
+        rows[-1]["tokens"] = [list(o.token_ids) for o in outs] if world_rank() == 0 else None
         log(f"epkit B={b}: prefill+1 {t[1]:.3f}s, +{a.new_tokens} {t[a.new_tokens]:.3f}s, "
             f"decode {rows[-1]['decode_tokens_per_s']:.1f} tok/s")
     load = llm.expert_load()
@@ -232,7 +235,20 @@ def main(argv=None) -> int:
     # timeout instead of an NCCL barrier that its watchdog would kill.
     waiters = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if world_size() > 1 else None
     t_start = time.perf_counter()
-    ours, ours_extra = bench_epkit(margs, a, device, dtype)
+    splits = {}
+    for split in a.expert_splits.split(","):
+        splits[split] = bench_epkit(margs, a, device, dtype, split)
+        if split != a.expert_splits.split(",")[0] and world_rank() == 0:
+            first = next(iter(splits.values()))[0]
+            for mine, ref in zip(splits[split][0], first):
+                same = sum(x == y for x, y in zip(mine["tokens"], ref["tokens"]))
+                mine["same_greedy_tokens_as_first_split"] = f"{same} of {len(ref['tokens'])} sequences"
+                log(f"epkit {split} B={mine['batch']}: {mine['decode_tokens_per_s']:.1f} tok/s vs "
+                    f"{ref['decode_tokens_per_s']:.1f}; {same} of {len(ref['tokens'])} sequences identical")
+    for rows, _ in splits.values():
+        for r in rows:
+            r.pop("tokens", None)
+    ours, ours_extra = next(iter(splits.values()))
     if waiters is not None:
         dist.barrier(group=waiters)
     theirs, theirs_extra = None, None
@@ -253,7 +269,8 @@ def main(argv=None) -> int:
                    "dtype": str(dtype).replace("torch.", ""), "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                    "batch_sizes": a.batch_sizes, "greedy": True, "ignore_eos": True, "block_size": a.block_size,
                    "model": margs.to_hf_config()},
-        "epkit": {"rows": ours, **ours_extra},
+        "epkit": {"rows": ours, **ours_extra, "expert_split": next(iter(splits))},
+        "epkit_splits": {k: {"rows": r, **x} for k, (r, x) in splits.items()},
         "transformers": {"rows": theirs, **theirs_extra} if theirs else None,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }

@@ -24,13 +24,20 @@ from .model import Mixtral
 
 def build_model(args: ModelArgs, plan=None, dispatch: str = "all_to_all", device="cpu",
                 dtype: torch.dtype | None = None, load: Callable[[Mixtral], None] | None = None,
-                groups=None) -> Mixtral:
+                groups=None, split: str = "experts") -> Mixtral:
     """A Mixtral on `device`, sharded by `plan` (a `ShardingPlan`, or None for one device), its tensors read
     by `load` or left empty. `dtype` None: the checkpoint's (with `load`), else fp32. `groups`: the
-    `parallel.ExpertGroups` to use (default: DeepSpeed's groups for the plan's EP size)."""
+    `parallel.ExpertGroups` to use (default: DeepSpeed's groups for the plan's EP size). `split` "rows":
+    instead of whole experts by `plan`, every rank keeps a part of every expert's rows over the plan's EP size
+    (`parallel.apply_expert_rows`; inference, replicated dispatch)."""
+    if split not in ("experts", "rows"):
+        raise ValueError(f"split={split!r} is not one of experts, rows")
     with torch.device("meta"):  # 1
         model = Mixtral(args, dtype=dtype)
-    if plan is not None:  # 2
+    if plan is not None and split == "rows":  # 2
+        from .parallel import apply_expert_rows, setup_expert_parallel
+        apply_expert_rows(model, plan.ep_size, groups or setup_expert_parallel(plan.ep_size))
+    elif plan is not None:
         from .parallel import apply_expert_parallel, setup_expert_parallel
         apply_expert_parallel(model, plan, groups or setup_expert_parallel(plan.ep_size), dispatch=dispatch)
     if load is not None:  # 3

@@ -237,24 +237,32 @@ def _read_experts(reader, name, p, args, used, check, convert) -> torch.Tensor:
     """Assemble a stacked expert parameter [L, ...] for the experts this module holds."""
     layer = int(name.split(".")[1])
     module_ids = p._epkit_expert_ids  # set by _tag_expert_params
+    # a part of every expert's rows (parallel.apply_expert_rows): read full shapes' slices
+    part, parts_n = p._epkit_rows or (0, 1)
     slots = []
     for e in module_ids:
         parts = []
         for _, half, hub, fused, fused_half in expert_pieces(name):
             hub_name, fused_name = fill(hub, l=layer, e=e), fill(fused, l=layer, e=e)
-            rows = p.shape[1] // (2 if half is not None else 1)
-            want = [rows, p.shape[2]]
+            is_w2 = half is None  # w2 [D, I]: its columns are the intermediate rows
+            rows = p.shape[1] // (2 if half is not None else 1)  # of this rank's part
+            cols = p.shape[2]
+            want = [rows, cols * parts_n] if is_w2 else [rows * parts_n, cols]
+            mine = ((slice(None), slice(part * cols, (part + 1) * cols)) if is_w2
+                    else (slice(part * rows, (part + 1) * rows),))
             if hub_name in reader:
                 check(name, hub_name, reader.shape(hub_name), want)
                 used.add(hub_name)
-                parts.append(convert(reader.read(hub_name)))
+                parts.append(convert(reader.read(hub_name, mine if parts_n > 1 else None)))
             elif fused_name in reader:
                 shape = reader.shape(fused_name)
-                n_rows = rows * (2 if fused_half is not None else 1)
-                check(name, fused_name, shape, [args.num_experts, n_rows, p.shape[2]])
+                n_rows = want[0] * (2 if fused_half is not None else 1)
+                check(name, fused_name, shape, [args.num_experts, n_rows, want[1]])
                 used.add(fused_name)
-                lo = 0 if fused_half in (None, 0) else rows
-                parts.append(convert(reader.read(fused_name, (slice(e, e + 1), slice(lo, lo + rows)))[0]))
+                lo = (0 if fused_half in (None, 0) else want[0]) + (0 if is_w2 else part * rows)
+                n = want[0] if is_w2 else rows
+                cut = (slice(e, e + 1), slice(lo, lo + n)) + ((mine[1],) if is_w2 and parts_n > 1 else ())
+                parts.append(convert(reader.read(fused_name, cut)[0]))
             else:
                 raise CheckpointError(f"{reader.path}: tensor {hub_name} is missing (nor is {fused_name} there)")
         slots.append(torch.cat(parts, 0) if len(parts) > 1 else parts[0])
@@ -265,6 +273,7 @@ def _tag_expert_params(model: Mixtral) -> None:
     for layer in model.layers:
         for p in (layer.moe.experts.w13, layer.moe.experts.w2):
             p._epkit_expert_ids = layer.moe.experts.expert_ids
+            p._epkit_rows = layer.moe.experts.rows
 
 
 def load_state_into(model: Mixtral, path: str, device=None, dtype=None) -> LoadReport:
@@ -281,12 +290,13 @@ def load_state_into(model: Mixtral, path: str, device=None, dtype=None) -> LoadR
 
 def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, ep_size: int = 1,
                     plan=None, strategy: str = "contiguous", dispatch: str = "replicated",
-                    return_report: bool = False):
+                    return_report: bool = False, split: str = "experts"):
     """Load a Hugging Face Mixtral directory into epkit (built by `build.build_model`).
 
     With ep_size > 1 (inside a `torchrun` or `deepspeed` launch, which it joins through `init_distributed`)
     the model is expert-parallel: each rank builds and reads only the experts that `plan` (default: a
-    `strategy` plan from the checkpoint's manifest) gives it.
+    `strategy` plan from the checkpoint's manifest) gives it; with `split="rows"` (inference) each rank reads
+    its part of every expert's rows instead (`parallel.apply_expert_rows`).
     """
     from .build import build_model
     from .parallel import all_ranks_ok, init_distributed
@@ -314,7 +324,7 @@ def load_pretrained(path: str, device="cpu", dtype: torch.dtype | None = None, e
         if failure is not None:
             raise failure
 
-    model = build_model(args, plan, dispatch, device, dtype, load=read_and_assign)
+    model = build_model(args, plan, dispatch, device, dtype, load=read_and_assign, split=split)
     return (model, reports[0]) if return_report else model
 
 
@@ -377,6 +387,9 @@ def save_pretrained(model: Mixtral, path: str, max_shard_size: int = 2 << 30, tr
     record). Under expert parallelism call it on every rank."""
     from . import parallel  # collectives only when a distributed run is going
     info = model.expert_parallel
+    if info is not None and info.split == "rows":
+        raise ValueError(f"cannot save to {path}: this model's experts are split by rows (an inference layout); "
+                         f"save from a model loaded with whole experts per rank")
     rank, world = parallel.world_rank(), parallel.world_size()
     record = Manifest.of_model(model, trainer_state)  # NOTE: collective (every rank is here)
 

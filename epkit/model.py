@@ -208,8 +208,16 @@ class Mixtral(nn.Module):
             s = router_std if router_std is not None and name.endswith("moe.gate.weight") else std
             if ".moe.experts." in name:
                 layer = int(name.split(".")[1])
-                for slot, e in enumerate(self.layers[layer].moe.experts.expert_ids):
-                    p[slot].normal_(0.0, s, generator=_seeded(p.device, seed, f"{name}.{e}"))
+                experts = self.layers[layer].moe.experts
+                for slot, e in enumerate(experts.expert_ids):
+                    if experts.rows is None:
+                        p[slot].normal_(0.0, s, generator=_seeded(p.device, seed, f"{name}.{e}"))
+                        continue  # a part of the rows: draw the whole expert, keep the part
+                    kind = name.rsplit(".", 1)[1]
+                    I, D = experts.intermediate_size * experts.rows[1], p.shape[1 if kind == "w2" else 2]
+                    full = torch.empty((2 * I, D) if kind == "w13" else (D, I), device=p.device, dtype=p.dtype)
+                    full.normal_(0.0, s, generator=_seeded(p.device, seed, f"{name}.{e}"))
+                    p[slot].copy_(experts.take_rows(kind, full))
             else:
                 p.normal_(0.0, s, generator=_seeded(p.device, seed, name))
         self.routing_stats.reset()

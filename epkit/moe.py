@@ -131,13 +131,18 @@ class Experts(nn.Module):
     w13 [L, 2I, D]: rows 0..I-1 are w1 (gate), rows I..2I-1 are w3 (up), as transformers 5 fuses them.
     w2  [L, D, I]:  down projection.
     `expert_ids` lists the global expert id held in each local slot (all of them on one device).
+    `rows` (r, R): this module holds only part r of R of every expert's intermediate rows (I = I_full / R:
+    w1/w3 rows and w2 columns r*I .. (r+1)*I-1), so its outputs are partial sums (`take_rows`).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, expert_ids=None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, rows: tuple[int, int] | None = None):
         super().__init__()
         self.expert_ids = list(range(num_experts)) if expert_ids is None else list(expert_ids)
-        L, D, I = len(self.expert_ids), hidden_size, intermediate_size
+        self.rows = rows
+        if rows is not None and intermediate_size % rows[1]:
+            raise ValueError(f"intermediate_size={intermediate_size} does not split into {rows[1]} equal parts")
+        L, D, I = len(self.expert_ids), hidden_size, intermediate_size // (rows[1] if rows else 1)
         self.intermediate_size = I
         self.w13 = nn.Parameter(torch.empty(L, 2 * I, D, device=device, dtype=dtype))
         self.w2 = nn.Parameter(torch.empty(L, D, I, device=device, dtype=dtype))
@@ -150,6 +155,18 @@ class Experts(nn.Module):
     @property
     def num_local(self) -> int:
         return len(self.expert_ids)
+
+    def take_rows(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This module's part of one full expert tensor (w13 [2I_full, D] or w2 [D, I_full]); all of it
+        without `rows`. SwiGLU acts on each intermediate row alone, so the parts' outputs sum to the
+        full expert's."""
+        if self.rows is None:
+            return full
+        r, I = self.rows[0], self.intermediate_size
+        if name == "w13":
+            half = full.shape[0] // 2
+            return torch.cat([full[r * I:(r + 1) * I], full[half + r * I:half + (r + 1) * I]])
+        return full[:, r * I:(r + 1) * I]
 
     @property
     def trains(self) -> bool:

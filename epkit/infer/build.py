@@ -17,9 +17,10 @@ from ..plan import ShardingPlan
 
 @torch.no_grad()
 def random_model(args: ModelArgs, ep_size: int = 1, device="cpu", dtype=torch.float32, seed: int = 0,
-                 std: float = 0.02, router_std: float | None = None) -> Mixtral:
+                 std: float = 0.02, router_std: float | None = None, split: str = "experts") -> Mixtral:
     """A Mixtral with Normal(0, std) weights (norms 1), experts split over `ep_size` ranks (needs a
-    distributed run of that size when > 1). `router_std` widens the router (None: `std`)."""
+    distributed run of that size when > 1), whole (`split` "experts") or by rows. `router_std` widens the
+    router (None: `std`)."""
     plan = ShardingPlan(args.num_experts, ep_size, num_layers=args.num_layers) if ep_size > 1 else None
-    model = build_model(args, plan, "replicated", device, dtype)
+    model = build_model(args, plan, "replicated", device, dtype, split=split)
     return model.init_weights(std, seed, router_std).eval()

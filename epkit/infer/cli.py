@@ -139,7 +139,8 @@ def build_llm(cfg):
     device = engine.resolve_device()
     preset = cfg.preset or "tiny"
     args = ModelArgs.from_name(preset)
-    model = random_model(args, ep, device, engine.resolve_dtype(device), seed=cfg.random_seed or 0, router_std=0.5)
+    model = random_model(args, ep, device, engine.resolve_dtype(device), seed=cfg.random_seed or 0, router_std=0.5,
+                         split=engine.expert_split)
     # presets are served with the shipped tokenizer (the default fine-tune's), if its ids fit the model
     return (LLM.from_model(model, engine, tokenizer=embedded_tokenizer(args.vocab_size)),
             f"preset {preset} (random weights, seed {cfg.random_seed or 0})")

@@ -61,6 +61,10 @@ class EngineConfig:
     dp_attention: bool = setting(False, "with ep > 1: each rank serves its own requests (its own KV cache, attention "
                                         "for its own tokens) and the experts exchange tokens by all-to-all; "
                                         "max_num_seqs and max_num_batched_tokens are then per rank")
+    expert_split: str = setting("experts", "with ep > 1: experts (each rank holds whole experts of the plan) or rows "
+                                           "(each holds 1/ep of every expert's rows: the same memory, every "
+                                           "rank does an equal share of every token's experts; for small-batch "
+                                           "decode; replicated mode, no LoRA)", choices=("experts", "rows"))
     ep_all_reduce: str = setting("auto", "replicated mode's sum over EP ranks: auto (symm_mem on CUDA GPUs, else "
                                          "nccl), nccl, or symm_mem (torch's one-shot kernel over NVLink: one "
                                          "kernel per layer, for sums up to 8 MiB)",
@@ -91,6 +95,11 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.expert_split not in ("experts", "rows"):
+            raise ValueError(f"expert_split={self.expert_split!r} is not one of experts, rows")
+        if self.expert_split == "rows" and self.dp_attention:
+            raise ValueError("expert_split='rows' needs the replicated mode: every rank computes every token's "
+                             "experts on its rows; drop --dp-attention or use --expert-split experts")
         if self.max_model_len is not None and (isinstance(self.max_model_len, bool)
                                                or not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"max_model_len={self.max_model_len!r} must be a positive integer")

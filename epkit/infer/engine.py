@@ -96,7 +96,11 @@ class LLM:
             cfg.check_world(world_size(), ep)  # every rank alike, before any collective
         cfg.check_model(ModelArgs.load(checkpoint))  # before the weights are read
         device = cfg.resolve_device()
+        if cfg.expert_split == "rows" and lora is not None:
+            raise ValueError(f"--expert-split rows cannot fold the LoRA adapter {lora} (its expert factors are "
+                             f"whole); serve it with --expert-split experts")
         model, report = load_pretrained(checkpoint, device=device, dtype=cfg.resolve_dtype(device), ep_size=ep,
+                                        split=cfg.expert_split,
                                         strategy=cfg.strategy, dispatch="all_to_all" if cfg.dp_attention else "replicated",
                                         return_report=True)
         self.load_report = report
