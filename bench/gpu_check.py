@@ -256,12 +256,13 @@ def check_ep2_nccl(path: str, device, rank: int) -> Result:
 
 @torch.no_grad()
 def check_symm_mem(path: str, device, rank: int) -> Result:
-    """The inference-time EP sum through symmetric memory (parallel.SymmMemAllReduce) against NCCL's: bit-equal
+    """The inference-time EP sum through symmetric memory (symm_sum.SymmMemAllReduce) against NCCL's: bit-equal
     (two fp32 addends sum the same in any order), eagerly, inside a CUDA graph, and as the replicated model's
     sum; timed against NCCL at decode sizes."""
     import epkit
     import torch.distributed as dist
-    from epkit.parallel import SymmMemAllReduce, set_dispatch, set_ep_all_reduce, setup_expert_parallel
+    from epkit.parallel import set_dispatch, setup_expert_parallel
+    from epkit.symm_sum import SymmMemAllReduce, set_ep_all_reduce
     group = setup_expert_parallel(2).ep_group
     fast = SymmMemAllReduce(group, device, 8 << 20)
     worst, timings = 0.0, {}

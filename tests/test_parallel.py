@@ -84,7 +84,7 @@ def _check_rank(rank, world, ckpt, save_to, ref_logits, ref_grads, fused=None):
     check_grads(reduce_shared=False)
 
     # the inference-time sum: symmetric memory is CUDA's; on CPUs "auto" keeps gloo/NCCL and asking for it fails
-    from epkit.parallel import set_ep_all_reduce
+    from epkit.symm_sum import set_ep_all_reduce
     assert set_ep_all_reduce(model, "auto") == "nccl"
     with pytest.raises(ValueError, match="ep_all_reduce='symm_mem' needs CUDA GPUs"):
         set_ep_all_reduce(model, "symm_mem")

@@ -138,7 +138,7 @@ class LLM:
             raise ValueError(f"the engine needs dispatch='replicated' (every EP rank holds the same tokens), "
                              f"the model uses {info.dispatch!r}")
         self.config = cfg
-        from ..parallel import set_ep_all_reduce
+        from ..symm_sum import set_ep_all_reduce
         # NOTE: collective at set-up (symmetric-memory rendezvous); dp attention sums nothing (all-to-all)
         self.ep_all_reduce = "all_to_all" if dp_attention else set_ep_all_reduce(model, cfg.ep_all_reduce)
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
