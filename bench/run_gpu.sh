@@ -66,6 +66,14 @@ symm)  # after the symmetric-memory EP sum: the asserting GPU check, decode with
         --batch-sizes 1,16,64,256 --steps 16 --profile-steps 4 --out $R/profile_decode-h200x2-symm.json
     step generate 110 torchrun --nproc_per_node 2 bench/generate.py --batch-sizes 1,64 --new-tokens 32
     ;;
+x2rows)  # 2 x H200: the asserting gpu_check, decode with whole experts vs rows beside transformers, training with
+    # the exact and the fixed-capacity all-to-all beside transformers + ZeRO-2
+    step gpu_check 150 torchrun --nproc_per_node 2 bench/gpu_check.py --out $R
+    step generate 150 torchrun --nproc_per_node 2 bench/generate.py --batch-sizes 1,16,64 --new-tokens 32 \
+        --expert-splits experts,rows
+    step train 230 torchrun --nproc_per_node 2 bench/train.py --grad-accum 4 --steps 6 --profile-steps 1 \
+        --variants epkit_ep2,epkit_ep2_fixed_capacity,transformers_zero2 --out $R
+    ;;
 scale4)  # on the 4-GPU machine: EP=1 on one GPU, EP=4 and the uneven EP=3 (3/3/2 experts) on 4 and 3
     step scaling_ep1 110 torchrun --nproc_per_node 1 bench/scaling.py --out $R/scaling-h200x4.json
     step scaling_ep4 150 torchrun --nproc_per_node 4 bench/scaling.py --out $R/scaling-h200x4.json
@@ -92,7 +100,8 @@ x4serve)  # issue 14 on nvidia-h200-x4, <= 540 s: full 32-layer 8x7B shape, rand
     # (launch/infer.py --preset --random-seed: the same weights at any EP size, nothing written)
     W=/tmp/x4serve; rm -rf $W
     step parity 180 python3 bench/scale4.py parity --work $W --out $R/x4serve.json
-    step decode_ep4 100 torchrun --nproc_per_node 4 bench/generate.py --skip-hf --out $R/x4serve-generate.json \
+    step decode_ep4 120 torchrun --nproc_per_node 4 bench/generate.py --skip-hf --expert-splits experts,rows \
+        --out $R/x4serve-generate.json \
         $(rehearse "--preset tiny --batch-sizes 1,4 --prompt-len 8 --new-tokens 4" \
             "--batch-sizes 1,16,64 --new-tokens 64")
     SCALE=$(rehearse "--small --warmup none" "")
