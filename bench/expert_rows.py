@@ -5,8 +5,9 @@
 At EP=2 with 8 Mixtral-8x7B experts, each layer of a decode step waits for the rank with the most expert work.
 With whole experts a rank holds 4 experts and gets 0, 1 or 2 of a token's top-2 choices; with rows it holds
 half of every expert's rows and always computes every pair on its half. This times, on one GPU, the fused
-decode MoE path (`LocalDispatch.partial`, the Triton small-M kernels) a rank runs in each case, over the same
-random routings, and reports per layer:
+decode MoE path (`LocalDispatch.partial`, the Triton small-M kernels, tiles tuned per shape as the runner does,
+replayed from CUDA graphs as decode steps are) a rank runs in each case, over the same random routings, and
+reports per layer:
   whole_busiest_ms  mean over routings of the slower rank's time (each rank's own pairs on its 4 experts)
   rows_ms           mean time of one rank's pass over every pair on half-width experts (both ranks do the same)
 The decode step waits for the slower rank in every layer, so (whole_busiest_ms - rows_ms) x layers is what rows
@@ -26,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from bench.timing import time_calls  # noqa: E402
 from epkit.args import ModelArgs  # noqa: E402
+from epkit.infer.decode import tune_tiles_for  # noqa: E402
+from epkit.infer.graphs import record  # noqa: E402
 from epkit.moe import Experts, LocalDispatch  # noqa: E402
 
 
@@ -45,19 +48,36 @@ def layouts(args: ModelArgs, device, dtype):
     return whole, whole_dispatch, rows, LocalDispatch(list(range(E)))
 
 
+def _time(fn, device, iters: int = 10) -> float:
+    """ms per call: on a GPU replayed from a CUDA graph of `iters` calls (as decode steps run: no launch gaps),
+    on a CPU the median of eager calls."""
+    if device.type != "cuda":
+        return time_calls(fn, device, 2, iters)["ms_median"]
+    graph, _ = record(lambda: [fn() for _ in range(iters)], device)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 @torch.no_grad()
 def measure(args: ModelArgs, tokens: int, routings: int, device, dtype) -> dict:
     whole, whole_dispatch, rows, rows_dispatch = layouts(args, device, dtype)
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, args.hidden_size, generator=g).to(device, dtype)
     weights = torch.rand(tokens, 2, generator=g).to(device)
+    for ex in whole + [rows]:  # the small-batch down projection's launch, chosen per shape as the runner does
+        tune_tiles_for(ex)
     busiest, per_rows, both_on_one = [], [], 0
     for _ in range(routings):
         ids = torch.stack([torch.randperm(args.num_experts, generator=g)[:2] for _ in range(tokens)]).to(device)
-        t_whole = [time_calls(lambda r=r: whole_dispatch[r].partial(whole[r], x, weights, ids), device, 3, 10)
-                   ["ms_median"] for r in range(2)]
+        t_whole = [_time(lambda r=r: whole_dispatch[r].partial(whole[r], x, weights, ids), device)
+                   for r in range(2)]
         busiest.append(max(t_whole))
-        per_rows.append(time_calls(lambda: rows_dispatch.partial(rows, x, weights, ids), device, 3, 10)["ms_median"])
+        per_rows.append(_time(lambda: rows_dispatch.partial(rows, x, weights, ids), device))
         both_on_one += int(((ids < args.num_experts // 2).sum(1) != 1).all())
     return {"tokens": tokens, "routings": routings, "whole_busiest_ms": round(sum(busiest) / routings, 4),
             "rows_ms": round(sum(per_rows) / routings, 4), "routings_with_every_token_on_one_rank": both_on_one}

@@ -84,7 +84,11 @@ def tune_expert_tiles(model, iters: int = 10) -> dict | None:
     this GPU: time each with the first MoE layer's weights (one token, top-2, in a CUDA graph) and keep the
     fastest whose output is bit-equal to the first configuration's. Once per device and weight shape; each
     rank for itself (no collective). Returns {"chosen": config, "ms": {config: ms}} or None (nothing to do)."""
-    experts = model.moe_layers()[0].experts
+    return tune_tiles_for(model.moe_layers()[0].experts, iters)
+
+
+def tune_tiles_for(experts, iters: int = 10) -> dict | None:
+    """`tune_expert_tiles` for one `Experts` module's weight shape."""
     w13, w2 = experts.w13, experts.w2
     key = (w2.device, tuple(w2.shape))
     if w2.device.type != "cuda" or experts.backend.small_m_max == 0 or key in moe_kernels.few_pairs_down:
