@@ -43,3 +43,12 @@ def test_rows_layout_computes_the_whole_expert_sum():
         by_experts = sum(whole_dispatch[r].partial(whole[r], x, weights, ids) for r in range(2))
         by_rows = sum(rows_dispatch.partial(p, x, weights, ids) for p in parts)
     torch.testing.assert_close(by_rows, by_experts, atol=1e-5, rtol=1e-5)
+
+
+def test_profile_prefill_cpu_mode(tmp_path):
+    """bench/profile_prefill.py profiles the one step that prefills every prompt and writes its kernels."""
+    from bench import profile_prefill
+    out = tmp_path / "prefill.json"
+    assert profile_prefill.main(["--preset", "tiny", "--prompts", "2", "--prompt-len", "32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["prompts"] == 2 and result["top"] and result["kernels_per_step"] > 0
