@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from bench.generate import RESULTS, log, make_prompts  # noqa: E402
-from bench.timing import copy_bandwidth, sync  # noqa: E402
+from bench.timing import copy_bandwidth, sync, write_json  # noqa: E402
 from epkit.args import ModelArgs  # noqa: E402
 from epkit.infer import LLM, SamplingParams  # noqa: E402
 from epkit.infer.build import random_model  # noqa: E402
@@ -418,13 +418,9 @@ def write(result: dict, path: str) -> None:
     for r in result["variants"].values():
         if ref.get("greedy_tokens") is not None and r.get("greedy_tokens") is not None:
             compare_to_reference(r, ref)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({**result, "variants": {v: {k: x for k, x in r.items()
-                                              if k not in ("greedy_tokens", "first_decode_top5")}
-                                          for v, r in result["variants"].items()}}, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, {**result, "variants": {v: {k: x for k, x in r.items()
+                                                 if k not in ("greedy_tokens", "first_decode_top5")}
+                                             for v, r in result["variants"].items()}})
 
 
 def print_tables(r: dict) -> None:

@@ -77,11 +77,8 @@ def update(path: str, section: str, data) -> dict:
                "gpu_count": count, "rehearsal": REHEARSAL, "versions": {"torch": torch.__version__}, "sections": {}}
     doc["sections"][section] = data
     doc["updated_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
+    from bench.timing import write_json  # imports torch: the orchestrator itself stays light
+    write_json(path, doc)
     return doc
 
 

@@ -42,6 +42,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from bench.timing import write_json  # noqa: E402
+
 from epkit.args import ModelArgs  # noqa: E402
 from epkit.infer import LLM, SamplingParams  # noqa: E402
 from epkit.infer.build import random_model  # noqa: E402
@@ -196,11 +198,7 @@ def merge(path: str, rows: list[dict], meta: dict) -> dict:
     ours = {tuple(r[k] for k in KEY) for r in rows}
     doc["rows"] = [r for r in doc.get("rows", []) if tuple(r.get(k) for k in KEY) not in ours] + rows
     doc.setdefault("runs", []).append(meta)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, doc)
     return doc
 
 

@@ -1,10 +1,13 @@
-"""Timing helpers the benchmarks share: device sync, per-call timing, and the bandwidth and matmul roofs.
+"""Helpers the benchmarks share: device sync, per-call timing, the bandwidth and matmul roofs, and writing a
+result JSON so that a run cut short never leaves half a file.
 
 On a GPU each timed call gets its own pair of CUDA events (device time) and the loop's host wall time is
 kept too (launch overhead and host syncs show there); on a CPU both are perf_counter.
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 
@@ -61,3 +64,12 @@ def matmul_tflops(device, dtype, n: int, iters: int = 10) -> float:
     t = time_calls(lambda: a @ b, device, warmup=3, iters=iters)
     del a, b
     return 2 * n ** 3 / (t["ms_median"] * 1e-3) / 1e12
+
+
+def write_json(path: str, doc: dict) -> None:
+    """Write `doc` to `path` whole or not at all (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)

@@ -37,7 +37,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 from bench.moe_layer import error_text, gather, slug  # noqa: E402
 from bench.peers import versions  # noqa: E402
-from bench.timing import matmul_tflops, sync  # noqa: E402
+from bench.timing import matmul_tflops, sync, write_json  # noqa: E402
 from bench.train_variants import BUILDERS, DEFAULT_VARIANTS, VARIANTS, Setup, make_batches  # noqa: E402
 
 from epkit.parallel import init_distributed, setup_expert_parallel  # noqa: E402
@@ -381,11 +381,7 @@ def _loss_check(rows: list[dict]) -> dict:
 
 
 def _write(report: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, report)
 
 
 def _print_table(r: dict) -> None:
