@@ -13,7 +13,8 @@ Checks (model: 2 layers, hidden 512, 8 experts, random weights, written by trans
   sampling_cuda          the sampler's CUDA copies and draws against its CPU path: the same tokens
   cuda_graph_decode      every decode step the engine replays from a real torch.cuda.CUDAGraph is also run
                          eagerly on the same inputs just before (same KV cache, same tokens): logits compared
-  ep2_nccl               EP=2 over NCCL, replicated and all_to_all dispatch, vs EP=1, bf16 logits
+  ep2_nccl               EP=2 over NCCL, replicated and all_to_all dispatch and the expert-rows split, vs EP=1,
+                         bf16 logits
   symm_mem_all_reduce    the inference EP sum through symmetric memory vs NCCL: bit-equal, eager, in a CUDA graph
                          and as the model's sum; microseconds per sum of each
   cuda_graph_decode_ep2  cuda_graph_decode at EP=2 (the graphs hold the EP sums: symmetric memory by default)
@@ -248,10 +249,14 @@ def check_ep2_nccl(path: str, device, rank: int) -> Result:
     set_dispatch(ep, "all_to_all")
     mine = torch.tensor_split(torch.arange(tokens.shape[0]), 2)[rank]
     a2a = ep(tokens[mine])[0]
+    del ep
+    rows = epkit.load_pretrained(path, device=device, dtype=torch.bfloat16, ep_size=2, split="rows").eval()(tokens)[0]
     ok_r, det_r, data_r = compare(rep, single, TOL_BF16_SAME_MATH)
     ok_a, det_a, data_a = compare(a2a, single[mine], TOL_BF16_SAME_MATH)
-    return Result("ep2_nccl", "PASS" if ok_r and ok_a else "FAIL", f"replicated {det_r}; all_to_all {det_a}",
-                  {"replicated": data_r, "all_to_all": data_a})
+    ok_w, det_w, data_w = compare(rows, single, TOL_BF16_SAME_MATH)
+    return Result("ep2_nccl", "PASS" if ok_r and ok_a and ok_w else "FAIL",
+                  f"replicated {det_r}; all_to_all {det_a}; expert rows {det_w}",
+                  {"replicated": data_r, "all_to_all": data_a, "rows": data_w})
 
 
 @torch.no_grad()
