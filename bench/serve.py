@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-kernels", default=None, help="engine setting (default: auto)")
     p.add_argument("--no-overlap", action="store_true", help="engine setting: no host overlap")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' continuous batching")
+    p.add_argument("--expert-split", default="experts", choices=("experts", "rows"),
+                   help="engine setting: whole experts per EP rank, or a part of every expert's rows")
     p.add_argument("--hf-gpus", type=int, default=1)
     p.add_argument("--hf-timeout", type=float, default=240.0, help="seconds the peer serves before it is cut off")
     p.add_argument("--no-hf-warmup", action="store_true", help="skip the peer's own warm-up (its CUDA graph "
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
     # transformers runs on rank 0 alone, for minutes: the others wait on a gloo group with a long timeout.
     waiters = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if ep > 1 else None
     t_start = time.perf_counter()
-    model = random_model(margs, ep, device, dtype, seed=0, router_std=None)
+    model = random_model(margs, ep, device, dtype, seed=0, router_std=None, split=a.expert_split)
     sync(device)
     log(f"built {margs.num_parameters() / 1e9:.1f}B-parameter {a.preset} at EP={ep} in "
         f"{time.perf_counter() - t_start:.0f}s; {len(reqs)} requests, "
@@ -264,7 +266,8 @@ def main(argv=None) -> int:
     result = {"benchmark": "serving workload, epkit LLM vs transformers continuous batching (same run)",
               "gpu": torch.cuda.get_device_name(device) if cuda else "cpu", "num_gpus": ep if cuda else 0,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "config": {"preset": a.preset, "ep": ep, "dtype": str(dtype).replace("torch.", ""),
+              "config": {"preset": a.preset, "ep": ep, "expert_split": a.expert_split,
+                         "dtype": str(dtype).replace("torch.", ""),
                          "requests": a.requests, "prompt_len": [a.min_prompt, a.max_prompt],
                          "max_tokens": [a.min_tokens, a.max_tokens], "arrivals": f"poisson {a.rate}/s" if a.rate
                          else "all at once", "seed": a.seed, "greedy": True, "ignore_eos": True,
