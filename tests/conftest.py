@@ -159,3 +159,13 @@ def expected_read_bytes(path: str, local: list[list[int]]) -> int:
                 else:
                     total += nbytes
     return total
+
+
+def saved_tensors(path: str) -> dict:
+    """Every tensor of the .safetensors files in directory `path`, by name (read back from disk)."""
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import epkit
-from conftest import hf_logits, hf_model, save_fused, tiny_args
+from conftest import hf_logits, hf_model, save_fused, saved_tensors, tiny_args
 
 
 @pytest.fixture
@@ -158,14 +158,6 @@ def test_plan_naming_more_experts_than_config(hf_dir):
         epkit.load_pretrained(path, ep_size=2)
 
 
-def _saved(path):
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
-
-
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     """A crash mid-save leaves the previous checkpoint whole: same files, same tensors, same model."""
     torch.manual_seed(0)
@@ -173,7 +165,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     path = str(tmp_path / "ck")
     epkit.save_pretrained(model, path)
     files = sorted(os.listdir(path))
-    before = _saved(path)
+    before = saved_tensors(path)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     import epkit.checkpoint as ck
     calls = {"n": 0}
@@ -194,7 +186,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
         epkit.save_pretrained(model, path, max_shard_size=20_000)
     assert calls["n"] == 2, "the crash should come after a first shard was written"
     assert sorted(os.listdir(path)) == files
-    after = _saved(path)
+    after = saved_tensors(path)
     assert after.keys() == before.keys()
     for name, t in before.items():
         assert torch.equal(after[name], t), name

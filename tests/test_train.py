@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from epkit.train.config import TrainConfig
-from conftest import eval_loss_with_transformers
+from conftest import eval_loss_with_transformers, saved_tensors
 from test_train_optim import schedule_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,15 +49,6 @@ def _metrics(out):
 def _free_port():
     from tests.distributed import free_port
     return free_port()
-
-
-def _saved_tensors(path):
-    from safetensors.torch import load_file
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
@@ -98,7 +89,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-6)
         assert x["expert_tokens"] == y["expert_tokens"]
     # the final weights of the resumed run are the uninterrupted run's
-    want, got = _saved_tensors(os.path.join(full, "final")), _saved_tensors(os.path.join(broken, "final"))
+    want, got = saved_tensors(os.path.join(full, "final")), saved_tensors(os.path.join(broken, "final"))
     assert want.keys() == got.keys() and len(want) > 0
     for name, t in want.items():
         torch.testing.assert_close(got[name], t, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
