@@ -74,7 +74,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> None
         return
     import datetime
 
-    import deepspeed
     import torch.distributed.distributed_c10d as c10d
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
@@ -87,7 +86,17 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> None
     from .runtime import note_cpu_op_build, quiet_stdout
     note_cpu_op_build()
     with quiet_stdout():  # DeepSpeed prints "... built successfully" on every rank at every start
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        _deepspeed_init(backend, timeout)
+
+
+def _deepspeed_init(backend: str, timeout=None) -> None:
+    """deepspeed.init_distributed, then give back the names of its CPU shared-memory buffers (see
+    `runtime.release_cpu_shm_names`): the one place epkit starts DeepSpeed's communication."""
+    import deepspeed
+
+    from .runtime import release_cpu_shm_names
+    deepspeed.init_distributed(dist_backend=backend, **({} if timeout is None else {"timeout": timeout}))
+    release_cpu_shm_names()
 
 
 @dataclass
@@ -118,8 +127,7 @@ def setup_expert_parallel(ep_size: int) -> ExpertGroups:
     from deepspeed import comm as ds_comm
     from deepspeed.utils import groups
     if not ds_comm.is_initialized():
-        import deepspeed
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        _deepspeed_init(dist.get_backend())
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
     ep_group = groups._get_expert_parallel_group(name)

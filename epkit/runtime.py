@@ -7,6 +7,7 @@ DeepSpeed's one-time CPU build.
     note_cpu_op_build()      "building DeepSpeed's CPU communication op, about a minute, once", when it must
     check_writable_dir(path) a folder the run will write (or create) must be writable: checked before any work
     rank_device(device)      this rank's device, or one sentence for a bad --device
+    release_cpu_shm_names()  unlink DeepSpeed's per-rank /dev/shm buffers once mapped, so no run leaks 66 MB a rank
     comm_failure_message(e)  a collective that timed out: one line naming the rank that stopped answering
 """
 from __future__ import annotations
@@ -178,6 +179,29 @@ def comm_failure_message(e: BaseException) -> str:
     limit = f"within --dist-timeout {timeout:g}s" if timeout else "in time"
     detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
     return f"{who}: a collective got no reply {limit}; ending the job ({detail[:160]})"
+
+
+SHM_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"  # DeepSpeed's CPU all-reduce: one 66 MB file per rank
+
+
+def cpu_shm_name(rank: int) -> str:
+    """The /dev/shm file DeepSpeed's CPU all-reduce op gives `rank` in this launch (its shm.cpp names it for the
+    user, MASTER_ADDR, MASTER_PORT and the global rank)."""
+    return (f"{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_cpu_shm_names() -> None:
+    """Right after deepspeed.init_distributed on CPU. DeepSpeed's shared-memory all-reduce creates a 66 MB
+    /dev/shm file per rank and maps every rank's file, and nothing ever unlinks them: /dev/shm is memory, so
+    each CPU launch left 66 MB x ranks behind, for good (a CI machine's whole test suite ran out of its 24 GiB
+    that way). Once every rank has mapped every file (init returned on all ranks: the barrier), each rank unlinks
+    its own name; the mappings stay valid and the memory goes back when the last rank exits, even by SIGKILL."""
+    if torch.cuda.is_available() or not dist.is_initialized():
+        return
+    dist.barrier()  # NOTE: collective, once at start-up: no rank unlinks a file a peer has not mapped yet
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(cpu_shm_name(dist.get_rank()))
 
 
 def _close_process_group() -> None:

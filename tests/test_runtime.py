@@ -62,3 +62,25 @@ def test_a_successful_entry_closes_the_process_group_and_a_failed_one_leaves_it(
     from distributed import run
     assert run(_entry_then_state, 2, None) == [(0, False), (0, False)]
     assert run(_entry_then_state, 2, 0)[0] == (2, True)
+
+
+def _after_deepspeed_init(rank, world):
+    import glob
+
+    import deepspeed.comm as ds_comm
+
+    from epkit import parallel
+    os.environ["LOCAL_SIZE"] = str(world)  # as the `deepspeed` launcher sets it: all ranks on this machine
+    parallel.setup_expert_parallel(world)  # starts DeepSpeed's communication (and its CPU shm all-reduce)
+    t = torch.full((4,), float(rank + 1))
+    ds_comm.inference_all_reduce(t)  # through the shared-memory buffers, after their names are gone
+    port = os.environ["MASTER_PORT"]
+    return sorted(glob.glob(f"{runtime.SHM_PREFIX}_*_{port}_*")), t.tolist()
+
+
+def test_deepspeed_cpu_init_leaves_no_shared_memory_behind():
+    """DeepSpeed's CPU all-reduce gave every rank a 66 MB /dev/shm file it never removed: each CPU launch leaked
+    66 MB x ranks of memory until reboot, and the CI's test suite died of it (OOM, exit 137). Once started, no file
+    of this launch is left, and the shared-memory all-reduce still adds."""
+    from distributed import run
+    assert run(_after_deepspeed_init, 2) == [([], [3.0] * 4)] * 2
