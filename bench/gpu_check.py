@@ -10,7 +10,12 @@ Checks (model: 2 layers, hidden 512, 8 experts, random weights, written by trans
                          and Experts.forward (experts_small_m), vs the loop reference in fp32: the Mixtral-8x7B
                          shape and shapes that are not tile multiples, 1..256 routed pairs, pairs owned by
                          another rank, local slots permuted; bf16 and fp32 weights
+  prefill_kernels        the prefill MoE's swiglu and combine kernels at the Mixtral-8x7B shape vs torch's ops
+                         (bf16 bits, fp32 sums) and a grouped-GEMM MoE layer under no_grad (kernels) vs autograd
+                         on (torch ops); times each kernel beside the ops it replaces
   sampling_cuda          the sampler's CUDA copies and draws against its CPU path: the same tokens
+  host_transfers         to_device and HostCopy never wait for queued GPU work, HostCopy.get waits for its own copy
+                         only, and both carry int64 values exactly (timed against torch.cuda._sleep kernels)
   cuda_graph_decode      every decode step the engine replays from a real torch.cuda.CUDAGraph is also run
                          eagerly on the same inputs just before (same KV cache, same tokens): logits compared
   ep2_nccl               EP=2 over NCCL, replicated and all_to_all dispatch and the expert-rows split, vs EP=1,
@@ -215,6 +220,77 @@ def check_cuda_graph_decode(path: str, device, ep: int = 1, name: str = "cuda_gr
                                                   f"(EP sum: {llm.ep_all_reduce}): {detail}", data)
 
 
+def _gpu_ms(fn, iters: int = 10) -> float:
+    """Milliseconds per call of fn, by CUDA events (by the host clock without CUDA: the CPU smoke test)."""
+    fn()
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+@torch.no_grad()
+def check_prefill_kernels(device, tokens: int = 4096, hidden: int = 4096, intermediate: int = 14336) -> Result:
+    """`moe_kernels.swiglu` and `moe_kernels.combine` at a prefill of `tokens` tokens (top-2) against the torch
+    ops they replace: swiglu's bf16 output equal to torch's but where the exponential's last fp32 bit tips a
+    rounding (at most 1 in 1000 elements, each within about one bf16 step); combine within fp32 rounding of unpermute,
+    with dropped rows holding NaN. Then a whole LocalDispatch layer through the grouped GEMM under no_grad
+    (these kernels) against the same layer with autograd on (torch's ops)."""
+    import torch.nn.functional as F
+
+    from epkit import moe_kernels
+    from epkit.moe import Experts, LocalDispatch, permute, unpermute
+    g = torch.Generator(device=device).manual_seed(0)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    M, I, D = 2 * tokens, intermediate, hidden
+    h13 = torch.randn(M, 2 * I, generator=g, **bf16) * 3
+    want = F.silu(h13[:, :I]) * h13[:, I:]
+    got = moe_kernels.swiglu(h13)
+    differ = (got != want).float().mean().item()
+    step = ((got.float() - want.float()).abs() / want.float().abs().clamp(min=1e-30)).max().item()
+    swiglu_ok = differ <= 1e-3 and step <= 2 ** -6  # a tipped silu moves the product by about one bf16 step
+    t_swiglu = (_gpu_ms(lambda: moe_kernels.swiglu(h13)), _gpu_ms(lambda: F.silu(h13[:, :I]) * h13[:, I:]))
+    del h13, want, got
+    out = torch.randn(M, D, generator=g, **bf16)
+    weights = torch.rand(tokens, 2, generator=g, device=device)
+    key = torch.randint(0, 9, (tokens, 2), generator=g, device=device)  # 8: another rank's expert
+    order, _ = permute(key, 9)
+    keep = key.reshape(-1)[order] < 8
+    want = unpermute(out, order, weights, keep)
+    dropped = torch.where(keep[:, None], out, float("nan"))
+    got = moe_kernels.combine(dropped, order, weights, keep)
+    comb_err = ((got - want).abs().max() / want.abs().max()).item()
+    t_combine = (_gpu_ms(lambda: moe_kernels.combine(out, order, weights)),
+                 _gpu_ms(lambda: unpermute(out, order, weights)))
+    del out, dropped, got, want
+    ex = Experts(8, D // 4, I // 4, **bf16)
+    torch.nn.init.normal_(ex.w13, std=0.02)
+    torch.nn.init.normal_(ex.w2, std=0.02)
+    x = torch.randn(tokens, D // 4, generator=g, **bf16)
+    w, ids = torch.rand(tokens, 2, generator=g, device=device), torch.randint(0, 8, (tokens, 2), generator=g,
+                                                                              device=device)
+    assert ex.backend.kernel(2 * tokens, False) == "grouped", ex.backend
+    fast = LocalDispatch().partial(ex, x, w, ids)
+    with torch.enable_grad():
+        slow = LocalDispatch().partial(ex, x, w, ids)
+    layer_err = ((fast - slow).abs().max() / slow.abs().max()).item()
+    ok = swiglu_ok and comb_err <= 1e-6 and layer_err <= 1e-2
+    data = {"swiglu_differ": differ, "swiglu_max_rel": step, "combine_rel_err": comb_err, "layer_rel_err": layer_err,
+            "swiglu_ms": round(t_swiglu[0], 3), "silu_mul_ms": round(t_swiglu[1], 3),
+            "combine_ms": round(t_combine[0], 3), "unpermute_ms": round(t_combine[1], 3), "tokens": tokens}
+    return Result("prefill_kernels", "PASS" if ok else "FAIL",
+                  f"swiglu: {differ:.1e} of elements differ (max {step:.4f} rel), {t_swiglu[0]:.2f} vs "
+                  f"{t_swiglu[1]:.2f} ms; combine: {comb_err:.1e} rel, {t_combine[0]:.2f} vs {t_combine[1]:.2f} ms; "
+                  f"layer {layer_err:.1e} rel ({tokens} tokens)", data)
+
+
 @torch.no_grad()
 def check_sampling_cuda(device) -> Result:
     """The sampler's CUDA branches (pinned, asynchronous copies; `HostCopy`'s event) against its CPU path: the
@@ -236,6 +312,73 @@ def check_sampling_cuda(device) -> Result:
     return Result("sampling_cuda", "PASS" if ok else "FAIL", f"{differ} of {R} rows drew differently on the GPU "
                                                              f"(temperatures 0/0.5/1/2, top-k 20, top-p 0.8)",
                   {"rows": R, "differ": differ})
+
+
+def _sleep_ms(ms: float, device) -> None:
+    """Queue a kernel that keeps `device` busy for about `ms` milliseconds (calibrated once)."""
+    global _CYCLES_PER_MS
+    if _CYCLES_PER_MS is None:
+        torch.cuda._sleep(1000)  # load the kernel
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        torch.cuda._sleep(10_000_000)
+        b.record()
+        b.synchronize()
+        _CYCLES_PER_MS = 10_000_000 / a.elapsed_time(b)
+    torch.cuda._sleep(int(ms * _CYCLES_PER_MS))
+
+
+_CYCLES_PER_MS = None
+
+
+@torch.no_grad()
+def check_host_transfers(device, busy_ms: float = 100, later_ms: float = 300) -> Result:
+    """The engine's two host<->device helpers keep the host ahead of the GPU: `to_device` (pinned memory, an
+    asynchronous copy) returns while the GPU is busy, `HostCopy(t)` queues its copy without waiting, and
+    `HostCopy.get()` waits for that copy only, not for work queued after it. Times are host-side, against
+    `torch.cuda._sleep` kernels of `busy_ms` (before) and `later_ms` (after); values are int64 beyond float32's
+    range of exact integers, so a copy through another dtype shows."""
+    from epkit.infer.sampling import HostCopy, to_device
+    torch.cuda.set_device(device)
+    values = [2**40 + 7 * i for i in range(64)]
+    for _ in range(2):  # warm: the pinned-memory pool, the copy kernels, the sleep calibration
+        HostCopy(to_device(values, torch.int64, device)).get()
+        _sleep_ms(1, device)
+    torch.cuda.synchronize(device)
+    problems = []
+    _sleep_ms(busy_ms, device)
+    t0 = time.perf_counter()
+    moved = to_device(values, torch.int64, device)
+    to_device_ms = (time.perf_counter() - t0) * 1e3
+    if to_device_ms > busy_ms / 4:
+        problems.append(f"to_device waited {to_device_ms:.0f} ms for a {busy_ms:.0f} ms kernel")
+    torch.cuda.synchronize(device)
+    if moved.device != torch.device(device) or moved.dtype != torch.int64 or moved.cpu().tolist() != values:
+        problems.append(f"to_device gave {moved.dtype} on {moved.device}, values equal: "
+                        f"{moved.cpu().tolist() == values}")
+    src = torch.tensor(values, dtype=torch.int64, device=device)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    _sleep_ms(busy_ms, device)
+    copy = HostCopy(src)
+    ctor_ms = (time.perf_counter() - t0) * 1e3
+    _sleep_ms(later_ms, device)
+    got = copy.get()
+    get_ms = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize(device)
+    if ctor_ms > busy_ms / 4:
+        problems.append(f"HostCopy() waited {ctor_ms:.0f} ms for a {busy_ms:.0f} ms kernel")
+    if get_ms > busy_ms + later_ms / 2:
+        problems.append(f"HostCopy.get() took {get_ms:.0f} ms: it waited for the {later_ms:.0f} ms kernel queued "
+                        f"after its copy")
+    if got != values or not all(type(v) is int for v in got):
+        problems.append("HostCopy.get() returned other values")
+    data = {"to_device_ms": round(to_device_ms, 2), "host_copy_ms": round(ctor_ms, 2), "get_ms": round(get_ms, 1),
+            "busy_ms": busy_ms, "later_ms": later_ms}
+    detail = "; ".join(problems) or (f"to_device {to_device_ms:.2f} ms and HostCopy() {ctor_ms:.2f} ms behind a "
+                                     f"{busy_ms:.0f} ms kernel; get() after {get_ms:.0f} ms (its copy, not the "
+                                     f"{later_ms:.0f} ms kernel after it)")
+    return Result("host_transfers", "FAIL" if problems else "PASS", detail, data)
 
 
 @torch.no_grad()
@@ -356,7 +499,9 @@ def main(argv=None) -> int:
     write_checkpoint(path)
     results = [_guarded("bf16_vs_transformers", check_bf16_vs_transformers, path, dev),
                _guarded("triton_kernels", check_triton_kernels, dev),
+               _guarded("prefill_kernels", check_prefill_kernels, dev),
                _guarded("sampling_cuda", check_sampling_cuda, dev),
+               _guarded("host_transfers", check_host_transfers, dev),
                _guarded("cuda_graph_decode", check_cuda_graph_decode, path, dev)]
     if world > 1:
         init_distributed()

@@ -5,6 +5,7 @@
 #   bash bench/run_gpu.sh train    # gpu_check, training vs peers, LoRA on the full 8x7B shape
 #   bash bench/run_gpu.sh peers    # serving vs transformers CB, training peers in fresh processes, decode vs generate
 #   bash bench/run_gpu.sh x4train  # nvidia-h200-x4, issue 14: fine-tune figures, kill + resume, cross-EP serving
+#   bash bench/run_gpu.sh kernels  # 2 GPUs: sampler mutants on the GPU, gpu_check, prefill profile and vs transformers
 #   bash bench/run_gpu.sh x4serve  # 4 GPUs (nvidia-h200-x4), issue 14: full 8x7B greedy parity, decode, 128 requests
 # Needs the wheels of ../shared/gpu-wheels copied into .whl/ (carried) on the CUDA image.
 # EPKIT_REHEARSAL=1: the same steps on this machine's CPU (tiny preset, 4 gloo ranks, no wheels, no GPU).
@@ -112,6 +113,16 @@ x4serve)  # issue 14 on nvidia-h200-x4, <= 540 s: full 32-layer 8x7B shape, rand
     step collect 15 python3 bench/scale4.py collect --out $R/x4serve.json decode_ep4=$R/x4serve-generate.json \
         scaling=$R/x4serve-scaling.json
     rm -rf $W
+    ;;
+kernels)  # 2 x H200 after the prefill MoE kernels (swiglu, combine): the CUDA-branch mutants of the sampler
+    # (needs mutants/ from tests/mutation.sh, carried), the asserting gpu_check on both GPUs, one prefill step's
+    # kernels at EP=1, then prefill beside transformers generate
+    step mutation_gpu 70 python tests/mutation_gpu.py --out $R
+    step gpu_check 110 torchrun --nproc_per_node 2 bench/gpu_check.py --out $R
+    step profile_prefill 100 python bench/profile_prefill.py --prompts 2 --prompt-len 4096 \
+        --out $R/profile_prefill-2x4096-h200x1-$(date +%Y%m%dT%H%M).json
+    step generate_prefill 150 python bench/generate.py --ep 1 --batch-sizes 2 --prompt-len 4096 --new-tokens 1 \
+        --out $R/generate-prefill4096-h200x1-$(date +%Y%m%dT%H%M).json
     ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"

@@ -78,6 +78,15 @@ def unpermute(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
     return torch.zeros(N, out.shape[1], dtype=out.dtype, device=out.device).index_add_(0, order // K, out)
 
 
+def combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+            keep: torch.Tensor | None = None) -> torch.Tensor:
+    """`unpermute`; for inference where Triton runs, as one gather kernel (`moe_kernels.combine`): a prefill
+    of many tokens otherwise spends longer on the fp32 product and index_add than on the expert GEMMs' tail."""
+    if not torch.is_grad_enabled() and moe_kernels.available(out.device):
+        return moe_kernels.combine(out, order, weights, keep)
+    return unpermute(out, order, weights, keep)
+
+
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
     return fn(x, w, offs=offs)
@@ -181,13 +190,16 @@ class Experts(nn.Module):
             self._backend = (key, choose_backend(key[0], key[1], self.w13.shape[2], self.intermediate_size, self.impl))
         return self._backend[1]
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor | None = None,
+                dense: bool = False) -> torch.Tensor:
         """Expert outputs of pairs grouped by local expert; only computes (no routing, weights or combine).
 
         x [M, D] sorted by local expert, or x [N, D] with rows [M] naming the sorted rows (a gather the
         Triton kernels fuse); counts [L] pairs per local expert. Rows past sum(counts) are padding (pairs
         for no expert here, or unused buffer): zero, and no gradient flows through them, from the grouped
-        GEMM and the loop; the inference-only small-M kernels leave them undefined. Returns [M, D].
+        GEMM and the loop; the inference-only small-M kernels leave them undefined. `dense`: the caller
+        knows sum(counts) == M (every pair is for a local expert), so there is no padding to zero.
+        Returns [M, D].
         """
         M = x.shape[0] if rows is None else rows.shape[0]
         kernel = self.backend.kernel(M, torch.is_grad_enabled() and self.trains)
@@ -196,9 +208,9 @@ class Experts(nn.Module):
             return moe_kernels.experts_small_m(x, rows, counts, self.w13, self.w2)
         if rows is not None:
             x = x[rows]
-        return self.forward_grouped(x, counts) if kernel == "grouped" else self.forward_loop(x, counts)
+        return self.forward_grouped(x, counts, dense) if kernel == "grouped" else self.forward_loop(x, counts)
 
-    def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor, dense: bool = False) -> torch.Tensor:
         """torch's grouped GEMM: x [M, D] sorted, counts [L] -> [M, D]; no host sync.
 
         The kernel writes only the groups' rows: rows past sum(counts) of its output, and of its input's
@@ -208,8 +220,11 @@ class Experts(nn.Module):
         combine weight is 0.
         """
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        if dense:  # no padding rows (the caller's promise): nothing to zero
+            return self.project(self._recomputed(self._up, x, offs), "w2", offs=offs)
         real = torch.arange(x.shape[0], device=x.device)[:, None] < offs[-1]  # [M, 1] rows in a group
-        x = torch.where(real, x, 0)  # backward: the gradient of padding rows is 0, not what the kernel left
+        if torch.is_grad_enabled():  # backward: the gradient of padding rows is 0, not what the kernel left
+            x = torch.where(real, x, 0)  # (forward never reads them: the GEMM computes the groups' rows only)
         act = self._recomputed(self._up, x, offs)  # [M, I]
         return torch.where(real, self.project(act, "w2", offs=offs), 0)  # [M, D]
 
@@ -228,8 +243,12 @@ class Experts(nn.Module):
         return torch.cat(outs + [torch.zeros_like(pieces[-1])])
 
     def _up(self, x: torch.Tensor, offs: torch.Tensor | None = None, slot: int | None = None) -> torch.Tensor:
-        """SwiGLU of the up-projection: x [M, D] -> silu(x w1^T) * (x w3^T) [M, I] (one `slot`, or grouped)."""
-        gate, up = self.project(x, "w13", offs=offs, slot=slot).split(self.intermediate_size, dim=-1)
+        """SwiGLU of the up-projection: x [M, D] -> silu(x w1^T) * (x w3^T) [M, I] (one `slot`, or grouped).
+        For inference where Triton runs, silu and the product are one kernel (`moe_kernels.swiglu`)."""
+        h13 = self.project(x, "w13", offs=offs, slot=slot)
+        if not torch.is_grad_enabled() and moe_kernels.available(h13.device):
+            return moe_kernels.swiglu(h13)
+        gate, up = h13.split(self.intermediate_size, dim=-1)
         return F.silu(gate) * up
 
     def _recomputed(self, fn, *args) -> torch.Tensor:
@@ -278,13 +297,13 @@ class LocalDispatch:
         if experts.backend.kernel(ids.numel(), torch.is_grad_enabled() and experts.w13.requires_grad) == "small_m":
             # decoding: permute, experts and the weighted combine in four kernels (moe_kernels.py)
             return moe_kernels.fused_experts_small(x, weights, slot, experts.w13, experts.w2)
-        if self.slot is None:
+        if self.slot is None:  # every pair is for a local expert
             order, counts = permute(ids, L)
-            return unpermute(experts(x, counts, rows=order // K), order, weights)
+            return combine(experts(x, counts, rows=order // K, dense=True), order, weights)
         key = torch.where(slot < 0, L, slot)  # pairs for other ranks' experts sort last, as padding
         order, counts = permute(key, L + 1)
         out = experts(x, counts[:L], rows=order // K)  # [N*K, D]
-        return unpermute(out, order, weights, keep=key.reshape(-1)[order] < L)
+        return combine(out, order, weights, keep=key.reshape(-1)[order] < L)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Triton kernels for the expert compute when few tokens reach each expert (decoding).
+"""Triton kernels for the expert compute: small-M GEMMs when few tokens reach each expert (decoding), and
+the two memory-bound steps around torch's grouped GEMM when many do (prefill): `swiglu` and `combine`.
 
 torch's grouped GEMM (CUTLASS) tiles M by 64-128 rows, so a decode step that sends one or two rows
 to an expert spends its time on empty tiles and runs ~2x above the weight-reading floor. These
@@ -183,6 +184,35 @@ if triton is not None:
         tl.store(row_end + b, tl.cumsum(c, 0), mask=is_l)
         tl.store(block_end + b, tl.cumsum((c + BM - 1) // BM, 0), mask=is_l)
 
+    @triton.jit
+    def _swiglu_kernel(h13, out, I, BLOCK: tl.constexpr):
+        """out[row, cols] = silu(gate) * up, h13's row = [gate | up]; rounds where torch's two ops round."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < I
+        g = tl.load(h13 + row * 2 * I + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h13 + row * 2 * I + I + offs, mask=m, other=0.0).to(tl.float32)
+        silu = (g / (1.0 + tl.exp(-g))).to(out.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        tl.store(out + row * I + offs, (silu * u).to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+
+    @triton.jit
+    def _combine_kernel(out, inv, weights, keep, y, D, K: tl.constexpr, HAS_KEEP: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        """y[t, cols] = sum over k of weights[t, k] * out[inv[t*K + k], cols] in fp32; a row whose keep is
+        False is not read (it may hold anything)."""
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < D
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(K):
+            r = tl.load(inv + t * K + k).to(tl.int64)
+            w = tl.load(weights + t * K + k).to(tl.float32)
+            load = m
+            if HAS_KEEP:
+                load = m & ((offs * 0 + tl.load(keep + r).to(tl.int32)) != 0)  # a block mask
+            acc += tl.load(out + r * D + offs, mask=load, other=0.0).to(tl.float32) * w
+        tl.store(y + t * D + offs, acc, mask=m)
+
 
 def _tiles(x: torch.Tensor, w2: torch.Tensor, pairs: int):
     """((gate/up N tile, K tile), launch options), ((down N tile, K tile), launch options)."""
@@ -250,4 +280,34 @@ def fused_experts_small(x: torch.Tensor, weights: torch.Tensor, slots: torch.Ten
                                                         D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn1, BK=bk1, **kw1)
     _down_combine_kernel[(max_blocks, triton.cdiv(D, bn2))](h, w2, y, token, pair_w, block_end, row_end, counts,
                                                              D, I, L=L, LP=LP, BM=BLOCK_M, BN=bn2, BK=bk2, **kw2)
+    return y
+
+
+def swiglu(h13: torch.Tensor) -> torch.Tensor:
+    """h13 [M, 2I] (gate | up, as the w13 projection writes them) -> silu(gate) * up [M, I] in h13's dtype: one
+    pass over h13 instead of torch's silu and multiply (three). Rounds where torch rounds (silu's result, then
+    the product), so bf16 results match torch's bits up to the exponential's last fp32 bit."""
+    M, two_i = h13.shape
+    I = two_i // 2
+    out = torch.empty(M, I, dtype=h13.dtype, device=h13.device)
+    block = min(1024, triton.next_power_of_2(I))
+    if M:
+        _swiglu_kernel[(M, triton.cdiv(I, block))](h13.contiguous(), out, I, BLOCK=block)
+    return out
+
+
+def combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """`epkit.moe.unpermute` as one gather kernel (and one scatter for the inverse of `order`): each token reads
+    its K rows of `out` and adds them, weighted, in fp32; no [M, D] fp32 product, no atomics. Rows whose `keep`
+    is False are never read. out [M, D] in `order` order, weights [N, K] -> [N, D] fp32."""
+    N, K = weights.shape
+    M, D = out.shape
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(M, device=order.device))  # pair -> its row
+    y = torch.empty(N, D, dtype=torch.float32, device=out.device)
+    block = min(1024, triton.next_power_of_2(D))
+    if N:
+        _combine_kernel[(N, triton.cdiv(D, block))](out.contiguous(), inv, weights.contiguous(),
+                                                    keep.to(torch.int8) if keep is not None else inv, y, D, K=K,
+                                                    HAS_KEEP=keep is not None, BLOCK=block)
     return y

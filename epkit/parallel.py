@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .moe import Experts, LocalDispatch, permute, unpermute
+from .moe import Experts, LocalDispatch, combine, permute
 from .plan import ShardingPlan
 
 DISPATCH_MODES = ("all_to_all", "replicated")
@@ -279,10 +279,10 @@ class AllToAllDispatch:
         slot_recv = exchange.send(self.slot[ids].reshape(-1)[order])  # [M] local slot of each arriving row
         x_recv = exchange.send(x[order // K])  # [M, D]
         local, counts = permute(slot_recv, experts.num_local)
-        out = experts(x_recv, counts, rows=local)  # [M, D] grouped by local slot
+        out = experts(x_recv, counts, rows=local, dense=True)  # [M, D] grouped by local slot (all arrived)
         out = torch.zeros_like(out).index_copy(0, local, out)  # back to arrival order
         back = exchange.send_back(out)  # [N*K, D] in `order` order
-        return unpermute(back, order, weights).to(x.dtype)
+        return combine(back, order, weights).to(x.dtype)
 
     def _padded(self, experts: Experts, x, weights, ids, C: int):
         """Fixed-capacity exchange, no host sync, differentiable. x [N, D] with N <= C on every rank.

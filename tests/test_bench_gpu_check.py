@@ -60,3 +60,31 @@ def test_checks_that_miss_their_path_fail_on_cpu(tmp_path):
     assert r.status == "PASS" and r.data["rows"] == 256 and r.data["clear_rows"] > 200, r
     r = gc.check_bf16_vs_transformers(path, "cpu", torch.bfloat16, 1e-4)  # and it can fail
     assert r.status == "FAIL" and r.data["max_abs"] > 1e-3
+
+
+def test_gpu_mutation_runner_finds_installs_and_undoes_each_mutant(tmp_path):
+    """tests/mutation_gpu.py (run on a GPU) judges the CUDA-branch mutants mutmut cannot: it must find every
+    mutant of to_device and HostCopy.__init__ in mutmut's file (and nothing else), and put each in place and back."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import mutation_gpu
+
+    from epkit.infer import sampling
+    fake = tmp_path / "sampling.py"
+    fake.write_text(
+        "def x_to_device__mutmut_2(values, dtype, device):\n    return 'two'\n"
+        "def x_to_device__mutmut_10(values, dtype, device):\n    return 'ten'\n"
+        "def x_sample__mutmut_1(logits, batch):\n    return None\n"
+        "class HostCopy:\n"
+        "    def xǁHostCopyǁ__init____mutmut_3(self, t):\n        self.host, self.done = t * 0, None\n")
+    found = mutation_gpu.mutants_in(str(fake))
+    assert list(found) == ["xǁHostCopyǁ__init____mutmut_3", "x_to_device__mutmut_2", "x_to_device__mutmut_10"]
+    orig_to_device, orig_init = sampling.to_device, sampling.HostCopy.__init__
+    undo = mutation_gpu.put_in_place("to_device", "x_to_device__mutmut_10", found["x_to_device__mutmut_10"][1])
+    assert sampling.to_device([1], torch.int64, "cpu") == "ten"
+    undo()
+    assert sampling.to_device is orig_to_device
+    undo = mutation_gpu.put_in_place("HostCopy.__init__", "xǁHostCopyǁ__init____mutmut_3",
+                                     found["xǁHostCopyǁ__init____mutmut_3"][1])
+    assert sampling.HostCopy(torch.tensor([5, 6])).get() == [0, 0]
+    undo()
+    assert sampling.HostCopy.__init__ is orig_init and sampling.HostCopy(torch.tensor([5, 6])).get() == [5, 6]

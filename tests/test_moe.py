@@ -452,6 +452,31 @@ def test_small_m_paths_in_the_triton_interpreter():
     assert "SMALL_M OK" in out.stdout, out.stdout + out.stderr
 
 
+def test_inference_grouped_experts_zero_padding_and_dense_callers_equal_the_loop():
+    """At inference the grouped path leaves the padding input rows alone (the GEMM never reads them) and, for a
+    `dense` caller (every pair local: EP=1, the all-to-all's arrived rows), has no output padding to zero.
+    Through the GPU kernel's stand-in (padding rows NaN): padding still comes back zero, and the dense path, the
+    padded path and the EP=1 dispatcher equal the loop and the formula."""
+    from gpu_grouped_mm import undefined_padding
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(7, 16, generator=g)
+    x[5:] = float("nan")  # padding rows: whatever the buffer held
+    counts = torch.tensor([2, 0, 1, 2])  # 5 grouped rows, then 2 padding
+    weights, ids = torch.rand(6, 2, generator=g), torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(6)])
+    with undefined_padding(), torch.no_grad():
+        ex = _experts(L=4)
+        loop = ex.forward_loop(x[:5], counts)
+        ex.impl = "grouped"
+        assert ex.backend.kernel(7, False) == "grouped"
+        padded = ex(x, counts)
+        dense = ex(x[:5], counts, dense=True)
+        ep1 = LocalDispatch().partial(ex, x[:6].nan_to_num(), weights, ids)
+    assert torch.equal(padded[5:], torch.zeros(2, 16))
+    torch.testing.assert_close(padded[:5], loop, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense, loop, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ep1, _by_hand(ex, x[:6].nan_to_num(), weights, ids), atol=1e-5, rtol=1e-5)
+
+
 def test_forward_asks_the_backend_about_the_pairs_it_computes(monkeypatch):
     """The backend is asked about the rows computed (len(rows) when a gather is given, not the token count),
     and its answer picks the kernels: grouped GEMM when it says so, else the loop."""

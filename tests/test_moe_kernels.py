@@ -44,3 +44,62 @@ def test_small_m_kernels_match_loop_reference():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert "KERNELS OK" in out.stdout, out.stdout + out.stderr
+
+
+PREFILL_SCRIPT = textwrap.dedent('''
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import torch.nn.functional as F
+    from epkit import moe_kernels
+    from epkit.moe import Experts, LocalDispatch, permute, unpermute
+    torch.manual_seed(0)
+    # swiglu: silu(gate) * up as torch computes it, for I not a multiple of the block (and one row, and none)
+    for M, I, dtype in [(7, 40, torch.float32), (5, 1100, torch.float32), (9, 24, torch.bfloat16),
+                        (1, 3, torch.float32), (0, 8, torch.float32)]:
+        h13 = (torch.randn(M, 2 * I) * 3).to(dtype)
+        ref = F.silu(h13[:, :I]) * h13[:, I:]
+        got = moe_kernels.swiglu(h13)
+        assert got.dtype == dtype and got.shape == (M, I)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+        else:  # the interpreter truncates fp32 -> bf16 (GPUs round to nearest): within its two roundings
+            torch.testing.assert_close(got.float(), ref.float(), atol=1e-2, rtol=2 ** -6)
+    # combine: unpermute's weighted sum per token, with and without dropped rows (which may hold NaN)
+    for N, K, D, L in [(6, 2, 40, 3), (5, 3, 1030, 4), (1, 2, 8, 2)]:
+        out = torch.randn(N * K, D).to(torch.bfloat16)
+        weights = torch.rand(N, K)
+        key = torch.randint(0, L + 1, (N, K))  # L: another rank's expert
+        order, counts = permute(key, L + 1)
+        keep = key.reshape(-1)[order] < L
+        ref = unpermute(out, order, weights, keep=keep)
+        out[~keep] = float("nan")  # never read
+        got = moe_kernels.combine(out, order, weights, keep)
+        assert got.dtype == torch.float32 and got.shape == (N, D)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(moe_kernels.combine(out.nan_to_num(), order, weights),
+                                   unpermute(out.nan_to_num(), order, weights), atol=1e-6, rtol=1e-6)
+    # the whole local MoE under no_grad (kernels) equals it with autograd on (torch ops), EP=1 and a rank's share
+    ex = Experts(4, 24, 40)
+    torch.nn.init.normal_(ex.w13, std=0.3)
+    torch.nn.init.normal_(ex.w2, std=0.3)
+    ex.impl = "loop"
+    x, weights, ids = torch.randn(9, 24), torch.rand(9, 2), torch.randint(0, 4, (9, 2))
+    for slots in (None, [0, -1, 1, -1]):
+        dispatch = LocalDispatch(slots)
+        with torch.no_grad():
+            fast = dispatch.partial(ex, x, weights, ids)
+        slow = dispatch.partial(ex, x, weights, ids).detach()
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    print("PREFILL KERNELS OK")
+''')
+
+
+def test_prefill_kernels_match_torch():
+    """swiglu and combine (the memory-bound steps around the grouped GEMM at prefill) against the torch ops
+    they replace, in Triton's CPU interpreter: odd sizes, bf16 rounding, dropped rows holding NaN."""
+    import triton  # noqa: F401
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", PREFILL_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert "PREFILL KERNELS OK" in out.stdout, out.stdout + out.stderr

@@ -4,7 +4,7 @@ training-only package; the OpenAI-compatible HTTP server (`epkit.infer.server`, 
 by whoever serves."""
 from ..tokenizer import load_tokenizer
 from .config import EngineConfig
-from .engine import LLM
+from .llm import LLM
 from .request import RequestOutput
 from .kv_cache import BlockAllocator, PagedKVCache
 from .sampling import SamplingParams

@@ -118,7 +118,7 @@ def build_llm(cfg):
     from ..runtime import cpu_threads_per_rank
     from ..tokenizer import embedded_tokenizer
     from .build import random_model
-    from .engine import LLM
+    from .llm import LLM
     launched = int(os.environ.get("WORLD_SIZE", 1))
     engine = cfg.engine
     ep = engine.resolve_ep_size()
