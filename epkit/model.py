@@ -11,7 +11,8 @@ real tokens into `Mixtral.routing_stats` (the one routing counter; see `epkit.mo
 Positions drive everything: a token at position p attends to keys at positions q <= p (and
 p - q < sliding_window). A position of -1 marks padding, which no token attends to. When the caller
 gives no positions (every row is 0..T-1), no cache and no window shorter than T, attention runs SDPA
-with `is_causal=True` and no materialised mask (the flash kernel on GPU): the same mask, not built.
+with `is_causal=True` and no materialised mask (the flash kernel on GPU): the same mask, not built. So
+does a cache that answers `update` without key positions (a fresh prompt: its keys are its own).
 
 Legend: B batch, T tokens, S keys, D hidden, H query heads, G KV heads, Dh head dim, V vocab, E experts.
 """
@@ -35,7 +36,8 @@ class KVCache(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store k, v [B, G, T, Dh] at `positions` [B, T]; return all keys/values [B, G, S, Dh] of each row
-        and their positions [B, S] (-1 for empty slots)."""
+        and their positions [B, S] (-1 for empty slots), or (k, v, None) when the keys are exactly these and
+        every row starts at position 0 (causal attention: no mask needed)."""
         ...
 
 
@@ -126,12 +128,12 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv != self.n_heads
-        if causal:
+        k_pos = positions
+        if cache is not None:
+            k, v, k_pos = cache.update(self.layer, k, v, positions)
+        if causal or k_pos is None:  # (the cache says: a fresh prompt, padded at the end)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k_pos = positions
-            if cache is not None:
-                k, v, k_pos = cache.update(self.layer, k, v, positions)
             mask = attention_mask(positions, k_pos, self.window)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

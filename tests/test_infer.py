@@ -108,7 +108,15 @@ def test_greedy_matches_transformers(ckpt, engine):
     path, prompts, refs = ckpt
     llm = LLM(path, **engine)
     log = record_rows(llm)
+    prepared, prepare = [], llm.cache.prepare  # multi-token forwards: fresh (causal, own keys) or not
+
+    def spy(table, positions, fresh=False):
+        prepared.append((fresh, bool((positions[:, 0] == 0).all())))
+        return prepare(table, positions, fresh)
+    llm.cache.prepare = spy
     outs = llm.generate(prompts, GREEDY)
+    assert prepared and all(fresh == starts_at_0 for fresh, starts_at_0 in prepared), prepared
+    assert {f for f, _ in prepared} == ({True, False} if engine else {True})  # later chunks read the cache
     for i, (out, ref) in enumerate(zip(outs, refs)):
         assert out.error is None and out.finish_reason in ("stop", "length")
         assert_greedy_matches(out.token_ids, ref, f"prompt {i}")

@@ -168,3 +168,40 @@ def test_engine_sizes_max_num_seqs_from_the_kv_cache():
     small = LLM.from_model(model, kv_cache_memory=20 * block)
     assert small.scheduler.max_num_seqs == 16  # the floor
     assert LLM.from_model(model, max_num_seqs=3).scheduler.max_num_seqs == 3
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_fresh_prefill_runs_causal_and_writes_the_same_cache(window):
+    """Rows that all start at position 0 (new prompts, padded at the end) take causal attention over their own
+    keys (no cache read, no mask: the flash kernel on a GPU). Against the masked path over the paged cache: the
+    same logits, the same keys and values in the pool (the scratch block, where padding writes, aside), and
+    the same next decode step. With a sliding window
+    shorter than the rows the cache keeps the mask (causal alone would see too far)."""
+    args = tiny_args(sliding_window=window)
+    model = random_model(args, 1, "cpu", torch.float32, seed=6, router_std=0.5)
+    g = torch.Generator().manual_seed(2)
+    lengths, bs = [9, 4, 7], 4
+    T, NB = max(lengths), -(-(max(lengths) + 1) // bs)
+    table = torch.arange(1, 1 + len(lengths) * NB).view(len(lengths), NB)
+    tokens = torch.randint(3, args.vocab_size, (len(lengths), T), generator=g)
+    positions = torch.tensor([list(range(n)) + [-1] * (T - n) for n in lengths])
+    rows = torch.tensor([i * T + n - 1 for i, n in enumerate(lengths)])
+    out = {}
+    for fresh in (False, True):
+        cache = PagedKVCache(args, 40, bs, "cpu", torch.float32)
+        cache.prepare(table, positions, fresh=fresh)
+        calls = []
+        update = cache.update
+        cache.update = lambda *a: calls.append(update(*a)[2] is None) or update(*a)
+        with torch.no_grad():
+            logits, _ = model(tokens, positions, cache, logits_rows=rows)
+        cache.update = update
+        nxt = torch.tensor([[5], [6], [7]])
+        cache.prepare(table, torch.tensor([[n] for n in lengths]))
+        with torch.no_grad():
+            step, _ = model(nxt, torch.tensor([[n] for n in lengths]), cache)
+        out[fresh] = (logits, cache.k[:, bs:].clone(), cache.v[:, bs:].clone(), step, calls)  # past scratch
+    assert out[False][4] == [False] * args.num_layers
+    assert out[True][4] == [window is None] * args.num_layers  # window 6 < 9 tokens: masked
+    for a, b in zip(out[False][:4], out[True][:4]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)

@@ -419,4 +419,4 @@ class DataParallelAttention:
         table, rows = flat[2 * n: 2 * n + b.B * b.NB].view(b.B, b.NB), flat[2 * n + b.B * b.NB:]
         if graph is not None:
             return self.llm.runner.graphs.run(tokens, positions, table, True, *graph)
-        return self.llm.runner._forward(tokens, positions, table, rows)
+        return self.llm.runner._forward(tokens, positions, table, rows, b.fresh)

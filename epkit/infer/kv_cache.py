@@ -7,7 +7,8 @@ tokens write there and unused table entries point there (their keys are masked o
 
 The cache implements the model's `KVCache` protocol. `prepare()` runs once per forward and computes
 the write slots and the gather index for all layers, so each layer does one `index_copy_` and one
-gather, with no host sync.
+gather, with no host sync. A forward whose rows all start at position 0 (`fresh`: new prompts, not a
+later chunk) reads nothing back: its keys are its own, and attention runs causal without a mask.
 
 Legend: B batch rows, T new tokens per row, NB blocks per row, S = NB * block_size keys per row,
 G KV heads, Dh head dim, L layers, P slots in the pool.
@@ -117,18 +118,23 @@ class PagedKVCache:
         shape = (args.num_layers, num_blocks * block_size, args.num_kv_heads, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.window = args.sliding_window
         self._write = self._read = self._key_pos = None
+        self._fresh = False
 
     @property
     def capacity_tokens(self) -> int:
         return (self.num_blocks - 1) * self.block_size
 
-    def prepare(self, block_table: torch.Tensor, positions: torch.Tensor) -> None:
+    def prepare(self, block_table: torch.Tensor, positions: torch.Tensor, fresh: bool = False) -> None:
         """block_table [B, NB] int64, positions [B, T] (-1 padding), both on the cache's device.
 
         Rows hold contiguous positions 0..n-1 overall, so after this step a row's keys are the slots
-        0..max(positions) of its table, in order.
+        0..max(positions) of its table, in order. `fresh` (the caller knows every row starts at position 0,
+        padded at the end): `update` then returns this forward's own keys and no positions, for causal
+        attention, unless a sliding window shorter than the rows needs the mask.
         """
+        self._fresh = fresh and (self.window is None or positions.shape[1] <= self.window)
         bs = self.block_size
         B, NB = block_table.shape
         self._write = self.write_slots(block_table, positions).reshape(-1)  # [B*T]
@@ -145,12 +151,15 @@ class PagedKVCache:
         return torch.where(positions >= 0, slot, SCRATCH_BLOCK * bs)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """k, v [B, G, T, Dh] -> all keys/values of each row [B, G, S, Dh] and key positions [B, S]."""
+        """k, v [B, G, T, Dh] -> all keys/values of each row [B, G, S, Dh] and key positions [B, S]; after a
+        fresh prepare(), k and v themselves and None (attention is causal)."""
         if self._write is None:
             raise RuntimeError("PagedKVCache.update called before prepare() for this step")
         B, G, T, Dh = k.shape
         self.k[layer].index_copy_(0, self._write, k.transpose(1, 2).reshape(B * T, G, Dh))
         self.v[layer].index_copy_(0, self._write, v.transpose(1, 2).reshape(B * T, G, Dh))
+        if self._fresh:  # the keys are this forward's own, from position 0: causal, nothing to read back
+            return k, v, None
         k_all = self.k[layer][self._read].transpose(1, 2)  # [B, G, S, Dh]
         v_all = self.v[layer][self._read].transpose(1, 2)
         return k_all, v_all, self._key_pos

@@ -14,7 +14,7 @@ their device: they receive the next header while their GPU still runs. An idle s
 header, then a one-element all-reduce on the CPU group): a dead rank shows up as an error.
 
 Legend: B rows, T tokens per row, NB block-table width, R logits rows, S tokens taken from the
-previous step's samples.
+previous step's samples, F 1 when every row starts at position 0 (a fresh prompt: causal attention).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from .sampling import to_device
 
 MAX_BATCHES = 4  # forwards per step: the decode rows, and prefill chunks grouped by length
 _STEP, _END, _PING = 1, 2, 3
-_PER_BATCH = 5  # B, T, NB, R, S
+_PER_BATCH = 6  # B, T, NB, R, S, F
 _HEADER = 2 + _PER_BATCH * MAX_BATCHES  # command, number of batches, then the batches' sizes
 # How long followers wait on the CPU group for the leader's next step: by default the engine's
 # dist_timeout (an offline run whose leader froze ends naming it); a server waits however long the leader
@@ -54,8 +54,13 @@ class Batch:
     logits_rows: list[int]  # [R] flattened B*T indices whose next token is sampled
     from_sampled: list[tuple[int, int]] = field(default_factory=list)  # (token index, slot in last step's samples)
 
+    @property
+    def fresh(self) -> bool:
+        """Every row starts at position 0: its keys are this forward's own (rows are padded at the end only)."""
+        return all(p == 0 for p in self.positions[:: self.T])
+
     def sizes(self) -> list[int]:
-        return [self.B, self.T, self.NB, len(self.logits_rows), len(self.from_sampled)]
+        return [self.B, self.T, self.NB, len(self.logits_rows), len(self.from_sampled), int(self.fresh)]
 
     def flat(self) -> list[int]:
         return (self.tokens + self.positions + self.block_table + self.logits_rows
@@ -181,7 +186,8 @@ class StepRunner:
                 self._answer_ping()
                 continue
             sizes = [header[2 + _PER_BATCH * i: 2 + _PER_BATCH * (i + 1)] for i in range(header[1])]
-            payload = torch.empty(sum(B * T * 2 + B * NB + R + 2 * S for B, T, NB, R, S in sizes), dtype=torch.int64)
+            payload = torch.empty(sum(B * T * 2 + B * NB + R + 2 * S for B, T, NB, R, S, _ in sizes),
+                                  dtype=torch.int64)
             dist.broadcast(payload, src=self.leader, group=self.control)
             self._run(header, payload, with_logits=False)
             R = sum(s[3] for s in sizes)
@@ -195,7 +201,7 @@ class StepRunner:
         payload = to_device(payload, torch.int64, self.device)
         out, o = [], 0
         for i in range(header[1]):
-            B, T, NB, R, S = header[2 + _PER_BATCH * i: 2 + _PER_BATCH * (i + 1)]
+            B, T, NB, R, S, F = header[2 + _PER_BATCH * i: 2 + _PER_BATCH * (i + 1)]
             tokens = payload[o: o + B * T].view(B, T)
             positions = payload[o + B * T: o + 2 * B * T].view(B, T)
             o += 2 * B * T
@@ -208,14 +214,15 @@ class StepRunner:
             if self.graphs is not None and self.graphs.eligible(B, T, R):
                 out.append(self.graphs.run(tokens, positions, table, with_logits))
             else:
-                out.append(self._forward(tokens, positions, table, rows if with_logits else rows[:0]))
+                out.append(self._forward(tokens, positions, table, rows if with_logits else rows[:0], bool(F)))
         return out
 
-    def _forward(self, tokens, positions, table, rows) -> torch.Tensor:
+    def _forward(self, tokens, positions, table, rows, fresh: bool = False) -> torch.Tensor:
         """One forward; free of host syncs (CUDA graphs capture it). One-token rows take the decode forward.
-        Both count the routed real tokens (positions >= 0) into `model.routing_stats`."""
+        Both count the routed real tokens (positions >= 0) into `model.routing_stats`. `fresh`: every row
+        starts at position 0 (`Batch.fresh`), so attention needs no cache read and no mask."""
         if self.decode is not None and tokens.shape[1] == 1:
             return self.decode(tokens, positions, table, rows)
-        self.cache.prepare(table, positions)
+        self.cache.prepare(table, positions, fresh=fresh)
         logits, _ = self.model(tokens, positions, self.cache, logits_rows=rows)
         return logits
