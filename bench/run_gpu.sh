@@ -114,13 +114,14 @@ x4serve)  # issue 14 on nvidia-h200-x4, <= 540 s: full 32-layer 8x7B shape, rand
         scaling=$R/x4serve-scaling.json
     rm -rf $W
     ;;
-kernels)  # 2 x H200 after the prefill MoE kernels (swiglu, combine): the CUDA-branch mutants of the sampler
-    # (needs mutants/ from tests/mutation.sh, carried), the asserting gpu_check on both GPUs, one prefill step's
-    # kernels at EP=1, then prefill beside transformers generate
-    step mutation_gpu 70 python tests/mutation_gpu.py --out $R
-    step gpu_check 110 torchrun --nproc_per_node 2 bench/gpu_check.py --out $R
-    step profile_prefill 100 python bench/profile_prefill.py --prompts 2 --prompt-len 4096 \
-        --out $R/profile_prefill-2x4096-h200x1-$(date +%Y%m%dT%H%M).json
+kernels)  # 2 x H200 after the prefill MoE kernels (swiglu, combine) and causal fresh prefill: the asserting
+    # gpu_check on both GPUs; then, one GPU each, the sampler's CUDA-branch mutants (needs mutants/ from
+    # tests/mutation.sh, carried) and one prefill step's kernels at EP=1; then prefill beside transformers
+    step gpu_check 100 torchrun --nproc_per_node 2 bench/gpu_check.py --out $R
+    CUDA_VISIBLE_DEVICES=0 step mutation_gpu 60 python tests/mutation_gpu.py --out $R &
+    CUDA_VISIBLE_DEVICES=1 step profile_prefill 120 python bench/profile_prefill.py --prompts 2 --prompt-len 4096 \
+        --out $R/profile_prefill-2x4096-h200x1-$(date +%Y%m%dT%H%M).json &
+    wait
     step generate_prefill 150 python bench/generate.py --ep 1 --batch-sizes 2 --prompt-len 4096 --new-tokens 1 \
         --out $R/generate-prefill4096-h200x1-$(date +%Y%m%dT%H%M).json
     ;;

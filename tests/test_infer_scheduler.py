@@ -59,18 +59,38 @@ def test_settings_and_their_errors():
 
 def test_admission_caps_each_prompt_while_others_wait():
     s = sched(budget=10)  # long prefill cap 10 // 4 = 2
-    a, b, c = seq("a", 7), seq("b", 5), seq("c", 3)
+    a, b, c = seq("a", 11), seq("b", 9), seq("c", 3, new=8)
     for q in (a, b, c):
         s.add(q)
         assert q.status == WAITING and s.has_unfinished()
     # a and b are capped (others wait behind them); c, the last waiting, may take what is left
     assert rows(run_step(s)) == [("a", 0, 2), ("b", 0, 2), ("c", 0, 3)]
     assert [q.status for q in (a, b, c)] == [RUNNING] * 3 and s.running == [a, b, c] and not s.waiting
-    # c decodes first; a and b prefill on, still capped (two prompts prefilling)
+    # c decodes first; a and b prefill on, still capped while their 9 + 7 tokens (and c's 1) exceed the budget
     assert rows(run_step(s)) == [("c", 3, 1), ("a", 2, 2), ("b", 2, 2)]
-    # b has one prompt token left (a decode-sized row); a prefills alone, uncapped
-    assert rows(run_step(s)) == [("b", 4, 1), ("c", 4, 1), ("a", 4, 3)]
-    assert [len(q.blocks) for q in (a, b, c)] == [2, 2, 2]  # 7, 5, 5 tokens in blocks of 4
+    assert rows(run_step(s)) == [("c", 4, 1), ("a", 4, 2), ("b", 4, 2)]  # 1 + 7 + 5 = 13 > 10
+    # 1 + 5 + 3 = 9 tokens fit the budget: no cap, both prompts finish in this step
+    assert rows(run_step(s)) == [("c", 5, 1), ("a", 6, 5), ("b", 6, 3)]
+    assert [len(q.blocks) for q in (a, b, c)] == [3, 3, 2]  # 11, 9, 6 tokens in blocks of 4
+
+
+def test_the_cap_applies_only_when_the_step_cannot_hold_everyone():
+    """Capping a prompt's chunk only helps when others would be held out: when every waiting prompt fits the
+    step whole (exactly, too), each takes all it needs (two 4096-token prompts under a budget of 8192 prefill
+    in one step, not in two chunked ones)."""
+    for lengths, want in [((4, 5), [("a", 0, 4), ("b", 0, 5)]), ((5, 5), [("a", 0, 5), ("b", 0, 5)]),
+                          ((4, 7), [("a", 0, 2), ("b", 0, 7)]), ((3, 3, 4), [("a", 0, 3), ("b", 0, 3), ("c", 0, 4)]),
+                          ((3, 3, 5), [("a", 0, 2), ("b", 0, 2), ("c", 0, 5)])]:
+        s = sched(budget=10)  # cap 2
+        for name, n in zip("abc", lengths):
+            s.add(seq(name, n))
+        assert rows(run_step(s)) == want, lengths
+    s = sched(budget=10)  # a decoding row counts too: 1 + 5 + 5 = 11 tokens do not fit
+    s.add(seq("d", 1, new=5))
+    run_step(s)
+    s.add(seq("a", 5))
+    s.add(seq("b", 5))
+    assert rows(run_step(s)) == [("d", 1, 1), ("a", 0, 2), ("b", 0, 5)]
 
 
 def test_one_prompt_alone_takes_the_whole_budget():

@@ -9,9 +9,10 @@ Sequences join and leave between steps. Order of service each step:
 3. waiting sequences, oldest first (a preempted one goes back to the front), while budget, rows and
    KV blocks last.
 
-While other requests wait or prefill, one sequence's prefill chunk is capped at
-`long_prefill_tokens` (default a quarter of the budget), so a long prompt cannot take a whole step
-and hold short requests out; alone, it takes the whole budget.
+While other requests wait or prefill and the step cannot hold all of their tokens, one sequence's
+prefill chunk is capped at `long_prefill_tokens` (default a quarter of the budget), so a long prompt
+cannot take a whole step and hold short requests out; alone, or when everything fits, it takes what it
+needs (two 4096-token prompts under a budget of 8192 prefill in one step, not two chunked ones).
 
 A sequence whose last sampled token reaches its length limit is left out while that token is still
 on its way from the device (the engine plans a step before the previous one's tokens are read back).
@@ -148,7 +149,9 @@ class Scheduler:
         preempted: list[Sequence] = []
         decoding = [s for s in self.running if s.remaining == 1 and not s.complete]
         prefilling = [s for s in self.running if s.remaining > 1]
-        contended = bool(self.waiting) or len(prefilling) > 1
+        demand = len(decoding) + sum(q.remaining for q in prefilling) + sum(q.remaining for q in self.waiting)
+        fits = demand <= budget  # the step holds everyone's tokens: capping would only add steps
+        contended = (bool(self.waiting) or len(prefilling) > 1) and not fits
         cap = self.long_prefill_tokens if contended else budget
         for seq in decoding + prefilling:
             if budget == 0:
@@ -170,7 +173,7 @@ class Scheduler:
         # Admit waiting sequences only if nobody had to be preempted (the pool is tight otherwise).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            n = min(seq.remaining, budget, self.long_prefill_tokens if len(self.waiting) > 1 else budget)
+            n = min(seq.remaining, budget, self.long_prefill_tokens if len(self.waiting) > 1 and not fits else budget)
             if not self._reserve(seq, n):
                 break
             self.waiting.popleft()
