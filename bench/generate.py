@@ -112,7 +112,7 @@ def bench_epkit(margs: ModelArgs, a, device, dtype, split: str = "experts") -> t
         rows.append(_row(b, a, t))
         rows[-1]["tokens"] = [list(o.token_ids) for o in outs] if world_rank() == 0 else None
         log(f"epkit B={b}: prefill+1 {t[1]:.3f}s, +{a.new_tokens} {t[a.new_tokens]:.3f}s, "
-            f"decode {rows[-1]['decode_tokens_per_s']:.1f} tok/s")
+            f"decode {_tps(rows[-1])}")
     load = llm.expert_load()
     extra = {"build_s": round(build_s, 1), "peak_memory_gib": peak_memory_all_ranks(device),
              "kv_cache_blocks": llm.cache.num_blocks, "per_rank_expert_share": load["per_rank_share"]}
@@ -124,11 +124,46 @@ def bench_epkit(margs: ModelArgs, a, device, dtype, split: str = "experts") -> t
 
 
 def _row(b: int, a, t: dict) -> dict:
+    """One batch size's figures from the timed runs t[1] (prefill and one token) and t[n] (n tokens). When
+    the n-token run took no longer than the one-token run (a prefill-sized run: n = 2 is within noise), the
+    decode figures are None, not a division by a difference of zero or below."""
     n = a.new_tokens
-    decode_s = max(t[n] - t[1], 1e-9)
+    decode_s = t[n] - t[1] if t[n] > t[1] else None
     return {"batch": b, "prefill_plus_1_s": round(t[1], 4), "total_s": round(t[n], 4),
-            "decode_tokens_per_s": round(b * (n - 1) / decode_s, 2), "end_to_end_tokens_per_s": round(b * n / t[n], 2),
-            "ms_per_decode_step": round(1000 * decode_s / (n - 1), 2), "steps": t.get(f"steps{n}")}
+            "decode_tokens_per_s": round(b * (n - 1) / decode_s, 2) if decode_s else None,
+            "end_to_end_tokens_per_s": round(b * n / t[n], 2),
+            "ms_per_decode_step": round(1000 * decode_s / (n - 1), 2) if decode_s else None,
+            "steps": t.get(f"steps{n}")}
+
+
+def _tps(row: dict) -> str:
+    return f"{row['decode_tokens_per_s']:.1f} tok/s" if row["decode_tokens_per_s"] is not None else "- tok/s"
+
+
+def _cells(row: dict | None) -> str:
+    """prefill+1 s, decode tok/s and ms/step of one side, '-' where there is none."""
+    def f(v, w, spec):
+        return f"{v:>{w}{spec}}" if v is not None else f"{'-':>{w}}"
+    row = row or {}
+    return " | ".join([f(row.get("prefill_plus_1_s"), 9, ".3f"), f(row.get("decode_tokens_per_s"), 10, ".1f"),
+                       f(row.get("ms_per_decode_step"), 8, ".1f")])
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{r['config']['preset']} ({r['config']['parameters_b']}B params, {r['config']['dtype']}) on "
+          f"{r['num_gpus'] or 'no'} x {r['gpu']}; prompt {r['config']['prompt_len']}, "
+          f"{r['config']['new_tokens']} new tokens, greedy")
+    side = f"{'prefill+1':>9} | {'tok/s':>10} | {'ms/step':>8}"
+    print(f"{'':>5} | {'epkit EP=' + str(r['config']['ep']):^33} | {'transformers':^33} |")
+    print(f"{'batch':>5} | {side} | {side} | {'decode speed-up':>15}")
+    theirs = {row["batch"]: row for row in (r["transformers"] or {}).get("rows") or []}
+    for row in r["epkit"]["rows"]:
+        t = theirs.get(row["batch"])
+        ours_tps, their_tps = row["decode_tokens_per_s"], (t or {}).get("decode_tokens_per_s")
+        sp = f"{ours_tps / their_tps:>14.2f}x" if ours_tps and their_tps else f"{'-':>15}"
+        print(f"{row['batch']:>5} | {_cells(row)} | {_cells(t)} | {sp}")
+    print(f"peak GiB per GPU: epkit {r['epkit']['peak_memory_gib']}"
+          + (f", transformers {r['transformers']['peak_memory_gib']}" if r["transformers"] else ""))
 
 
 # ---- transformers ---------------------------------------------------------------------------------
@@ -210,7 +245,7 @@ def bench_hf(margs: ModelArgs, a, devices: list, dtype) -> tuple[list[dict], dic
             t[n] = time.perf_counter() - start
         rows.append(_row(b, a, t))
         log(f"transformers B={b}: prefill+1 {t[1]:.3f}s, +{a.new_tokens} {t[a.new_tokens]:.3f}s, "
-            f"decode {rows[-1]['decode_tokens_per_s']:.1f} tok/s")
+            f"decode {_tps(rows[-1])}")
     peaks = [round(torch.cuda.max_memory_allocated(d) / 2 ** 30, 2) if torch.device(d).type == "cuda" else 0.0
              for d in devices]
     del hf
@@ -243,8 +278,8 @@ def main(argv=None) -> int:
             for mine, ref in zip(splits[split][0], first):
                 same = sum(x == y for x, y in zip(mine["tokens"], ref["tokens"]))
                 mine["same_greedy_tokens_as_first_split"] = f"{same} of {len(ref['tokens'])} sequences"
-                log(f"epkit {split} B={mine['batch']}: {mine['decode_tokens_per_s']:.1f} tok/s vs "
-                    f"{ref['decode_tokens_per_s']:.1f}; {same} of {len(ref['tokens'])} sequences identical")
+                log(f"epkit {split} B={mine['batch']}: {_tps(mine)} vs {_tps(ref)}; {same} of {len(ref['tokens'])} "
+                    f"sequences identical")
     for rows, _ in splits.values():
         for r in rows:
             r.pop("tokens", None)
@@ -282,23 +317,6 @@ def main(argv=None) -> int:
     print_table(result)
     print(f"wrote {out}", flush=True)
     return 0
-
-
-def print_table(r: dict) -> None:
-    print(f"\n{r['config']['preset']} ({r['config']['parameters_b']}B params, {r['config']['dtype']}) on "
-          f"{r['num_gpus'] or 'no'} x {r['gpu']}; prompt {r['config']['prompt_len']}, "
-          f"{r['config']['new_tokens']} new tokens, greedy")
-    print(f"{'batch':>5} | {'epkit EP=' + str(r['config']['ep']) + ' tok/s':>18} | {'ms/step':>8} | "
-          f"{'transformers tok/s':>18} | {'ms/step':>8} | {'speed-up':>8}")
-    theirs = {row["batch"]: row for row in (r["transformers"] or {}).get("rows") or []}
-    for row in r["epkit"]["rows"]:
-        t = theirs.get(row["batch"])
-        tr = f"{t['decode_tokens_per_s']:>18.1f} | {t['ms_per_decode_step']:>8.1f}" if t else f"{'-':>18} | {'-':>8}"
-        sp = f"{row['decode_tokens_per_s'] / t['decode_tokens_per_s']:>7.2f}x" if t else f"{'-':>8}"
-        print(f"{row['batch']:>5} | {row['decode_tokens_per_s']:>18.1f} | {row['ms_per_decode_step']:>8.1f} | "
-              f"{tr} | {sp}")
-    print(f"peak GiB per GPU: epkit {r['epkit']['peak_memory_gib']}"
-          + (f", transformers {r['transformers']['peak_memory_gib']}" if r["transformers"] else ""))
 
 
 if __name__ == "__main__":

@@ -91,3 +91,31 @@ def test_profile_decode_tiny(tmp_path):
         assert [row["batch"] for row in v["rows"]] == [1, 4]
         for row in v["rows"]:
             assert row["ms_per_step"] > 0 and row["kernels_per_step"] > 0 and 0 < len(row["top"]) <= 15
+
+
+def test_generate_rows_and_table_with_and_without_a_measurable_decode(capsys):
+    """bench/generate.py: a 2-token run within noise of the 1-token run (a prefill benchmark) gives no decode
+    figures (the 2026-11-29 prefill run printed 2,000,000,000 tok/s from a clamped negative difference), and the
+    table prints prefill+1 beside them for both sides."""
+    gen = _load("generate")
+
+    class A:
+        new_tokens = 2
+    prefill = gen._row(2, A, {1: 0.554, 2: 0.550, "steps2": 3})
+    assert prefill["decode_tokens_per_s"] is None and prefill["ms_per_decode_step"] is None
+    assert prefill["prefill_plus_1_s"] == 0.554 and prefill["end_to_end_tokens_per_s"] == round(4 / 0.550, 2)
+    A.new_tokens = 5
+    decode = gen._row(4, A, {1: 0.5, 5: 0.9})
+    assert decode["decode_tokens_per_s"] == 40.0 and decode["ms_per_decode_step"] == 100.0
+    result = {"config": {"preset": "p", "parameters_b": 1, "dtype": "bf16", "prompt_len": 8, "new_tokens": 2,
+                         "ep": 1}, "num_gpus": 1, "gpu": "G",
+              "epkit": {"rows": [prefill, decode], "peak_memory_gib": [1.0]},
+              "transformers": {"rows": [dict(prefill, batch=2, prefill_plus_1_s=0.508), dict(decode, batch=4,
+                                                                                           decode_tokens_per_s=20.0)],
+                               "peak_memory_gib": [2.0]}}
+    gen.print_table(result)
+    lines = capsys.readouterr().out.splitlines()
+    two = next(line for line in lines if line.strip().startswith("2 |"))
+    four = next(line for line in lines if line.strip().startswith("4 |"))
+    assert "0.554" in two and "0.508" in two and two.rstrip().endswith("-")
+    assert four.rstrip().endswith("2.00x")
