@@ -469,9 +469,10 @@ def test_inference_grouped_experts_zero_padding_and_dense_callers_equal_the_loop
         ex.impl = "grouped"
         assert ex.backend.kernel(7, False) == "grouped"
         padded = ex(x, counts)
+        direct = ex.forward_grouped(x, counts)  # not dense unless said
         dense = ex(x[:5], counts, dense=True)
         ep1 = LocalDispatch().partial(ex, x[:6].nan_to_num(), weights, ids)
-    assert torch.equal(padded[5:], torch.zeros(2, 16))
+    assert torch.equal(padded[5:], torch.zeros(2, 16)) and torch.equal(direct, padded)
     torch.testing.assert_close(padded[:5], loop, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dense, loop, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ep1, _by_hand(ex, x[:6].nan_to_num(), weights, ids), atol=1e-5, rtol=1e-5)
@@ -492,3 +493,68 @@ def test_forward_asks_the_backend_about_the_pairs_it_computes(monkeypatch):
     monkeypatch.setattr(Experts, "forward_loop", lambda *a: pytest.fail("the loop where grouped GEMM was chosen"))
     with torch.no_grad():
         torch.testing.assert_close(_experts()(x, counts, rows=rows), want, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_rows_parts_are_the_formula_slices_and_sum_to_the_whole_expert():
+    """Experts(rows=(r, R)) holds rows r*I..(r+1)*I-1 of w1 and of w3 and those columns of w2 (I = I_full / R):
+    by index arithmetic, and the R parts' outputs add up to the whole expert's (SwiGLU acts row by row)."""
+    g = torch.Generator().manual_seed(11)
+    D, I_full, R = 8, 12, 3
+    full13, full2 = torch.randn(2 * I_full, D, generator=g), torch.randn(D, I_full, generator=g)
+    whole = Experts(1, D, I_full)
+    assert whole.take_rows("w13", full13) is full13 and whole.take_rows("w2", full2) is full2
+    x = torch.randn(5, D, generator=g)
+    with torch.no_grad():
+        whole.w13[0].copy_(full13)
+        whole.w2[0].copy_(full2)
+        want = whole.forward_loop(x, torch.tensor([5]))
+        total = torch.zeros_like(want)
+        for r in range(R):
+            part = Experts(1, D, I_full, rows=(r, R))
+            assert part.rows == (r, R) and part.intermediate_size == 4 and part.w13.shape == (1, 8, D)
+            assert part.w2.shape == (1, D, 4)
+            w13, w2 = part.take_rows("w13", full13), part.take_rows("w2", full2)
+            rows13 = [i for i in range(2 * I_full) if r * 4 <= i % I_full < (r + 1) * 4]
+            assert torch.equal(w13, full13[rows13]) and torch.equal(w2, full2[:, r * 4:(r + 1) * 4])
+            part.w13[0].copy_(w13)
+            part.w2[0].copy_(w2)
+            total += part.forward_loop(x, torch.tensor([5]))
+    torch.testing.assert_close(total, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="intermediate_size=12 does not split into 5 equal parts"):
+        Experts(1, D, I_full, rows=(0, 5))
+
+
+def test_inference_takes_the_fused_kernels_and_training_the_torch_ops(monkeypatch):
+    """Where Triton runs (here: said so, with stand-ins that compute what the kernels compute and record their
+    calls), an inference forward takes moe_kernels.swiglu and moe_kernels.combine with its own arguments (the
+    keep mask where other ranks' pairs are dropped), and a forward that needs gradients takes the torch ops.
+    The kernels themselves are checked against these ops in tests/test_moe_kernels.py and bench/gpu_check.py."""
+    import torch.nn.functional as F
+    calls = []
+
+    def swiglu(h13):
+        calls.append(("swiglu", h13.shape[1]))
+        I = h13.shape[1] // 2
+        return F.silu(h13[:, :I]) * h13[:, I:]
+
+    def combine(out, order, weights, keep=None):
+        calls.append(("combine", keep is not None))
+        return unpermute(out, order, weights, keep)
+    monkeypatch.setattr(moe_lib.moe_kernels, "available", lambda device: True)
+    monkeypatch.setattr(moe_lib.moe_kernels, "swiglu", swiglu)
+    monkeypatch.setattr(moe_lib.moe_kernels, "combine", combine)
+    g = torch.Generator().manual_seed(12)
+    x, weights = torch.randn(6, 16, generator=g), torch.rand(6, 2, generator=g)
+    ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(6)])
+    for slots, keep in ((None, False), ([0, -1, 1, -1], True)):
+        ex = _experts(L=4 if slots is None else 2)
+        ex.impl = "loop"
+        with torch.no_grad():
+            fast = LocalDispatch(slots).partial(ex, x, weights, ids)
+        used, calls[:] = list(calls), []
+        assert ("combine", keep) in used and ("swiglu", 48) in used and set(used) == {("combine", keep), ("swiglu", 48)}
+        slow = LocalDispatch(slots).partial(ex, x, weights, ids)  # autograd on: torch's ops
+        assert calls == []
+        torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(fast, _by_hand(ex, x, weights, torch.tensor(slots or [0, 1, 2, 3])[ids]
+                                                  if slots else ids), atol=1e-5, rtol=1e-5)
