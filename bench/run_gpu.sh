@@ -5,6 +5,7 @@
 #   bash bench/run_gpu.sh train    # gpu_check, training vs peers, LoRA on the full 8x7B shape
 #   bash bench/run_gpu.sh peers    # serving vs transformers CB, training peers in fresh processes, decode vs generate
 #   bash bench/run_gpu.sh x4train  # nvidia-h200-x4, issue 14: fine-tune figures, kill + resume, cross-EP serving
+#   bash bench/run_gpu.sh prefill  # 2 GPUs: prefill vs transformers, MoE layer at 4096 tokens, serving load
 #   bash bench/run_gpu.sh kernels  # 2 GPUs: sampler mutants on the GPU, gpu_check, prefill profile and vs transformers
 #   bash bench/run_gpu.sh x4serve  # 4 GPUs (nvidia-h200-x4), issue 14: full 8x7B greedy parity, decode, 128 requests
 # Needs the wheels of ../shared/gpu-wheels copied into .whl/ (carried) on the CUDA image.
@@ -124,6 +125,18 @@ kernels)  # 2 x H200 after the prefill MoE kernels (swiglu, combine) and causal 
     wait
     step generate_prefill 150 python bench/generate.py --ep 1 --batch-sizes 2 --prompt-len 4096 --new-tokens 1 \
         --out $R/generate-prefill4096-h200x1-$(date +%Y%m%dT%H%M).json
+    ;;
+prefill)  # 2 x H200, the next call after the prefill kernels and the scheduler change (unmeasured on 2026-11-29):
+    # prefill of 1 and 2 prompts of 4096 beside transformers on one GPU, one MoE layer at 4096 tokens per rank
+    # (issue 11's 2.4 ms goal), the 512-request serving load (prefill-bound). Rehearsal: EPKIT_REHEARSAL=1
+    step generate_prefill 170 python bench/generate.py --ep 1 --batch-sizes 1,2 --new-tokens 2 \
+        $(rehearse "--preset tiny --prompt-len 16" "--prompt-len 4096") \
+        --out $R/generate-prefill4096-h200x1-$(date +%Y%m%dT%H%M).json
+    step moe_layer 100 torchrun --nproc_per_node 2 bench/moe_layer.py $(rehearse "--small" "--tokens 1,64,4096") \
+        --out $R
+    step serve 200 torchrun --nproc_per_node 2 bench/serve.py \
+        $(rehearse "--preset tiny --requests 16 --max-prompt 64 --max-tokens 16 --skip-hf" "--hf-timeout 60") \
+        --out $R/serve-h200x2-$(date +%Y%m%dT%H%M).json
     ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"
