@@ -137,6 +137,11 @@ prefill)  # 2 x H200, the next call after the prefill kernels and the scheduler 
     step serve 200 torchrun --nproc_per_node 2 bench/serve.py \
         $(rehearse "--preset tiny --requests 16 --max-prompt 64 --max-tokens 16 --skip-hf" "--hf-timeout 60") \
         --out $R/serve-h200x2-$(date +%Y%m%dT%H%M).json
+    # issue 11's latency goal: p99 inter-token latency under 60 ms with about 128 requests running (Poisson
+    # arrivals), steps that decode held to 1024 tokens
+    step serve_itl 200 torchrun --nproc_per_node 2 bench/serve.py --skip-hf --max-tokens-while-decoding 1024 \
+        $(rehearse "--preset tiny --requests 16 --max-prompt 64 --max-tokens 16 --rate 50" "--rate 24") \
+        --out $R/serve-itl-h200x2-$(date +%Y%m%dT%H%M).json
     ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"

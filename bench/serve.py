@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine setting (default: sized from memory)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine setting (default: sized)")
+    p.add_argument("--max-tokens-while-decoding", type=int, default=None,
+                   help="engine setting: most tokens in a step that also decodes (default: the whole budget)")
     p.add_argument("--decode-kernels", default=None, help="engine setting (default: auto)")
     p.add_argument("--no-overlap", action="store_true", help="engine setting: no host overlap")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' continuous batching")
@@ -117,6 +119,7 @@ def _round(x: float, digits: int) -> float | None:
 
 def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
     engine = {k: v for k, v in dict(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                                    max_tokens_while_decoding=a.max_tokens_while_decoding,
                                     decode_kernels=a.decode_kernels).items() if v is not None}
     t0 = time.perf_counter()
     llm = LLM.from_model(model, overlap=not a.no_overlap, **engine)
@@ -167,6 +170,7 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
                        "expert_tiles": llm.runner.expert_tiles,
                        "max_num_seqs": llm.scheduler.max_num_seqs,
                        "max_num_batched_tokens": llm.scheduler.max_num_batched_tokens,
+                       "max_tokens_while_decoding": llm.scheduler.max_tokens_while_decoding,
                        "kv_cache_blocks": llm.cache.num_blocks, "block_size": llm.cache.block_size,
                        "kv_cache_tokens": llm.cache.capacity_tokens})
     log(f"epkit: {res['generated_tokens_per_s']:.0f} generated tok/s, TTFT p50 {res['ttft_p50_s']}s, "

@@ -151,6 +151,36 @@ def test_requests_arriving_while_others_run(ckpt):
         assert results[rid].token_ids == alone.token_ids, f"prompt {i}"
 
 
+def test_steps_that_decode_hold_at_most_max_tokens_while_decoding(ckpt):
+    """With max_tokens_while_decoding, a step that decodes runs at most that many tokens (all its decoding rows,
+    then prefill chunks in what is left), so running requests keep getting tokens while later prompts prefill in
+    small chunks; a step with nothing decoding still takes the whole budget. Outputs equal transformers'."""
+    path, prompts, refs = ckpt
+    llm = LLM(path, max_num_batched_tokens=32, block_size=4, max_tokens_while_decoding=5)
+    assert llm.scheduler.max_tokens_while_decoding == 5
+    log, schedule = [], llm.scheduler.schedule
+
+    def logged():
+        plan = schedule()
+        log.append([(n, start + n >= seq.num_tokens and start >= seq.prompt_len) for seq, start, n in plan.rows])
+        return plan
+    llm.scheduler.schedule = logged
+    ids = [llm.add_request(prompts[i], GREEDY) for i in (0, 1)]  # 1 and 3 tokens: decoding after one step
+    llm.step()
+    ids += [llm.add_request(p, GREEDY) for p in prompts[2:]]  # 5..30-token prompts arrive while those decode
+    outs = {}
+    while llm.has_unfinished():
+        outs.update({o.request_id: o for o in llm.step() if o.finished})
+    decoding_steps = [rows for rows in log if any(dec for _, dec in rows)]
+    assert decoding_steps and all(sum(n for n, _ in rows) <= max(5, sum(d for _, d in rows)) for rows in decoding_steps)
+    assert any(sum(n for n, _ in rows) == 5 and any(not d for _, d in rows) for rows in decoding_steps), log
+    assert sum(n for n, _ in log[0]) == 4  # the first step decodes nothing: its 4 prompt tokens, uncapped
+    for i, rid in enumerate(ids):
+        assert_greedy_matches(outs[rid].token_ids, refs[i], f"prompt {i}")
+    with pytest.raises(ValueError, match="max_tokens_while_decoding=0 must be a positive integer"):
+        LLM(path, max_tokens_while_decoding=0)
+
+
 def test_preemption_keeps_tokens(ckpt):
     path, prompts, refs = ckpt
     block = bytes_per_block(tiny_args(), 4, torch.float32)

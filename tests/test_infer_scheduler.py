@@ -278,3 +278,23 @@ def test_group_rows_bounds_padding():
         T, real = max(r[2] for r in g), sum(r[2] for r in g)
         assert len(g) * T <= 2 * real, [r[2] for r in g]
     assert len(group_rows(rows_, max_groups=2)) == 2  # a cap on forwards per step wins over padding
+
+
+def test_steps_that_decode_keep_to_max_tokens_while_decoding():
+    """max_tokens_while_decoding bounds a step that decodes: its decoding rows (all of them, even past the
+    bound), then prefill in what is left; a step with nothing decoding keeps the whole budget."""
+    s = Scheduler(BlockAllocator(64), 4, 8, 10, None, max_tokens_while_decoding=3)
+    s.add(seq("a", 2, new=5))
+    s.add(seq("b", 2, new=5))
+    assert rows(run_step(s)) == [("a", 0, 2), ("b", 0, 2)]  # nothing decodes yet: the whole budget
+    s.add(seq("c", 9))
+    assert rows(run_step(s)) == [("a", 2, 1), ("b", 2, 1), ("c", 0, 1)]
+    assert rows(run_step(s)) == [("a", 3, 1), ("b", 3, 1), ("c", 1, 1)]
+    for name in "de":
+        s.add(seq(name, 1, new=3))
+    assert rows(run_step(s)) == [("a", 4, 1), ("b", 4, 1), ("c", 2, 1)]  # d, e wait: no room this step
+    s.max_tokens_while_decoding = 1  # read every step
+    assert rows(run_step(s)) == [("a", 5, 1), ("b", 5, 1)]  # two decoding rows run, past the bound of 1
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match=f"max_tokens_while_decoding={bad!r} must be a positive integer"):
+            Scheduler(BlockAllocator(64), 4, 8, 10, None, max_tokens_while_decoding=bad)

@@ -42,6 +42,9 @@ class EngineConfig:
                                                        "quarter of the memory after the weights; 2048 on CPU)")
     long_prefill_tokens: int | None = setting(None, "most tokens of one prompt's chunk while others wait (default: a "
                                                     "quarter of the step budget)")
+    max_tokens_while_decoding: int | None = setting(None, "most tokens in a step that also decodes: bounds running "
+                                                          "requests' inter-token latency while prompts prefill "
+                                                          "(default: max_num_batched_tokens)")
     max_model_len: int | None = setting(None, "prompt + output cap (default: the model's max positions, within the "
                                               "KV cache)")
     cuda_graphs: bool | None = setting(None, "replay decode steps as CUDA graphs on GPUs (default on; "

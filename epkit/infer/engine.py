@@ -133,7 +133,8 @@ class Engine:
         self.cache = PagedKVCache(self.args, num_blocks, cfg.block_size, self.device, self.dtype)
         self.max_model_len = min(cfg.max_model_len or self.args.max_position_embeddings, self.cache.capacity_tokens)
         seqs = cfg.max_num_seqs or min(MAX_SEQS, max(MIN_SEQS, self.cache.capacity_tokens // SEQ_TOKENS_FOR_SIZING))
-        self.scheduler = Scheduler(BlockAllocator(num_blocks), cfg.block_size, seqs, chunk, cfg.long_prefill_tokens)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), cfg.block_size, seqs, chunk, cfg.long_prefill_tokens,
+                                   cfg.max_tokens_while_decoding)
         cuda_graphs = cfg.cuda_graphs
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EPKIT_CUDA_GRAPHS", "1") != "0"

@@ -23,7 +23,7 @@ class LLM(Engine):
     Settings are an `EngineConfig` (`config`), its fields also accepted as keywords that override it:
     `ep_size` (alias `ep`), `device`, `dtype`, `strategy` (expert placement over EP ranks), `block_size`,
     `kv_cache_memory`, `gpu_memory_utilization`, `max_num_seqs`, `max_num_batched_tokens`,
-    `long_prefill_tokens`, `max_model_len`, `cuda_graphs`, `seed`, `dp_attention`, `sync_free_max_tokens`,
+    `long_prefill_tokens`, `max_tokens_while_decoding`, `max_model_len`, `cuda_graphs`, `seed`, `dp_attention`, `sync_free_max_tokens`,
     `dp_size` (alias `dp`: data-parallel replicas of `ep_size` ranks each, `epkit.infer.replicas`),
     `expert_split` (whole experts per rank, or a part of every expert's rows), `ep_all_reduce`;
     see `epkit/infer/config.py`. With `dp_attention` (EP > 1) each rank serves its own requests with its

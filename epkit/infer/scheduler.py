@@ -14,6 +14,12 @@ prefill chunk is capped at `long_prefill_tokens` (default a quarter of the budge
 cannot take a whole step and hold short requests out; alone, or when everything fits, it takes what it
 needs (two 4096-token prompts under a budget of 8192 prefill in one step, not two chunked ones).
 
+While sequences decode, a step may be held to `max_tokens_while_decoding` tokens (when set): every
+decoding row, then prefill chunks in what is left. A step's time grows with its tokens, so this bounds the
+gap between a running request's tokens while new prompts prefill (stall-free batching, as in
+Sarathi-Serve), at the cost of prefilling in smaller chunks; a step with nothing decoding keeps the whole
+budget.
+
 A sequence whose last sampled token reaches its length limit is left out while that token is still
 on its way from the device (the engine plans a step before the previous one's tokens are read back).
 
@@ -91,7 +97,7 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_tokens: int | None = None):
+                 long_prefill_tokens: int | None = None, max_tokens_while_decoding: int | None = None):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={max_num_seqs} must be at least 1")
         if max_num_batched_tokens < 1:
@@ -101,6 +107,10 @@ class Scheduler:
         self.long_prefill_tokens = long_prefill_tokens or max(1, max_num_batched_tokens // 4)
         if self.long_prefill_tokens < 1:
             raise ValueError(f"long_prefill_tokens={long_prefill_tokens} must be at least 1")
+        if max_tokens_while_decoding is not None and (isinstance(max_tokens_while_decoding, bool) or not isinstance(
+                max_tokens_while_decoding, int) or max_tokens_while_decoding < 1):
+            raise ValueError(f"max_tokens_while_decoding={max_tokens_while_decoding!r} must be a positive integer")
+        self.max_tokens_while_decoding = max_tokens_while_decoding
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
@@ -143,11 +153,13 @@ class Scheduler:
 
     # ---- one step -------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        budget = self.max_num_batched_tokens
         rows: list[tuple[Sequence, int, int]] = []
         scheduled: set[int] = set()
         preempted: list[Sequence] = []
         decoding = [s for s in self.running if s.remaining == 1 and not s.complete]
+        budget = self.max_num_batched_tokens
+        if decoding and self.max_tokens_while_decoding is not None:  # every decoding row still runs
+            budget = min(budget, max(self.max_tokens_while_decoding, len(decoding)))
         prefilling = [s for s in self.running if s.remaining > 1]
         demand = len(decoding) + sum(q.remaining for q in prefilling) + sum(q.remaining for q in self.waiting)
         fits = demand <= budget  # the step holds everyone's tokens: capping would only add steps
