@@ -293,7 +293,8 @@ def test_steps_that_decode_keep_to_max_tokens_while_decoding():
     for name in "de":
         s.add(seq(name, 1, new=3))
     assert rows(run_step(s)) == [("a", 4, 1), ("b", 4, 1), ("c", 2, 1)]  # d, e wait: no room this step
-    s.max_tokens_while_decoding = 1  # read every step
+    s.max_tokens_while_decoding = 1  # read every step; 1 is the smallest bound allowed
+    assert Scheduler(BlockAllocator(64), 4, 8, 10, None, max_tokens_while_decoding=1).max_tokens_while_decoding == 1
     assert rows(run_step(s)) == [("a", 5, 1), ("b", 5, 1)]  # two decoding rows run, past the bound of 1
     for bad in (0, -1, True, 2.5):
         with pytest.raises(ValueError, match=f"max_tokens_while_decoding={bad!r} must be a positive integer"):
