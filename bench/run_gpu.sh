@@ -129,6 +129,9 @@ kernels)  # 2 x H200 after the prefill MoE kernels (swiglu, combine) and causal 
 prefill)  # 2 x H200, the next call after the prefill kernels and the scheduler change (unmeasured on 2026-11-29):
     # prefill of 1 and 2 prompts of 4096 beside transformers on one GPU, one MoE layer at 4096 tokens per rank
     # (issue 11's 2.4 ms goal), the 512-request serving load (prefill-bound). Rehearsal: EPKIT_REHEARSAL=1
+    CUDA_VISIBLE_DEVICES=0 step profile_prefill 90 python bench/profile_prefill.py --prompts 2 \
+        $(rehearse "--preset tiny --prompt-len 32" "--prompt-len 4096") \
+        --out $R/profile_prefill-2x4096-h200x1-$(date +%Y%m%dT%H%M).json
     step generate_prefill 170 python bench/generate.py --ep 1 --batch-sizes 1,2 --new-tokens 2 \
         $(rehearse "--preset tiny --prompt-len 16" "--prompt-len 4096") \
         --out $R/generate-prefill4096-h200x1-$(date +%Y%m%dT%H%M).json

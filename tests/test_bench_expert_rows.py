@@ -52,3 +52,5 @@ def test_profile_prefill_cpu_mode(tmp_path):
     assert profile_prefill.main(["--preset", "tiny", "--prompts", "2", "--prompt-len", "32", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["config"]["prompts"] == 2 and result["top"] and result["kernels_per_step"] > 0
+    assert result["prefill_plus_1_s"] > 0  # the JSON rounds the wall time to 0.1 ms
+    assert abs(result["outside_kernels_ms"] - (result["prefill_plus_1_s"] * 1e3 - result["device_ms_per_step"])) <= 0.2
