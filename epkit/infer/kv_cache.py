@@ -138,6 +138,9 @@ class PagedKVCache:
         bs = self.block_size
         B, NB = block_table.shape
         self._write = self.write_slots(block_table, positions).reshape(-1)  # [B*T]
+        if self._fresh:  # update() reads nothing back
+            self._read = self._key_pos = None
+            return
         s = torch.arange(NB * bs, device=positions.device)  # [S]
         self._read = block_table[:, s // bs] * bs + s % bs  # [B, S]
         length = positions.amax(dim=1, keepdim=True) + 1  # [B, 1] keys held after this step
