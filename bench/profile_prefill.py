@@ -29,6 +29,7 @@ from epkit.args import ModelArgs  # noqa: E402
 from epkit.infer import LLM, SamplingParams  # noqa: E402
 from epkit.infer.build import random_model  # noqa: E402
 from epkit.parallel import init_distributed, world_size  # noqa: E402
+from epkit.plan import EXPERT_SPLITS  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="mixtral-8x7b")
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=4096)
-    p.add_argument("--expert-split", default="experts", choices=("experts", "rows"))
+    p.add_argument("--expert-split", default="experts", choices=EXPERT_SPLITS)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     init_distributed()

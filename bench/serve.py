@@ -45,6 +45,7 @@ from epkit.args import ModelArgs  # noqa: E402
 from epkit.infer import LLM, SamplingParams  # noqa: E402
 from epkit.infer.build import random_model  # noqa: E402
 from epkit.parallel import init_distributed, world_rank, world_size  # noqa: E402
+from epkit.plan import EXPERT_SPLITS  # noqa: E402
 
 FULL = dict(requests=512, min_prompt=32, max_prompt=1024, min_tokens=16, max_tokens=256)
 TINY = dict(requests=24, min_prompt=4, max_prompt=48, min_tokens=2, max_tokens=16)
@@ -66,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--decode-kernels", default=None, help="engine setting (default: auto)")
     p.add_argument("--no-overlap", action="store_true", help="engine setting: no host overlap")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' continuous batching")
-    p.add_argument("--expert-split", default="experts", choices=("experts", "rows"),
+    p.add_argument("--expert-split", default="experts", choices=EXPERT_SPLITS,
                    help="engine setting: whole experts per EP rank, or a part of every expert's rows")
     p.add_argument("--hf-gpus", type=int, default=1)
     p.add_argument("--hf-timeout", type=float, default=240.0, help="seconds the peer serves before it is cut off")

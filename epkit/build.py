@@ -20,6 +20,7 @@ import torch
 
 from .args import ModelArgs
 from .model import Mixtral
+from .plan import EXPERT_SPLITS
 
 
 def build_model(args: ModelArgs, plan=None, dispatch: str = "all_to_all", device="cpu",
@@ -30,8 +31,8 @@ def build_model(args: ModelArgs, plan=None, dispatch: str = "all_to_all", device
     `parallel.ExpertGroups` to use (default: DeepSpeed's groups for the plan's EP size). `split` "rows":
     instead of whole experts by `plan`, every rank keeps a part of every expert's rows over the plan's EP size
     (`parallel.apply_expert_rows`; inference, replicated dispatch)."""
-    if split not in ("experts", "rows"):
-        raise ValueError(f"split={split!r} is not one of experts, rows")
+    if split not in EXPERT_SPLITS:
+        raise ValueError(f"split={split!r} is not one of {', '.join(EXPERT_SPLITS)}")
     with torch.device("meta"):  # 1
         model = Mixtral(args, dtype=dtype)
     if plan is not None and split == "rows":  # 2

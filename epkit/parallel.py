@@ -396,9 +396,6 @@ def apply_expert_parallel(model, plan: ShardingPlan, groups: ExpertGroups | None
     return model
 
 
-EXPERT_SPLITS = ("experts", "rows")
-
-
 def apply_expert_rows(model, ep_size: int, groups: ExpertGroups | None = None):
     """Inference layout for small batches: each of the `ep_size` ranks holds part r of every expert's
     intermediate rows (I / ep_size of w1, w3 and w2), every rank computes every routed pair on its part, and

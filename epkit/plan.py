@@ -9,6 +9,7 @@ import json
 import math
 
 STRATEGIES = ("contiguous", "round_robin", "balanced")
+EXPERT_SPLITS = ("experts", "rows")  # whole experts per rank by the plan, or a part of every expert's rows
 
 
 def _even_sizes(num_experts: int, ep_size: int) -> list[int]:

@@ -208,7 +208,6 @@ def _close_process_group() -> None:
     """After a run that succeeded on this rank: wait for the others (bounded by the group's timeout), then tear
     the process group down, so no rank's exit destroys communicators a peer still uses (gloo aborted about one
     4-rank exit in six with `terminate called without an active exception`)."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # NOTE: collective, once at exit
         dist.destroy_process_group()

@@ -192,7 +192,12 @@ def test_fresh_prefill_runs_causal_and_writes_the_same_cache(window):
         cache.prepare(table, positions, fresh=fresh)
         calls = []
         update = cache.update
-        cache.update = lambda *a: calls.append(update(*a)[2] is None) or update(*a)
+
+        def spy(*a):
+            got = update(*a)
+            calls.append(got[2] is None)  # no key positions: causal over the forward's own keys
+            return got
+        cache.update = spy
         with torch.no_grad():
             logits, _ = model(tokens, positions, cache, logits_rows=rows)
         cache.update = update

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import STRATEGIES
+from ..plan import EXPERT_SPLITS, STRATEGIES
 from ..settings import setting
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -67,7 +67,7 @@ class EngineConfig:
     expert_split: str = setting("experts", "with ep > 1: experts (each rank holds whole experts of the plan) or rows "
                                            "(each holds 1/ep of every expert's rows: the same memory, every "
                                            "rank does an equal share of every token's experts; for small-batch "
-                                           "decode; replicated mode, no LoRA)", choices=("experts", "rows"))
+                                           "decode; replicated mode, no LoRA)", choices=EXPERT_SPLITS)
     ep_all_reduce: str = setting("auto", "replicated mode's sum over EP ranks: auto (symm_mem on CUDA GPUs, else "
                                          "nccl), nccl, or symm_mem (torch's one-shot kernel over NVLink: one "
                                          "kernel per layer, for sums up to 8 MiB)",
@@ -98,8 +98,8 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.expert_split not in ("experts", "rows"):
-            raise ValueError(f"expert_split={self.expert_split!r} is not one of experts, rows")
+        if self.expert_split not in EXPERT_SPLITS:
+            raise ValueError(f"expert_split={self.expert_split!r} is not one of {', '.join(EXPERT_SPLITS)}")
         if self.expert_split == "rows" and self.dp_attention:
             raise ValueError("expert_split='rows' needs the replicated mode: every rank computes every token's "
                              "experts on its rows; drop --dp-attention or use --expert-split experts")
