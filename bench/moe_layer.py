@@ -445,4 +445,5 @@ def _print_table(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from epkit.runtime import exit_now
+    exit_now(main())  # results are written; gloo's teardown at interpreter exit could still abort the rank

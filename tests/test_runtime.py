@@ -84,3 +84,13 @@ def test_deepspeed_cpu_init_leaves_no_shared_memory_behind():
     of this launch is left, and the shared-memory all-reduce still adds."""
     from distributed import run
     assert run(_after_deepspeed_init, 2) == [([], [3.0] * 4)] * 2
+
+
+def test_exit_now_flushes_and_keeps_the_exit_code():
+    """runtime.exit_now ends a finished script without interpreter teardown (gloo's exit abort): what it printed
+    still arrives, and its exit code is the script's."""
+    import subprocess
+    import sys
+    code = "import sys; from epkit.runtime import exit_now; print('done', end=''); print('err', file=sys.stderr, end=''); exit_now(3)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout, out.stderr.endswith("err")) == (3, "done", True)
