@@ -13,6 +13,10 @@ Checks (model: 2 layers, hidden 512, 8 experts, random weights, written by trans
   prefill_kernels        the prefill MoE's swiglu and combine kernels at the Mixtral-8x7B shape vs torch's ops
                          (bf16 bits, fp32 sums) and a grouped-GEMM MoE layer under no_grad (kernels) vs autograd
                          on (torch ops); times each kernel beside the ops it replaces
+  train_kernels          the same kernels' training forms (moe_kernels.swiglu_autograd, combine_autograd) at the
+                         Mixtral-8x7B shape: their gradients vs torch autograd's through the ops they replace, and a
+                         grouped-GEMM MoE layer's gradients with the fused kernels vs without; times forward +
+                         backward of each beside torch's
   sampling_cuda          the sampler's CUDA copies and draws against its CPU path: the same tokens
   host_transfers         to_device and HostCopy never wait for queued GPU work, HostCopy.get waits for its own copy
                          only, and both carry int64 values exactly (timed against torch.cuda._sleep kernels)
@@ -291,6 +295,83 @@ def check_prefill_kernels(device, tokens: int = 4096, hidden: int = 4096, interm
                   f"layer {layer_err:.1e} rel ({tokens} tokens)", data)
 
 
+def check_train_kernels(device, tokens: int = 4096, hidden: int = 4096, intermediate: int = 14336) -> Result:
+    """Training's fused SwiGLU and combine against torch autograd through the ops they replace, at `tokens`
+    tokens (top-2): the SwiGLU gradient's bf16 bits equal but where the exponential's last fp32 bit tips a
+    rounding (at most 1 in 1000 elements, each within about one bf16 step); combine's gradient for the expert
+    rows bit-equal (the same fp32 product, rounded once) and for the weights within fp32 summation order
+    (rows another rank computes hold NaN and get zero); then a grouped-GEMM LocalDispatch layer's input, weight
+    and router-weight gradients with moe.FUSED_KERNELS on vs off."""
+    import torch.nn.functional as F
+
+    from epkit import moe as moe_lib
+    from epkit import moe_kernels
+    from epkit.moe import Experts, LocalDispatch, permute, unpermute
+    g = torch.Generator(device=device).manual_seed(1)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    M, I, D = 2 * tokens, intermediate, hidden
+    h13 = (torch.randn(M, 2 * I, generator=g, **bf16) * 3).requires_grad_()
+    gout = torch.randn(M, I, generator=g, **bf16)
+
+    def torch_swiglu():
+        return torch.autograd.grad(F.silu(h13[:, :I]) * h13[:, I:], h13, gout)[0]
+
+    def fused_swiglu():
+        return torch.autograd.grad(moe_kernels.swiglu_autograd(h13), h13, gout)[0]
+    want, got = torch_swiglu(), fused_swiglu()
+    differ = (got != want).float().mean().item()
+    step = ((got.float() - want.float()).abs() / want.float().abs().clamp(min=1e-30)).max().item()
+    swiglu_ok = differ <= 1e-3 and step <= 2 ** -6
+    t_swiglu = (_gpu_ms(fused_swiglu), _gpu_ms(torch_swiglu))
+    del h13, gout, want, got
+    out = torch.randn(M, D, generator=g, **bf16)
+    weights = torch.rand(tokens, 2, generator=g, device=device)
+    key = torch.randint(0, 9, (tokens, 2), generator=g, device=device)  # 8: another rank's expert
+    order, _ = permute(key, 9)
+    keep = key.reshape(-1)[order] < 8
+    gy = torch.randn(tokens, D, generator=g, device=device)
+
+    def grads(fn, rows):
+        o, w = rows.clone().requires_grad_(), weights.clone().requires_grad_()
+        return torch.autograd.grad(fn(o, order, w, keep), (o, w), gy)
+    want = grads(unpermute, out)
+    got = grads(moe_kernels.combine_autograd, torch.where(keep[:, None], out, float("nan")))
+    dout_equal = torch.equal(got[0], want[0])
+    dw_err = ((got[1] - want[1]).abs().max() / want[1].abs().max()).item()
+    t_combine = (_gpu_ms(lambda: grads(moe_kernels.combine_autograd, out)), _gpu_ms(lambda: grads(unpermute, out)))
+    del out, gy, got, want
+    ex = Experts(8, D // 4, I // 4, **bf16)
+    torch.nn.init.normal_(ex.w13, std=0.02)
+    torch.nn.init.normal_(ex.w2, std=0.02)
+    x = torch.randn(tokens, D // 4, generator=g, **bf16)
+    w, ids = torch.rand(tokens, 2, generator=g, device=device), torch.randint(0, 8, (tokens, 2), generator=g,
+                                                                              device=device)
+    assert ex.backend.kernel(2 * tokens, True) == "grouped", ex.backend
+
+    def layer_grads():
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = LocalDispatch().partial(ex, xi, wi, ids)
+        return torch.autograd.grad(y, (xi, wi, ex.w13, ex.w2), torch.ones_like(y))
+    fused = layer_grads()
+    moe_lib.FUSED_KERNELS = False
+    try:
+        plain = layer_grads()
+    finally:
+        moe_lib.FUSED_KERNELS = True
+    layer_err = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(fused, plain))
+    ok = swiglu_ok and dout_equal and dw_err <= 1e-5 and layer_err <= 1e-2
+    data = {"swiglu_grad_differ": differ, "swiglu_grad_max_rel": step, "combine_dout_bit_equal": dout_equal,
+            "combine_dweights_rel_err": dw_err, "layer_grad_rel_err": layer_err,
+            "swiglu_fwd_bwd_ms": round(t_swiglu[0], 3), "silu_mul_fwd_bwd_ms": round(t_swiglu[1], 3),
+            "combine_fwd_bwd_ms": round(t_combine[0], 3), "unpermute_fwd_bwd_ms": round(t_combine[1], 3),
+            "tokens": tokens}
+    return Result("train_kernels", "PASS" if ok else "FAIL",
+                  f"swiglu grad: {differ:.1e} of elements differ (max {step:.4f} rel), {t_swiglu[0]:.2f} vs "
+                  f"{t_swiglu[1]:.2f} ms; combine grads: rows {'bit-equal' if dout_equal else 'DIFFER'}, weights "
+                  f"{dw_err:.1e} rel, {t_combine[0]:.2f} vs {t_combine[1]:.2f} ms; layer grads {layer_err:.1e} rel "
+                  f"({tokens} tokens)", data)
+
+
 @torch.no_grad()
 def check_sampling_cuda(device) -> Result:
     """The sampler's CUDA branches (pinned, asynchronous copies; `HostCopy`'s event) against its CPU path: the
@@ -500,6 +581,7 @@ def main(argv=None) -> int:
     results = [_guarded("bf16_vs_transformers", check_bf16_vs_transformers, path, dev),
                _guarded("triton_kernels", check_triton_kernels, dev),
                _guarded("prefill_kernels", check_prefill_kernels, dev),
+               _guarded("train_kernels", check_train_kernels, dev),
                _guarded("sampling_cuda", check_sampling_cuda, dev),
                _guarded("host_transfers", check_host_transfers, dev),
                _guarded("cuda_graph_decode", check_cuda_graph_decode, path, dev)]

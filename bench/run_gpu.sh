@@ -146,5 +146,23 @@ prefill)  # 2 x H200, the next call after the prefill kernels and the scheduler 
         $(rehearse "--preset tiny --requests 16 --max-prompt 64 --max-tokens 16 --rate 50" "--rate 24") \
         --out $R/serve-itl-h200x2-$(date +%Y%m%dT%H%M).json
     ;;
+x1)  # 1 x H200 (the only kind lent on 2026-11-29): training per GPU at EP=1 (2 layers of the 8x7B shape)
+    # beside transformers + ZeRO-2, eager and with torch.compile over the dense parts, each profiled (top
+    # kernels); then prefill of 1 and 2 prompts of 4096 beside transformers
+    step train_x1 260 torchrun --nproc_per_node 1 bench/train.py \
+        $(rehearse "--cpu" "--layers 2 --grad-accum 4 --steps 6 --profile-steps 1") \
+        --variants epkit_ep1,epkit_ep1_compile,transformers_zero2 --out $R
+    step generate_prefill 170 python bench/generate.py --ep 1 --batch-sizes 1,2 --new-tokens 2 \
+        $(rehearse "--preset tiny --prompt-len 16" "--prompt-len 4096") \
+        --out $R/generate-prefill4096-h200x1-$(date +%Y%m%dT%H%M).json
+    ;;
+x1b)  # 1 x H200, after the fused training SwiGLU and combine: the asserting gpu_check (one GPU: its EP=2 checks
+    # SKIP), then training at EP=1 per ZeRO stage, fused kernels vs torch ops, torch.compile, beside transformers
+    step gpu_check 170 python bench/gpu_check.py --out $R
+    step train_x1 330 torchrun --nproc_per_node 1 bench/train.py \
+        $(rehearse "--cpu" "--layers 2 --grad-accum 4 --steps 6 --profile-steps 1") \
+        --variants transformers_zero2,epkit_ep1,epkit_ep1_unfused,epkit_ep1@z1,epkit_ep1@z0,epkit_ep1_compile@z1 \
+        --out $R
+    ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"

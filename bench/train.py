@@ -23,6 +23,7 @@ Legend: L layers, T sequence length, B micro batch, A gradient accumulation, R r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -38,8 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from bench.moe_layer import error_text, gather, slug  # noqa: E402
 from bench.peers import versions  # noqa: E402
 from bench.timing import matmul_tflops, sync, write_json  # noqa: E402
-from bench.train_variants import BUILDERS, DEFAULT_VARIANTS, VARIANTS, Setup, make_batches  # noqa: E402
+from bench.train_variants import BUILDERS, DEFAULT_VARIANTS, VARIANTS, Setup, make_batches, split_variant  # noqa: E402
 
+import epkit.moe  # noqa: E402
 from epkit.parallel import init_distributed, setup_expert_parallel  # noqa: E402
 from epkit.train.optim import initialize  # noqa: E402
 
@@ -71,9 +73,11 @@ def parse_args(argv=None):
                    help="folder for the JSON result (default bench/results)")
     a = p.parse_args(argv)
     a.variants = a.variants.split(",")
-    unknown = [v for v in a.variants if v not in VARIANTS]
+    unknown = [v for v in a.variants if split_variant(v, 2)[0] not in VARIANTS
+               or split_variant(v, 2)[1] not in (0, 1, 2)]
     if unknown:
-        p.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}, each optionally with "
+                f"@z0, @z1 or @z2 (its own ZeRO stage)")
     small = a.cpu
     a.layers = a.layers or (2 if small else 4)
     a.seq_len = a.seq_len or (32 if small else 4096)
@@ -145,7 +149,7 @@ def profile_split(step, device, steps: int) -> dict:
             by_name[n][1] += 1
         out["kernel_ms_per_step"] = classes
         out["attention_kernels"] = sorted({n[:120] for _, _, n in spans if ATTENTION.search(n)})[:8]
-        top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]
         out["top_kernels"] = [{"name": n[:160], "ms_per_step": round(ms, 3), "calls_per_step": cnt / steps}
                               for n, (ms, cnt) in top]
     return out
@@ -210,8 +214,10 @@ def run_variant(name: str, s: Setup, batches, profile: bool) -> dict:
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         row["memory_before_gib"] = None if before is None else round(before / 2 ** 30, 3)
         # two phases, so a failure while building (which has no collective) stops every rank cleanly
-        built = attempt("build", lambda: BUILDERS[name](s))
+        base, stage = split_variant(name, s.zero_stage)
+        built = attempt("build", lambda: BUILDERS[base](dataclasses.replace(s, zero_stage=stage)))
         state["loss_fn"], row["notes"] = built.loss_fn, built.notes
+        epkit.moe.FUSED_KERNELS = built.fused_kernels
         state["engine"] = attempt("engine", lambda: initialize(built.cfg, built.model, s.dtype)[0])
         del built
         row["notes"].update(zero_stage=state["engine"].zero_optimization_stage(),
@@ -252,7 +258,10 @@ def run_variant(name: str, s: Setup, batches, profile: bool) -> dict:
     except _VariantFailed:
         pass
     finally:
+        if "engine" in state:
+            state["engine"].destroy()  # else DeepSpeed's hooks keep its model and optimizer for the next variant
         state.clear()
+        epkit.moe.FUSED_KERNELS = True
         free_memory(device)
     return row
 
@@ -346,7 +355,7 @@ def main(argv=None) -> int:
     for name in a.variants:
         say(f"[{name}] ...", flush=True)
         t = time.perf_counter()
-        row = run_variant(name, s, batches, profile=name.startswith("epkit"))
+        row = run_variant(name, s, batches, profile=True)
         row["wall_s"] = round(time.perf_counter() - t, 1)
         figures(row, s, max(tflops), peak)
         report["variants"].append(row)

@@ -32,7 +32,8 @@ from epkit import ModelArgs
 
 # the comparison the issue asks for first: if a time limit cuts the run short, the JSON already holds it
 DEFAULT_VARIANTS = ("epkit_ep2", "transformers_zero2", "deepspeed_moe_ep2", "epkit_ep1", "epkit_ep2_fixed_capacity")
-VARIANTS = DEFAULT_VARIANTS + ("epkit_ep2_reference", "epkit_ep4")  # epkit_ep4: 4 ranks (or 8: EP=4 x DP=2)
+VARIANTS = DEFAULT_VARIANTS + ("epkit_ep2_reference", "epkit_ep4", "epkit_ep1_compile", "epkit_ep2_compile",
+                              "epkit_ep1_unfused")  # epkit_ep4: 4 ranks (or 8: EP=4 x DP=2)
 
 
 @dataclass
@@ -99,6 +100,12 @@ class Setup:
                         "holds positions 0..T-1, labels = tokens"}
 
 
+def split_variant(name: str, zero_stage: int) -> tuple[str, int]:
+    """"epkit_ep1@z1" -> ("epkit_ep1", 1): a variant with its own ZeRO stage; no suffix: `zero_stage`."""
+    base, _, stage = name.partition("@z")
+    return base, int(stage) if stage.isdigit() else (zero_stage if not stage else -1)
+
+
 def make_batches(s: Setup, rank: int, world: int, steps: int) -> list[list[dict]]:
     """[step][micro] -> {"tokens", "labels", "positions"} [B, T] on the device: this rank's rows, the same
     for every variant (drawn on the CPU from seed, step, micro-step and rank)."""
@@ -127,9 +134,11 @@ class Built:
     cfg: object  # TrainConfig
     loss_fn: Callable
     notes: dict = field(default_factory=dict)
+    fused_kernels: bool = True  # epkit.moe.FUSED_KERNELS while this variant trains
 
 
-def build_epkit(s: Setup, ep: int, reference: bool = False, all_to_all: str = "exact") -> Built:
+def build_epkit(s: Setup, ep: int, reference: bool = False, all_to_all: str = "exact",
+                compile_dense: bool = False, fused: bool = True) -> Built:
     from epkit.train.optim import freeze, model_for
     from epkit.train.loop import lm_and_router_losses
     cfg = s.train_config(ep, all_to_all)
@@ -144,11 +153,24 @@ def build_epkit(s: Setup, ep: int, reference: bool = False, all_to_all: str = "e
 
     if reference:
         loss_fn = _reference_loss(s.args)
+    if compile_dense:
+        compile_dense_parts(model)
     notes = {"ep_size": ep, "loss_path": "reference (mask, full logits)" if reference else
              "causal SDPA, chunked linear cross-entropy",
              "dispatch": f"all_to_all ({all_to_all})" if ep > 1 else "none: experts replicated, data parallel",
-             "activation_checkpointing": model.activation_checkpointing}
-    return Built(model, cfg, loss_fn, notes)
+             "activation_checkpointing": model.activation_checkpointing,
+             "compiled": "torch.compile of each layer's norm + attention block and MoE norm" if compile_dense else None,
+             "moe_kernels": "fused SwiGLU and combine (Triton, forward and backward)" if fused else "torch ops"}
+    return Built(model, cfg, loss_fn, notes, fused_kernels=fused)
+
+
+def compile_dense_parts(model) -> None:
+    """torch.compile (inductor) over the elementwise-heavy dense parts of every decoder layer: the attention
+    block (RMSNorm, q/k/v, rotary, SDPA, o) and the MoE's RMSNorm, to compare with epkit's own kernels."""
+    for layer in model.layers:
+        layer.attention = torch.compile(layer.attention, fullgraph=True)
+        layer.moe_norm.forward = torch.compile(layer.moe_norm.forward, fullgraph=True)
+    model.norm.forward = torch.compile(model.norm.forward, fullgraph=True)
 
 
 def _reference_loss(args: ModelArgs):
@@ -256,6 +278,9 @@ BUILDERS = {
     "epkit_ep2": lambda s: build_epkit(s, 2),
     "epkit_ep2_fixed_capacity": lambda s: build_epkit(s, 2, all_to_all="fixed_capacity"),
     "epkit_ep1": lambda s: build_epkit(s, 1),
+    "epkit_ep1_compile": lambda s: build_epkit(s, 1, compile_dense=True),
+    "epkit_ep1_unfused": lambda s: build_epkit(s, 1, fused=False),
+    "epkit_ep2_compile": lambda s: build_epkit(s, 2, compile_dense=True),
     "epkit_ep4": lambda s: build_epkit(s, 4),
     "epkit_ep2_reference": lambda s: build_epkit(s, 2, reference=True),
     "transformers_zero2": build_transformers,

@@ -31,6 +31,9 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
 # Up to this many routed pairs, CUDA inference uses the 16-row Triton kernels (moe_kernels.py) instead of
 # torch's grouped GEMM, whose 64-128-row tiles waste most of their work when decoding.
 SMALL_M_MAX = 256
+# Where Triton runs, SwiGLU and the weighted combine run as fused kernels (moe_kernels.py), forward and backward;
+# False: torch's ops everywhere (the reference the kernels are checked and timed against).
+FUSED_KERNELS = True
 
 
 @functools.cache
@@ -80,11 +83,24 @@ def unpermute(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
 
 def combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
             keep: torch.Tensor | None = None) -> torch.Tensor:
-    """`unpermute`; for inference where Triton runs, as one gather kernel (`moe_kernels.combine`): a prefill
-    of many tokens otherwise spends longer on the fp32 product and index_add than on the expert GEMMs' tail."""
-    if not torch.is_grad_enabled() and moe_kernels.available(out.device):
+    """`unpermute`; where Triton runs, as one gather kernel (`moe_kernels.combine`; in training with its
+    fused backward): many tokens otherwise spend longer on the fp32 [M, D] product and index_add, and on
+    their gradients, than on the expert GEMMs' tail."""
+    if moe_kernels.available(out.device) and FUSED_KERNELS:
+        if torch.is_grad_enabled() and (out.requires_grad or weights.requires_grad):
+            return moe_kernels.combine_autograd(out, order, weights, keep)
         return moe_kernels.combine(out, order, weights, keep)
     return unpermute(out, order, weights, keep)
+
+
+def swiglu(h13: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """h13 [M, 2I] (gate | up) -> silu(gate) * up [M, I]; where Triton runs, one kernel each way."""
+    if moe_kernels.available(h13.device) and FUSED_KERNELS:
+        if torch.is_grad_enabled() and h13.requires_grad:
+            return moe_kernels.swiglu_autograd(h13)
+        return moe_kernels.swiglu(h13)
+    gate, up = h13.split(intermediate, dim=-1)
+    return F.silu(gate) * up
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -243,13 +259,8 @@ class Experts(nn.Module):
         return torch.cat(outs + [torch.zeros_like(pieces[-1])])
 
     def _up(self, x: torch.Tensor, offs: torch.Tensor | None = None, slot: int | None = None) -> torch.Tensor:
-        """SwiGLU of the up-projection: x [M, D] -> silu(x w1^T) * (x w3^T) [M, I] (one `slot`, or grouped).
-        For inference where Triton runs, silu and the product are one kernel (`moe_kernels.swiglu`)."""
-        h13 = self.project(x, "w13", offs=offs, slot=slot)
-        if not torch.is_grad_enabled() and moe_kernels.available(h13.device):
-            return moe_kernels.swiglu(h13)
-        gate, up = h13.split(self.intermediate_size, dim=-1)
-        return F.silu(gate) * up
+        """SwiGLU of the up-projection: x [M, D] -> silu(x w1^T) * (x w3^T) [M, I] (one `slot`, or grouped)."""
+        return swiglu(self.project(x, "w13", offs=offs, slot=slot), self.intermediate_size)
 
     def _recomputed(self, fn, *args) -> torch.Tensor:
         """fn(*args); with `recompute_up` (and autograd on) its activations are recomputed in backward."""

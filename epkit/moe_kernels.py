@@ -196,6 +196,49 @@ if triton is not None:
         tl.store(out + row * I + offs, (silu * u).to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
 
     @triton.jit
+    def _swiglu_bwd_kernel(h13, g, dh13, I, BLOCK: tl.constexpr):
+        """dh13[row] = [d gate | d up] of out = silu(gate) * up, given g = d out: the products and silu's
+        derivative in fp32, rounded where torch's autograd rounds (its saved silu output, the gradient it
+        passes from the product to silu, each result), both halves written straight into h13's layout."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < I
+        dt = dh13.dtype.element_ty
+        gate = tl.load(h13 + row * 2 * I + offs, mask=m, other=0.0).to(tl.float32)
+        up = tl.load(h13 + row * 2 * I + I + offs, mask=m, other=0.0).to(tl.float32)
+        gg = tl.load(g + row * I + offs, mask=m, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-gate))
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+        d_silu = (gg * up).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+        d_gate = d_silu * (sig * (1.0 + gate * (1.0 - sig)))
+        tl.store(dh13 + row * 2 * I + offs, d_gate.to(dt, fp_downcast_rounding="rtne"), mask=m)
+        tl.store(dh13 + row * 2 * I + I + offs, (gg * silu).to(dt, fp_downcast_rounding="rtne"), mask=m)
+
+    @triton.jit
+    def _combine_bwd_kernel(out, inv, weights, keep, gy, dout, dw, D, K: tl.constexpr, HAS_KEEP: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        """Backward of `_combine_kernel` for token t: each of its K rows r gets d out[r] = w * gy[t] (in out's
+        dtype) and its weight d w = sum over D of out[r] * gy[t] (fp32); a row whose keep is False gets 0 for
+        both and is not read."""
+        t = tl.program_id(0).to(tl.int64)
+        dt = dout.dtype.element_ty
+        for k in tl.static_range(K):
+            r = tl.load(inv + t * K + k).to(tl.int64)
+            w = tl.load(weights + t * K + k).to(tl.float32)
+            kept = tl.full([BLOCK], 1, tl.int32)
+            if HAS_KEEP:
+                kept = kept * tl.load(keep + r).to(tl.int32)  # a block of the row's keep flag
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK):
+                offs = d0 + tl.arange(0, BLOCK)
+                m = offs < D
+                g = tl.load(gy + t * D + offs, mask=m, other=0.0).to(tl.float32)
+                o = tl.load(out + r * D + offs, mask=m & (kept != 0), other=0.0).to(tl.float32)
+                tl.store(dout + r * D + offs, tl.where(kept != 0, g * w, 0.0).to(dt), mask=m)
+                acc += g * o
+            tl.store(dw + t * K + k, tl.sum(acc, 0))
+
+    @triton.jit
     def _combine_kernel(out, inv, weights, keep, y, D, K: tl.constexpr, HAS_KEEP: tl.constexpr,
                         BLOCK: tl.constexpr):
         """y[t, cols] = sum over k of weights[t, k] * out[inv[t*K + k], cols] in fp32; a row whose keep is
@@ -296,14 +339,53 @@ def swiglu(h13: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def swiglu_backward(h13: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Gradient of `swiglu` for h13 [M, 2I] given g [M, I]: [M, 2I] (d gate | d up), one pass where torch's
+    autograd takes four (the product's two halves, silu's derivative, the concatenation for the GEMM)."""
+    M, two_i = h13.shape
+    I = two_i // 2
+    dh13 = torch.empty_like(h13)
+    block = min(1024, triton.next_power_of_2(I))
+    if M:
+        _swiglu_bwd_kernel[(M, triton.cdiv(I, block))](h13.contiguous(), g.contiguous(), dh13, I, BLOCK=block)
+    return dh13
+
+
+class _SwiGLU(torch.autograd.Function):
+    """`swiglu` with its fused backward; keeps h13 alone for backward (torch's ops also keep silu's output)."""
+
+    @staticmethod
+    def forward(ctx, h13):
+        ctx.save_for_backward(h13)
+        return swiglu(h13)
+
+    @staticmethod
+    def backward(ctx, g):
+        (h13,) = ctx.saved_tensors
+        return swiglu_backward(h13, g)
+
+
+def swiglu_autograd(h13: torch.Tensor) -> torch.Tensor:
+    """`swiglu` for training: the same forward, differentiable through `swiglu_backward`."""
+    return _SwiGLU.apply(h13)
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """order [M] (a permutation) -> inv [M], inv[order[i]] = i: the row where each pair sits."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+
+
 def combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None = None
             ) -> torch.Tensor:
     """`epkit.moe.unpermute` as one gather kernel (and one scatter for the inverse of `order`): each token reads
     its K rows of `out` and adds them, weighted, in fp32; no [M, D] fp32 product, no atomics. Rows whose `keep`
     is False are never read. out [M, D] in `order` order, weights [N, K] -> [N, D] fp32."""
+    return _combine(out, _inverse(order), weights, keep)
+
+
+def _combine(out, inv, weights, keep):
     N, K = weights.shape
     M, D = out.shape
-    inv = torch.empty_like(order).scatter_(0, order, torch.arange(M, device=order.device))  # pair -> its row
     y = torch.empty(N, D, dtype=torch.float32, device=out.device)
     block = min(1024, triton.next_power_of_2(D))
     if N:
@@ -311,3 +393,40 @@ def combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, keep:
                                                     keep.to(torch.int8) if keep is not None else inv, y, D, K=K,
                                                     HAS_KEEP=keep is not None, BLOCK=block)
     return y
+
+
+def combine_backward(out: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None,
+                     gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `combine` for gy [N, D]: (d out [M, D] in out's dtype, d weights [N, K] fp32); rows whose
+    keep is False get zeros (their values are never read)."""
+    N, K = weights.shape
+    M, D = out.shape
+    dout = torch.empty_like(out)
+    dw = torch.empty(N, K, dtype=torch.float32, device=out.device)
+    if N:
+        _combine_bwd_kernel[(N,)](out.contiguous(), inv, weights.contiguous(),
+                                  keep.to(torch.int8) if keep is not None else inv, gy.contiguous(), dout, dw, D,
+                                  K=K, HAS_KEEP=keep is not None, BLOCK=min(1024, triton.next_power_of_2(D)))
+    return dout, dw
+
+
+class _Combine(torch.autograd.Function):
+    """`combine` differentiable in out and weights: one gather kernel each way, no [M, D] fp32 product."""
+
+    @staticmethod
+    def forward(ctx, out, order, weights, keep):
+        inv = _inverse(order)
+        ctx.save_for_backward(out, inv, weights, keep)
+        return _combine(out, inv, weights, keep)
+
+    @staticmethod
+    def backward(ctx, gy):
+        out, inv, weights, keep = ctx.saved_tensors
+        dout, dw = combine_backward(out, inv, weights, keep, gy)
+        return dout, None, dw.to(weights.dtype), None
+
+
+def combine_autograd(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
+    """`combine` for training: the same forward, differentiable through `combine_backward`."""
+    return _Combine.apply(out, order, weights, keep)

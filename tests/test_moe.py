@@ -524,25 +524,34 @@ def test_expert_rows_parts_are_the_formula_slices_and_sum_to_the_whole_expert():
         Experts(1, D, I_full, rows=(0, 5))
 
 
-def test_inference_takes_the_fused_kernels_and_training_the_torch_ops(monkeypatch):
+def test_inference_and_training_take_the_fused_kernels_unless_switched_off(monkeypatch):
     """Where Triton runs (here: said so, with stand-ins that compute what the kernels compute and record their
     calls), an inference forward takes moe_kernels.swiglu and moe_kernels.combine with its own arguments (the
-    keep mask where other ranks' pairs are dropped), and a forward that needs gradients takes the torch ops.
-    The kernels themselves are checked against these ops in tests/test_moe_kernels.py and bench/gpu_check.py."""
+    keep mask where other ranks' pairs are dropped), a forward that needs gradients takes their differentiable
+    forms (swiglu_autograd, combine_autograd) and gets the same gradients as torch's ops, and with
+    moe.FUSED_KERNELS off every call takes torch's ops. The kernels themselves are checked against these ops
+    in tests/test_moe_kernels.py and bench/gpu_check.py."""
     import torch.nn.functional as F
     calls = []
 
+    def stand_in(name, fn):
+        def call(*args, **kw):
+            calls.append((name, args[0].shape[1] if name.startswith("swiglu") else args[3] is not None))
+            return fn(*args, **kw)
+        return call
+
     def swiglu(h13):
-        calls.append(("swiglu", h13.shape[1]))
         I = h13.shape[1] // 2
         return F.silu(h13[:, :I]) * h13[:, I:]
 
     def combine(out, order, weights, keep=None):
-        calls.append(("combine", keep is not None))
         return unpermute(out, order, weights, keep)
     monkeypatch.setattr(moe_lib.moe_kernels, "available", lambda device: True)
-    monkeypatch.setattr(moe_lib.moe_kernels, "swiglu", swiglu)
-    monkeypatch.setattr(moe_lib.moe_kernels, "combine", combine)
+    for name, fn in (("swiglu", swiglu), ("swiglu_autograd", swiglu)):
+        monkeypatch.setattr(moe_lib.moe_kernels, name, stand_in(name, fn))
+    for name in ("combine", "combine_autograd"):
+        monkeypatch.setattr(moe_lib.moe_kernels, name, lambda out, order, w, keep=None, _n=name:
+                            stand_in(_n, combine)(out, order, w, keep))
     g = torch.Generator().manual_seed(12)
     x, weights = torch.randn(6, 16, generator=g), torch.rand(6, 2, generator=g)
     ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(6)])
@@ -551,10 +560,24 @@ def test_inference_takes_the_fused_kernels_and_training_the_torch_ops(monkeypatc
         ex.impl = "loop"
         with torch.no_grad():
             fast = LocalDispatch(slots).partial(ex, x, weights, ids)
-        used, calls[:] = list(calls), []
-        assert ("combine", keep) in used and ("swiglu", 48) in used and set(used) == {("combine", keep), ("swiglu", 48)}
-        slow = LocalDispatch(slots).partial(ex, x, weights, ids)  # autograd on: torch's ops
+        used, calls[:] = set(calls), []
+        assert used == {("combine", keep), ("swiglu", 48)}, used
+        w = weights.clone().requires_grad_()
+        trained = LocalDispatch(slots).partial(ex, x, w, ids)
+        grads = torch.autograd.grad(trained.square().sum(), [w, ex.w13, ex.w2])
+        used, calls[:] = set(calls), []
+        assert used == {("combine_autograd", keep), ("swiglu_autograd", 48)}, used
+        monkeypatch.setattr(moe_lib, "FUSED_KERNELS", False)
+        w = weights.clone().requires_grad_()
+        slow = LocalDispatch(slots).partial(ex, x, w, ids)  # torch's ops
+        want = torch.autograd.grad(slow.square().sum(), [w, ex.w13, ex.w2])
+        with torch.no_grad():
+            LocalDispatch(slots).partial(ex, x, weights, ids)
+        monkeypatch.setattr(moe_lib, "FUSED_KERNELS", True)
         assert calls == []
         torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(trained, slow, atol=1e-6, rtol=1e-6)
+        for got, ref in zip(grads, want):
+            torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(fast, _by_hand(ex, x, weights, torch.tensor(slots or [0, 1, 2, 3])[ids]
                                                   if slots else ids), atol=1e-5, rtol=1e-5)

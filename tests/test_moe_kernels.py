@@ -52,6 +52,7 @@ PREFILL_SCRIPT = textwrap.dedent('''
     import torch
     import torch.nn.functional as F
     from epkit import moe_kernels
+    from epkit import moe as moe_lib
     from epkit.moe import Experts, LocalDispatch, permute, unpermute
     torch.manual_seed(0)
     # swiglu: silu(gate) * up as torch computes it, for I not a multiple of the block (and one row, and none)
@@ -79,6 +80,41 @@ PREFILL_SCRIPT = textwrap.dedent('''
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(moe_kernels.combine(out.nan_to_num(), order, weights),
                                    unpermute(out.nan_to_num(), order, weights), atol=1e-6, rtol=1e-6)
+    # their differentiable forms (training): the gradients torch's autograd gives through silu * up and
+    # through unpermute (out and weights), dropped rows (NaN, never read) getting zero
+    for M, I, dtype in [(7, 40, torch.float32), (5, 1100, torch.float32), (9, 24, torch.bfloat16),
+                        (0, 8, torch.float32)]:
+        h13 = (torch.randn(M, 2 * I) * 3).to(dtype)
+        g = torch.randn(M, I).to(dtype)
+        ref_in, got_in = h13.clone().requires_grad_(), h13.clone().requires_grad_()
+        ref = F.silu(ref_in[:, :I]) * ref_in[:, I:]
+        got = moe_kernels.swiglu_autograd(got_in)
+        (ref + 0).backward(g)
+        got.backward(g)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2 ** -6)
+        torch.testing.assert_close(got_in.grad.float(), ref_in.grad.float(), **tol)
+    for N, K, D, L, dtype in [(6, 2, 40, 3, torch.float32), (5, 3, 1030, 4, torch.float32),
+                              (7, 2, 24, 3, torch.bfloat16)]:
+        out = torch.randn(N * K, D).to(dtype)
+        weights = torch.rand(N, K)
+        key = torch.randint(0, L + 1, (N, K))
+        order, counts = permute(key, L + 1)
+        for keep in (key.reshape(-1)[order] < L, None):
+            o1, w1 = out.clone().requires_grad_(), weights.clone().requires_grad_()
+            ref = unpermute(o1, order, w1, keep=keep)
+            gy = torch.randn_like(ref)
+            ref.backward(gy)
+            o2 = out.clone()
+            if keep is not None:
+                o2[~keep] = float("nan")  # never read, forward or backward
+            o2.requires_grad_()
+            w2 = weights.clone().requires_grad_()
+            got = moe_kernels.combine_autograd(o2, order, w2, keep)
+            torch.testing.assert_close(got, ref.detach(), atol=1e-6, rtol=1e-6)
+            got.backward(gy)
+            tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=2 ** -6)
+            torch.testing.assert_close(o2.grad, o1.grad, **tol)
+            torch.testing.assert_close(w2.grad, w1.grad, atol=1e-4, rtol=1e-5)
     # the whole local MoE under no_grad (kernels) equals it with autograd on (torch ops), EP=1 and a rank's share
     ex = Experts(4, 24, 40)
     torch.nn.init.normal_(ex.w13, std=0.3)
@@ -89,15 +125,18 @@ PREFILL_SCRIPT = textwrap.dedent('''
         dispatch = LocalDispatch(slots)
         with torch.no_grad():
             fast = dispatch.partial(ex, x, weights, ids)
+        moe_lib.FUSED_KERNELS = False
         slow = dispatch.partial(ex, x, weights, ids).detach()
+        moe_lib.FUSED_KERNELS = True
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     print("PREFILL KERNELS OK")
 ''')
 
 
 def test_prefill_kernels_match_torch():
-    """swiglu and combine (the memory-bound steps around the grouped GEMM at prefill) against the torch ops
-    they replace, in Triton's CPU interpreter: odd sizes, bf16 rounding, dropped rows holding NaN."""
+    """swiglu and combine (the memory-bound steps around the grouped GEMM at prefill and in training), forward
+    and backward, against the torch ops they replace, in Triton's CPU interpreter: odd sizes, bf16 rounding,
+    dropped rows holding NaN."""
     import triton  # noqa: F401
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", PREFILL_SCRIPT], capture_output=True, text=True, env=env,

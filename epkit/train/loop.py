@@ -27,8 +27,8 @@ from ..runtime import cpu_threads_per_rank, quiet
 from . import state as ckpt
 from .config import TrainConfig
 from .losses import linear_cross_entropy
-from .optim import (check_plan_strategy, clip_exact, initialize, make_trainable, model_args_for, model_for,
-                    reduce_on_device, resolve_dtype, uses_exact_clip)
+from .optim import (check_plan_strategy, clip_exact, make_trainable, model_args_for, model_for, reduce_on_device,
+                    resolve_dtype, trained_engine, uses_exact_clip)
 from .metrics import Metrics
 
 
@@ -183,101 +183,102 @@ def main(cfg: TrainConfig) -> str:
     # a LoRA checkpoint holds only the adapters: the base comes from --model
     model = model_for(cfg, args, device, dtype, checkpoint=None if cfg.lora_rank else resume_from)
     trainable = make_trainable(model, cfg, resume_from)
-    engine, optimizer, scheduler = initialize(cfg, model, dtype, accelerator)
-    exact_clip = uses_exact_clip(engine)
+    with trained_engine(cfg, model, dtype, accelerator) as (engine, optimizer, scheduler):
+        exact_clip = uses_exact_clip(engine)
 
-    start_step, tokens_seen = 0, 0
-    # This rank's tokens per expert over the whole run (the model's one counter, counted in every training
-    # forward); checkpoints record the world's sum (epkit_plan.json "routed_tokens"), which the inference
-    # engine's balanced placement reads. On `device`: the collectives below need it there (NCCL: CUDA only).
-    model.routing_stats.reset()
-    routed = model.routing_stats.counts(device)
-    if resume_from is not None:
-        saved = ckpt.load_engine_state(engine, model, resume_from)
-        start_step, tokens_seen = saved["step"], saved["tokens_seen"]
-        # read (and checked) on every rank, so a bad file fails every rank alike; rank 0 carries the world's sum
-        counts = ckpt.saved_routing_counts(resume_from, args.num_layers, args.num_experts)
-        if rank == 0:
-            routed += torch.tensor(counts, dtype=torch.int64, device=device)
-    metrics = Metrics(cfg.output_dir, cfg.max_steps, start_step, enabled=rank == 0, progress=cfg.progress,
-                      tensorboard=cfg.tensorboard)
-    for note in run.notes:
-        metrics.write(note)
-    if rank == 0:
-        where = f"resuming from {resume_from} at step {start_step}" if resume_from else "starting from step 0"
-        if cfg.resume and resume_from is None:
-            where = f"--resume: no complete checkpoint in {cfg.output_dir}, starting from step 0"
-        via = "accelerate" if accelerator is not None else "deepspeed"
-        cpu = f", {threads} CPU thread(s) per rank" if device.type == "cpu" else ""
-        metrics.write(f"epkit train ({via}): {world} rank(s), ep={cfg.ep_size}, "
-                      f"zero={engine.zero_optimization_stage()}, {dtype}{' base, fp32 adapters' if cfg.lora_rank else ''}"
-                      f"{cpu}, "
-                      f"{len(train)} rows x {cfg.seq_len} tokens, trainable {trainable}; {where}")
-    aux_coef = args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
-    unlogged = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64)  # routed since the last log line
-    nonfinite = 0  # steps skipped for a non-finite loss or gradient norm
-    for step in range(start_step, cfg.max_steps):
-        t0 = time.perf_counter()
-        engine.train()
-        sums = torch.zeros(5, dtype=torch.float64, device=device)  # lm mean, trained tokens, aux, z, tokens
-        lr = optimizer.param_groups[0]["lr"]
-        grad_norm = None
-        routed_before = routed.clone()
-        for micro in range(cfg.grad_accum):
-            batch = train.batch(step * cfg.grad_accum + micro, cfg.micro_batch, rank, world)
-            causal = unpadded(batch)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss, parts = lm_and_router_losses(engine, batch, aux_coef, cfg.z_loss_coef, causal)
-            engine.backward(loss)
-            if exact_clip and engine.is_gradient_accumulation_boundary():
-                grad_norm = clip_exact(model, cfg.grad_clip)
-                if not math.isfinite(grad_norm):
-                    _drop_gradients(model)  # never apply a non-finite update (ZeRO 1/2 skip such steps themselves)
-            engine.step()
-            # per micro-batch: lm mean, aux, z as the loss saw them; token count for throughput
-            sums += torch.stack([parts[0] / parts[1].clamp(min=1), parts[1], parts[2], parts[3],
-                                 (batch["positions"] >= 0).sum().to(parts.dtype)]).double()
-        if grad_norm is None:
-            grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        # NOTE: collectives: loss/token sums and this step's routing counts over the world, on `device`
-        sums = reduce_on_device(sums, device).cpu()
-        step_routed = reduce_on_device(routed - routed_before, device).cpu()
-        lm, aux, z = (sums[i].item() / (world * cfg.grad_accum) for i in (0, 2, 3))
-        step_tokens = int(sums[4])
-        tokens_seen += step_tokens
-        elapsed = time.perf_counter() - t0
-        unlogged += step_routed
-        record = {"step": step + 1, "loss": lm + aux_coef * aux + cfg.z_loss_coef * z, "lm_loss": lm,
-                  "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
-                  "tokens_per_s": step_tokens / max(elapsed, 1e-9), "expert_tokens": unlogged.tolist()}
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            metrics.log(record)
-            unlogged.zero_()
-        metrics.advance(record)
-        if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
-            nonfinite += 1
-            _check_nonfinite(cfg, model, record, nonfinite, ckpt.latest_checkpoint(cfg.output_dir, run.run_id))
-            metrics.write(f"warning: step {step + 1}: loss {record['loss']:.4g}, gradient norm {grad_norm:.4g}: update "
-                          f"skipped ({nonfinite} of --skip-nonfinite {cfg.skip_nonfinite})")
-        done = step + 1 == cfg.max_steps
-        if evals is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-            result = {"step": step + 1, **evaluate(engine, model, evals, cfg.micro_batch, device)}
-            metrics.log(result)
-            metrics.write(f"step {step + 1}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
-        trainer_state = {"step": step + 1, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
-                         "run_id": run.run_id}
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not done:
-            ckpt.save(engine, model, ckpt.step_dir(cfg.output_dir, step + 1), trainer_state, tok_dir)
+        start_step, tokens_seen = 0, 0
+        # This rank's tokens per expert over the whole run (the model's one counter, counted in every training
+        # forward); checkpoints record the world's sum (epkit_plan.json "routed_tokens"), which the inference
+        # engine's balanced placement reads. On `device`: the collectives below need it there (NCCL: CUDA only).
+        model.routing_stats.reset()
+        routed = model.routing_stats.counts(device)
+        if resume_from is not None:
+            saved = ckpt.load_engine_state(engine, model, resume_from)
+            start_step, tokens_seen = saved["step"], saved["tokens_seen"]
+            # read (and checked) on every rank, so a bad file fails every rank alike; rank 0 carries the world's sum
+            counts = ckpt.saved_routing_counts(resume_from, args.num_layers, args.num_experts)
             if rank == 0:
-                ckpt.prune(cfg.output_dir, cfg.keep_last, run.run_id)
-    final = os.path.abspath(os.path.join(cfg.output_dir, "final"))
-    if start_step < cfg.max_steps or resume_from is None or os.path.basename(resume_from) != "final":
-        trainer_state = {"step": cfg.max_steps, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
-                         "run_id": run.run_id}
-        ckpt.save(engine, model, final, trainer_state, tok_dir)
-    if cfg.merge:
-        ckpt.save_merged(model, os.path.join(cfg.output_dir, "merged"), tok_dir)
-    metrics.close()
-    if rank == 0:
-        print(f"checkpoint: {final}", flush=True)
-    return final
+                routed += torch.tensor(counts, dtype=torch.int64, device=device)
+        metrics = Metrics(cfg.output_dir, cfg.max_steps, start_step, enabled=rank == 0, progress=cfg.progress,
+                          tensorboard=cfg.tensorboard)
+        for note in run.notes:
+            metrics.write(note)
+        if rank == 0:
+            where = f"resuming from {resume_from} at step {start_step}" if resume_from else "starting from step 0"
+            if cfg.resume and resume_from is None:
+                where = f"--resume: no complete checkpoint in {cfg.output_dir}, starting from step 0"
+            via = "accelerate" if accelerator is not None else "deepspeed"
+            cpu = f", {threads} CPU thread(s) per rank" if device.type == "cpu" else ""
+            adapters = " base, fp32 adapters" if cfg.lora_rank else ""
+            metrics.write(f"epkit train ({via}): {world} rank(s), ep={cfg.ep_size}, "
+                          f"zero={engine.zero_optimization_stage()}, {dtype}{adapters}{cpu}, "
+                          f"{len(train)} rows x {cfg.seq_len} tokens, trainable {trainable}; {where}")
+        aux_coef = args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
+        unlogged = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64)  # routed since the last log line
+        nonfinite = 0  # steps skipped for a non-finite loss or gradient norm
+        for step in range(start_step, cfg.max_steps):
+            t0 = time.perf_counter()
+            engine.train()
+            sums = torch.zeros(5, dtype=torch.float64, device=device)  # lm mean, trained tokens, aux, z, tokens
+            lr = optimizer.param_groups[0]["lr"]
+            grad_norm = None
+            routed_before = routed.clone()
+            for micro in range(cfg.grad_accum):
+                batch = train.batch(step * cfg.grad_accum + micro, cfg.micro_batch, rank, world)
+                causal = unpadded(batch)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss, parts = lm_and_router_losses(engine, batch, aux_coef, cfg.z_loss_coef, causal)
+                engine.backward(loss)
+                if exact_clip and engine.is_gradient_accumulation_boundary():
+                    grad_norm = clip_exact(model, cfg.grad_clip)
+                    if not math.isfinite(grad_norm):
+                        _drop_gradients(model)  # never apply a non-finite update (ZeRO 1/2 skip such steps themselves)
+                engine.step()
+                # per micro-batch: lm mean, aux, z as the loss saw them; token count for throughput
+                sums += torch.stack([parts[0] / parts[1].clamp(min=1), parts[1], parts[2], parts[3],
+                                     (batch["positions"] >= 0).sum().to(parts.dtype)]).double()
+            if grad_norm is None:
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            # NOTE: collectives: loss/token sums and this step's routing counts over the world, on `device`
+            sums = reduce_on_device(sums, device).cpu()
+            step_routed = reduce_on_device(routed - routed_before, device).cpu()
+            lm, aux, z = (sums[i].item() / (world * cfg.grad_accum) for i in (0, 2, 3))
+            step_tokens = int(sums[4])
+            tokens_seen += step_tokens
+            elapsed = time.perf_counter() - t0
+            unlogged += step_routed
+            record = {"step": step + 1, "loss": lm + aux_coef * aux + cfg.z_loss_coef * z, "lm_loss": lm,
+                      "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
+                      "tokens_per_s": step_tokens / max(elapsed, 1e-9), "expert_tokens": unlogged.tolist()}
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+                metrics.log(record)
+                unlogged.zero_()
+            metrics.advance(record)
+            if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+                nonfinite += 1
+                _check_nonfinite(cfg, model, record, nonfinite, ckpt.latest_checkpoint(cfg.output_dir, run.run_id))
+                metrics.write(f"warning: step {step + 1}: loss {record['loss']:.4g}, gradient norm {grad_norm:.4g}: "
+                              f"update skipped ({nonfinite} of --skip-nonfinite {cfg.skip_nonfinite})")
+            done = step + 1 == cfg.max_steps
+            if evals is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
+                result = {"step": step + 1, **evaluate(engine, model, evals, cfg.micro_batch, device)}
+                metrics.log(result)
+                metrics.write(f"step {step + 1}: eval loss {result['eval_loss']:.4f}, "
+                              f"perplexity {result['eval_ppl']:.2f}")
+            trainer_state = {"step": step + 1, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
+                             "run_id": run.run_id}
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and not done:
+                ckpt.save(engine, model, ckpt.step_dir(cfg.output_dir, step + 1), trainer_state, tok_dir)
+                if rank == 0:
+                    ckpt.prune(cfg.output_dir, cfg.keep_last, run.run_id)
+        final = os.path.abspath(os.path.join(cfg.output_dir, "final"))
+        if start_step < cfg.max_steps or resume_from is None or os.path.basename(resume_from) != "final":
+            trainer_state = {"step": cfg.max_steps, "tokens_seen": tokens_seen, "config": dataclasses.asdict(cfg),
+                             "run_id": run.run_id}
+            ckpt.save(engine, model, final, trainer_state, tok_dir)
+        if cfg.merge:
+            ckpt.save_merged(model, os.path.join(cfg.output_dir, "merged"), tok_dir)
+        metrics.close()
+        if rank == 0:
+            print(f"checkpoint: {final}", flush=True)
+        return final

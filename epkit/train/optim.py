@@ -34,6 +34,7 @@ parameters, and leaves the frozen bf16 base as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -315,3 +316,16 @@ def initialize(cfg: TrainConfig, model: Mixtral, dtype: torch.dtype, accelerator
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds, dist_init_required=False)
     return engine, optimizer, scheduler
+
+
+@contextlib.contextmanager
+def trained_engine(cfg: TrainConfig, model: Mixtral, dtype: torch.dtype, accelerator=None):
+    """`initialize`'s (engine, optimizer, scheduler) for the `with` block; afterwards, also when it raises,
+    `engine.destroy()`. DeepSpeed registers the engine in a hook that outlives it, so without this the model,
+    its gradients and the optimizer's fp32 states stay allocated for the rest of the process (a fine-tune
+    followed by serving in the same Python process kept the training memory on the GPU)."""
+    engine, optimizer, scheduler = initialize(cfg, model, dtype, accelerator)
+    try:
+        yield engine, optimizer, scheduler
+    finally:
+        engine.destroy()
