@@ -164,5 +164,11 @@ x1b)  # 1 x H200, after the fused training SwiGLU and combine: the asserting gpu
         --variants transformers_zero2,epkit_ep1,epkit_ep1_unfused,epkit_ep1@z1,epkit_ep1@z0,epkit_ep1_compile@z1 \
         --out $R
     ;;
+x1c)  # 1 x H200, x1b's training with each engine freed before the next variant (x1b's OOMed after two)
+    step train_x1 400 torchrun --nproc_per_node 1 bench/train.py \
+        $(rehearse "--cpu" "--layers 2 --grad-accum 4 --steps 6 --profile-steps 1") \
+        --variants transformers_zero2,epkit_ep1,epkit_ep1_unfused,epkit_ep1@z1,epkit_ep1@z0,epkit_ep1_compile \
+        --out $R
+    ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"
