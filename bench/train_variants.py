@@ -154,7 +154,8 @@ def build_epkit(s: Setup, ep: int, reference: bool = False, all_to_all: str = "e
     if reference:
         loss_fn = _reference_loss(s.args)
     if compile_dense:
-        compile_dense_parts(model)
+        from epkit.train.optim import compile_dense as compile_layers
+        compile_layers(model)
     notes = {"ep_size": ep, "loss_path": "reference (mask, full logits)" if reference else
              "causal SDPA, chunked linear cross-entropy",
              "dispatch": f"all_to_all ({all_to_all})" if ep > 1 else "none: experts replicated, data parallel",
@@ -162,15 +163,6 @@ def build_epkit(s: Setup, ep: int, reference: bool = False, all_to_all: str = "e
              "compiled": "torch.compile of each layer's norm + attention block and MoE norm" if compile_dense else None,
              "moe_kernels": "fused SwiGLU and combine (Triton, forward and backward)" if fused else "torch ops"}
     return Built(model, cfg, loss_fn, notes, fused_kernels=fused)
-
-
-def compile_dense_parts(model) -> None:
-    """torch.compile (inductor) over the elementwise-heavy dense parts of every decoder layer: the attention
-    block (RMSNorm, q/k/v, rotary, SDPA, o) and the MoE's RMSNorm, to compare with epkit's own kernels."""
-    for layer in model.layers:
-        layer.attention = torch.compile(layer.attention, fullgraph=True)
-        layer.moe_norm.forward = torch.compile(layer.moe_norm.forward, fullgraph=True)
-    model.norm.forward = torch.compile(model.norm.forward, fullgraph=True)
 
 
 def _reference_loss(args: ModelArgs):

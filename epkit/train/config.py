@@ -63,6 +63,10 @@ class TrainConfig:
                                                  "layers) or selective (attention blocks and the experts' "
                                                  "up-projection: no collective runs twice); the bare flag means "
                                                  "layers", choices=CHECKPOINT_MODES, nargs="?", const="layers")
+    compile: bool = _opt(False, "torch.compile each decoder layer's attention block (RMSNorm, q/k/v, rotary, "
+                                "attention, o) and MoE RMSNorm, and the final norm: fewer, fused elementwise "
+                                "kernels (some 30 s of compiling at the first step; on an H200 at the "
+                                "Mixtral-8x7B shape, 4 percent more tokens/s)")
     # LoRA (epkit.lora): a frozen base, adapters saved as a PEFT adapter directory
     lora_rank: int | None = _opt(None, "train LoRA adapters of this rank on a frozen base (default: full fine-tune)")
     lora_alpha: float | None = _opt(None, "LoRA alpha: updates are scaled by alpha / rank (default: the rank)")

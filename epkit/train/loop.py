@@ -27,8 +27,8 @@ from ..runtime import cpu_threads_per_rank, quiet
 from . import state as ckpt
 from .config import TrainConfig
 from .losses import linear_cross_entropy
-from .optim import (check_plan_strategy, clip_exact, make_trainable, model_args_for, model_for, reduce_on_device,
-                    resolve_dtype, trained_engine, uses_exact_clip)
+from .optim import (check_plan_strategy, clip_exact, compile_dense, make_trainable, model_args_for, model_for,
+                    reduce_on_device, resolve_dtype, trained_engine, uses_exact_clip)
 from .metrics import Metrics
 
 
@@ -183,6 +183,8 @@ def main(cfg: TrainConfig) -> str:
     # a LoRA checkpoint holds only the adapters: the base comes from --model
     model = model_for(cfg, args, device, dtype, checkpoint=None if cfg.lora_rank else resume_from)
     trainable = make_trainable(model, cfg, resume_from)
+    if cfg.compile:
+        compile_dense(model)
     with trained_engine(cfg, model, dtype, accelerator) as (engine, optimizer, scheduler):
         exact_clip = uses_exact_clip(engine)
 

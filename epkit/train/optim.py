@@ -107,6 +107,18 @@ def model_for(cfg: TrainConfig, args: ModelArgs, device, dtype: torch.dtype = to
     return model
 
 
+def compile_dense(model: Mixtral) -> Mixtral:
+    """torch.compile (inductor) over the elementwise-heavy dense parts of every decoder layer: its attention block
+    (RMSNorm, q/k/v, rotary, SDPA, o) and its MoE's RMSNorm, and the final norm. The MoE itself stays eager: its
+    dispatch holds collectives and data-dependent sizes, and its SwiGLU and combine are fused kernels already
+    (epkit.moe_kernels). Parameters and state-dict names are unchanged (only bound methods are replaced)."""
+    for layer in model.layers:
+        layer.attention = torch.compile(layer.attention, fullgraph=True)
+        layer.moe_norm.forward = torch.compile(layer.moe_norm.forward, fullgraph=True)
+    model.norm.forward = torch.compile(model.norm.forward, fullgraph=True)
+    return model
+
+
 @torch.no_grad()
 def freeze(model: Mixtral, train_only: str) -> dict[str, int]:
     """Leave only `train_only` trainable ('none' trains everything); returns trainable counts by part."""
