@@ -170,5 +170,18 @@ x1c)  # 1 x H200, x1b's training with each engine freed before the next variant 
         --variants transformers_zero2,epkit_ep1,epkit_ep1_unfused,epkit_ep1@z1,epkit_ep1@z0,epkit_ep1_compile \
         --out $R
     ;;
+x1d)  # 1 x H200: 50 steps of the current path (torch ops, eager, ZeRO 2) beside the fast one (fused MoE kernels,
+    # --compile, ZeRO 1) and transformers (issue 12 goal 4: the loss table), then throughput at accumulation 8,
+    # then the 512-request serving load at EP=1 beside transformers' continuous batching
+    step train_50 200 torchrun --nproc_per_node 1 bench/train.py \
+        $(rehearse "--cpu --steps 6" "--layers 2 --grad-accum 4 --steps 50 --warmup 5 --profile-steps 1") --lr 1e-4 \
+        --variants transformers_zero2,epkit_ep1_unfused,epkit_ep1,epkit_ep1_compile@z1 --out $R
+    step train_accum8 120 torchrun --nproc_per_node 1 bench/train.py \
+        $(rehearse "--cpu" "--layers 2 --grad-accum 8 --steps 6 --profile-steps 1") \
+        --variants transformers_zero2,epkit_ep1_compile@z1 --out $R
+    step serve 230 torchrun --nproc_per_node 1 bench/serve.py \
+        $(rehearse "--preset tiny --requests 16 --max-prompt 64 --max-tokens 16 --skip-hf" "--hf-timeout 90") \
+        --out $R/serve-h200x1-$(date +%Y%m%dT%H%M).json
+    ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"
