@@ -144,13 +144,23 @@ def measure(llm, margs, a, B: int, max_tokens: int, device) -> dict:
 
 
 def profile_steps(llm, steps: int, device) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-    cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with step_profiler(device) as prof:
         for _ in range(steps):
             llm.step()
         sync(device)
+    return summarize_profile(prof, steps, device)
+
+
+def step_profiler(device):
+    """A torch.profiler context recording host ops and, on CUDA, device kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+
+def summarize_profile(prof, steps: int, device) -> dict:
+    """Device kernels (CPU aten ops without CUDA) per step from a finished `step_profiler`: count, total time,
+    CUDA graph replays and the 15 most expensive."""
+    cuda = device.type == "cuda"
     rows, graph_launches = [], 0
     for e in prof.key_averages():
         if e.key == "cudaGraphLaunch":  # a replay; its kernels appear as device events of their own

@@ -183,5 +183,10 @@ x1d)  # 1 x H200: 50 steps of the current path (torch ops, eager, ZeRO 2) beside
         $(rehearse "--preset tiny --requests 16 --max-prompt 64 --max-tokens 16 --skip-hf" "--hf-timeout 90") \
         --out $R/serve-h200x1-$(date +%Y%m%dT%H%M).json
     ;;
+x1e)  # 1 x H200: where the 512-request serving load's time goes at EP=1 (steps by kind, 10 profiled steps)
+    step serve_profile 200 torchrun --nproc_per_node 1 bench/serve.py --skip-hf \
+        $(rehearse "--preset tiny --requests 16 --max-prompt 64 --max-tokens 16 --profile-from 5" "--profile-from 40") \
+        --profile-steps 10 --out $R/serve-profile-h200x1-$(date +%Y%m%dT%H%M).json
+    ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from bench.generate import RESULTS, build_hf, log, peak_memory_all_ranks  # noqa: E402
 from bench.scaling import percentile  # noqa: E402
+from bench.profile_decode import step_profiler, summarize_profile  # noqa: E402
 from bench.timing import sync  # noqa: E402
 
 from epkit.args import ModelArgs  # noqa: E402
@@ -73,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--hf-timeout", type=float, default=240.0, help="seconds the peer serves before it is cut off")
     p.add_argument("--no-hf-warmup", action="store_true", help="skip the peer's own warm-up (its CUDA graph "
                    "captures then fall inside the measured run)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="profile this many engine steps of epkit's run, from step --profile-from (top kernels)")
+    p.add_argument("--profile-from", type=int, default=100, help="the first step --profile-steps profiles")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/serve-<gpu>-<time>.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -138,6 +142,8 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
         f"{llm.scheduler.max_num_seqs}, max_num_batched_tokens {llm.scheduler.max_num_batched_tokens}, "
         f"{llm.cache.num_blocks} KV blocks); running {len(reqs)} requests")
     preempt0, steps0 = llm.scheduler.num_preemptions, llm.stats["steps"]
+    timeline = StepTimeline(llm)
+    profiler, profiled = None, None
     index, first, times = {}, {}, {i: [] for i in range(len(reqs))}
     nxt, start = 0, time.perf_counter()
     last = start
@@ -153,7 +159,15 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
             if not llm.has_unfinished():
                 time.sleep(max(0.0, min(0.01, reqs[nxt]["arrival"] - now)))
                 continue
-            for out in llm.step():
+            if a.profile_steps and profiled is None and profiler is None and timeline.calls == a.profile_from:
+                profiler = step_profiler(device).__enter__()
+            with timeline:
+                updates = llm.step()
+            if profiler is not None and timeline.calls == a.profile_from + a.profile_steps:
+                sync(device)
+                profiler.__exit__(None, None, None)
+                profiled, profiler = summarize_profile(profiler, a.profile_steps, device), None
+            for out in updates:
                 t = time.perf_counter()
                 if out.error:
                     raise RuntimeError(f"request {out.request_id} failed: {out.error}")
@@ -162,9 +176,15 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
                 times[i] += [t - start] * len(out.new_token_ids)
                 last = t
     finally:
+        timeline.close()
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
         llm.release_followers()
         peaks = peak_memory_all_ranks(device)
     res = summarise(reqs, first, times, last - start)
+    res["step_kinds"] = timeline.summary()
+    if profiled is not None:
+        res["profile"] = {"from_step": a.profile_from, **profiled}
     res.update(steps=llm.stats["steps"] - steps0, preemptions=llm.scheduler.num_preemptions - preempt0,
                setup_s=round(setup_s, 1), peak_memory_gib=peaks,
                engine={"decode_kernels": llm.runner.decode_kernels, "overlap": llm.overlap,
@@ -175,8 +195,57 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
                        "kv_cache_blocks": llm.cache.num_blocks, "block_size": llm.cache.block_size,
                        "kv_cache_tokens": llm.cache.capacity_tokens})
     log(f"epkit: {res['generated_tokens_per_s']:.0f} generated tok/s, TTFT p50 {res['ttft_p50_s']}s, "
-        f"ITL p50 {res['itl_p50_ms']} ms, {res['preemptions']} preemptions")
+        f"ITL p50 {res['itl_p50_ms']} ms, {res['preemptions']} preemptions; steps: "
+        + "; ".join(f"{k} {v['steps']} x {v['ms_per_step']} ms" for k, v in res["step_kinds"].items()))
     return res
+
+
+class StepTimeline:
+    """What each engine step held and how long the call that resolved it took. The scheduler's plans are read
+    as they are made (a wrapped `schedule`); with host overlap a step() call queues plan i and waits for plan
+    i-1's tokens, so call i's time is charged to plan i-1 (without overlap, to plan i). `summary()` groups
+    the steps by kind: decode-only, or with prompt tokens (prefill chunks, alone or beside decode rows)."""
+
+    def __init__(self, llm):
+        self.llm, self.calls, self.plans, self.times = llm, 0, [], []
+        self._schedule = llm.scheduler.schedule
+
+        def schedule(*args, **kw):
+            plan = self._schedule(*args, **kw)
+            prompt = sum(n for seq, begin, n in plan.rows if begin < seq.prompt_len)
+            decode = sum(1 for seq, begin, n in plan.rows if begin >= seq.prompt_len)
+            self.plans.append((prompt, decode, bool(plan.rows)))  # an empty plan runs no step
+            return plan
+        llm.scheduler.schedule = schedule
+
+    def __enter__(self):
+        self._t0, self._made = time.perf_counter(), len(self.plans)
+        return self
+
+    def __exit__(self, *exc):
+        self.times.append((time.perf_counter() - self._t0, self._made, len(self.plans)))
+        self.calls += 1
+
+    def close(self) -> None:
+        self.llm.scheduler.schedule = self._schedule
+
+    def summary(self) -> dict:
+        charged = [0.0] * len(self.plans)
+        for dt, before, after in self.times:
+            i = before - 1 if self.llm.overlap else after - 1  # the plan this call waited for
+            if 0 <= i < len(charged):
+                charged[i] += dt
+        out = {}
+        for kind, pick in (("decode_only", lambda p: p[2] and p[0] == 0), ("with_prompt_tokens", lambda p: p[0] > 0)):
+            idx = [i for i, p in enumerate(self.plans) if pick(p)]
+            total = sum(charged[i] for i in idx)
+            out[kind] = {"steps": len(idx), "seconds": round(total, 3),
+                         "ms_per_step": round(1000 * total / len(idx), 2) if idx else None,
+                         "prompt_tokens_per_step": round(sum(self.plans[i][0] for i in idx) / len(idx), 1)
+                         if idx else None,
+                         "decode_rows_per_step": round(sum(self.plans[i][1] for i in idx) / len(idx), 1)
+                         if idx else None}
+        return out
 
 
 # ---- transformers ---------------------------------------------------------------------------------

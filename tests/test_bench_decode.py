@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +51,7 @@ def test_workload_is_seeded_and_shaped():
 def test_serve_ep2_poisson(tmp_path):
     out = str(tmp_path / "serve.json")
     proc = _run([os.path.join("bench", "serve.py"), "--preset", "tiny", "--requests", "12", "--rate", "50",
-                 "--skip-hf", "--out", out], nproc=2)
+                 "--skip-hf", "--profile-steps", "3", "--profile-from", "2", "--out", out], nproc=2)
     assert "epkit EP=2" in proc.stdout
     with open(out) as f:
         r = json.load(f)
@@ -60,6 +62,16 @@ def test_serve_ep2_poisson(tmp_path):
     assert len(e["peak_memory_gib"]) == 2 and e["preemptions"] == 0
     assert e["engine"]["max_num_seqs"] >= 16 and e["engine"]["decode_kernels"] == "torch" and e["engine"]["overlap"]
     assert "transformers" not in r
+    # every step is counted once, by kind: the prompt tokens of all requests went through steps that held some
+    kinds = e["step_kinds"]
+    assert kinds["decode_only"]["steps"] + kinds["with_prompt_tokens"]["steps"] == e["steps"]
+    prompt_tokens = r["config"]["prompt_tokens"]
+    with_prompt = kinds["with_prompt_tokens"]
+    assert with_prompt["prompt_tokens_per_step"] * with_prompt["steps"] == pytest.approx(prompt_tokens, abs=0.1 *
+                                                                                          with_prompt["steps"])
+    assert kinds["decode_only"]["prompt_tokens_per_step"] in (0, None)
+    assert 0 < kinds["decode_only"]["seconds"] + with_prompt["seconds"] <= e["wall_s"] + 0.5
+    assert e["profile"]["from_step"] == 2 and e["profile"]["top"] and e["profile"]["kernels_per_step"] > 0
 
 
 def test_serve_with_transformers_peer(tmp_path):
