@@ -158,6 +158,10 @@ class DecoderLayer(nn.Module):
             x = x + checkpoint(self.attention, x, positions, rope, cache, causal, use_reentrant=False)
         else:
             x = x + self.attention(x, positions, rope, cache, causal)
+        return self.moe_block(x, mask)
+
+    def moe_block(self, x, mask=None):
+        """x + MoE(RMSNorm(x)) -> (that, what the MoE routed)."""
         y, routed = self.moe(self.moe_norm(x), mask)
         return x + y, routed
 
@@ -266,3 +270,24 @@ class Mixtral(nn.Module):
         if logits_rows is not None:
             h = h.reshape(B * T, -1)[logits_rows]
         return ModelOutput((h if return_hidden else self.lm_head(h), [r.logits for r in routed]), routed)
+
+    def forward_segments(self, segments: list[tuple]) -> list[torch.Tensor]:
+        """Several batches in one pass over the weights (inference): segment i is (tokens [B_i, T_i], positions
+        [B_i, T_i], cache_i, logits_rows_i). Each segment runs its own attention against its own cache; each
+        MoE layer takes every segment's tokens at once, so the experts' weights (most of the model) are read
+        once per step, not once per batch. Returns each segment's logits [R_i, V]; counts routing as forward."""
+        hs, inputs = [], []
+        for tokens, positions, cache, _ in segments:
+            hs.append(self.embed(tokens))
+            inputs.append((positions, rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta,
+                                                   hs[-1].dtype), cache))
+        mask = torch.cat([positions.reshape(-1) >= 0 for positions, _, _ in inputs])  # [sum B_i*T_i]
+        sizes = [h.shape[0] * h.shape[1] for h in hs]
+        routed = []
+        for layer in self.layers:
+            hs = [h + layer.attention(h, positions, rope, cache) for h, (positions, rope, cache) in zip(hs, inputs)]
+            flat, r = layer.moe_block(torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]), mask)
+            hs = [part.view_as(h) for part, h in zip(flat.split(sizes), hs)]
+            routed.append(r)
+        self.routing_stats.add(routed)
+        return [self.lm_head(self.norm(h).reshape(-1, h.shape[-1])[rows]) for h, (*_, rows) in zip(hs, segments)]

@@ -108,12 +108,13 @@ def test_greedy_matches_transformers(ckpt, engine):
     path, prompts, refs = ckpt
     llm = LLM(path, **engine)
     log = record_rows(llm)
-    prepared, prepare = [], llm.cache.prepare  # multi-token forwards: fresh (causal, own keys) or not
+    prepared, view = [], llm.cache.view  # forwards (one, or merged segments): fresh (causal, own keys) or not
 
     def spy(table, positions, fresh=False):
-        prepared.append((fresh, bool((positions[:, 0] == 0).all())))
-        return prepare(table, positions, fresh)
-    llm.cache.prepare = spy
+        if positions.shape[1] > 1:  # multi-token rows
+            prepared.append((fresh, bool((positions[:, 0] == 0).all())))
+        return view(table, positions, fresh)
+    llm.cache.view = spy
     outs = llm.generate(prompts, GREEDY)
     assert prepared and all(fresh == starts_at_0 for fresh, starts_at_0 in prepared), prepared
     assert {f for f, _ in prepared} == ({True, False} if engine else {True})  # later chunks read the cache
@@ -468,3 +469,66 @@ def test_streamed_pieces_with_a_stop_string_join_to_the_final_text(ckpt):
     ups = list(llm.stream(["the quick brown fox"], dataclasses.replace(p, stop=[stop])))
     assert ups[-1].finish_reason == "stop" and ups[-1].text == text[: text.find(stop)]
     assert "".join(u.new_text for u in ups) == ups[-1].text
+
+
+def test_a_step_of_several_batches_runs_as_one_forward(ckpt):
+    """A step that decodes some rows and prefills others (several batches) runs them as one forward
+    (`Mixtral.forward_segments`: each MoE layer once per step, so the experts' weights are read once, where
+    each batch used to read them again), with the greedy tokens of transformers and of batch-by-batch forwards.
+    The model-level equality of the two is checked in test_forward_segments_equals_separate_forwards."""
+    path, prompts, refs = ckpt
+    engine = dict(max_num_batched_tokens=40, block_size=4, max_num_seqs=6)  # new prompts join running decodes
+    llm = LLM(path, **engine)
+    merged, forward_segments = [], llm.model.forward_segments
+    moe_calls, moe_forward = [], llm.model.layers[0].moe.forward
+    llm.model.layers[0].moe.forward = lambda x, mask=None: moe_calls.append(x.shape[0]) or moe_forward(x, mask)
+
+    def spy(segments):
+        before = len(moe_calls)
+        out = forward_segments(segments)
+        merged.append((sorted(tokens.shape[1] for tokens, *_ in segments), moe_calls[before:]))
+        return out
+    llm.model.forward_segments = spy
+    outs = llm.generate(prompts, GREEDY)
+    assert any(len(s) >= 2 and s[0] == 1 and s[-1] > 1 for s, _ in merged), merged  # decode rows beside prefill
+    for shapes, calls in merged:  # the first layer's MoE ran once, on every segment's tokens
+        assert len(calls) == 1 and len(shapes) >= 2, merged
+    for i, (out, ref) in enumerate(zip(outs, refs)):
+        assert_greedy_matches(out.token_ids, ref, f"prompt {i}")
+    separate = LLM(path, **engine)
+    separate.runner.merge_tokens = 0  # batch by batch, as before
+    separate.model.forward_segments = lambda segments: pytest.fail("merged although merge_tokens is 0")
+    assert [o.token_ids for o in separate.generate(prompts, GREEDY)] == [o.token_ids for o in outs]
+
+
+def test_forward_segments_equals_separate_forwards():
+    """Mixtral.forward_segments (one pass over the weights for several batches, each with its own cache view
+    and logits rows) gives each batch the logits its own forward gives, and writes the same KV."""
+    from epkit import Mixtral
+    from epkit.infer.kv_cache import PagedKVCache
+    args = tiny_args()
+    model = Mixtral(args).init_weights(seed=4).eval()
+    g = torch.Generator().manual_seed(0)
+    # a fresh prompt (2 rows, the second padded), a later chunk reading 6 cached tokens, two decode rows
+    batches = [(torch.randint(0, args.vocab_size, (2, 5), generator=g), torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, -1, -1]]),
+                torch.tensor([[1, 2], [3, 4]]), torch.tensor([4, 7]), True),
+               (torch.randint(0, args.vocab_size, (1, 3), generator=g), torch.tensor([[6, 7, 8]]), torch.tensor([[5, 6, 7]]),
+                torch.tensor([2]), False),
+               (torch.randint(0, args.vocab_size, (2, 1), generator=g), torch.tensor([[9], [4]]), torch.tensor([[8, 9, 10],
+                                                                                                    [11, 12, 0]]),
+                torch.tensor([0, 1]), False)]
+    caches = [PagedKVCache(args, 16, 4, "cpu", torch.float32) for _ in range(2)]
+    for c in caches:  # the same earlier keys for both
+        for t in (c.k, c.v):
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        want = []
+        for tokens, positions, table, rows, fresh in batches:
+            caches[0].prepare(table, positions, fresh)
+            want.append(model(tokens, positions, caches[0], logits_rows=rows)[0])
+        got = model.forward_segments([(tokens, positions, caches[1].view(table, positions, fresh), rows)
+                                      for tokens, positions, table, rows, fresh in batches])
+    for w, x in zip(want, got):
+        torch.testing.assert_close(x, w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-6, rtol=1e-6)

@@ -142,7 +142,7 @@ class Engine:
         self.runner = StepRunner(model, self.cache, self.device, cuda_graphs=cuda_graphs,
                                  decode_kernels=cfg.decode_kernels, max_rows=seqs,
                                  max_table_width=-(-self.max_model_len // cfg.block_size),
-                                 control_timeout=datetime.timedelta(seconds=wait))
+                                 control_timeout=datetime.timedelta(seconds=wait), merge_tokens=chunk)
         model.routing_stats.reset()  # the load report counts served tokens (not the profiling forward)
         self.overlap = cfg.overlap and not dp_attention
         self._inflight: _Step | None = None

@@ -119,32 +119,35 @@ class PagedKVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.window = args.sliding_window
-        self._write = self._read = self._key_pos = None
-        self._fresh = False
+        self._step: CacheView | None = None  # what `prepare` set up for the next forward
 
     @property
     def capacity_tokens(self) -> int:
         return (self.num_blocks - 1) * self.block_size
 
     def prepare(self, block_table: torch.Tensor, positions: torch.Tensor, fresh: bool = False) -> None:
-        """block_table [B, NB] int64, positions [B, T] (-1 padding), both on the cache's device.
+        """Set up the next forward's `update` calls: `view` of these rows."""
+        self._step = self.view(block_table, positions, fresh)
+
+    def view(self, block_table: torch.Tensor, positions: torch.Tensor, fresh: bool = False) -> "CacheView":
+        """One forward's slots: block_table [B, NB] int64, positions [B, T] (-1 padding), both on the cache's
+        device. Several views can be live at once (the forwards of one step, `Mixtral.forward_segments`).
 
         Rows hold contiguous positions 0..n-1 overall, so after this step a row's keys are the slots
         0..max(positions) of its table, in order. `fresh` (the caller knows every row starts at position 0,
         padded at the end): `update` then returns this forward's own keys and no positions, for causal
         attention, unless a sliding window shorter than the rows needs the mask.
         """
-        self._fresh = fresh and (self.window is None or positions.shape[1] <= self.window)
+        fresh = fresh and (self.window is None or positions.shape[1] <= self.window)
         bs = self.block_size
         B, NB = block_table.shape
-        self._write = self.write_slots(block_table, positions).reshape(-1)  # [B*T]
-        if self._fresh:  # update() reads nothing back
-            self._read = self._key_pos = None
-            return
+        write = self.write_slots(block_table, positions).reshape(-1)  # [B*T]
+        if fresh:  # update() reads nothing back
+            return CacheView(self, write, None, None)
         s = torch.arange(NB * bs, device=positions.device)  # [S]
-        self._read = block_table[:, s // bs] * bs + s % bs  # [B, S]
+        read = block_table[:, s // bs] * bs + s % bs  # [B, S]
         length = positions.amax(dim=1, keepdim=True) + 1  # [B, 1] keys held after this step
-        self._key_pos = torch.where(s[None, :] < length, s[None, :], -1)  # [B, S]
+        return CacheView(self, write, read, torch.where(s[None, :] < length, s[None, :], -1))
 
     def write_slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The pool slot of each token [B, T]; padding (position -1) goes to the scratch block."""
@@ -154,15 +157,28 @@ class PagedKVCache:
         return torch.where(positions >= 0, slot, SCRATCH_BLOCK * bs)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """k, v [B, G, T, Dh] -> all keys/values of each row [B, G, S, Dh] and key positions [B, S]; after a
-        fresh prepare(), k and v themselves and None (attention is causal)."""
-        if self._write is None:
+        """`CacheView.update` of the forward `prepare` set up."""
+        if self._step is None:
             raise RuntimeError("PagedKVCache.update called before prepare() for this step")
+        return self._step.update(layer, k, v, positions)
+
+
+class CacheView:
+    """The slots one forward writes (write [B*T]) and reads back (read [B, S] with key positions [B, S]; None
+    after a fresh view: the keys are the forward's own) in a `PagedKVCache`; implements `epkit.model.KVCache`."""
+
+    def __init__(self, cache: PagedKVCache, write: torch.Tensor, read: torch.Tensor | None,
+                 key_pos: torch.Tensor | None):
+        self.cache, self._write, self._read, self._key_pos = cache, write, read, key_pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """k, v [B, G, T, Dh] -> all keys/values of each row [B, G, S, Dh] and key positions [B, S]; after a
+        fresh view, k and v themselves and None (attention is causal)."""
         B, G, T, Dh = k.shape
-        self.k[layer].index_copy_(0, self._write, k.transpose(1, 2).reshape(B * T, G, Dh))
-        self.v[layer].index_copy_(0, self._write, v.transpose(1, 2).reshape(B * T, G, Dh))
-        if self._fresh:  # the keys are this forward's own, from position 0: causal, nothing to read back
+        self.cache.k[layer].index_copy_(0, self._write, k.transpose(1, 2).reshape(B * T, G, Dh))
+        self.cache.v[layer].index_copy_(0, self._write, v.transpose(1, 2).reshape(B * T, G, Dh))
+        if self._read is None:  # the keys are this forward's own, from position 0: causal, nothing to read back
             return k, v, None
-        k_all = self.k[layer][self._read].transpose(1, 2)  # [B, G, S, Dh]
-        v_all = self.v[layer][self._read].transpose(1, 2)
+        k_all = self.cache.k[layer][self._read].transpose(1, 2)  # [B, G, S, Dh]
+        v_all = self.cache.v[layer][self._read].transpose(1, 2)
         return k_all, v_all, self._key_pos

@@ -102,8 +102,11 @@ def _control_group(ep_group, timeout: datetime.timedelta):
 class StepRunner:
     def __init__(self, model, cache: PagedKVCache, device: torch.device, cuda_graphs: bool = True,
                  decode_kernels: str | None = None, max_rows: int = 256, max_table_width: int = 1,
-                 control_timeout: datetime.timedelta = UNBOUNDED_CONTROL_TIMEOUT):
+                 control_timeout: datetime.timedelta = UNBOUNDED_CONTROL_TIMEOUT, merge_tokens: int = 0):
         self.model, self.cache, self.device = model, cache, torch.device(device)
+        # A step of several batches whose padded tokens fit this bound (the activations the engine sized memory
+        # for) runs them as one forward (`Mixtral.forward_segments`): the experts' weights are read once per step.
+        self.merge_tokens = merge_tokens
         self.decode_kernels = choose_kernels(decode_kernels, model, self.device)
         self.expert_tiles = tune_expert_tiles(model)  # GPUs: the small-batch down projection's launch, timed
         self.decode = (DecodeForward(model, cache, self.decode_kernels) if self.decode_kernels != "reference"
@@ -199,7 +202,7 @@ class StepRunner:
     @torch.no_grad()
     def _run(self, header: list[int], payload: torch.Tensor, with_logits: bool) -> list[torch.Tensor]:
         payload = to_device(payload, torch.int64, self.device)
-        out, o = [], 0
+        batches, o = [], 0
         for i in range(header[1]):
             B, T, NB, R, S, F = header[2 + _PER_BATCH * i: 2 + _PER_BATCH * (i + 1)]
             tokens = payload[o: o + B * T].view(B, T)
@@ -211,10 +214,17 @@ class StepRunner:
             if S:  # tokens the previous step sampled: fill them in on the device
                 tokens.view(-1)[payload[o: o + S]] = self.sampled[payload[o + S: o + 2 * S]]
             o += 2 * S
-            if self.graphs is not None and self.graphs.eligible(B, T, R):
+            batches.append((tokens, positions, table, rows if with_logits else rows[:0], bool(F), R))
+        if len(batches) > 1 and sum(b[0].numel() for b in batches) <= self.merge_tokens:  # every rank decides alike
+            return self.model.forward_segments([(tokens, positions, self.cache.view(table, positions, fresh), rows)
+                                                for tokens, positions, table, rows, fresh, _ in batches])
+        out = []
+        for tokens, positions, table, rows, fresh, R in batches:
+            B, T = tokens.shape
+            if self.graphs is not None and self.graphs.eligible(B, T, R):  # the leader's R: all ranks alike
                 out.append(self.graphs.run(tokens, positions, table, with_logits))
             else:
-                out.append(self._forward(tokens, positions, table, rows if with_logits else rows[:0], bool(F)))
+                out.append(self._forward(tokens, positions, table, rows, fresh))
         return out
 
     def _forward(self, tokens, positions, table, rows, fresh: bool = False) -> torch.Tensor:
