@@ -160,13 +160,14 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
                 time.sleep(max(0.0, min(0.01, reqs[nxt]["arrival"] - now)))
                 continue
             if a.profile_steps and profiled is None and profiler is None and timeline.calls == a.profile_from:
-                profiler = step_profiler(device).__enter__()
+                profiler, profile_t0 = step_profiler(device).__enter__(), time.perf_counter()
             with timeline:
                 updates = llm.step()
             if profiler is not None and timeline.calls == a.profile_from + a.profile_steps:
                 sync(device)
                 profiler.__exit__(None, None, None)
                 profiled, profiler = summarize_profile(profiler, a.profile_steps, device), None
+                profiled["wall_ms_per_step"] = round(1000 * (time.perf_counter() - profile_t0) / a.profile_steps, 2)
             for out in updates:
                 t = time.perf_counter()
                 if out.error:
@@ -196,7 +197,8 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
                        "kv_cache_tokens": llm.cache.capacity_tokens})
     log(f"epkit: {res['generated_tokens_per_s']:.0f} generated tok/s, TTFT p50 {res['ttft_p50_s']}s, "
         f"ITL p50 {res['itl_p50_ms']} ms, {res['preemptions']} preemptions; steps: "
-        + "; ".join(f"{k} {v['steps']} x {v['ms_per_step']} ms" for k, v in res["step_kinds"].items()))
+        + "; ".join(f"{k} {res['step_kinds'][k]['steps']} x {res['step_kinds'][k]['ms_per_step']} ms"
+                    for k in ("decode_only", "with_prompt_tokens")))
     return res
 
 
@@ -245,6 +247,8 @@ class StepTimeline:
                          if idx else None,
                          "decode_rows_per_step": round(sum(self.plans[i][1] for i in idx) / len(idx), 1)
                          if idx else None}
+        out["per_step"] = [[round(1000 * charged[i], 2), p[0], p[1]] for i, p in enumerate(self.plans) if p[2]]
+        out["per_step_columns"] = ["ms", "prompt_tokens", "decode_rows"]
         return out
 
 

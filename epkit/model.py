@@ -31,7 +31,9 @@ from .moe import MoE, Routed, RoutingStats
 
 
 class KVCache(Protocol):
-    """What attention needs from a cache. The inference engine's paged cache implements it."""
+    """What attention needs from a cache. The inference engine's paged cache implements it. A cache may also
+    offer `attention_mask(positions, window)`: the mask of `attention_mask` against the keys `update`
+    returns, the same for every layer of a forward, so it can build it once (without it each layer does)."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,7 +136,8 @@ class Attention(nn.Module):
         if causal or k_pos is None:  # (the cache says: a fresh prompt, padded at the end)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            mask = attention_mask(positions, k_pos, self.window)
+            mask = (cache.attention_mask(positions, self.window) if hasattr(cache, "attention_mask")
+                    else attention_mask(positions, k_pos, self.window))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 

@@ -64,7 +64,8 @@ def test_serve_ep2_poisson(tmp_path):
     assert "transformers" not in r
     # every step is counted once, by kind: the prompt tokens of all requests went through steps that held some
     kinds = e["step_kinds"]
-    assert kinds["decode_only"]["steps"] + kinds["with_prompt_tokens"]["steps"] == e["steps"]
+    assert kinds["decode_only"]["steps"] + kinds["with_prompt_tokens"]["steps"] == e["steps"] == len(kinds["per_step"])
+    assert sum(row[1] for row in kinds["per_step"]) == r["config"]["prompt_tokens"]
     prompt_tokens = r["config"]["prompt_tokens"]
     with_prompt = kinds["with_prompt_tokens"]
     assert with_prompt["prompt_tokens_per_step"] * with_prompt["steps"] == pytest.approx(prompt_tokens, abs=0.1 *
@@ -72,6 +73,7 @@ def test_serve_ep2_poisson(tmp_path):
     assert kinds["decode_only"]["prompt_tokens_per_step"] in (0, None)
     assert 0 < kinds["decode_only"]["seconds"] + with_prompt["seconds"] <= e["wall_s"] + 0.5
     assert e["profile"]["from_step"] == 2 and e["profile"]["top"] and e["profile"]["kernels_per_step"] > 0
+    assert e["profile"]["wall_ms_per_step"] > 0
 
 
 def test_serve_with_transformers_peer(tmp_path):

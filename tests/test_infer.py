@@ -501,12 +501,17 @@ def test_a_step_of_several_batches_runs_as_one_forward(ckpt):
     assert [o.token_ids for o in separate.generate(prompts, GREEDY)] == [o.token_ids for o in outs]
 
 
-def test_forward_segments_equals_separate_forwards():
+def test_forward_segments_equals_separate_forwards(monkeypatch):
     """Mixtral.forward_segments (one pass over the weights for several batches, each with its own cache view
-    and logits rows) gives each batch the logits its own forward gives, and writes the same KV."""
+    and logits rows) gives each batch the logits its own forward gives, and writes the same KV. Each cache view
+    builds its attention mask once, not once per layer."""
     from epkit import Mixtral
+    from epkit import model as model_lib
     from epkit.infer.kv_cache import PagedKVCache
+    masks, build = [], model_lib.attention_mask
+    monkeypatch.setattr(model_lib, "attention_mask", lambda *a: masks.append(1) or build(*a))
     args = tiny_args()
+    assert args.num_layers > 1
     model = Mixtral(args).init_weights(seed=4).eval()
     g = torch.Generator().manual_seed(0)
     # a fresh prompt (2 rows, the second padded), a later chunk reading 6 cached tokens, two decode rows
@@ -526,8 +531,10 @@ def test_forward_segments_equals_separate_forwards():
         for tokens, positions, table, rows, fresh in batches:
             caches[0].prepare(table, positions, fresh)
             want.append(model(tokens, positions, caches[0], logits_rows=rows)[0])
+        assert len(masks) == 2  # the two batches that read the cache, once each
         got = model.forward_segments([(tokens, positions, caches[1].view(table, positions, fresh), rows)
                                       for tokens, positions, table, rows, fresh in batches])
+        assert len(masks) == 4
     for w, x in zip(want, got):
         torch.testing.assert_close(x, w, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-6, rtol=1e-6)

@@ -162,6 +162,10 @@ class PagedKVCache:
             raise RuntimeError("PagedKVCache.update called before prepare() for this step")
         return self._step.update(layer, k, v, positions)
 
+    def attention_mask(self, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+        """`CacheView.attention_mask` of the forward `prepare` set up."""
+        return self._step.attention_mask(positions, window)
+
 
 class CacheView:
     """The slots one forward writes (write [B*T]) and reads back (read [B, S] with key positions [B, S]; None
@@ -170,6 +174,15 @@ class CacheView:
     def __init__(self, cache: PagedKVCache, write: torch.Tensor, read: torch.Tensor | None,
                  key_pos: torch.Tensor | None):
         self.cache, self._write, self._read, self._key_pos = cache, write, read, key_pos
+        self._mask = None
+
+    def attention_mask(self, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+        """`epkit.model.attention_mask` of these rows against their keys, built at the first layer and kept for
+        the others (every layer's queries and keys sit at the same positions)."""
+        if self._mask is None:
+            from ..model import attention_mask
+            self._mask = attention_mask(positions, self._key_pos, window)
+        return self._mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """k, v [B, G, T, Dh] -> all keys/values of each row [B, G, S, Dh] and key positions [B, S]; after a

@@ -104,8 +104,9 @@ class StepRunner:
                  decode_kernels: str | None = None, max_rows: int = 256, max_table_width: int = 1,
                  control_timeout: datetime.timedelta = UNBOUNDED_CONTROL_TIMEOUT, merge_tokens: int = 0):
         self.model, self.cache, self.device = model, cache, torch.device(device)
-        # A step of several batches whose padded tokens fit this bound (the activations the engine sized memory
-        # for) runs them as one forward (`Mixtral.forward_segments`): the experts' weights are read once per step.
+        # A step's eager batches (prefill chunks; on CPUs also decode rows), when there are several and their padded
+        # tokens fit this bound (the activations the engine sized memory for), run as one forward
+        # (`Mixtral.forward_segments`): the experts' weights are read once for them, not once per batch.
         self.merge_tokens = merge_tokens
         self.decode_kernels = choose_kernels(decode_kernels, model, self.device)
         self.expert_tiles = tune_expert_tiles(model)  # GPUs: the small-batch down projection's launch, timed
@@ -215,14 +216,21 @@ class StepRunner:
                 tokens.view(-1)[payload[o: o + S]] = self.sampled[payload[o + S: o + 2 * S]]
             o += 2 * S
             batches.append((tokens, positions, table, rows if with_logits else rows[:0], bool(F), R))
-        if len(batches) > 1 and sum(b[0].numel() for b in batches) <= self.merge_tokens:  # every rank decides alike
-            return self.model.forward_segments([(tokens, positions, self.cache.view(table, positions, fresh), rows)
-                                                for tokens, positions, table, rows, fresh, _ in batches])
-        out = []
-        for tokens, positions, table, rows, fresh, R in batches:
-            B, T = tokens.shape
-            if self.graphs is not None and self.graphs.eligible(B, T, R):  # the leader's R: all ranks alike
+        # decode batches replay their CUDA graph (the leader's R: every rank decides alike); the other batches
+        # run eagerly, as one forward when there are several and their padded tokens fit `merge_tokens`
+        graphed = [self.graphs is not None and self.graphs.eligible(b[0].shape[0], b[0].shape[1], b[5])
+                   for b in batches]
+        eager = [b for b, g in zip(batches, graphed) if not g]
+        merge = len(eager) > 1 and sum(b[0].numel() for b in eager) <= self.merge_tokens
+        out, merged = [], None
+        for (tokens, positions, table, rows, fresh, _), g in zip(batches, graphed):
+            if g:
                 out.append(self.graphs.run(tokens, positions, table, with_logits))
+            elif merge:
+                if merged is None:  # at the first eager batch, all of them
+                    merged = iter(self.model.forward_segments([(t, p, self.cache.view(tb, p, f), r)
+                                                               for t, p, tb, r, f, _ in eager]))
+                out.append(next(merged))
             else:
                 out.append(self._forward(tokens, positions, table, rows, fresh))
         return out
