@@ -188,5 +188,12 @@ x1e)  # 1 x H200: where the 512-request serving load's time goes at EP=1 (steps 
         $(rehearse "--preset tiny --requests 16 --max-prompt 64 --max-tokens 16 --profile-from 5" "--profile-from 40") \
         --profile-steps 10 --out $R/serve-profile-h200x1-$(date +%Y%m%dT%H%M).json
     ;;
+x1f)  # 1 x H200: the 512-request load at EP=1 with the engine's memory default (0.85) and 0.7 (allocator retries?)
+    for u in 0.85 0.7; do
+        step serve_u$u 150 torchrun --nproc_per_node 1 bench/serve.py --skip-hf --gpu-memory-utilization $u \
+            $(rehearse "--preset tiny --requests 16 --max-prompt 64 --max-tokens 16" "") \
+            --out $R/serve-mem$u-h200x1-$(date +%Y%m%dT%H%M).json
+    done
+    ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"

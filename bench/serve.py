@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine setting (default: sized from memory)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine setting (default: sized)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="engine setting (default: the engine's)")
     p.add_argument("--max-tokens-while-decoding", type=int, default=None,
                    help="engine setting: most tokens in a step that also decodes (default: the whole budget)")
     p.add_argument("--decode-kernels", default=None, help="engine setting (default: auto)")
@@ -124,6 +125,7 @@ def _round(x: float, digits: int) -> float | None:
 
 def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
     engine = {k: v for k, v in dict(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                                    gpu_memory_utilization=a.gpu_memory_utilization,
                                     max_tokens_while_decoding=a.max_tokens_while_decoding,
                                     decode_kernels=a.decode_kernels).items() if v is not None}
     t0 = time.perf_counter()
@@ -184,6 +186,10 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
         peaks = peak_memory_all_ranks(device)
     res = summarise(reqs, first, times, last - start)
     res["step_kinds"] = timeline.summary()
+    if device.type == "cuda":  # the caching allocator's retries free cached blocks and wait for the device
+        stats = torch.cuda.memory_stats(device)
+        res["allocator"] = {k: stats.get(k) for k in ("num_alloc_retries", "num_ooms", "num_device_alloc",
+                                                     "num_device_free")}
     if profiled is not None:
         res["profile"] = {"from_step": a.profile_from, **profiled}
     res.update(steps=llm.stats["steps"] - steps0, preemptions=llm.scheduler.num_preemptions - preempt0,
@@ -193,6 +199,7 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
                        "max_num_seqs": llm.scheduler.max_num_seqs,
                        "max_num_batched_tokens": llm.scheduler.max_num_batched_tokens,
                        "max_tokens_while_decoding": llm.scheduler.max_tokens_while_decoding,
+                       "gpu_memory_utilization": llm.config.gpu_memory_utilization,
                        "kv_cache_blocks": llm.cache.num_blocks, "block_size": llm.cache.block_size,
                        "kv_cache_tokens": llm.cache.capacity_tokens})
     log(f"epkit: {res['generated_tokens_per_s']:.0f} generated tok/s, TTFT p50 {res['ttft_p50_s']}s, "
