@@ -195,5 +195,10 @@ x1f)  # 1 x H200: the 512-request load at EP=1 with the engine's memory default 
             --out $R/serve-mem$u-h200x1-$(date +%Y%m%dT%H%M).json
     done
     ;;
+x1g)  # 1 x H200: the 512-request load at EP=1 after eager attention left cuDNN (a plan per new shape)
+    step serve 160 torchrun --nproc_per_node 1 bench/serve.py --skip-hf \
+        $(rehearse "--preset tiny --requests 16 --max-prompt 64 --max-tokens 16" "") \
+        --out $R/serve-h200x1-$(date +%Y%m%dT%H%M).json
+    ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"

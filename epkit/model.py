@@ -138,7 +138,10 @@ class Attention(nn.Module):
         else:
             mask = (cache.attention_mask(positions, self.window) if hasattr(cache, "attention_mask")
                     else attention_mask(positions, k_pos, self.window))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            if gqa:  # with a mask, SDPA's fused kernels (not cuDNN's) need one key head per query head
+                k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -539,3 +539,18 @@ def test_forward_segments_equals_separate_forwards(monkeypatch):
         torch.testing.assert_close(x, w, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-6, rtol=1e-6)
+
+
+def test_eager_forwards_never_take_cudnn_attention(ckpt):
+    """cuDNN's attention builds an execution plan for every new shape, and prefill batches change shape nearly
+    every step: the runner's forwards (merged or not) run with flash / memory-efficient / math attention only,
+    and the process's own choice is back once the step is done."""
+    path, prompts, _ = ckpt
+    llm = LLM(path, max_num_batched_tokens=40, block_size=4, max_num_seqs=6)
+    seen, forward, forward_segments = [], llm.model.forward, llm.model.forward_segments
+    llm.model.forward = lambda *a, **k: seen.append(torch.backends.cuda.cudnn_sdp_enabled()) or forward(*a, **k)
+    llm.model.forward_segments = lambda s: seen.append(torch.backends.cuda.cudnn_sdp_enabled()) or forward_segments(s)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    llm.generate(prompts[:8], GREEDY)
+    assert seen and not any(seen), seen
+    assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -146,3 +146,30 @@ def test_model_file_is_single_device():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown model preset 'nope'"):
         epkit.ModelArgs.from_name("nope")
+
+
+def test_masked_attention_gives_sdpa_one_key_head_per_query_head(monkeypatch):
+    """With a mask (padding, cached keys), SDPA's flash and memory-efficient kernels refuse enable_gqa and it
+    falls back to the math kernel (fp32 scores of every head): the masked path hands it the key and value
+    heads repeated per query head, as transformers' repeat_kv does, and the causal path keeps enable_gqa."""
+    import torch.nn.functional as F
+
+    from epkit import Mixtral
+    from epkit import model as model_lib
+    args = tiny_args()
+    assert args.num_kv_heads < args.num_heads
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, k.shape[1], v.shape[1], enable_gqa))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
+    monkeypatch.setattr(model_lib.F, "scaled_dot_product_attention", spy)
+    model = Mixtral(args).init_weights(seed=2).eval()
+    tokens = torch.randint(0, args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, -1, -1]])
+    with torch.no_grad():
+        masked = model(tokens, positions)[0]
+        causal = model(tokens)[0]
+    H, G = args.num_heads, args.num_kv_heads
+    assert calls == [(True, H, H, False)] * args.num_layers + [(False, G, G, True)] * args.num_layers
+    torch.testing.assert_close(masked[0], causal[0], atol=1e-5, rtol=1e-5)  # row 0 has no padding: the same

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .decode import DecodeForward, choose_kernels, tune_expert_tiles
 from .graphs import DecodeGraphs
@@ -32,6 +33,10 @@ from .sampling import to_device
 
 MAX_BATCHES = 4  # forwards per step: the decode rows, and prefill chunks grouped by length
 _STEP, _END, _PING = 1, 2, 3
+# Attention kernels of eager forwards. Not cuDNN's: it builds an execution plan for every new shape, and prefill
+# batches come in a new [B, T, S] nearly every step (on an H200, the 512-request load's 8192-token prefill steps
+# took 0.5 to 2 s each, where one of fixed shape takes 0.39 s).
+EAGER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _PER_BATCH = 6  # B, T, NB, R, S, F
 _HEADER = 2 + _PER_BATCH * MAX_BATCHES  # command, number of batches, then the batches' sizes
 # How long followers wait on the CPU group for the leader's next step: by default the engine's
@@ -202,6 +207,10 @@ class StepRunner:
     # ---- both -------------------------------------------------------------------------------
     @torch.no_grad()
     def _run(self, header: list[int], payload: torch.Tensor, with_logits: bool) -> list[torch.Tensor]:
+        with sdpa_kernel(EAGER_ATTENTION):
+            return self._run_batches(header, payload, with_logits)
+
+    def _run_batches(self, header: list[int], payload: torch.Tensor, with_logits: bool) -> list[torch.Tensor]:
         payload = to_device(payload, torch.int64, self.device)
         batches, o = [], 0
         for i in range(header[1]):
