@@ -3,7 +3,9 @@
 A forward is route -> dispatch -> experts -> combine. The router's math (softmax, top-k, renormalise)
 is Mixtral's under any dispatcher. The dispatcher owns how routed (token, expert) pairs reach the
 experts and come back: `LocalDispatch` (here, EP=1) computes every pair on this device;
-`epkit.parallel` adds the replicated and all-to-all dispatchers for expert parallelism. All of them
+`epkit.parallel` adds the replicated and all-to-all dispatchers for expert parallelism. Every dispatcher is
+called as dispatcher(experts, x [N, D], weights [N, K], ids [N, K], mask [N] | None) (mask: the real tokens; at
+inference padding tokens need no expert, and the local and replicated dispatchers skip them). All of them
 group pairs with `permute`, compute with `Experts.forward(x_sorted, counts)` (which only computes)
 and combine with `unpermute`.
 
@@ -295,20 +297,26 @@ class LocalDispatch:
     def __init__(self, slots: list[int] | None = None):
         self.slot = None if slots is None else torch.tensor(slots)
 
-    def __call__(self, experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [N, D], weights [N, K], ids [N, K] global expert ids -> y [N, D] in x's dtype."""
-        return self.partial(experts, x, weights, ids).to(x.dtype)
+    def __call__(self, experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, D], weights [N, K], ids [N, K] global expert ids -> y [N, D] in x's dtype. `mask` [N] (bool,
+        True for real tokens): padding tokens reach no expert (y is 0 there)."""
+        return self.partial(experts, x, weights, ids, mask).to(x.dtype)
 
-    def partial(self, experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """This device's share of the weighted expert sum, [N, D] fp32 (zero where no local expert was chosen)."""
+    def partial(self, experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """This device's share of the weighted expert sum, [N, D] fp32 (zero where no local expert was chosen,
+        and for tokens `mask` marks as padding)."""
         L, K = experts.num_local, ids.shape[1]
         if self.slot is not None and self.slot.device != ids.device:
             self.slot = self.slot.to(ids.device)
         slot = ids if self.slot is None else self.slot[ids]
+        if mask is not None:  # padding: as if another rank's expert, so its pairs are never computed
+            slot = torch.where(mask.reshape(-1, 1), slot, -1)
         if experts.backend.kernel(ids.numel(), torch.is_grad_enabled() and experts.w13.requires_grad) == "small_m":
             # decoding: permute, experts and the weighted combine in four kernels (moe_kernels.py)
             return moe_kernels.fused_experts_small(x, weights, slot, experts.w13, experts.w2)
-        if self.slot is None:  # every pair is for a local expert
+        if self.slot is None and mask is None:  # every pair is for a local expert
             order, counts = permute(ids, L)
             return combine(experts(x, counts, rows=order // K, dense=True), order, weights)
         key = torch.where(slot < 0, L, slot)  # pairs for other ranks' experts sort last, as padding
@@ -386,7 +394,9 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # [N, D]
         router_logits = self.gate(x)  # [N, E]
         weights, experts = route(router_logits, self.top_k)  # [N, K], [N, K]
-        y = self.dispatcher(self.experts, x, weights, experts)
+        # At inference padding tokens (a batch's rows padded to its longest) skip the experts; in training they
+        # keep them, so a padded batch trains exactly as before
+        y = self.dispatcher(self.experts, x, weights, experts, None if torch.is_grad_enabled() else mask)
         return y.reshape(shape), Routed(router_logits, experts, mask)
 
     def sync_free(self, tokens: int) -> bool:

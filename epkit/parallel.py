@@ -204,12 +204,12 @@ class ReplicatedDispatch(LocalDispatch):
         self.group = group
         self.fast_sum = None  # epkit.symm_sum.SymmMemAllReduce, set by set_ep_all_reduce
 
-    def __call__(self, experts: Experts, x, weights, ids):
+    def __call__(self, experts: Experts, x, weights, ids, mask=None):
         if self.group is None:
-            return super().__call__(experts, x, weights, ids)
+            return super().__call__(experts, x, weights, ids, mask)
         if torch.is_grad_enabled():
             x, weights = _CopyToRanks.apply(x, self.group), _CopyToRanks.apply(weights, self.group)
-        y = self.partial(experts, x, weights, ids)  # [N, D] fp32, summed in fp32 as one device would
+        y = self.partial(experts, x, weights, ids, mask)  # [N, D] fp32, summed in fp32 as one device would
         if self.fast_sum is not None and not torch.is_grad_enabled() and self.fast_sum.fits(y):
             return self.fast_sum(y).to(x.dtype)
         return _SumOverRanks.apply(y, self.group).to(x.dtype)
@@ -268,7 +268,8 @@ class AllToAllDispatch:
     def sync_free(self) -> bool:
         return self.capacity is not None
 
-    def __call__(self, experts: Experts, x, weights, ids):
+    def __call__(self, experts: Experts, x, weights, ids, mask=None):
+        """`mask` is accepted and not used: every token is exchanged (padding too)."""
         if self.slot.device != ids.device:
             self.slot, self.owner = self.slot.to(ids.device), self.owner.to(ids.device)
         if self.capacity is not None:

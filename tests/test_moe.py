@@ -314,21 +314,23 @@ def test_moe_forward_returns_what_it_routed_and_uses_its_dispatcher():
         want, routed = layer(x, mask)
     w, i = route(layer.gate(x.reshape(6, 16)), 2)
     assert torch.equal(routed.expert_ids, i) and routed.mask is mask and routed.logits.shape == (6, 4)
+    with torch.no_grad():  # the padding token (mask False) reaches no expert at inference
+        by_hand = _by_hand(layer.experts, x.reshape(6, 16), w, i) * mask[:, None]
+        torch.testing.assert_close(want.reshape(6, 16), by_hand, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(want.reshape(6, 16), _by_hand(layer.experts, x.reshape(6, 16), w, i),
-                                   atol=1e-5, rtol=1e-5)
+        full, _ = layer(x)  # no mask: every token through its experts
     seen = []
 
-    def dispatcher(experts, flat, weights, ids):
+    def dispatcher(experts, flat, weights, ids, mask):
         seen.append((experts, flat, weights, ids))
-        return LocalDispatch()(experts, flat, weights, ids) * 2.0
+        return LocalDispatch()(experts, flat, weights, ids, mask) * 2.0
     layer.dispatcher = dispatcher
     with torch.no_grad():
         got, routed2 = layer(x)
     (experts, flat, weights, ids), = seen
     assert experts is layer.experts and torch.equal(flat, x.reshape(6, 16)) and got.shape == (2, 3, 16)
     assert torch.equal(ids, i) and torch.equal(weights, w) and routed2.mask is None
-    torch.testing.assert_close(got, 2.0 * want)
+    torch.testing.assert_close(got, 2.0 * full)
 
 
 def test_moe_sync_free_asks_the_dispatcher_and_the_backend():
@@ -581,3 +583,27 @@ def test_inference_and_training_take_the_fused_kernels_unless_switched_off(monke
             torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(fast, _by_hand(ex, x, weights, torch.tensor(slots or [0, 1, 2, 3])[ids]
                                                   if slots else ids), atol=1e-5, rtol=1e-5)
+
+
+def test_inference_skips_padding_tokens_in_the_experts(monkeypatch):
+    """At inference the MoE hands the dispatcher its token mask: padding tokens (position -1, a batch's rows
+    padded to the longest) reach no expert, so the experts compute only the real tokens' pairs, and the real
+    tokens' outputs are what they were; in training every token goes to its experts, as before."""
+    layer = _layer()
+    layer.experts.impl = "loop"
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 16, generator=g)
+    mask = torch.tensor([True, True, True, True, False, False])
+    rows = []
+    forward = layer.experts.forward
+    monkeypatch.setattr(layer.experts, "forward", lambda x_, counts, *a, **k: rows.append(int(counts.sum())) or
+                        forward(x_, counts, *a, **k))
+    with torch.no_grad():
+        full, _ = layer(x)
+        masked, _ = layer(x, mask)
+    assert rows == [12, 8]  # top-2 of 6 tokens, then of the 4 real ones
+    torch.testing.assert_close(masked.reshape(6, 16)[:4], full.reshape(6, 16)[:4], atol=1e-6, rtol=1e-6)
+    assert torch.equal(masked.reshape(6, 16)[4:], torch.zeros(2, 16))
+    trained, _ = layer(x, mask)  # autograd on: every token computed
+    assert rows[-1] == 12
+    torch.testing.assert_close(trained.detach(), full, atol=1e-6, rtol=1e-6)
