@@ -31,6 +31,8 @@ def _finished_ids(updates, into: dict) -> None:
 def _serve(rank, world, path, prompts):
     llm = LLM(path, ep=world, dp_attention=True, **ENGINE)
     assert llm.dp is not None and llm.model.expert_parallel.dispatch == "all_to_all"
+    cudnn, forward = [], llm.model.forward  # whether cuDNN attention was on in each forward (never, as the runner)
+    llm.model.forward = lambda *a, **k: cudnn.append(torch.backends.cuda.cudnn_sdp_enabled()) or forward(*a, **k)
     reqs = prompts[:2] + [b[0] for b in BAD] + prompts[2:]
     outs = llm.generate(reqs, [GREEDY] * len(reqs))
     sampled = llm.generate([prompts[3], prompts[5]], SAMPLED_PARAMS)
@@ -75,7 +77,8 @@ def _serve(rank, world, path, prompts):
             "sampled": [o.token_ids for o in sampled], "logprobs": [(o.logprobs, o.top_logprobs) for o in with_lp],
             "streamed": sum(streamed, []), "late": late,
             "padding": padding, "load": load["per_rank"], "tight": [o.token_ids for o in tight],
-            "preemptions": small.scheduler.num_preemptions, "served": small.stats["steps"]}
+            "preemptions": small.scheduler.num_preemptions, "served": small.stats["steps"],
+            "cudnn_in_forwards": (len(cudnn), any(cudnn))}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -110,6 +113,7 @@ def test_dp_attention_matches_one_device_and_transformers(tmp_path, world):
     assert all(x["tight"] == [] for x in results[1:]) and r["tight"] == ep1
     assert sum(x["preemptions"] for x in results) > 0, "the small KV cache should have preempted"
     assert len({x["served"] for x in results}) == 1  # lock-step: every rank ran every step
+    assert all(x["cudnn_in_forwards"][0] > 0 and not x["cudnn_in_forwards"][1] for x in results), results
 
 
 def _header(**fields) -> list[int]:

@@ -69,6 +69,7 @@ def test_inference_steps_count_what_the_forwards_routed():
     model = _model().eval()
     args = model.args
     llm = LLM.from_model(model, block_size=4, max_num_batched_tokens=16, decode_kernels="reference")
+    llm.runner.merge_tokens = 0  # batch by batch: each is a Mixtral.forward the hook sees
     forwards = _record_forwards(model)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, args.vocab_size, (n,), generator=g).tolist() for n in (2, 9, 5, 6, 3)]
@@ -78,6 +79,10 @@ def test_inference_steps_count_what_the_forwards_routed():
     assert llm.expert_load()["per_expert"] == direct.tolist()
     assert direct.sum() == 2 * args.num_layers * (2 + 9 + 5 + 6 + 3 + 5 * 3)  # prompts + all but the last new token
     fused = LLM.from_model(model, block_size=4, max_num_batched_tokens=16)
-    assert fused.runner.decode is not None
+    assert fused.runner.decode is not None and fused.runner.merge_tokens > 0
+    merged, forward_segments = [], model.forward_segments
+    model.forward_segments = lambda segments: merged.append(len(segments)) or forward_segments(segments)
     fused.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    assert fused.expert_load()["per_expert"] == direct.tolist()
+    del model.forward_segments
+    assert merged, "the steps that mix decode rows and prompt chunks should have run as one forward"
+    assert fused.expert_load()["per_expert"] == direct.tolist()  # merged forwards count as the separate ones

@@ -36,10 +36,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import sdpa_kernel
 
 from ..parallel import set_dispatch_capacity
 from .graphs import bucket
-from .runner import MAX_BATCHES, Batch
+from .runner import EAGER_ATTENTION, MAX_BATCHES, Batch
 from .scheduler import Sequence, StepPlan
 
 _STEP, _END, _PING = 1, 2, 3
@@ -385,26 +386,28 @@ class DataParallelAttention:
 
     @torch.no_grad()
     def _run(self, shape: StepShape, decode: Batch | None, prefill: list[Batch]) -> list[torch.Tensor]:
-        """Every slot of the step, in the same order on every rank; our logits per own batch."""
+        """Every slot of the step, in the same order on every rank; our logits per own batch. Attention as in
+        the runner's forwards (`EAGER_ATTENTION`: no cuDNN plan for every new shape)."""
         model, logits = self.llm.model, []
         try:
-            if shape.decode_rows:
-                cap = self._capacity(shape.decode_rows)
-                set_dispatch_capacity(model, cap)
-                graph = None
-                # the graphs' own check, for a full bucket of `cap` rows: the same answer on every rank
-                if cap is not None and shape.graphs and shape.decode_all_sampled and \
-                        self.llm.runner.graphs.eligible(cap, 1, cap):
-                    graph = (cap, bucket(shape.decode_width))  # the same graph key on every rank
-                out = self._forward(decode, graph)
-                if decode is not None:
-                    logits.append(out)
-            for i, tokens in enumerate(shape.prefill):
-                b = prefill[i] if i < len(prefill) else None
-                set_dispatch_capacity(model, self._capacity(tokens))
-                out = self._forward(b, None)
-                if b is not None:
-                    logits.append(out)
+            with sdpa_kernel(EAGER_ATTENTION):
+                if shape.decode_rows:
+                    cap = self._capacity(shape.decode_rows)
+                    set_dispatch_capacity(model, cap)
+                    graph = None
+                    # the graphs' own check, for a full bucket of `cap` rows: the same answer on every rank
+                    if cap is not None and shape.graphs and shape.decode_all_sampled and \
+                            self.llm.runner.graphs.eligible(cap, 1, cap):
+                        graph = (cap, bucket(shape.decode_width))  # the same graph key on every rank
+                    out = self._forward(decode, graph)
+                    if decode is not None:
+                        logits.append(out)
+                for i, tokens in enumerate(shape.prefill):
+                    b = prefill[i] if i < len(prefill) else None
+                    set_dispatch_capacity(model, self._capacity(tokens))
+                    out = self._forward(b, None)
+                    if b is not None:
+                        logits.append(out)
         finally:
             set_dispatch_capacity(model, None)
         return logits
