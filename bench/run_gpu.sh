@@ -8,6 +8,9 @@
 #   bash bench/run_gpu.sh prefill  # 2 GPUs: prefill vs transformers, MoE layer at 4096 tokens, serving load
 #   bash bench/run_gpu.sh kernels  # 2 GPUs: sampler mutants on the GPU, gpu_check, prefill profile and vs transformers
 #   bash bench/run_gpu.sh x4serve  # 4 GPUs (nvidia-h200-x4), issue 14: full 8x7B greedy parity, decode, 128 requests
+#   bash bench/run_gpu.sh x1d      # 1 GPU: training fast path vs transformers (50-step losses, accumulation 8), serving
+#   bash bench/run_gpu.sh x1g      # 1 GPU: the 512-request serving load at EP=1
+#   bash bench/run_gpu.sh x2train  # 2 GPUs, issue 12: the training fast path at EP=2 beside the peers
 # Needs the wheels of ../shared/gpu-wheels copied into .whl/ (carried) on the CUDA image.
 # EPKIT_REHEARSAL=1: the same steps on this machine's CPU (tiny preset, 4 gloo ranks, no wheels, no GPU).
 set -u
@@ -199,6 +202,18 @@ x1g)  # 1 x H200: the 512-request load at EP=1 after eager attention left cuDNN 
     step serve 160 torchrun --nproc_per_node 1 bench/serve.py --skip-hf \
         $(rehearse "--preset tiny --requests 16 --max-prompt 64 --max-tokens 16" "") \
         --out $R/serve-h200x1-$(date +%Y%m%dT%H%M).json
+    ;;
+x2train)  # 2 x H200, issue 12 (not yet run: only 1-GPU machines were lent on 2026-11-29): the fast path at EP=2
+    # (fused MoE kernels, --compile, ZeRO 1) beside the ZeRO-2 default, transformers + ZeRO-2 and DeepSpeed's MoE,
+    # 4-layer 8x7B shape, accumulation 8 then 4; then the 50-step loss table at EP=2
+    for A in 8 4; do
+        step train_accum$A 200 torchrun --nproc_per_node 2 bench/train.py \
+            $(rehearse "--cpu" "--grad-accum $A --steps 6 --profile-steps 1") \
+            --variants transformers_zero2,epkit_ep2_compile@z1,epkit_ep2,deepspeed_moe_ep2 --out $R
+    done
+    step train_50 200 torchrun --nproc_per_node 2 bench/train.py \
+        $(rehearse "--cpu --steps 6" "--grad-accum 4 --steps 50 --warmup 5 --profile-steps 0") --lr 1e-4 \
+        --variants epkit_ep2_compile@z1,epkit_ep2 --out $R
     ;;
 esac
 echo "=== total $(( $(date +%s) - T0 ))s"
