@@ -569,6 +569,12 @@ def test_inference_and_training_take_the_fused_kernels_unless_switched_off(monke
         grads = torch.autograd.grad(trained.square().sum(), [w, ex.w13, ex.w2])
         used, calls[:] = set(calls), []
         assert used == {("combine_autograd", keep), ("swiglu_autograd", 48)}, used
+        ex.requires_grad_(False)  # only the router's weights train (e.g. --train-only router, the first layer)
+        w = weights.clone().requires_grad_()
+        LocalDispatch(slots).partial(ex, x, w, ids).sum().backward()
+        assert w.grad is not None and ("combine_autograd", keep) in calls, calls
+        calls[:] = []
+        ex.requires_grad_(True)
         monkeypatch.setattr(moe_lib, "FUSED_KERNELS", False)
         w = weights.clone().requires_grad_()
         slow = LocalDispatch(slots).partial(ex, x, w, ids)  # torch's ops
