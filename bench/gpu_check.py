@@ -11,8 +11,8 @@ Checks (model: 2 layers, hidden 512, 8 experts, random weights, written by trans
                          shape and shapes that are not tile multiples, 1..256 routed pairs, pairs owned by
                          another rank, local slots permuted; bf16 and fp32 weights
   prefill_kernels        the prefill MoE's swiglu and combine kernels at the Mixtral-8x7B shape vs torch's ops
-                         (bf16 bits, fp32 sums) and a grouped-GEMM MoE layer under no_grad (kernels) vs autograd
-                         on (torch ops); times each kernel beside the ops it replaces
+                         (bf16 bits, fp32 sums) and a grouped-GEMM MoE layer with them vs with moe.FUSED_KERNELS
+                         off (torch ops); times each kernel beside the ops it replaces
   train_kernels          the same kernels' training forms (moe_kernels.swiglu_autograd, combine_autograd) at the
                          Mixtral-8x7B shape: their gradients vs torch autograd's through the ops they replace, and a
                          grouped-GEMM MoE layer's gradients with the fused kernels vs without; times forward +
@@ -240,17 +240,31 @@ def _gpu_ms(fn, iters: int = 10) -> float:
     return a.elapsed_time(b) / iters
 
 
+def _quarter_layer(device, g: torch.Generator, tokens: int, hidden: int, intermediate: int):
+    """8 bf16 experts of a quarter of the given shape (normal(0, 0.02) weights), `tokens` inputs, their top-2
+    weights and ids: (experts, x, weights, ids)."""
+    from epkit.moe import Experts
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    ex = Experts(8, hidden // 4, intermediate // 4, **bf16)
+    torch.nn.init.normal_(ex.w13, std=0.02)
+    torch.nn.init.normal_(ex.w2, std=0.02)
+    x = torch.randn(tokens, hidden // 4, generator=g, **bf16)
+    w = torch.rand(tokens, 2, generator=g, device=device)
+    return ex, x, w, torch.randint(0, 8, (tokens, 2), generator=g, device=device)
+
+
 @torch.no_grad()
 def check_prefill_kernels(device, tokens: int = 4096, hidden: int = 4096, intermediate: int = 14336) -> Result:
     """`moe_kernels.swiglu` and `moe_kernels.combine` at a prefill of `tokens` tokens (top-2) against the torch
     ops they replace: swiglu's bf16 output equal to torch's but where the exponential's last fp32 bit tips a
     rounding (at most 1 in 1000 elements, each within about one bf16 step); combine within fp32 rounding of unpermute,
     with dropped rows holding NaN. Then a whole LocalDispatch layer through the grouped GEMM under no_grad
-    (these kernels) against the same layer with autograd on (torch's ops)."""
+    (these kernels) against the same layer with moe.FUSED_KERNELS off (torch's ops)."""
     import torch.nn.functional as F
 
+    from epkit import moe as moe_lib
     from epkit import moe_kernels
-    from epkit.moe import Experts, LocalDispatch, permute, unpermute
+    from epkit.moe import LocalDispatch, permute, unpermute
     g = torch.Generator(device=device).manual_seed(0)
     bf16 = dict(device=device, dtype=torch.bfloat16)
     M, I, D = 2 * tokens, intermediate, hidden
@@ -274,16 +288,14 @@ def check_prefill_kernels(device, tokens: int = 4096, hidden: int = 4096, interm
     t_combine = (_gpu_ms(lambda: moe_kernels.combine(out, order, weights)),
                  _gpu_ms(lambda: unpermute(out, order, weights)))
     del out, dropped, got, want
-    ex = Experts(8, D // 4, I // 4, **bf16)
-    torch.nn.init.normal_(ex.w13, std=0.02)
-    torch.nn.init.normal_(ex.w2, std=0.02)
-    x = torch.randn(tokens, D // 4, generator=g, **bf16)
-    w, ids = torch.rand(tokens, 2, generator=g, device=device), torch.randint(0, 8, (tokens, 2), generator=g,
-                                                                              device=device)
+    ex, x, w, ids = _quarter_layer(device, g, tokens, D, I)
     assert ex.backend.kernel(2 * tokens, False) == "grouped", ex.backend
     fast = LocalDispatch().partial(ex, x, w, ids)
-    with torch.enable_grad():
+    moe_lib.FUSED_KERNELS = False
+    try:
         slow = LocalDispatch().partial(ex, x, w, ids)
+    finally:
+        moe_lib.FUSED_KERNELS = True
     layer_err = ((fast - slow).abs().max() / slow.abs().max()).item()
     ok = swiglu_ok and comb_err <= 1e-6 and layer_err <= 1e-2
     data = {"swiglu_differ": differ, "swiglu_max_rel": step, "combine_rel_err": comb_err, "layer_rel_err": layer_err,
@@ -306,7 +318,7 @@ def check_train_kernels(device, tokens: int = 4096, hidden: int = 4096, intermed
 
     from epkit import moe as moe_lib
     from epkit import moe_kernels
-    from epkit.moe import Experts, LocalDispatch, permute, unpermute
+    from epkit.moe import LocalDispatch, permute, unpermute
     g = torch.Generator(device=device).manual_seed(1)
     bf16 = dict(device=device, dtype=torch.bfloat16)
     M, I, D = 2 * tokens, intermediate, hidden
@@ -340,12 +352,7 @@ def check_train_kernels(device, tokens: int = 4096, hidden: int = 4096, intermed
     dw_err = ((got[1] - want[1]).abs().max() / want[1].abs().max()).item()
     t_combine = (_gpu_ms(lambda: grads(moe_kernels.combine_autograd, out)), _gpu_ms(lambda: grads(unpermute, out)))
     del out, gy, got, want
-    ex = Experts(8, D // 4, I // 4, **bf16)
-    torch.nn.init.normal_(ex.w13, std=0.02)
-    torch.nn.init.normal_(ex.w2, std=0.02)
-    x = torch.randn(tokens, D // 4, generator=g, **bf16)
-    w, ids = torch.rand(tokens, 2, generator=g, device=device), torch.randint(0, 8, (tokens, 2), generator=g,
-                                                                              device=device)
+    ex, x, w, ids = _quarter_layer(device, g, tokens, D, I)
     assert ex.backend.kernel(2 * tokens, True) == "grouped", ex.backend
 
     def layer_grads():
