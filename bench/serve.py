@@ -210,14 +210,17 @@ def run_epkit(model, reqs: list[dict], a, device) -> dict | None:
 
 
 class StepTimeline:
-    """What each engine step held and how long the call that resolved it took. The scheduler's plans are read
-    as they are made (a wrapped `schedule`); with host overlap a step() call queues plan i and waits for plan
-    i-1's tokens, so call i's time is charged to plan i-1 (without overlap, to plan i). `summary()` groups
-    the steps by kind: decode-only, or with prompt tokens (prefill chunks, alone or beside decode rows)."""
+    """What each engine step held and where its time went. The scheduler's plans are read as they are made (a
+    wrapped `schedule`), and the host's time making and queueing each one (a wrapped `_launch`). With host
+    overlap a step() call queues plan i, then waits for plan i-1's tokens; so plan i is charged its own launch
+    (host) and the rest of the next call (the wait for its tokens; without overlap, of its own call). A wait near
+    zero beside a long launch means the host, not the device, set the pace. `summary()` groups the steps by kind:
+    decode-only, or with prompt tokens (prefill chunks, alone or beside decode rows)."""
 
     def __init__(self, llm):
         self.llm, self.calls, self.plans, self.times = llm, 0, [], []
-        self._schedule = llm.scheduler.schedule
+        self.host = {}  # plan index -> seconds in the `_launch` that made it
+        self._schedule, self._launch = llm.scheduler.schedule, getattr(llm, "_launch", None)
 
         def schedule(*args, **kw):
             plan = self._schedule(*args, **kw)
@@ -226,6 +229,14 @@ class StepTimeline:
             self.plans.append((prompt, decode, bool(plan.rows)))  # an empty plan runs no step
             return plan
         llm.scheduler.schedule = schedule
+        if self._launch is not None:  # (the dp-attention engine launches elsewhere: waits only)
+            def launch(*args, **kw):
+                t, made = time.perf_counter(), len(self.plans)
+                out = self._launch(*args, **kw)
+                if len(self.plans) > made:
+                    self.host[made] = time.perf_counter() - t
+                return out
+            llm._launch = launch
 
     def __enter__(self):
         self._t0, self._made = time.perf_counter(), len(self.plans)
@@ -237,25 +248,30 @@ class StepTimeline:
 
     def close(self) -> None:
         self.llm.scheduler.schedule = self._schedule
+        if self._launch is not None:
+            self.llm._launch = self._launch
 
     def summary(self) -> dict:
-        charged = [0.0] * len(self.plans)
+        host = [self.host.get(i, 0.0) for i in range(len(self.plans))]
+        wait = [0.0] * len(self.plans)
         for dt, before, after in self.times:
-            i = before - 1 if self.llm.overlap else after - 1  # the plan this call waited for
-            if 0 <= i < len(charged):
-                charged[i] += dt
+            own = sum(host[before:after])  # this call's launches
+            i = before - 1 if self.llm.overlap else after - 1  # the plan whose tokens this call waited for
+            if 0 <= i < len(wait):
+                wait[i] += dt - own
+        charged = [h + w for h, w in zip(host, wait)]
         out = {}
         for kind, pick in (("decode_only", lambda p: p[2] and p[0] == 0), ("with_prompt_tokens", lambda p: p[0] > 0)):
             idx = [i for i, p in enumerate(self.plans) if pick(p)]
-            total = sum(charged[i] for i in idx)
-            out[kind] = {"steps": len(idx), "seconds": round(total, 3),
-                         "ms_per_step": round(1000 * total / len(idx), 2) if idx else None,
-                         "prompt_tokens_per_step": round(sum(self.plans[i][0] for i in idx) / len(idx), 1)
-                         if idx else None,
-                         "decode_rows_per_step": round(sum(self.plans[i][1] for i in idx) / len(idx), 1)
-                         if idx else None}
-        out["per_step"] = [[round(1000 * charged[i], 2), p[0], p[1]] for i, p in enumerate(self.plans) if p[2]]
-        out["per_step_columns"] = ["ms", "prompt_tokens", "decode_rows"]
+            mean = (lambda v: round(sum(v[i] for i in idx) / len(idx), 1)) if idx else (lambda v: None)
+            out[kind] = {"steps": len(idx), "seconds": round(sum(charged[i] for i in idx), 3),
+                         "ms_per_step": mean([1000 * c for c in charged]) if idx else None,
+                         "host_ms_per_step": mean([1000 * h for h in host]) if idx else None,
+                         "prompt_tokens_per_step": mean([p[0] for p in self.plans]),
+                         "decode_rows_per_step": mean([p[1] for p in self.plans])}
+        out["per_step"] = [[round(1000 * charged[i], 2), p[0], p[1], round(1000 * host[i], 2)]
+                           for i, p in enumerate(self.plans) if p[2]]
+        out["per_step_columns"] = ["ms", "prompt_tokens", "decode_rows", "host_ms"]
         return out
 
 
